@@ -1,0 +1,10 @@
+"""lrnnx_jax: linear RNNs in JAX (Flax NNX), at parity with PyTorch lrnnx."""
+
+from lrnnx_jax import core, models
+from lrnnx_jax.convert import from_lrnnx
+from lrnnx_jax.generation import generate
+from lrnnx_jax.models import lti, ltv
+
+__version__ = "0.1.0"
+
+__all__ = ["core", "models", "lti", "ltv", "from_lrnnx", "generate", "__version__"]

@@ -1,0 +1,5 @@
+"""Linear time-invariant models."""
+
+from lrnnx_jax.models.lti.lru import LRU
+
+__all__ = ["LRU"]

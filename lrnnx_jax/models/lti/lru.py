@@ -1,0 +1,96 @@
+"""LRU: the Linear Recurrent Unit (Orvieto et al., 2023), as in lrnnx.
+
+    lambda = exp(-exp(nu_log) + i exp(theta_log))          (N,) complex, |lambda| < 1
+    h_t = lambda * h_{t-1} + (B_re + i B_im) diag(exp(gamma_log)) x_t
+    y_t = Re((C_re + i C_im) h_t) + D * x_t
+
+The state is parameterised directly in discrete time (no discretization), and,
+as in lrnnx, there is no factor 2 and no conjugate symmetry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lrnnx_jax.core import lti
+from lrnnx_jax.core.base import LRNN, lrnnx_entry
+from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+
+
+class LRU(LRNN):
+    """Linear Recurrent Unit.
+
+    Args:
+      d_model: H, input and output features.
+      d_state: N, complex state size.
+      r_min, r_max: the eigenvalue moduli are drawn uniformly on the ring ``r_min <= |lambda| <= r_max``.
+      max_phase: eigenvalue phases are drawn uniformly in ``[0, max_phase]``.
+      method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``.
+      chunk_size: chunk of the scan path.
+      rngs: ``nnx.Rngs`` (the ``params`` stream is used).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        r_min: float = 0.0,
+        r_max: float = 1.0,
+        max_phase: float = 2 * math.pi,
+        *,
+        method: str = "auto",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        rngs: nnx.Rngs,
+    ):
+        if not 0 <= r_min < r_max <= 1:
+            raise ValueError(f"need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        lti.resolve_method(method, 1, False)
+        self.d_model, self.d_state = d_model, d_state
+        self.method, self.chunk_size = method, chunk_size
+        k = jax.random.split(rngs.params(), 6)
+        u1 = jax.random.uniform(k[0], (d_state,))
+        u2 = jax.random.uniform(k[1], (d_state,))
+        nu_log = jnp.log(-0.5 * jnp.log(u1 * (r_max**2 - r_min**2) + r_min**2))
+        theta_log = jnp.log(max_phase * u2)
+        self.nu_log = nnx.Param(nu_log)
+        self.theta_log = nnx.Param(theta_log)
+        self.B_re = nnx.Param(jax.random.normal(k[2], (d_state, d_model)) / math.sqrt(2 * d_model))
+        self.B_im = nnx.Param(jax.random.normal(k[3], (d_state, d_model)) / math.sqrt(2 * d_model))
+        self.C_re = nnx.Param(jax.random.normal(k[4], (d_model, d_state)) / math.sqrt(d_state))
+        self.C_im = nnx.Param(jax.random.normal(k[5], (d_model, d_state)) / math.sqrt(d_state))
+        self.D = nnx.Param(jax.random.normal(rngs.params(), (d_model,)))
+        modulus = jnp.exp(-jnp.exp(nu_log))
+        self.gamma_log = nnx.Param(jnp.log(jnp.sqrt(1 - modulus**2)))
+
+    def discrete_system(self):
+        """``(A_bar (N,), B_bar (N, H), C (H, N))`` complex."""
+        A_bar = jnp.exp(-jnp.exp(self.nu_log.value) + 1j * jnp.exp(self.theta_log.value))
+        B_bar = (self.B_re.value + 1j * self.B_im.value) * jnp.exp(self.gamma_log.value)[:, None]
+        C = self.C_re.value + 1j * self.C_im.value
+        return A_bar, B_bar, C
+
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
+        A_bar, B_bar, C = self.discrete_system()
+        y, h = lti.diagonal_forward(
+            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
+            chunk_size=self.chunk_size, return_state=return_cache,
+        )
+        y = y + self.D.value * x
+        return y, (None if h is None else {"lrnn_state": h})
+
+    def _step(self, x_t, cache, integration_timesteps):
+        A_bar, B_bar, C = self.discrete_system()
+        y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
+        return y + self.D.value * x_t, {"lrnn_state": h}
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
+        """``{"lrnn_state": (batch_size, N) complex zeros}``."""
+        return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, True))}
+
+    def lrnnx_entries(self):
+        names = ("nu_log", "theta_log", "B_re", "B_im", "C_re", "C_im", "D", "gamma_log")
+        return {name: lrnnx_entry(getattr(self, name)) for name in names}

@@ -1,0 +1,3 @@
+"""Linear time-varying models."""
+
+__all__: list[str] = []
