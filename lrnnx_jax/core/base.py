@@ -55,9 +55,10 @@ def lrnnx_entry(variable: nnx.Variable, convert: Optional[Callable[[np.ndarray],
 
     def load(array):
         value = array if convert is None else convert(array)
-        variable.value = jnp.asarray(value, dtype=variable.value.dtype).reshape(variable.value.shape)
+        current = variable.get_value()
+        variable.set_value(jnp.asarray(value, dtype=current.dtype).reshape(current.shape))
 
-    return LrnnxEntry(tuple(variable.value.shape) if shape is None else tuple(shape), load)
+    return LrnnxEntry(tuple(variable.get_value().shape) if shape is None else tuple(shape), load)
 
 
 def compute_dtype(dtype):

@@ -68,9 +68,9 @@ class LRU(LRNN):
 
     def discrete_system(self):
         """``(A_bar (N,), B_bar (N, H), C (H, N))`` complex."""
-        A_bar = jnp.exp(-jnp.exp(self.nu_log.value) + 1j * jnp.exp(self.theta_log.value))
-        B_bar = (self.B_re.value + 1j * self.B_im.value) * jnp.exp(self.gamma_log.value)[:, None]
-        C = self.C_re.value + 1j * self.C_im.value
+        A_bar = jnp.exp(-jnp.exp(self.nu_log[...]) + 1j * jnp.exp(self.theta_log[...]))
+        B_bar = (self.B_re[...] + 1j * self.B_im[...]) * jnp.exp(self.gamma_log[...])[:, None]
+        C = self.C_re[...] + 1j * self.C_im[...]
         return A_bar, B_bar, C
 
     def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
@@ -79,13 +79,13 @@ class LRU(LRNN):
             x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
             chunk_size=self.chunk_size, return_state=return_cache,
         )
-        y = y + self.D.value * x
+        y = y + self.D[...] * x
         return y, (None if h is None else {"lrnn_state": h})
 
     def _step(self, x_t, cache, integration_timesteps):
         A_bar, B_bar, C = self.discrete_system()
         y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
-        return y + self.D.value * x_t, {"lrnn_state": h}
+        return y + self.D[...] * x_t, {"lrnn_state": h}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, N) complex zeros}``."""

@@ -1,0 +1,214 @@
+"""The interface contract, checked for every configuration in tests/zoo.py.
+
+forward == step-by-step, prefill (``return_cache``) then decode, ``lengths``,
+gradients against finite differences (float64), bf16 inputs, JAX/NNX
+transforms, and clear errors for bad input.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import relative_error
+from zoo import ZOO, H
+
+ENTRIES = pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+
+
+def make_inputs(entry, batch=3, length=11, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, length, H)).astype(dtype)
+    tau = rng.uniform(0.05, 1.5, (batch, length)).astype(dtype) if entry.event else None
+    return x, tau
+
+
+def step_loop(model, x, tau, cache=None):
+    if cache is None:
+        cache = model.allocate_inference_cache(x.shape[0], max_seqlen=x.shape[1])
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, cache = model.step(x[:, t], cache, integration_timesteps=None if tau is None else tau[:, t : t + 1])
+        chex.assert_shape(y_t, (x.shape[0], H))
+        ys.append(y_t)
+    return np.stack(ys, 1), cache
+
+
+@ENTRIES
+def test_forward_matches_step(entry):
+    model = entry.build(seed=1)
+    x, tau = make_inputs(entry)
+    y_step, _ = step_loop(model, x, tau)
+    for method in entry.methods or (None,):
+        if method is not None:
+            model.method = method
+        y = model(x, integration_timesteps=tau)
+        chex.assert_shape(y, x.shape)
+        chex.assert_type(y, jnp.float32)
+        assert relative_error(y, y_step) < entry.rtol, method
+
+
+MULTI_PATH = [e for e in ZOO if len(e.methods) > 1]
+
+
+@pytest.mark.parametrize("entry", MULTI_PATH, ids=[e.name for e in MULTI_PATH])
+def test_methods_agree(entry):
+    model = entry.build(seed=2)
+    x, tau = make_inputs(entry, length=70, seed=2)  # long enough for 'auto' to choose FFT
+    outs = {}
+    for method in entry.methods:
+        model.method = method
+        outs[method] = np.asarray(model(x, integration_timesteps=tau))
+    first = outs[entry.methods[0]]
+    for method, y in outs.items():
+        assert relative_error(y, first) < 1e-5, method
+
+
+@ENTRIES
+def test_prefill_then_step_continues_the_sequence(entry):
+    model = entry.build(seed=3)
+    x, tau = make_inputs(entry, length=13, seed=3)
+    y_full = model(x, integration_timesteps=tau)
+    split = 8
+    for method in entry.methods or (None,):
+        if method is not None:
+            model.method = method
+        y_head, cache = model(x[:, :split], integration_timesteps=None if tau is None else tau[:, :split], return_cache=True)
+        y_tail, _ = step_loop(model, x[:, split:], None if tau is None else tau[:, split:], cache)
+        assert relative_error(np.concatenate([y_head, y_tail], 1), y_full) < entry.rtol, method
+
+
+@ENTRIES
+def test_lengths_equal_running_each_row_alone(entry):
+    model = entry.build(seed=4)
+    x, tau = make_inputs(entry, batch=3, length=12, seed=4)
+    lengths = np.array([12, 7, 1])
+    x_garbage = x.copy()
+    for b, n in enumerate(lengths):
+        x_garbage[b, n:] = 1e4  # must not influence anything
+    y, cache = model(x_garbage, integration_timesteps=tau, lengths=jnp.asarray(lengths), return_cache=True)
+    for b, n in enumerate(lengths):
+        tau_b = None if tau is None else tau[b : b + 1, :n]
+        y_b, cache_b = model(x[b : b + 1, :n], integration_timesteps=tau_b, return_cache=True)
+        assert relative_error(y[b, :n], y_b[0]) < 1e-5
+        assert np.all(np.asarray(y[b, n:]) == 0)
+        for key, value in cache_b.items():
+            np.testing.assert_allclose(np.asarray(cache[key][b]), np.asarray(value[0]), rtol=1e-4, atol=1e-5)
+
+
+def _to_float64(tree):
+    def cast(a):
+        if not hasattr(a, "dtype"):
+            return a
+        if jnp.issubdtype(a.dtype, jnp.complexfloating):
+            return a.astype(jnp.complex128)
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return a.astype(jnp.float64)
+        return a
+
+    return jax.tree.map(cast, tree)
+
+
+@ENTRIES
+def test_gradients_match_finite_differences(entry):
+    model = entry.build(seed=5)
+    x, tau = make_inputs(entry, batch=2, length=6, seed=5, dtype=np.float64)
+    graphdef, params = nnx.split(model, nnx.Param)
+    with jax.enable_x64(True):
+        params = _to_float64(params)
+        x64 = jnp.asarray(x, jnp.float64)
+        tau64 = None if tau is None else jnp.asarray(tau, jnp.float64)
+        weights = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape))
+
+        def loss(p, xx):
+            return jnp.sum(nnx.merge(graphdef, p)(xx, integration_timesteps=tau64) * weights)
+
+        g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x64)
+        for leaf in jax.tree.leaves((g_params, g_x)):
+            assert np.all(np.isfinite(np.asarray(leaf)))
+        rng = np.random.default_rng(7)
+        direction = jax.tree.map(
+            lambda a: jnp.asarray(rng.standard_normal(a.shape) + (1j * rng.standard_normal(a.shape) if jnp.iscomplexobj(a) else 0), a.dtype),
+            params,
+        )
+        dx = jnp.asarray(rng.standard_normal(x.shape))
+        analytic = sum(float(jnp.real(jnp.sum(g * v))) for g, v in zip(jax.tree.leaves(g_params), jax.tree.leaves(direction)))
+        analytic += float(jnp.sum(g_x * dx))
+        eps = 1e-6
+        shift = lambda s: (jax.tree.map(lambda p, v: p + s * v, params, direction), x64 + s * dx)
+        numeric = (loss(*shift(eps)) - loss(*shift(-eps))) / (2 * eps)
+        assert abs(analytic - float(numeric)) <= 1e-6 * max(1.0, abs(analytic)), (analytic, float(numeric))
+
+
+@ENTRIES
+def test_bfloat16_input_runs_with_float32_state(entry):
+    model = entry.build(seed=8)
+    x, tau = make_inputs(entry, seed=8)
+    y32 = model(x, integration_timesteps=tau)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    y16 = model(x16, integration_timesteps=tau)
+    chex.assert_type(y16, jnp.bfloat16)
+    y32_from_rounded = model(x16.astype(jnp.float32), integration_timesteps=tau)
+    assert relative_error(y16.astype(jnp.float32), y32_from_rounded) < 1e-2
+    assert relative_error(y16.astype(jnp.float32), y32) < 3e-2
+    cache = model.allocate_inference_cache(x.shape[0])
+    y_t, new_cache = model.step(x16[:, 0], cache, integration_timesteps=None if tau is None else tau[:, :1])
+    chex.assert_type(y_t, jnp.bfloat16)
+    for key, value in new_cache.items():
+        assert value.dtype == cache[key].dtype, key
+
+
+@ENTRIES
+def test_jit_vmap_and_scan(entry):
+    model = entry.build(seed=9)
+    x, tau = make_inputs(entry, seed=9)
+    y = np.asarray(model(x, integration_timesteps=tau))
+    y_jit = nnx.jit(lambda m, xx, tt: m(xx, integration_timesteps=tt))(model, x, tau)
+    np.testing.assert_allclose(y_jit, y, rtol=1e-5, atol=1e-5)
+    # vmap over an extra leading axis of independent batches
+    y_vmap = jax.vmap(lambda xx, tt: model(xx, integration_timesteps=tt))(x[:, None], None if tau is None else tau[:, None])
+    np.testing.assert_allclose(y_vmap[:, 0], y, rtol=1e-4, atol=1e-5)
+    # nnx.scan over time with the pure step
+    cache = model.allocate_inference_cache(x.shape[0])
+
+    @nnx.scan(in_axes=(None, nnx.Carry, 1, 1), out_axes=(nnx.Carry, 1))
+    def run(m, c, x_t, tau_t):
+        y_t, c = m.step(x_t, c, integration_timesteps=tau_t if entry.event else None)
+        return c, y_t
+
+    _, y_scan = run(model, cache, x, tau if entry.event else np.ones(x.shape[:2], np.float32))
+    np.testing.assert_allclose(y_scan, y, rtol=1e-4, atol=1e-5)
+
+
+@ENTRIES
+def test_bad_input_raises_clear_errors(entry):
+    model = entry.build()
+    x, tau = make_inputs(entry, batch=2, length=5)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, H\).*got rank 2"):
+        model(x[0])
+    with pytest.raises(ValueError, match=rf"H={H}.*got shape \(2, 5, {H + 1}\)"):
+        model(np.zeros((2, 5, H + 1), np.float32))
+    with pytest.raises(TypeError, match="x must have a floating dtype.*int32"):
+        model(np.zeros((2, 5, H), np.int32))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, L=5\]"):
+        model(x, integration_timesteps=tau, lengths=jnp.array([6, 2]))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(B,\)"):
+        model(x, integration_timesteps=tau, lengths=jnp.array([5, 2, 1]))
+    cache = model.allocate_inference_cache(batch_size=3)
+    with pytest.raises(ValueError, match="x_t has batch size 2 but the cache was allocated for batch size 3"):
+        model.step(x[:, 0], cache, integration_timesteps=None if tau is None else tau[:, :1])
+    with pytest.raises(ValueError, match=r"x_t must have shape \(B, H\)"):
+        model.step(x, model.allocate_inference_cache(2))
+    if entry.event:
+        for bad, message in ((-tau, "must be > 0"), (tau * 0, "must be > 0"), (tau * np.nan, "must be finite")):
+            with pytest.raises(ValueError, match=f"integration_timesteps {message}"):
+                model(x, integration_timesteps=bad)
+        with pytest.raises(ValueError, match=r"integration_timesteps must have shape \(2, 5\)"):
+            model(x, integration_timesteps=tau[:, :3])
+    else:
+        with pytest.raises(ValueError, match="does not use integration_timesteps"):
+            model(x, integration_timesteps=np.ones((2, 5), np.float32))
