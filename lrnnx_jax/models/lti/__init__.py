@@ -1,5 +1,9 @@
 """Linear time-invariant models."""
 
 from lrnnx_jax.models.lti.lru import LRU
+from lrnnx_jax.models.lti.s5 import S5
+from lrnnx_jax.models.lti.centaurus import Centaurus, CentaurusDWS, CentaurusFull, CentaurusNeck, CentaurusPWNeck
 
-__all__ = ["LRU"]
+__all__ = ["LRU", "S5"]
+
+__all__ += ["Centaurus", "CentaurusDWS", "CentaurusFull", "CentaurusNeck", "CentaurusPWNeck"]

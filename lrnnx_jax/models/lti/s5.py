@@ -1,0 +1,113 @@
+"""S5 (Smith et al., 2023), linear time-invariant form, as in lrnnx's ``models.lti.S5``.
+
+    Lambda = -softplus(A[:, 0]) + i A[:, 1]               (N,) complex
+    delta  = exp(log_dt)                                  (N,) one step per state
+    A_bar, gamma = discretization(Lambda, delta)           lrnnx_jax.core.discretization
+    h_t = A_bar * h_{t-1} + gamma * B x_t                 B (N, H) real
+    y_t = kappa Re((C[..., 0] + i C[..., 1]) h_t) + x_t @ D   D (H, H) full matrix
+
+``kappa = 2`` with ``conj_sym=True`` (each stored eigenvalue stands for a
+conjugate pair), else 1. lrnnx raises ``NotImplementedError`` for ``conj_sym``.
+
+Event mode: with ``integration_timesteps`` (B, L) the A-step of every token is
+``delta * tau_t`` (asynchronous discretization), so the system is time-varying and
+the forward takes the scan path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lrnnx_jax.core import discretization as disc
+from lrnnx_jax.core import lti
+from lrnnx_jax.core.base import LRNN, lrnnx_entry
+from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+
+
+class S5(LRNN):
+    """S5 with a diagonal complex state and lrnnx's parameterisation.
+
+    Args:
+      d_model: H (alias ``hid_dim``).
+      d_state: N, complex state size (alias ``state_dim``).
+      discretization: ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"async"`` (needs
+        integration_timesteps) or ``"no_discretization"``.
+      conj_sym: output ``2 Re(C h)`` (conjugate-symmetric state).
+      method: full-sequence path for time-invariant input, ``"auto"``, ``"fft"`` or ``"scan"``.
+      chunk_size: chunk of the scan path.
+    """
+
+    supports_integration_timesteps = True
+
+    def __init__(
+        self,
+        d_model: int | None = None,
+        d_state: int | None = None,
+        discretization: str | None = None,
+        conj_sym: bool = False,
+        *,
+        hid_dim: int | None = None,
+        state_dim: int | None = None,
+        method: str = "auto",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        rngs: nnx.Rngs,
+    ):
+        d_model = d_model if d_model is not None else hid_dim
+        d_state = d_state if d_state is not None else state_dim
+        if d_model is None or d_state is None:
+            raise TypeError("S5 needs d_model (or hid_dim) and d_state (or state_dim)")
+        if discretization is None:
+            raise TypeError(f"S5 needs a discretization, one of {sorted(disc.DISCRETIZATIONS)}")
+        self.discretize = disc.get_discretization(discretization)
+        lti.resolve_method(method, 1, False)
+        self.d_model, self.d_state = d_model, d_state
+        self.discretization, self.conj_sym = discretization, conj_sym
+        self.method, self.chunk_size = method, chunk_size
+        k_c, k_d = jax.random.split(rngs.params())
+        self.A = nnx.Param(
+            jnp.stack([jnp.full((d_state,), math.log(math.expm1(0.5))), math.pi * jnp.arange(d_state, dtype=jnp.float32)], -1)
+        )
+        self.B = nnx.Param(jnp.full((d_state, d_model), 1 / math.sqrt(d_model)))
+        self.log_dt = nnx.Param(jnp.linspace(math.log(1e-3), math.log(1e-1), d_state))
+        self.C = nnx.Param(jax.random.normal(k_c, (d_model, d_state, 2)) * math.sqrt(2 / d_state))
+        self.D = nnx.Param(jax.random.normal(k_d, (d_model, d_model)) * math.sqrt(2 / d_model))
+
+    def discrete_system(self, integration_timesteps=None):
+        """``(A_bar, B_bar (N, H), C (H, N))``.
+
+        ``A_bar`` is ``(N,)``, or ``(..., N)`` for timesteps of shape ``(...)``.
+        """
+        A = self.A[...]
+        Lambda = -jax.nn.softplus(A[:, 0]) + 1j * A[:, 1]
+        delta = jnp.exp(self.log_dt[...])
+        tau = None if integration_timesteps is None else integration_timesteps[..., None]
+        A_bar, gamma = self.discretize(Lambda, delta, tau)
+        B_bar = gamma[:, None] * self.B[...]
+        C = self.C[...]
+        kappa = 2.0 if self.conj_sym else 1.0
+        return A_bar, B_bar, kappa * (C[..., 0] + 1j * C[..., 1])
+
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
+        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
+        y, h = lti.diagonal_forward(
+            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
+            chunk_size=self.chunk_size, return_state=return_cache,
+        )
+        y = y + x @ self.D[...]
+        return y, (None if h is None else {"lrnn_state": h})
+
+    def _step(self, x_t, cache, integration_timesteps):
+        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
+        y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
+        return y + x_t @ self.D[...], {"lrnn_state": h}
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
+        """``{"lrnn_state": (batch_size, N) complex zeros}``."""
+        return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, True))}
+
+    def lrnnx_entries(self):
+        return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "B", "log_dt", "C", "D")}
