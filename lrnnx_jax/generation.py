@@ -1,63 +1,362 @@
-"""Autoregressive generation: each output is fed back as the next input.
+"""Compile-once autoregressive generation: each output is fed back as the next input.
 
-``generate(model, x0, num_steps, integration_timesteps=None)`` runs the model's
-pure ``step`` inside one jitted ``lax.scan``. The parameters are an argument of
-the compiled program (``nnx.split``), never constants baked into it.
+The names mirror ``lrnnx.utils.generation``, so code written against lrnnx runs
+with only its import changed::
+
+    graph = capture_graph(model, batch_size=32)        # compiles once, ahead of time
+    ys = generate(model, x0, 512, graph_cache=graph)   # (32, 512, H); never compiles
+
+lrnnx captures one recurrent step as a CUDA graph and replays it from a Python
+loop, once per token. Here the whole generation is one XLA program:
+
+* The program advances a block of up to ``chunk_size`` steps: a
+  ``lax.while_loop`` with a dynamic trip count, whose body runs ``unroll`` steps
+  of the model's pure ``step``. ``generate`` calls it ``ceil(num_steps /
+  chunk_size)`` times, handing the last output and cache of one call to the
+  next, so one compiled program serves any ``num_steps`` (1 to 65,536 and
+  beyond); the calls are dispatched asynchronously, with no host sync.
+* The parameters are an argument of the program (the model's pytree leaves),
+  never constants baked into it: after an optimizer step the same program uses
+  the new weights.
+* Each call starts from the zero state of ``allocate_inference_cache`` (which
+  every model allocates as zeros), so nothing leaks between calls.
+
+The program is built by :func:`build_program`, the one dispatch point that a
+kernel path (``GenerationConfig.backend``) registers into
+:data:`PROGRAM_BUILDERS`.
+
+Compilation: the program is compiled by ``jax.jit(...).lower(...).compile()``.
+Besides it, ``generate`` runs one small array-assembly program (concatenate the
+blocks, drop the surplus steps of the last block, move the batch axis first),
+which ``jax.jit`` compiles once per distinct ``num_steps`` and caches; its cost
+is a copy of the output. A call repeated with the same shapes compiles nothing.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 
 from lrnnx_jax.core import validation
+from lrnnx_jax.core.base import compute_dtype
+
+PyTree = Any
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps"))
-def _rollout(graphdef, params, x0, integration_timesteps, num_steps: int):
-    model = nnx.merge(graphdef, params)
-    cache = model.allocate_inference_cache(x0.shape[0], dtype=x0.dtype)
-    if integration_timesteps is None:
-        taus = None
-    elif integration_timesteps.shape[1] == 1:
-        taus = jnp.broadcast_to(integration_timesteps[:, 0], (num_steps, x0.shape[0]))
-    else:
-        taus = jnp.moveaxis(integration_timesteps, 1, 0)
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How the generation program is built (the tuning knobs, in one place).
 
-    def body(carry, tau_t):
-        x, cache = carry
-        y, cache = model.step(x, cache, tau_t)
-        return (y, cache), y
+    Args:
+      chunk_size: steps per program call; the program's output buffer is
+        ``(chunk_size, B, H)``. ``generate`` makes ``ceil(num_steps / chunk_size)`` calls.
+      unroll: steps per loop iteration (straight-line code for XLA); must divide
+        ``chunk_size``. At most ``unroll - 1`` surplus steps are computed and dropped.
+      backend: which entry of :data:`PROGRAM_BUILDERS` builds the program.
+    """
 
-    _, ys = jax.lax.scan(body, (x0, cache), taus, length=num_steps)
-    return jnp.moveaxis(ys, 0, 1)
+    chunk_size: int = 512
+    unroll: int = 1
+    backend: str = "xla"
+
+    def __post_init__(self):
+        validation.check_positive_int(self.chunk_size, "chunk_size")
+        validation.check_positive_int(self.unroll, "unroll")
+        if self.chunk_size % self.unroll:
+            raise ValueError(f"unroll must divide chunk_size, got unroll={self.unroll} and chunk_size={self.chunk_size}")
+        if self.backend not in PROGRAM_BUILDERS:
+            raise ValueError(f"backend must be one of {sorted(PROGRAM_BUILDERS)}, got {self.backend!r}")
 
 
-def generate(model, x0, num_steps: int, integration_timesteps=None):
-    """Closed-loop generation from a fresh state.
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """Everything a program builder needs; also the key of the compiled-program cache.
+
+    ``treedef`` and ``leaf_types`` describe the model as a pytree (structure,
+    static attributes, parameter shapes and dtypes).
+    """
+
+    treedef: Any
+    leaf_types: tuple
+    batch_size: int
+    d_model: int
+    dtype: Any
+    event_mode: bool
+    max_seqlen: int
+    config: GenerationConfig
+
+
+def xla_program(spec: ProgramSpec) -> Callable:
+    """The XLA generation program for ``spec``.
+
+    Returns ``generation_program(leaves, x, cache, taus, num_valid) -> (ys, x_next, cache)``:
+
+    * ``leaves``: the model's pytree leaves (its parameters);
+    * ``x (B, H)``: the input of the first step; ``cache``: the state before it;
+    * ``taus (B, chunk_size)``: per-step ``integration_timesteps`` (event mode) or None;
+    * ``num_valid``: int32 scalar in ``[1, chunk_size]``, the steps to run;
+    * ``ys (chunk_size, B, H)``: the outputs, time-major; rows ``>= num_valid`` are
+      unspecified (zeros or surplus steps of the last block);
+    * ``x_next (B, H)``, ``cache``: the last output and the state after it.
+    """
+    chunk, unroll = spec.config.chunk_size, spec.config.unroll
+
+    def generation_program(leaves, x, cache, taus, num_valid):
+        model = jax.tree.unflatten(spec.treedef, leaves)
+        taus_tm = None if taus is None else jnp.moveaxis(taus, 1, 0)
+
+        def one_step(carry, tau_t):
+            x_t, state = carry
+            y_t, state = model.step(x_t, state, integration_timesteps=tau_t)
+            return (y_t, state), y_t
+
+        def block(loop_state):
+            i, x_t, state, ys = loop_state
+            start = i * unroll
+            tau_block = None if taus_tm is None else jax.lax.dynamic_slice_in_dim(taus_tm, start, unroll)
+            (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=unroll, unroll=unroll)
+            return i + 1, x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, start, axis=0)
+
+        num_blocks = (num_valid + unroll - 1) // unroll
+        ys = jnp.zeros((chunk,) + x.shape, x.dtype)
+        _, x, cache, ys = jax.lax.while_loop(lambda s: s[0] < num_blocks, block, (jnp.int32(0), x, cache, ys))
+        return ys, x, cache
+
+    return generation_program
+
+
+#: Program builders by ``GenerationConfig.backend``; a kernel path adds its own entry.
+PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {"xla": xla_program}
+
+DEFAULT_CONFIG = GenerationConfig()
+
+
+def build_program(spec: ProgramSpec) -> Callable:
+    """The dispatch point: the pure function that :func:`capture_graph` compiles for ``spec``."""
+    return PROGRAM_BUILDERS[spec.config.backend](spec)
+
+
+@functools.partial(jax.jit, static_argnames="num_steps")
+def _assemble(blocks, num_steps: int):
+    """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``."""
+    return jnp.moveaxis(jnp.concatenate(blocks, axis=0)[:num_steps], 0, 1)
+
+
+class CompiledGenerator:
+    """A generation program compiled ahead of time for one batch size (lrnnx's ``CUDAGraphStepCache``).
+
+    Attributes:
+      batch_size, event_mode, dtype, d_model: what it was captured for.
+      compiled: the ``jax.stages.Compiled`` executable.
+      compile_time_s: seconds spent tracing, lowering and compiling it.
+      spec: its :class:`ProgramSpec` (model structure, sizes, config).
+    """
+
+    def __init__(self, spec: ProgramSpec):
+        self.spec = spec
+        self.batch_size, self.event_mode, self.dtype, self.d_model = spec.batch_size, spec.event_mode, spec.dtype, spec.d_model
+        leaf_types = [jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type) for t in spec.leaf_types]
+        cache_types = jax.eval_shape(
+            lambda leaves: jax.tree.unflatten(spec.treedef, leaves).allocate_inference_cache(
+                spec.batch_size, spec.max_seqlen, dtype=spec.dtype
+            ),
+            leaf_types,
+        )
+        # allocate_inference_cache returns zeros; building them from NumPy compiles nothing
+        self._initial_cache = jax.tree.map(lambda t: jax.device_put(np.zeros(t.shape, t.dtype)), cache_types)
+        chunk = spec.config.chunk_size
+        taus_type = jax.ShapeDtypeStruct((spec.batch_size, chunk), compute_dtype(spec.dtype)) if spec.event_mode else None
+        start = time.perf_counter()
+        self.compiled = jax.jit(build_program(spec)).lower(
+            leaf_types,
+            jax.ShapeDtypeStruct((spec.batch_size, spec.d_model), spec.dtype),
+            cache_types,
+            taus_type,
+            jax.ShapeDtypeStruct((), jnp.int32),
+        ).compile()
+        self.compile_time_s = time.perf_counter() - start
+
+    def __repr__(self):
+        return (
+            f"CompiledGenerator(batch_size={self.batch_size}, H={self.d_model}, dtype={jnp.dtype(self.dtype).name}, "
+            f"event_mode={self.event_mode}, {self.spec.config}, compile_time_s={self.compile_time_s:.3f})"
+        )
+
+    def rollout(self, leaves, x, taus: Optional[np.ndarray], num_steps: int):
+        """Run ``num_steps`` steps from a fresh state; inputs already validated. Returns ``(B, num_steps, H)``."""
+        chunk = self.spec.config.chunk_size
+        starts = range(0, num_steps, chunk)
+        if taus is None:
+            tau_chunks = [None] * len(starts)
+        elif taus.shape[1] == 1:  # one timestep reused at every step, as in lrnnx
+            tau_chunks = [jax.device_put(np.broadcast_to(taus, (taus.shape[0], chunk)))] * len(starts)
+        else:  # a per-step schedule, padded with ones (valid values, whose steps are dropped)
+            taus = np.pad(taus, ((0, 0), (0, -num_steps % chunk)), constant_values=1)
+            tau_chunks = [jax.device_put(taus[:, start : start + chunk]) for start in starts]
+        cache, blocks = self._initial_cache, []
+        for start, tau_chunk in zip(starts, tau_chunks):
+            ys, x, cache = self.compiled(leaves, x, cache, tau_chunk, np.int32(min(chunk, num_steps - start)))
+            blocks.append(ys)
+        return _assemble(tuple(blocks), num_steps)
+
+
+def _leaf_types(leaves) -> tuple:
+    return tuple(jax.typeof(leaf) for leaf in leaves)
+
+
+def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config) -> tuple[list, ProgramSpec]:
+    leaves, treedef = jax.tree.flatten(model)
+    spec = ProgramSpec(
+        treedef=treedef,
+        leaf_types=_leaf_types(leaves),
+        batch_size=batch_size,
+        d_model=model.d_model,
+        dtype=jnp.dtype(dtype),
+        event_mode=bool(event_mode),
+        max_seqlen=max_seqlen,
+        config=config,
+    )
+    return leaves, spec
+
+
+def _check_event_mode(model, event_mode: bool):
+    if event_mode and not getattr(model, "supports_integration_timesteps", False):
+        raise ValueError(
+            f"{type(model).__name__} has no event mode and does not use integration_timesteps; "
+            "use event_mode=False and integration_timesteps=None"
+        )
+
+
+def capture_graph(
+    model,
+    batch_size: int,
+    H: Optional[int] = None,
+    max_seqlen: int = 1,
+    event_mode: bool = False,
+    dtype=None,
+    *,
+    config: Optional[GenerationConfig] = None,
+) -> CompiledGenerator:
+    """Compile the generation program of ``model`` ahead of time for one batch size.
 
     Args:
       model: any lrnnx_jax model.
-      x0: ``(B, H)`` first input.
-      num_steps: number of generated steps (>= 1).
-      integration_timesteps: event mode only; ``(B, 1)`` reused at every step (as
-        in lrnnx) or ``(B, num_steps)`` for a per-step schedule.
+      batch_size: the batch size B it will serve.
+      H: input width; defaults to ``model.d_model`` and must equal it when given.
+      max_seqlen: passed to ``allocate_inference_cache``.
+      event_mode: whether ``generate`` will receive ``integration_timesteps``.
+      dtype: dtype of ``x`` and of the outputs (default float32).
+      config: a :class:`GenerationConfig` (chunk size, unroll, backend).
 
     Returns:
-      ``(B, num_steps, H)`` outputs; output t is the input of step t + 1.
+      A :class:`CompiledGenerator` for ``generate(..., graph_cache=...)``. It serves
+      any ``num_steps``, any input values and any parameter values of a model with
+      this structure.
     """
-    x0 = validation.check_token(x0, model.d_model, name="x0")
-    num_steps = validation.check_positive_int(num_steps, "num_steps")
-    if integration_timesteps is not None:
-        tau = jnp.asarray(integration_timesteps)
-        if tau.ndim != 2 or tau.shape[1] not in (1, num_steps):
+    batch_size = validation.check_positive_int(batch_size, "batch_size")
+    max_seqlen = validation.check_positive_int(max_seqlen, "max_seqlen")
+    if H is not None and H != model.d_model:
+        raise ValueError(f"H={H} disagrees with the model's d_model={model.d_model}; pass H={model.d_model} or H=None")
+    _check_event_mode(model, event_mode)
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    validation.check_float(np.zeros((), dtype), "dtype")
+    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config or DEFAULT_CONFIG)
+    return CompiledGenerator(spec)
+
+
+_GENERATORS: "collections.OrderedDict[ProgramSpec, CompiledGenerator]" = collections.OrderedDict()
+_MAX_GENERATORS = 32
+
+
+def _cached_generator(spec: ProgramSpec) -> CompiledGenerator:
+    """The generator for ``spec``, compiled on first use (least recently used are dropped)."""
+    generator = _GENERATORS.pop(spec, None) or CompiledGenerator(spec)
+    _GENERATORS[spec] = generator
+    while len(_GENERATORS) > _MAX_GENERATORS:
+        _GENERATORS.popitem(last=False)
+    return generator
+
+
+def _as_input(x, dtype):
+    """``x`` as a device array of ``dtype`` (NumPy inputs are cast on the host, compiling nothing)."""
+    if isinstance(x, jax.Array):
+        if x.dtype != dtype:
             raise ValueError(
-                f"integration_timesteps must have shape (B, 1) or (B, num_steps) = ({x0.shape[0]}, {num_steps}), "
-                f"got {tuple(tau.shape)}"
+                f"x has dtype {x.dtype} but the generator was captured for {jnp.dtype(dtype).name}; "
+                f"pass x.astype({jnp.dtype(dtype).name}) or re-capture with capture_graph(..., dtype={x.dtype.name})"
             )
-        integration_timesteps = validation.check_timesteps(tau, (x0.shape[0], tau.shape[1]))
-    graphdef, params = nnx.split(model)
-    return _rollout(graphdef, params, x0, integration_timesteps, num_steps)
+        return x
+    return jax.device_put(np.asarray(x, dtype))
+
+
+def _check_timesteps(integration_timesteps, batch_size: int, num_steps: int, dtype) -> np.ndarray:
+    tau = np.asarray(integration_timesteps)
+    if tau.ndim != 2 or tau.shape[1] not in (1, num_steps):
+        raise ValueError(
+            f"integration_timesteps must have shape (B, 1) or (B, num_steps) = ({batch_size}, 1) or "
+            f"({batch_size}, {num_steps}), got {tuple(tau.shape)}"
+        )
+    tau = validation.check_timesteps(tau, (batch_size, tau.shape[1]))
+    return np.asarray(tau, compute_dtype(dtype))
+
+
+def generate(model, x, num_steps: int, graph_cache: Optional[CompiledGenerator] = None, integration_timesteps=None, *, config: Optional[GenerationConfig] = None):
+    """Closed-loop generation from a fresh state: output t is the input of step t + 1.
+
+    Args:
+      model: any lrnnx_jax model.
+      x: ``(B, H)`` input of the first step.
+      num_steps: number of generated steps (>= 1).
+      graph_cache: a :class:`CompiledGenerator` from :func:`capture_graph`; the call
+        then never compiles. Without one, a generator is compiled on first use and
+        cached per (model structure, batch size, dtype, event mode, config).
+      integration_timesteps: event mode only; ``(B, 1)`` reused at every step (as in
+        lrnnx) or ``(B, num_steps)``, a per-step schedule.
+      config: a :class:`GenerationConfig`, only without ``graph_cache``.
+
+    Returns:
+      ``(B, num_steps, H)`` outputs, in ``x``'s dtype (the captured dtype with a ``graph_cache``).
+    """
+    if graph_cache is not None and config is not None:
+        raise ValueError("config applies only without graph_cache; the graph_cache already fixes it")
+    d_model = model.d_model if graph_cache is None else graph_cache.d_model
+    x = validation.check_token(x, d_model, name="x")
+    num_steps = validation.check_positive_int(num_steps, "num_steps")
+    batch_size = x.shape[0]
+    if graph_cache is None:
+        _check_event_mode(model, integration_timesteps is not None)
+        dtype = jax.dtypes.canonicalize_dtype(x.dtype)
+        leaves, spec = _model_spec(model, batch_size, dtype, integration_timesteps is not None, 1, config or DEFAULT_CONFIG)
+        graph_cache = _cached_generator(spec)
+    else:
+        if batch_size != graph_cache.batch_size:
+            raise ValueError(
+                f"Batch size {batch_size} != captured {graph_cache.batch_size}. "
+                f"Re-capture with capture_graph(model, batch_size={batch_size})."
+            )
+        if graph_cache.event_mode and integration_timesteps is None:
+            raise ValueError(
+                "graph_cache was captured with event_mode=True: pass integration_timesteps of shape (B, 1) or "
+                "(B, num_steps), or re-capture with capture_graph(model, batch_size, event_mode=False)"
+            )
+        if not graph_cache.event_mode and integration_timesteps is not None:
+            raise ValueError(
+                "integration_timesteps given but graph_cache was captured without event_mode; "
+                f"re-capture with capture_graph(model, batch_size={batch_size}, event_mode=True)"
+            )
+        leaves, treedef = jax.tree.flatten(model)
+        if treedef != graph_cache.spec.treedef or _leaf_types(leaves) != graph_cache.spec.leaf_types:
+            raise ValueError(
+                f"graph_cache was captured for a model of another structure or parameter shapes than this "
+                f"{type(model).__name__}; re-capture with capture_graph(model, batch_size={batch_size})"
+            )
+    dtype = graph_cache.dtype
+    taus = None if integration_timesteps is None else _check_timesteps(integration_timesteps, batch_size, num_steps, dtype)
+    return graph_cache.rollout(leaves, _as_input(x, dtype), taus, num_steps)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 FIXTURE_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "lrnnx_parity"
 
@@ -34,3 +38,30 @@ def relative_error(ours, theirs) -> float:
     """``max|ours - theirs| / max|theirs|``, the fixtures' agreement measure."""
     theirs = np.asarray(theirs, np.float64)
     return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)))
+
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_steps(graphdef, state, x, tau, cache):
+    model = nnx.merge(graphdef, state)
+
+    def body(c, inputs):
+        x_t, tau_t = inputs
+        y_t, c = model.step(x_t, c, integration_timesteps=tau_t)
+        return c, y_t
+
+    taus = None if tau is None else jnp.moveaxis(tau, 1, 0)
+    cache, ys = jax.lax.scan(body, cache, (jnp.moveaxis(x, 1, 0), taus))
+    return jnp.moveaxis(ys, 0, 1), cache
+
+
+def run_steps(model, x, integration_timesteps=None, cache=None):
+    """``model.step`` over ``x (B, L, H)`` from ``cache`` (fresh when None), in one jitted scan.
+
+    Returns ``(y (B, L, H), final cache)``; ``integration_timesteps`` is ``(B, L)`` or None.
+    """
+    if cache is None:
+        cache = model.allocate_inference_cache(x.shape[0], max_seqlen=x.shape[1])
+    graphdef, state = nnx.split(model)
+    tau = None if integration_timesteps is None else jnp.asarray(integration_timesteps)
+    return _run_steps(graphdef, state, jnp.asarray(x), tau, cache)

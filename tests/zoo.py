@@ -34,6 +34,36 @@ H = 6
 
 ZOO: list[ZooEntry] = [
     ZooEntry("LRU", "lrnnx_jax.models.lti.lru", "LRU", dict(d_model=H, d_state=5, r_min=0.4, r_max=0.95), methods=("fft", "scan")),
+    ZooEntry("S5-zoh", "lrnnx_jax.models.lti.s5", "S5", dict(d_model=H, d_state=4, discretization="zoh"), methods=("fft", "scan")),
+    ZooEntry("S5-bilinear-conj", "lrnnx_jax.models.lti.s5", "S5", dict(d_model=H, d_state=3, discretization="bilinear", conj_sym=True), methods=("fft", "scan")),
+    ZooEntry("S5-dirac-event", "lrnnx_jax.models.lti.s5", "S5", dict(d_model=H, d_state=4, discretization="dirac"), event=True),
+    ZooEntry("S5-async-event", "lrnnx_jax.models.lti.s5", "S5", dict(d_model=H, d_state=4, discretization="async"), event=True),
+    ZooEntry("CentaurusNeck", "lrnnx_jax.models.lti.centaurus", "Centaurus", dict(d_model=H, d_state=5, sub_state_dim=3, mode="neck"), methods=("fft", "scan")),
+    ZooEntry("CentaurusPWNeck", "lrnnx_jax.models.lti.centaurus", "Centaurus", dict(d_model=H, d_state=4, sub_state_dim=2, mode="pw"), methods=("fft", "scan")),
+    ZooEntry("CentaurusDWS", "lrnnx_jax.models.lti.centaurus", "Centaurus", dict(d_model=H, d_state=H, sub_state_dim=3, mode="dws"), methods=("fft", "scan")),
+    ZooEntry("CentaurusFull", "lrnnx_jax.models.lti.centaurus", "Centaurus", dict(d_model=H, d_state=H * H, sub_state_dim=2, mode="full"), methods=("fft", "scan")),
+    ZooEntry("ltv.S5-zoh", "lrnnx_jax.models.ltv.s5", "S5", dict(d_model=H, d_state=4), methods=("fft", "scan")),
+    ZooEntry("ltv.S5-bilinear-conj-event", "lrnnx_jax.models.ltv.s5", "S5", dict(d_model=H, d_state=3, discretization="bilinear", conj_sym=True), event=True),
+    ZooEntry("ltv.S5-dirac-event", "lrnnx_jax.models.ltv.s5", "S5", dict(d_model=H, d_state=4, discretization="dirac", step_rescale=2.0), event=True),
+    ZooEntry("S7-J1", "lrnnx_jax.models.ltv.s7", "S7", dict(d_model=H, d_state=4)),
+    ZooEntry("S7-J2", "lrnnx_jax.models.ltv.s7", "S7", dict(d_model=H, d_state=4, J=2)),
+    ZooEntry("S7-N6-J3", "lrnnx_jax.models.ltv.s7", "S7", dict(d_model=H, d_state=6, J=3, chunk_size=4)),
+    ZooEntry("RGLRU-e1-k4", "lrnnx_jax.models.ltv.rglru", "RGLRU", dict(d_model=H)),
+    ZooEntry("RGLRU-e2-k2-bias", "lrnnx_jax.models.ltv.rglru", "RGLRU", dict(d_model=H, d_conv=2, expand=2, bias=True, conv_bias=False, chunk_size=4)),
+    # Mamba: dt in [0.05, 1] so that the discretizations differ visibly (lrnnx's default dt is tiny)
+    ZooEntry("Mamba", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, dt_min=0.05, dt_max=0.5)),
+    ZooEntry("Mamba-zoh-k2-e1", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=3, d_conv=2, expand=1, discretization="zoh", dt_min=0.05, dt_max=0.5)),
+    ZooEntry("Mamba-bilinear", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, discretization="bilinear", dt_min=0.1, dt_max=1.0)),
+    ZooEntry("Mamba-dirac-bias-r2-c4", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, discretization="dirac", bias=True, conv_bias=False, dt_rank=2, chunk_size=4, dt_min=0.05, dt_max=0.5)),
+    ZooEntry("Mamba-event", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, dt_min=0.05, dt_max=0.5), event=True),
+    ZooEntry("Mamba-zoh-event-k3-e1.5", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=3, d_conv=3, expand=1.5, discretization="zoh", dt_min=0.05, dt_max=0.5), event=True),
+    ZooEntry("Mamba-bilinear-event-c4", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, discretization="bilinear", chunk_size=4, dt_min=0.1, dt_max=1.0), event=True),
+    ZooEntry("Mamba-dirac-event-const", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, discretization="dirac", dt_init="constant", dt_min=0.05, dt_max=0.5), event=True),
+    # S4 / S4D: dt up to 0.5 so that the bilinear and ZOH dynamics matter within a few steps
+    ZooEntry("S4", "lrnnx_jax.models.lti.s4", "S4", dict(d_model=H, d_state=8, transposed=False, dt_min=0.01, dt_max=0.5), methods=("fft", "scan")),
+    ZooEntry("S4-legt-r2-c2-gate-bottleneck", "lrnnx_jax.models.lti.s4", "S4", dict(d_model=H, d_state=6, rank=2, init="legt", channels=2, gate=2, bottleneck=2, dt_tie=False, transposed=False, chunk_size=4, dt_min=0.01, dt_max=0.5), methods=("fft", "scan")),
+    ZooEntry("S4D", "lrnnx_jax.models.lti.s4d", "S4D", dict(d_model=H, d_state=8, transposed=False, dt_min=0.01, dt_max=0.5), methods=("fft", "scan")),
+    ZooEntry("S4D-bilinear-lin-c2-gate2", "lrnnx_jax.models.lti.s4d", "S4D", dict(d_model=H, d_state=6, disc="bilinear", init="diag-lin", channels=2, gate=2, transposed=False, chunk_size=4, dt_min=0.01, dt_max=0.5), methods=("fft", "scan")),
 ]
 
 

@@ -138,3 +138,24 @@ def last_valid(values, lengths):
     index = jnp.clip(lengths - 1, 0, values.shape[1] - 1)
     return jnp.take_along_axis(values, index.reshape((-1, 1) + (1,) * (values.ndim - 2)), axis=1)[:, 0]
 
+
+def torch_linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Linear:
+    """An ``nnx.Linear`` initialised like ``torch.nn.Linear``: weight and bias ``U(+-1/sqrt(in_features))``."""
+    bound = 1 / np.sqrt(in_features)
+
+    def uniform(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(
+        in_features, out_features, use_bias=use_bias, kernel_init=uniform, bias_init=uniform,
+        param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+def lrnnx_linear_entries(name: str, linear: nnx.Linear) -> dict[str, LrnnxEntry]:
+    """The lrnnx entries ``name.weight`` (torch layout ``(out, in)``) and ``name.bias`` of ``linear``."""
+    kernel = linear.kernel
+    entries = {f"{name}.weight": lrnnx_entry(kernel, convert=np.transpose, shape=kernel.get_value().shape[::-1])}
+    if linear.bias is not None:
+        entries[f"{name}.bias"] = lrnnx_entry(linear.bias)
+    return entries

@@ -1,0 +1,196 @@
+"""Time the Pallas state-update kernels against the pure-XLA step, on the GPU.
+
+    python -m benchmarks.benchmark_state_update [--batches 1 32 256 4096] [--out table.md]
+
+For each op configuration and batch size, one jitted program runs ``--steps``
+consecutive steps (unrolled; each step's output is the next step's input, and
+the state is donated), once with the kernel and once with the reference. It
+reports microseconds per step and the effective bandwidth (each input and the
+state read once, the state and the output written once) as a fraction of the
+device-to-device copy bandwidth measured in the same run. It also checks that
+the kernel updates the donated state in place, and times ``generate`` (B=32,
+H=128, 512 steps) of every model with and without kernels.
+
+Needs only jax, flax and numpy; prints Markdown tables (and writes them to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import complex_lib as cl
+from pallas_kernels import dispatch
+from pallas_kernels import gpu_selftest as cases
+
+KERNEL = dispatch.KernelConfig(use_kernels="always")
+REFERENCE = dispatch.KernelConfig(use_kernels="never")
+
+#: (name, op, builder arguments except batch); H=128 except Mamba (d_model=1024: D=2048)
+OP_CONFIGS = [
+    ("Mamba (selective, D=2048, N=16)", "selective", dict(dim=2048, dstate=16)),
+    ("RG-LRU (selective rglru, D=128)", "selective",
+     dict(dim=128, dstate=1, discretization="rglru", skip=False, gate=False, softplus=False)),
+    ("S7 (selective s7, N=64)", "selective", dict(dim=64, dstate=1, discretization="s7", skip=False, gate=False, softplus=False)),
+    ("S5 (simplified zoh, P=64, H=128)", "simplified", dict(P=64, H_in=128, planes=True)),
+    ("LRU (simplified, P=64, H=128)", "simplified", dict(P=64, H_in=128, planes=True, discretization="no_discretization")),
+]
+
+#: (name, module, class, kwargs) of the models whose generate is timed
+MODELS = [
+    ("LRU", "lrnnx_jax.models.lti.lru", "LRU", dict(d_model=128, d_state=64)),
+    ("S5 (LTI, zoh)", "lrnnx_jax.models.lti.s5", "S5", dict(d_model=128, d_state=64, discretization="zoh")),
+    ("S5 (LTV)", "lrnnx_jax.models.ltv.s5", "S5", dict(d_model=128, d_state=64)),
+    ("S4D", "lrnnx_jax.models.lti.s4d", "S4D", dict(d_model=128, d_state=64)),
+    ("Centaurus (neck)", "lrnnx_jax.models.lti.centaurus", "Centaurus", dict(d_model=128, d_state=64, sub_state_dim=2)),
+    ("Mamba", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=128, d_state=16)),
+    ("RG-LRU", "lrnnx_jax.models.ltv.rglru", "RGLRU", dict(d_model=128)),
+    ("S7", "lrnnx_jax.models.ltv.s7", "S7", dict(d_model=128, d_state=64)),
+]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    a = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda v: jnp.copy(v))
+    jax.block_until_ready(copy(a))
+    return 2 * n_bytes / _median_seconds(lambda: copy(a), repeats)
+
+
+def _nbytes(tree) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree) if hasattr(a, "dtype"))
+
+
+def time_op(op: str, kwargs, config, steps: int, repeats: int) -> float:
+    """Seconds per step of ``steps`` chained steps in one jitted program (state donated)."""
+    fn = cases.OPS[op]
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (str, bool)) or v is None}
+    dynamic = {k: v for k, v in kwargs.items() if k not in static and k != "state"}
+
+    def chained(state, inputs):
+        inputs = dict(inputs)
+        for _ in range(steps):
+            y, state = fn(state, **inputs, **static, config=config)
+            inputs["x"] = y.astype(inputs["x"].dtype)
+        return state
+
+    run = jax.jit(chained, donate_argnums=0)
+    holder = [jax.tree.map(jnp.copy, kwargs["state"])]
+
+    def once():
+        holder[0] = run(holder[0], dynamic)
+        return holder[0]
+
+    jax.block_until_ready(once())
+    return _median_seconds(once, repeats) / steps
+
+
+def step_bytes(op: str, kwargs) -> int:
+    """Bytes one step must move: every array argument read once, the state and the output written once."""
+    out = jax.eval_shape(lambda: cases.OPS[op](**kwargs, config=REFERENCE))[0]
+    rest = {k: v for k, v in kwargs.items() if k != "state"}
+    return _nbytes(rest) + 2 * _nbytes(kwargs["state"]) + out.size * out.dtype.itemsize
+
+
+def op_table(batches, steps, repeats, bandwidth):
+    rows = ["| op | batch | kernel µs/step | XLA µs/step | speed-up | kernel GB/s | kernel % of copy BW | XLA % of copy BW |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rng = np.random.default_rng(0)
+    for name, op, spec in OP_CONFIGS:
+        for batch in batches:
+            kwargs = cases.BUILDERS[op](rng, batch=batch, **spec)
+            n_bytes = step_bytes(op, kwargs)
+            t_kernel = time_op(op, kwargs, KERNEL, steps, repeats)
+            t_ref = time_op(op, kwargs, REFERENCE, steps, repeats)
+            rows.append(
+                f"| {name} | {batch} | {t_kernel * 1e6:.2f} | {t_ref * 1e6:.2f} | {t_ref / t_kernel:.2f}x | "
+                f"{n_bytes / t_kernel / 1e9:.0f} | {100 * n_bytes / t_kernel / bandwidth:.0f}% | "
+                f"{100 * n_bytes / t_ref / bandwidth:.0f}% |"
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def in_place_table():
+    rows = ["| op | state bytes | aliased bytes | temp bytes | same buffer after the call |", "|---|---:|---:|---:|---|"]
+    rng = np.random.default_rng(1)
+    for op, spec in (("selective", dict(batch=256, dim=2048, dstate=16)),
+                     ("simplified", dict(batch=256, P=64, H_in=128, planes=True))):
+        r = cases.in_place_report(op, cases.BUILDERS[op](rng, **spec), KERNEL)
+        rows.append(f"| {op} | {r['state_bytes']} | {r['alias_bytes']} | {r['temp_bytes']} | {r['same_buffer']} |")
+    return rows
+
+
+def generate_table(batch, steps, repeats):
+    from flax import nnx
+
+    from lrnnx_jax.generation import generate
+
+    rows = ["| model | kernels ms | XLA ms | speed-up | max rel. difference |", "|---|---:|---:|---:|---:|"]
+    for name, module, cls, kwargs in MODELS:
+        try:
+            model = getattr(importlib.import_module(module), cls)(**kwargs, rngs=nnx.Rngs(0))
+        except Exception as error:  # noqa: BLE001 - a model that is not there yet
+            rows.append(f"| {name} | - | - | - | not available: {type(error).__name__} |")
+            continue
+        x0 = jax.random.normal(jax.random.key(0), (batch, model.d_model)) * 0.1
+        results = {}
+        for label, mode in (("kernel", "always"), ("xla", "never")):
+            with dispatch.kernel_config(use_kernels=mode):
+                ys = jax.block_until_ready(generate(model, x0, steps))
+                results[label] = (np.asarray(ys), _median_seconds(lambda: generate(model, x0, steps), repeats))
+        (y_k, t_k), (y_x, t_x) = results["kernel"], results["xla"]
+        diff = float(np.max(np.abs(y_k - y_x)) / max(np.max(np.abs(y_x)), 1e-30))
+        rows.append(f"| {name} | {t_k * 1e3:.2f} | {t_x * 1e3:.2f} | {t_x / t_k:.2f}x | {diff:.1e} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256, 4096])
+    parser.add_argument("--steps", type=int, default=16, help="chained steps per timed program")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--generate-steps", type=int, default=512)
+    parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the tables (Markdown) here")
+    args = parser.parse_args(argv)
+
+    device = jax.devices()[0]
+    lines = [f"Device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+             f"kernels interpret={dispatch.interpret_mode(KERNEL)}"]
+    bandwidth = copy_bandwidth()
+    lines.append(f"Device-to-device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
+    print("\n".join(lines), flush=True)
+    lines += ["", f"### State update, µs per step ({args.steps} chained steps per program, median of {args.repeats})", ""]
+    lines += op_table(args.batches, args.steps, args.repeats, bandwidth)
+    lines += ["", "### In-place update (state donated)", ""] + in_place_table()
+    if not args.skip_generate:
+        lines += ["", f"### generate, B=32, {args.generate_steps} steps (median of 5)", ""]
+        lines += generate_table(32, args.generate_steps, 5)
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""Run the inference benchmarks for every model: ``python -m benchmarks.run_all [options]``.
+
+Sections (``--sweeps``, all by default):
+
+* ``seq``, ``dim``, ``batch``: lrnnx's three sweeps (time against L, H and B),
+  with lrnnx's run_all state size 16, for every model;
+* ``target``: B=32, H=128, 512 steps, d_state=64 (16 for Mamba), in µs per
+  generated step, for each ``--unroll``, next to the baseline (a Python loop
+  over a jitted ``model.step``), the speed-up over it, PyTorch lrnnx's CUDA-graph
+  replay on an H100 where known, and the 10 µs/step target.
+
+Each ``--command-buffer`` value reruns the target section in a child process
+with ``XLA_FLAGS=... --xla_gpu_enable_command_buffer=VALUE`` (XLA reads its flags
+once per process): ``off`` is the empty list (no command buffers), any other value
+is passed as is, e.g. ``FUSION,CUBLAS,CUSTOM_CALL,WHILE,CONDITIONAL``.
+
+Writes to ``--out`` (default ``benchmark_results/``): ``infer_<sweep>.csv`` (lrnnx's
+columns plus ``compile_s`` and ``us_per_step``), ``target.csv``, ``results.json``
+(everything, with device, versions and command), PNG plots (one line per model;
+skipped with a message when matplotlib is missing, or with ``--no-plot``) and
+``report.md``. A progress bar (tqdm, or plain lines without it) and a summary
+table are printed.
+
+A quick GPU run (about 5 minutes)::
+
+    python -m benchmarks.run_all --quick --models S5,LRU,Mamba,RGLRU,S7 --unroll 1,8 \\
+        --command-buffer off --command-buffer FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import traceback
+from typing import Callable, Optional
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+from flax import nnx
+
+from benchmarks import benchmark_inference as infer
+from lrnnx_jax.convert import model_class
+from lrnnx_jax.generation import GenerationConfig
+
+SWEEP_STATE = 16  # lrnnx's run_all STATE_DIM
+TARGET_US = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """One benchmarked configuration: ``kwargs(H, d_state)`` are the lrnnx constructor arguments."""
+
+    name: str
+    lrnnx_name: str
+    kwargs: Callable[[int, int], dict]
+    event: bool = False
+    #: PyTorch lrnnx CUDA-graph replay on an H100, µs per step at B=32, H=128, 512 steps
+    lrnnx_us: Optional[float] = None
+
+    def model_fn(self, H: int, d_state: int, seed: int = 0) -> Callable:
+        cls = model_class(self.lrnnx_name)
+        return lambda: cls(**self.kwargs(H, d_state), rngs=nnx.Rngs(seed))
+
+
+MODELS: list[BenchModel] = [
+    BenchModel("S5", "lti.S5", lambda H, N: dict(d_model=H, d_state=N, discretization="zoh"), lrnnx_us=30.0),
+    BenchModel("LRU", "lti.LRU", lambda H, N: dict(d_model=H, d_state=N), lrnnx_us=30.0),
+    BenchModel("Mamba", "ltv.Mamba", lambda H, N: dict(d_model=H, d_state=16), lrnnx_us=46.0),
+    BenchModel("S4", "lti.S4", lambda H, N: dict(d_model=H, d_state=N)),
+    BenchModel("S4D", "lti.S4D", lambda H, N: dict(d_model=H, d_state=N)),
+    BenchModel("CentaurusNeck", "lti.Centaurus", lambda H, N: dict(d_model=H, d_state=N, sub_state_dim=2, mode="neck")),
+    BenchModel("CentaurusPWNeck", "lti.Centaurus", lambda H, N: dict(d_model=H, d_state=N, sub_state_dim=2, mode="pw")),
+    BenchModel("CentaurusDWS", "lti.Centaurus", lambda H, N: dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws")),
+    BenchModel("ltv.S5", "ltv.S5", lambda H, N: dict(d_model=H, d_state=N)),
+    BenchModel("RGLRU", "ltv.RGLRU", lambda H, N: dict(d_model=H), lrnnx_us=88.0),
+    BenchModel("S7", "ltv.S7", lambda H, N: dict(d_model=H, d_state=N), lrnnx_us=56.0),
+    BenchModel("Mamba-event", "ltv.Mamba", lambda H, N: dict(d_model=H, d_state=16), event=True),
+    BenchModel("ltv.S5-event", "ltv.S5", lambda H, N: dict(d_model=H, d_state=N), event=True),
+]
+
+SWEEPS = {
+    # name: (csv column, benchmark function)
+    "seq": ("seq_length", infer.benchmark_sequence_length),
+    "dim": ("model_dim", infer.benchmark_model_dimension),
+    "batch": ("batch_size", infer.benchmark_batch_size),
+}
+SECTIONS = (*SWEEPS, "target")
+
+
+# ------------------------------------------------------------------ progress and output
+class Progress:
+    """tqdm when it is installed, otherwise one printed line per finished item."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, unit="point", dynamic_ncols=True)
+
+    def update(self, label: str):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+            self.bar.update(1)
+        else:
+            print(f"  [{self.done}/{self.total}] {label}", flush=True)
+
+    def write(self, message: str):
+        (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]):
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pivot(rows: list[dict], column: str) -> tuple[list[dict], list[str]]:
+    """Sweep rows -> one row per model, one column (mean ms) per swept value."""
+    values = sorted({row[column] for row in rows})
+    table = {}
+    for row in rows:
+        table.setdefault(row["model"], {"model": row["model"]})[str(row[column])] = row["mean_ms"]
+    return list(table.values()), ["model"] + [str(v) for v in values]
+
+
+def environment(args) -> dict:
+    device = jax.devices()[0]
+    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__, "numpy": np.__version__,
+                "python": platform.python_version()}
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": f"{device.platform}: {getattr(device, 'device_kind', str(device))}",
+        "device_count": jax.device_count(),
+        "host": platform.node(),
+        "versions": versions,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "command": "python -m benchmarks.run_all " + " ".join(args.argv),
+    }
+
+
+def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -> list[str]:
+    """One PNG per sweep (ms against the swept value, one line per model) and one of the target section."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (the CSV and JSON files hold every number)")
+        return []
+    files = []
+    labels = {"seq_length": "generated steps L", "model_dim": "model width H", "batch_size": "batch size B"}
+    for name, rows in sweeps.items():
+        if not rows:
+            continue
+        column = SWEEPS[name][0]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in dict.fromkeys(row["model"] for row in rows):
+            points = sorted((row[column], row["mean_ms"], row["min_ms"], row["max_ms"]) for row in rows if row["model"] == model)
+            xs, mean, low, high = map(np.asarray, zip(*points))
+            ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2, label=model)
+        ax.set(xscale="log", yscale="log", xlabel=labels[column], ylabel="ms per generate call", title=f"generation time against {labels[column]}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"infer_{column}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path.name)
+    best = best_target_rows(target)
+    if best:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        names = [row["model"] for row in best]
+        positions = np.arange(len(names))
+        ax.bar(positions - 0.2, [row["us_per_step"] for row in best], 0.4, label="lrnnx_jax generate (best setting)")
+        loop = [row.get("loop_us_per_step") or np.nan for row in best]
+        ax.bar(positions + 0.2, loop, 0.4, label="Python loop over jitted step")
+        reference = [row.get("lrnnx_us") or np.nan for row in best]
+        ax.scatter(positions, reference, color="k", marker="_", s=400, zorder=3, label="PyTorch lrnnx CUDA graph (H100)")
+        ax.axhline(TARGET_US, color="r", ls="--", lw=1, label=f"target {TARGET_US:g} µs")
+        ax.set(yscale="log", ylabel="µs per generated step", xticks=positions, title="B=32, H=128, 512 steps")
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "target.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+# ------------------------------------------------------------------ sections
+def run_sweep(name: str, spec: BenchModel, args, config: GenerationConfig, progress: Progress) -> list[dict]:
+    column, function = SWEEPS[name]
+    values = {"seq": args.seq_lengths, "dim": args.model_dims, "batch": args.batch_sizes}[name]
+    rows = []
+
+    def record(value, times):
+        steps = value if name == "seq" else args.seq_len
+        rows.append(
+            dict(
+                model=spec.name, **{column: value}, mean_ms=float(np.mean(times)), min_ms=float(np.min(times)),
+                max_ms=float(np.max(times)), us_per_step=1e3 * float(np.mean(times)) / steps, compile_s=None,
+            )
+        )
+        progress.update(f"{name} {spec.name} {column}={value}")
+
+    timing = dict(repeats=args.repeats, event=spec.event, config=config, warmup=args.warmup, runs=args.runs, on_value=record)
+    if name == "seq":
+        results = function(spec.model_fn(args.target_dim, SWEEP_STATE), values, args.target_batch, **timing)
+    elif name == "dim":
+        results = function(lambda H: spec.model_fn(H, SWEEP_STATE), values, args.seq_len, args.target_batch, **timing)
+    else:
+        results = function(spec.model_fn(args.target_dim, SWEEP_STATE), values, args.seq_len, **timing)
+    for row in rows:
+        row["compile_s"] = results.compile_s[row[column]]
+    return rows
+
+
+def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[dict]:
+    """The target configuration for each unroll (and the baseline loop once)."""
+    model_fn = spec.model_fn(args.target_dim, args.target_state)
+    steps, rows = args.target_steps, []
+    common = dict(repeats=args.repeats, event=spec.event, warmup=args.warmup, runs=args.runs)
+    loop_us = None
+    if not args.no_baseline:
+        loop = infer.benchmark_sequence_length(model_fn, [steps], args.target_batch, runner="step_loop", **common)
+        loop_us = 1e3 * float(np.mean(loop[steps])) / steps
+        progress.update(f"target {spec.name} step loop")
+    for unroll in args.unroll:
+        config = GenerationConfig(chunk_size=args.chunk_size, unroll=unroll)
+        timings = infer.benchmark_sequence_length(model_fn, [steps], args.target_batch, config=config, **common)
+        times = timings[steps]
+        us = 1e3 * float(np.mean(times)) / steps
+        rows.append(
+            dict(
+                model=spec.name, command_buffer=label, unroll=unroll, chunk_size=args.chunk_size, B=args.target_batch,
+                H=args.target_dim, d_state=spec.kwargs(args.target_dim, args.target_state).get("d_state"), steps=steps,
+                mean_ms=float(np.mean(times)), min_ms=float(np.min(times)), max_ms=float(np.max(times)), us_per_step=us,
+                compile_s=timings.compile_s[steps], loop_us_per_step=loop_us,
+                speedup_vs_loop=None if loop_us is None else loop_us / us, lrnnx_us=spec.lrnnx_us,
+                speedup_vs_lrnnx=None if spec.lrnnx_us is None else spec.lrnnx_us / us, meets_target=us <= TARGET_US,
+            )
+        )
+        progress.update(f"target {spec.name} unroll={unroll} [{label}]")
+    return rows
+
+
+def best_target_rows(rows: list[dict]) -> list[dict]:
+    """The fastest row of each model over unroll and command-buffer settings."""
+    best = {}
+    for row in rows:
+        if row["model"] not in best or row["us_per_step"] < best[row["model"]]["us_per_step"]:
+            best[row["model"]] = row
+    return list(best.values())
+
+
+def run_command_buffer_child(setting: str, args, index: int) -> tuple[list[dict], list[dict]]:
+    """Rerun the target section in a child process with ``--xla_gpu_enable_command_buffer=setting``."""
+    out = args.out / f"command_buffer_{index}"
+    value = "" if setting == "off" else setting
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer={value}".strip())
+    command = [
+        sys.executable, "-m", "benchmarks.run_all", "--sweeps", "target", "--no-plot", "--no-baseline",
+        "--out", str(out), "--label", setting, "--models", ",".join(args.models),
+        "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--runs", str(args.runs),
+        "--unroll", ",".join(map(str, args.unroll)), "--chunk-size", str(args.chunk_size),
+        "--target-batch", str(args.target_batch), "--target-dim", str(args.target_dim),
+        "--target-state", str(args.target_state), "--target-steps", str(args.target_steps),
+    ]
+    print(f"\n[command buffer {setting!r}] XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
+    completed = subprocess.run(command, env=env)
+    results = out / "results.json"
+    if completed.returncode != 0 or not results.exists():
+        return [], [dict(section="target", model="*", command_buffer=setting, error=f"child exited with {completed.returncode}")]
+    data = json.loads(results.read_text())
+    return data["target"], data["failures"]
+
+
+# ------------------------------------------------------------------ command line
+def parse_args(argv=None):
+    def ints(text):
+        return [int(v) for v in text.split(",") if v]
+
+    names = [m.name for m in MODELS]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
+    parser.add_argument("--sweeps", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--seq-lengths", type=ints, default=list(infer.SEQ_LENGTHS))
+    parser.add_argument("--model-dims", type=ints, default=list(infer.MODEL_DIMS))
+    parser.add_argument("--batch-sizes", type=ints, default=list(infer.BATCH_SIZES))
+    parser.add_argument("--seq-len", type=int, default=512, help="steps in the dim and batch sweeps")
+    parser.add_argument("--repeats", type=int, help="repeats per point (default 5; --quick 2)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per repeat (default 10; --quick 2)")
+    parser.add_argument("--runs", type=int, help="timed calls per repeat (default 90; --quick 10)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, warm-up calls and timed calls")
+    parser.add_argument("--unroll", type=ints, default=[1], help="unroll factors; the sweeps use the first")
+    parser.add_argument("--chunk-size", type=int, default=GenerationConfig().chunk_size)
+    parser.add_argument("--command-buffer", action="append", default=[], metavar="SETTING",
+                        help="rerun the target section with --xla_gpu_enable_command_buffer=SETTING ('off': none); repeatable")
+    parser.add_argument("--target-batch", type=int, default=32)
+    parser.add_argument("--target-dim", type=int, default=128)
+    parser.add_argument("--target-state", type=int, default=64)
+    parser.add_argument("--target-steps", type=int, default=512)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the Python-loop baseline")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_results"))
+    parser.add_argument("--label", default=None, help="name of this process's XLA setting (default: from XLA_FLAGS)")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(args.models) - set(names))
+    sections = [s for s in args.sweeps.split(",") if s]
+    unknown_sections = sorted(set(sections) - set(SECTIONS))
+    if unknown or unknown_sections:
+        parser.error(f"unknown models {unknown} or sweeps {unknown_sections}; models: {names}, sweeps: {list(SECTIONS)}")
+    args.sections = [s for s in SECTIONS if s in sections]
+    quick = dict(repeats=2, warmup=2, runs=10) if args.quick else dict(repeats=5, warmup=10, runs=90)
+    for key, value in quick.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.label is None:
+        args.label = os.environ.get("XLA_FLAGS", "").strip() or "default"
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    specs = [m for m in MODELS if m.name in args.models]
+    env = environment(args)
+    print(f"device {env['device']} | jax {env['versions']['jax']} | flax {env['versions']['flax']} | XLA_FLAGS={env['XLA_FLAGS']!r}")
+    sweep_config = GenerationConfig(chunk_size=args.chunk_size, unroll=args.unroll[0])
+    sizes = {"seq": len(args.seq_lengths), "dim": len(args.model_dims), "batch": len(args.batch_sizes),
+             "target": len(args.unroll) + (0 if args.no_baseline else 1)}
+    progress = Progress(sum(sizes[s] for s in args.sections) * len(specs))
+    sweeps = {name: [] for name in SWEEPS if name in args.sections}
+    target, failures = [], []
+    for section in args.sections:
+        for spec in specs:
+            try:
+                if section == "target":
+                    target += run_target(spec, args, args.label, progress)
+                else:
+                    sweeps[section] += run_sweep(section, spec, args, sweep_config, progress)
+            except Exception as error:  # a model that fails is reported and the run goes on, as in lrnnx
+                progress.write(f"  {section} {spec.name} FAILED: {type(error).__name__}: {error}")
+                failures.append(dict(section=section, model=spec.name, command_buffer=args.label, error=f"{type(error).__name__}: {error}",
+                                     traceback=traceback.format_exc(limit=3)))
+    progress.close()
+    if "target" in args.sections:
+        for index, setting in enumerate(args.command_buffer):
+            rows, child_failures = run_command_buffer_child(setting, args, index)
+            target += rows
+            failures += child_failures
+        if not args.no_baseline:  # the children skip the loop: give their rows the parent's baseline
+            loops = {row["model"]: row["loop_us_per_step"] for row in target if row["loop_us_per_step"] is not None}
+            for row in target:
+                if row["loop_us_per_step"] is None and row["model"] in loops:
+                    row["loop_us_per_step"] = loops[row["model"]]
+                    row["speedup_vs_loop"] = loops[row["model"]] / row["us_per_step"]
+
+    for name, rows in sweeps.items():
+        write_csv(args.out / f"infer_{SWEEPS[name][0]}.csv", rows)
+    write_csv(args.out / "target.csv", target)
+    results = dict(environment=env, sweeps=sweeps, target=target, failures=failures)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plots = [] if args.no_plot else plot(args.out, sweeps, target)
+    report = write_report(args.out, env, sweeps, target, failures, plots)
+    print("\n" + report)
+    print(f"\nAll benchmarks complete! Results saved to {args.out}/")
+    return results
+
+
+TARGET_COLUMNS = ["model", "command_buffer", "unroll", "d_state", "us_per_step", "loop_us_per_step", "speedup_vs_loop",
+                  "lrnnx_us", "speedup_vs_lrnnx", "meets_target", "compile_s"]
+
+
+def write_report(out: pathlib.Path, env: dict, sweeps, target, failures, plots) -> str:
+    """The summary (printed and written to ``report.md``): environment, tables, plots, failures."""
+    parts = [
+        "# Inference benchmark results",
+        f"- device: {env['device']} (x{env['device_count']}), host {env['host']}, {env['date']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()),
+        f"- XLA_FLAGS: `{env['XLA_FLAGS']}`",
+        f"- command: `{env['command']}`",
+    ]
+    if target:
+        best = best_target_rows(target)
+        met = sorted(row["model"] for row in best if row["meets_target"])
+        missed = sorted(f"{row['model']} ({row['us_per_step']:.1f} µs)" for row in best if not row["meets_target"])
+        parts += [
+            f"\n## Target: B={target[0]['B']}, H={target[0]['H']}, {target[0]['steps']} steps (µs per generated step)",
+            markdown_table(target, TARGET_COLUMNS),
+            f"\nBest setting per model; target {TARGET_US:g} µs/step. Met: {', '.join(met) or 'none'}. "
+            f"Missed: {', '.join(missed) or 'none'}.",
+            markdown_table(best, TARGET_COLUMNS),
+        ]
+    for name, rows in sweeps.items():
+        if rows:
+            table, columns = pivot(rows, SWEEPS[name][0])
+            parts += [f"\n## {SWEEPS[name][0]} sweep (mean ms per generate call)", markdown_table(table, columns)]
+    if plots:
+        parts += ["\n## Plots"] + [f"![{name}]({name})" for name in plots]
+    if failures:
+        parts += ["\n## Failures"] + [f"- {f['section']} {f['model']} [{f['command_buffer']}]: {f['error']}" for f in failures]
+    report = "\n".join(parts)
+    (out / "report.md").write_text(report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

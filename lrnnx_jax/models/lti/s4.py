@@ -1,0 +1,261 @@
+"""S4: the structured state space with a diagonal-plus-low-rank (DPLR) state matrix, as in lrnnx.
+
+Each of the ``H'`` SSM channels is a single-input system over the full
+conjugate-symmetric state of size ``N`` (the parameters hold one half;
+``conj_pairs`` rebuilds ``[z, conj z]``)::
+
+    A = diag(Lambda) - P Q^T,  Q = conj(P)        Lambda (N,), P (r, N)
+    h' = A h + B u,            y[c] = Re(C[c] h)   (real for conjugate-symmetric h)
+
+**Discretization** (bilinear, step ``dt`` per channel or per state)::
+
+    dA = (I - dt A/2)^{-1} (I + dt A/2),   dB = (I - dt A/2)^{-1} dt B
+
+is the diagonal bilinear transform of ``Lambda`` (``core.discretization.bilinear``,
+giving ``A_bar`` and ``gamma``) plus a rank-``r`` Woodbury correction::
+
+    W  = (I_r + Q diag(gamma/2) P^T)^{-1}
+    dA = diag(A_bar) - (gamma P)^T W ((1 + A_bar)/2 Q)
+    dB = gamma B - (gamma P / 2)^T W Q (gamma B)
+
+**Kernel** (``method="fft"``): ``K_l = Re(C dA^l dB)`` for ``l < L`` from the truncated
+generating function at the ``L``-th roots of unity ``w``::
+
+    sum_{l<L} K_l w^l = C~ (I - w dA)^{-1} dB,       C~ = C (I - dA^L)
+                      = s_{C~B} - a s_{C~P} (I_r + a s_{QP})^{-1} s_{QB},   a = (1 + w)/2
+    s_{xy}(w) = sum_n x_n y_n gamma_n / (1 - w A_bar_n)    (Cauchy sums)
+
+then an inverse real FFT. This is lrnnx's Cauchy/Woodbury kernel (its
+``z = 2(1-w)/(1+w)`` form times ``2/(1+w)``) rewritten without the pole at ``w = -1``.
+lrnnx stores ``C~`` for one length in its parameter ``C``; here ``C`` is the output
+matrix itself and ``C~`` is computed for the length at hand (``from_lrnnx`` converts).
+
+**Scan** (``method="scan"``): the dense recurrence ``h_t = dA h_{t-1} + dB u_t``
+solved in chunks by a Kogge-Stone doubling scan (``log2(chunk)`` rounds
+``h_t += dA^(2^k) h_{t-2^k}``) with the state carried across chunks; it does not use
+the kernel, so the two paths check each other. **Step**: the same dense recurrence
+(lrnnx's dense step mode). Cache: ``{"lrnn_state": (B, H', N) complex}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrnnx_jax.core import lti
+from lrnnx_jax.core.base import LrnnxEntry
+from lrnnx_jax.core.discretization import bilinear
+from lrnnx_jax.models.lti.s4_layer import S4Layer, SSMParams, as_real_view, conj_pairs
+
+
+class DPLRSystem(NamedTuple):
+    """The bilinear-discretized S4 system of ``H'`` channels over the full state ``N``.
+
+    ``A_bar, gamma (H', N)``: the diagonal bilinear transform of ``Lambda``;
+    ``P (r, H', N)``; ``B (H', N)``; ``C (c, H', N)``; ``dA (H', N, N)``, ``dB (H', N)``.
+    """
+
+    A_bar: jax.Array
+    gamma: jax.Array
+    P: jax.Array
+    B: jax.Array
+    C: jax.Array
+    dA: jax.Array
+    dB: jax.Array
+
+
+def _matvec(M, h):
+    """``M (H, N, N)`` applied to ``h (..., H, N)``."""
+    return jnp.einsum("hnm,...hm->...hn", M, h, precision="highest")
+
+
+def dplr_bilinear(A_bar, gamma, P, B):
+    """Dense ``(dA (H, N, N), dB (H, N))`` of ``A = diag(Lambda) - P conj(P)^T`` from the diagonal transform.
+
+    ``A_bar, gamma (H, N)`` are ``core.discretization.bilinear(Lambda, dt)``; ``P (r, H, N)``, ``B (H, N)``.
+    """
+    Q = jnp.conj(P)
+    eye = jnp.eye(P.shape[0], dtype=P.dtype)
+    core = eye + 0.5 * jnp.einsum("rhn,hn,shn->hrs", Q, gamma, P, precision="highest")  # (H, r, r)
+    left = gamma * P
+    right = jnp.linalg.solve(core, jnp.moveaxis((1 + A_bar) / 2 * Q, 0, 1))  # (H, r, N)
+    dA = jax.vmap(jnp.diag)(A_bar) - jnp.einsum("rhn,hrm->hnm", left, right, precision="highest")
+    coupling = jnp.linalg.solve(core, jnp.einsum("shm,hm->hs", Q, gamma * B, precision="highest")[..., None])[..., 0]
+    dB = gamma * B - 0.5 * jnp.einsum("rhn,hr->hn", left, coupling, precision="highest")
+    return dA, dB
+
+
+def dplr_system(params: SSMParams) -> DPLRSystem:
+    """Expand the half-state parameters and discretize them (see the module docstring)."""
+    dt = params.dt if params.dt.shape[-1] == 1 else conj_pairs(params.dt)
+    A_bar, gamma = bilinear(conj_pairs(params.A), dt)
+    P, B = conj_pairs(params.P), conj_pairs(params.B)
+    dA, dB = dplr_bilinear(A_bar, gamma, P, B)
+    return DPLRSystem(A_bar, gamma, P, B, conj_pairs(params.C), dA, dB)
+
+
+def truncated_output(system: DPLRSystem, length: int):
+    """``C~ = C (I - dA^length)`` ``(c, H, N)``: the output row of the length-``length`` generating function."""
+    return system.C - jnp.einsum("chn,hnm->chm", system.C, jnp.linalg.matrix_power(system.dA, length), precision="highest")
+
+
+def dplr_kernel(system: DPLRSystem, length: int):
+    """The convolution kernel ``K (c, H, length)``, ``K_l = Re(C dA^l dB)``, by Cauchy sums and Woodbury."""
+    rank = system.P.shape[0]
+    freq = jnp.arange(length // 2 + 1, dtype=jnp.real(system.A_bar).dtype)
+    omega = jnp.exp(-2j * math.pi / length * freq).astype(system.A_bar.dtype)  # (F,)
+    cauchy = system.gamma[:, None, :] / (1 - omega[None, :, None] * system.A_bar[:, None, :])  # (H, F, N)
+    rows = jnp.concatenate([truncated_output(system, length), jnp.conj(system.P)])  # [C~; Q] (c + r, H, N)
+    cols = jnp.concatenate([system.B[None], system.P])  # [B; P] (1 + r, H, N)
+    s = jnp.einsum("ihn,jhn,hfn->hfij", rows, cols, cauchy, precision="highest")  # (H, F, c + r, 1 + r)
+    s_CB, s_CP, s_QB, s_QP = s[..., :-rank, 0], s[..., :-rank, 1:], s[..., -rank:, 0], s[..., -rank:, 1:]
+    a = ((1 + omega) / 2)[None, :, None]
+    eye = jnp.eye(rank, dtype=s.dtype)
+    coupling = jnp.linalg.solve(eye + a[..., None] * s_QP, s_QB[..., None])[..., 0]  # (H, F, r)
+    k_f = s_CB - a * jnp.einsum("hfcr,hfr->hfc", s_CP, coupling, precision="highest")
+    return jnp.fft.irfft(jnp.moveaxis(k_f, (0, 1), (1, 2)), n=length, axis=-1)
+
+
+def fft_convolve(u, K):
+    """Causal convolution of ``u (B, L, H)`` with ``K (c, H, L)`` -> ``(B, L, c, H)``."""
+    length = u.shape[1]
+    n = 2 * length
+    U = jnp.fft.rfft(u, n=n, axis=1)
+    KF = jnp.fft.rfft(K, n=n, axis=-1)
+    return jnp.fft.irfft(jnp.einsum("bfh,chf->bfch", U, KF, precision="highest"), n=n, axis=1)[:, :length]
+
+
+def inject(u, dB):
+    """``dB u``: ``u (..., H)`` -> ``(..., H, N)``."""
+    return u[..., None].astype(dB.dtype) * dB
+
+
+def readout(h, C):
+    """``Re(C h)``: ``h (..., H, N)`` -> ``(..., c, H)``."""
+    return jnp.real(jnp.einsum("chn,...hn->...ch", C.astype(h.dtype), h, precision="highest"))
+
+
+def dense_step(h, u_t, system: DPLRSystem):
+    """One step ``h <- dA h + dB u_t``: ``h (B, H, N)``, ``u_t (B, H)`` -> ``(y_t (B, c, H), h)``."""
+    h = _matvec(system.dA, h) + inject(u_t, system.dB).astype(h.dtype)
+    return readout(h, system.C), h
+
+
+def state_kernel(system: DPLRSystem, length: int):
+    """``W_k = dA^k dB`` for ``k < length``, ``(length, H, N)``, by doubling."""
+    W, power = system.dB[None], system.dA
+    while W.shape[0] < length:
+        W = jnp.concatenate([W, _matvec(power, W)])
+        power = power @ power
+    return W[:length]
+
+
+def final_state(system: DPLRSystem, u, ends):
+    """The state after step ``ends - 1`` of each row: ``sum_k W_k u_{ends-1-k}``. ``u (B, L, H)`` -> ``(B, H, N)``."""
+    back = ends[:, None] - 1 - jnp.arange(u.shape[1])[None, :]  # (B, L): index of the input that W_k multiplies
+    u_back = jnp.where((back >= 0)[..., None], jnp.take_along_axis(u, jnp.maximum(back, 0)[..., None], axis=1), 0)
+    return jnp.einsum("khn,bkh->bhn", state_kernel(system, u.shape[1]), u_back.astype(system.dB.dtype), precision="highest")
+
+
+def dense_scan(system: DPLRSystem, u, ends, chunk_size):
+    """Scan path: ``u (B, L, H)`` -> ``(y (B, L, c, H), state after step ends - 1 (B, H, N))``.
+
+    Chunks of ``chunk_size`` steps (None: one chunk) are solved by a doubling scan and
+    chained by ``lax.scan``; the chunk body is rematerialised in the backward pass.
+    """
+    batch, length, width = u.shape
+    chunk = length if chunk_size is None else max(1, min(int(chunk_size), length))
+    num_chunks = -(-length // chunk)
+    u = jnp.pad(u, ((0, 0), (0, num_chunks * chunk - length), (0, 0)))
+    chunks = jnp.moveaxis(u.reshape(batch, num_chunks, chunk, width), 1, 0)
+    powers, power, span = [], system.dA, 1  # dA^(2^k) for 2^k < chunk
+    while span < chunk:
+        powers.append(power)
+        power, span = power @ power, 2 * span
+    zeros = jnp.zeros((batch, width, system.dB.shape[-1]), system.dB.dtype)
+
+    def body(carry, inputs):
+        h_prev, h_end = carry
+        u_chunk, start = inputs
+        h = inject(u_chunk, system.dB)
+        h = h.at[:, 0].add(_matvec(system.dA, h_prev))
+        for k, power in enumerate(powers):  # h_t += dA^(2^k) h_{t - 2^k}
+            h = h + _matvec(power, jnp.pad(h, ((0, 0), (2**k, 0), (0, 0), (0, 0)))[:, :chunk])
+        offset = ends - 1 - start
+        at = jnp.take_along_axis(h, jnp.clip(offset, 0, chunk - 1)[:, None, None, None], axis=1)[:, 0]
+        h_end = jnp.where(((offset >= 0) & (offset < chunk))[:, None, None], at, h_end)
+        return (h[:, -1], h_end), readout(h, system.C)
+
+    starts = jnp.arange(num_chunks) * chunk
+    (_, h_end), y = jax.lax.scan(jax.checkpoint(body), (zeros, zeros), (chunks, starts))
+    y = jnp.moveaxis(y, 0, 1).reshape(batch, num_chunks * chunk, *y.shape[3:])
+    return y[:, :length], h_end
+
+
+def dplr_forward(system: DPLRSystem, u, *, lengths=None, method="auto", chunk_size=None, return_state=False):
+    """Full sequence: ``u (B, L, H)`` (zero after ``lengths``) -> ``(y (B, L, c, H), state (B, H, N) or None)``."""
+    batch, length, _ = u.shape
+    ends = jnp.full((batch,), length) if lengths is None else lengths
+    if lti.resolve_method(method, length, False) == "scan":
+        y, h = dense_scan(system, u, ends, chunk_size)
+        return y.astype(u.dtype), (h if return_state else None)
+    y = fft_convolve(u, dplr_kernel(system, length))
+    return y.astype(u.dtype), (final_state(system, u, ends) if return_state else None)
+
+
+def output_from_lrnnx(system: DPLRSystem, C_tilde, l_kernel: int):
+    """Undo lrnnx's in-place ``C~ = C (I - dA^l_kernel)``: the half-state output matrix ``(c, H, N/2)``."""
+    M = jnp.eye(system.dA.shape[-1], dtype=system.dA.dtype) - jnp.linalg.matrix_power(system.dA, l_kernel)
+    C = jnp.linalg.solve(jnp.swapaxes(M, -1, -2)[None], conj_pairs(C_tilde)[..., None])[..., 0]
+    return C[..., : C_tilde.shape[-1]]
+
+
+class S4(S4Layer):
+    """S4 block: :class:`S4Layer`'s arguments (lrnnx's), with the DPLR SSM of this module.
+
+    Loading an lrnnx checkpoint (``from_lrnnx``) converts its ``C`` from ``C~`` back to
+    the output matrix using ``layer.kernel.l_kernel`` (0: never converted by lrnnx).
+    """
+
+    low_rank = True
+    lrnnx_ignored_entries = S4Layer.lrnnx_ignored_entries + ("layer.kernel.P",)
+
+    @property
+    def state_size(self) -> int:
+        return self.d_state
+
+    def discrete_system(self) -> DPLRSystem:
+        """See :func:`dplr_system`."""
+        return dplr_system(self.ssm_params())
+
+    def _ssm_forward(self, u, mask, lengths, return_state):
+        return dplr_forward(
+            self.discrete_system(), u, lengths=lengths, method=self.method, chunk_size=self.chunk_size,
+            return_state=return_state,
+        )
+
+    def _ssm_step(self, state, u_t):
+        return dense_step(state, u_t, self.discrete_system())
+
+    def lrnnx_entries(self):
+        entries = super().lrnnx_entries()
+        # Runs after every other entry (dicts keep their order): C then holds lrnnx's C~.
+        entries["layer.kernel.l_kernel"] = LrnnxEntry((), self._load_l_kernel)
+        return entries
+
+    def _load_l_kernel(self, l_kernel):
+        l_kernel = int(np.asarray(l_kernel))
+        if l_kernel == 0:
+            return
+        graphdef, state = nnx.split(self)
+        with jax.enable_x64(True):
+            wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+            model = nnx.merge(graphdef, wide)
+            C = output_from_lrnnx(model.discrete_system(), model.ssm_params().C, l_kernel)
+            C = jnp.real(C) if self.is_real else as_real_view(C)
+            self.C.set_value(jnp.asarray(np.asarray(C), jnp.float32))

@@ -1,0 +1,273 @@
+"""Mamba's selective SSM block (S6; Gu & Dao, 2023), as in lrnnx's ``models.ltv.Mamba``.
+
+For the block input ``x_t`` (H,), with ``D = expand * H`` channels and state size ``N``::
+
+    [x_t; z_t]      = W_in x_t                                  (D,), (D,)
+    u_t             = SiLU(conv(x)_t)                           causal depthwise conv
+    [r_t; B_t; C_t] = W_x u_t                                   (dt_rank,), (N,), (N,)
+    delta_t         = softplus(W_dt r_t + b_dt)                 (D,)
+    A               = -exp(A_log)                               (D, N)
+    A_bar_t, gamma_t = discretization(A, delta_t, delta_A=delta_A_t)
+    h_t             = A_bar_t * h_{t-1} + gamma_t * B_t * u_t   (D, N)
+    y_t             = W_out((h_t C_t + D * u_t) * SiLU(z_t))
+
+The discretization is ``"mamba"`` (``A_bar = exp(delta A)``, ``gamma = delta``),
+``"zoh"``, ``"bilinear"`` or ``"dirac"`` (:mod:`lrnnx_jax.core.discretization`).
+Without event mode ``delta_A = delta``. In event mode (``integration_timesteps``
+``tau`` (B, L)) the A-step is ``delta_A_t = tau_t * softplus(b_A)`` with ``b_A`` the
+bias of ``dtA_proj`` (its weight is unused, as in lrnnx), while ``gamma`` keeps
+``delta_t``.
+
+The forward runs :func:`lrnnx_jax.core.scan.chunked_scan`: the state-sized
+tensors ``A_bar`` and ``gamma B u`` (B, C, D, N) exist one chunk of ``C`` steps at
+a time and are contracted with ``C_t`` inside the chunk, so memory grows as
+``B * L * D`` (the per-token projections), not ``B * L * D * N``. The single step
+calls the same :func:`selective_coefficients` and :func:`selective_readout`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrnnx_jax.core import conv
+from lrnnx_jax.core import discretization as disc
+from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
+from lrnnx_jax.core.validation import check_positive_int
+
+DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
+DT_INITS = ("random", "constant")
+
+
+def selective_coefficients(inputs, A, dtA_bias, discretize: Callable):
+    """The recurrence ``h_t = A_bar_t h_{t-1} + b_t`` of the selective SSM.
+
+    Args:
+      inputs: dict of per-token arrays with any leading axes ``(...)``: ``"u"``
+        ``(..., D)`` conv output, ``"delta"`` ``(..., D)`` step, ``"B"`` ``(..., N)``
+        and, in event mode, ``"tau"`` ``(...)`` the time since the last event.
+      A: ``(D, N)`` continuous-time diagonal state matrix (negative).
+      dtA_bias: ``(D,)``; the event-mode A-step is ``tau * softplus(dtA_bias)``.
+      discretize: a function of :mod:`lrnnx_jax.core.discretization`.
+
+    Returns:
+      ``(A_bar, b)``, each ``(..., D, N)``: ``b = gamma * B_t * u_t``.
+    """
+    delta = inputs["delta"][..., None]
+    delta_A = None
+    if "tau" in inputs:
+        delta_A = (inputs["tau"][..., None] * jax.nn.softplus(dtA_bias))[..., None]
+    A_bar, gamma = discretize(A, delta, delta_A=delta_A)
+    return A_bar, gamma * inputs["B"][..., None, :] * inputs["u"][..., None]
+
+
+def selective_readout(h, inputs, D):
+    """``(h_t C_t + D * u_t) * SiLU(z_t)``: ``h (..., D, N)`` -> ``(..., D)``.
+
+    ``inputs`` holds ``"C"`` ``(..., N)``, ``"u"`` and ``"z"`` ``(..., D)``.
+    """
+    y = jnp.einsum("...dn,...n->...d", h, inputs["C"].astype(h.dtype), precision="highest")
+    return (y + D * inputs["u"]) * jax.nn.silu(inputs["z"])
+
+
+@functools.partial(jax.jit, static_argnames=("discretization", "chunk_size"))
+def selective_scan(inputs, A, dtA_bias, D, h0, mask=None, *, discretization: str = "mamba", chunk_size=DEFAULT_CHUNK_SIZE):
+    """The selective SSM over a sequence, by :func:`lrnnx_jax.core.scan.chunked_scan`.
+
+    Args:
+      inputs: dict of ``(B, L, ...)`` arrays as in :func:`selective_coefficients`
+        and :func:`selective_readout` (``u``, ``z``, ``delta`` ``(B, L, D)``; ``B``,
+        ``C`` ``(B, L, N)``; optional ``tau`` ``(B, L)``).
+      A: ``(D, N)``; dtA_bias, D: ``(D,)``.
+      h0: ``(B, D, N)`` initial state.
+      mask: optional ``(B, L)`` bool; the state is frozen where False.
+      discretization: a name of :data:`DISCRETIZATIONS`.
+      chunk_size: steps per chunk (None: unchunked, 1: sequential).
+
+    Returns:
+      ``(y (B, L, D), h_last (B, D, N))``.
+
+    Jitted with static ``discretization`` and ``chunk_size``, so that eager calls
+    reuse one compiled program per shape instead of re-tracing the scan.
+    """
+    discretize = disc.get_discretization(discretization, DISCRETIZATIONS)
+    return chunked_scan(
+        lambda chunk: selective_coefficients(chunk, A, dtA_bias, discretize),
+        lambda h, chunk: selective_readout(h, chunk, D),
+        inputs, h0, mask, chunk_size,
+    )
+
+
+def _resolve_dt_rank(dt_rank, d_model: int) -> int:
+    if dt_rank == "auto":
+        return math.ceil(d_model / 16)
+    if isinstance(dt_rank, bool) or not isinstance(dt_rank, (int, np.integer)) or dt_rank < 1:
+        raise ValueError(f"dt_rank must be a positive integer or 'auto', got {dt_rank!r}")
+    return int(dt_rank)
+
+
+class Mamba(LRNN):
+    """Mamba block: input projection, causal conv, selective SSM, gated output projection.
+
+    Args:
+      d_model: H, input and output features.
+      d_state: N, state size per channel.
+      d_conv: kernel size of the causal depthwise conv.
+      expand: ``D = int(expand * H)`` channels.
+      dt_rank: rank of the step projection, or ``"auto"`` for ``ceil(H / 16)``.
+      dt_min, dt_max, dt_init_floor: at initialisation ``softplus(b_dt)`` is
+        log-uniform in ``[dt_min, dt_max]``, floored at ``dt_init_floor``.
+      dt_init: ``"random"`` (``W_dt ~ U(+-s)``) or ``"constant"`` (``W_dt = s``),
+        ``s = dt_scale / sqrt(dt_rank)``.
+      dt_scale: see ``dt_init``.
+      conv_bias: bias of the conv; bias: biases of ``in_proj`` and ``out_proj``.
+      use_fast_path, layer_idx, device: accepted for lrnnx compatibility and
+        unused (JAX compiles one path and places arrays itself).
+      dtype: dtype of the projection and conv parameters (float32 when None);
+        ``A_log`` and ``D`` are float32, as in lrnnx.
+      discretization: ``"mamba"``, ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
+      chunk_size: steps per chunk of the scan (None: unchunked associative scan,
+        1: sequential).
+      rngs: ``nnx.Rngs`` (the ``params`` stream is used).
+
+    The inference cache is ``{"conv_state": (B, D, d_conv)`` (the last raw, pre-conv
+    inputs of the conv, newest last), ``"lrnn_state": (B, D, N)}``.
+    """
+
+    supports_integration_timesteps = True
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank="auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx: Optional[int] = None,
+        device=None,
+        dtype=None,
+        discretization: str = "mamba",
+        *,
+        chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+        rngs: nnx.Rngs,
+    ):
+        H = self.d_model = check_positive_int(d_model, "d_model")
+        N = self.d_state = check_positive_int(d_state, "d_state")
+        K = self.d_conv = check_positive_int(d_conv, "d_conv")
+        if isinstance(expand, bool) or not isinstance(expand, (int, float, np.integer, np.floating)) or int(expand * H) < 1:
+            raise ValueError(f"expand must be a positive number with int(expand * d_model) >= 1, got {expand!r}")
+        D = self.d_inner = int(expand * H)
+        R = self.dt_rank = _resolve_dt_rank(dt_rank, H)
+        disc.get_discretization(discretization, DISCRETIZATIONS)
+        if dt_init not in DT_INITS:
+            raise ValueError(f"dt_init must be one of {list(DT_INITS)}, got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if chunk_size is not None:
+            check_positive_int(chunk_size, "chunk_size")
+        self.expand, self.discretization, self.chunk_size = expand, discretization, chunk_size
+        self.layer_idx = layer_idx
+        param_dtype = dtype or jnp.float32
+
+        self.in_proj = torch_linear(H, 2 * D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
+        bound = 1 / math.sqrt(K)  # torch Conv1d init, fan_in = d_conv (depthwise)
+        self.conv_weight = nnx.Param(jax.random.uniform(rngs.params(), (D, K), param_dtype, -bound, bound))
+        self.conv_bias = nnx.Param(jax.random.uniform(rngs.params(), (D,), param_dtype, -bound, bound)) if conv_bias else None
+        self.x_proj = torch_linear(D, R + 2 * N, use_bias=False, rngs=rngs, param_dtype=param_dtype)
+        self.dt_proj = torch_linear(R, D, use_bias=True, rngs=rngs, param_dtype=param_dtype)
+        dt_init_std = dt_scale / math.sqrt(R)
+        if dt_init == "constant":
+            kernel = jnp.full((R, D), dt_init_std, param_dtype)
+        else:
+            kernel = jax.random.uniform(rngs.params(), (R, D), param_dtype, -dt_init_std, dt_init_std)
+        self.dt_proj.kernel.set_value(kernel)
+        log_dt = jax.random.uniform(rngs.params(), (D,), jnp.float32, math.log(dt_min), math.log(dt_max))
+        dt = jnp.maximum(jnp.exp(log_dt), dt_init_floor)
+        self.dt_proj.bias.set_value((dt + jnp.log(-jnp.expm1(-dt))).astype(param_dtype))  # softplus^-1(dt)
+        self.dtA_proj = torch_linear(R, D, use_bias=True, rngs=rngs, param_dtype=param_dtype)
+        self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(jnp.arange(1, N + 1, dtype=jnp.float32), (D, N))))
+        self.D = nnx.Param(jnp.ones((D,), jnp.float32))
+        self.out_proj = torch_linear(D, H, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
+
+    # ------------------------------------------------- shared by forward and step
+    def _conv_bias(self):
+        return None if self.conv_bias is None else self.conv_bias[...]
+
+    def _split_in_proj(self, x):
+        """``x (..., H)`` -> ``(x_in, z)``, each ``(..., D)``."""
+        return jnp.split(self.in_proj(x), 2, axis=-1)
+
+    def _ssm_inputs(self, u, z, tau):
+        """The per-token inputs of the recurrence from the conv output ``u`` and gate ``z`` ``(..., D)``."""
+        r, B_t, C_t = jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        inputs = {"u": u, "z": z, "delta": jax.nn.softplus(self.dt_proj(r)), "B": B_t, "C": C_t}
+        if tau is not None:
+            inputs["tau"] = tau.astype(u.dtype)
+        return inputs
+
+    def _A(self):
+        """``A = -exp(A_log)`` ``(D, N)``."""
+        return -jnp.exp(self.A_log[...])
+
+    # ------------------------------------------------------------------- model
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
+        x_in, z = self._split_in_proj(x)
+        u = jax.nn.silu(conv.causal_conv1d(x_in, self.conv_weight[...], self._conv_bias()))
+        inputs = self._ssm_inputs(u, z, integration_timesteps)
+        h0 = jnp.zeros((x.shape[0], self.d_inner, self.d_state), x.dtype)
+        y, h_last = selective_scan(
+            inputs, self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask,
+            discretization=self.discretization, chunk_size=self.chunk_size,
+        )
+        cache = None
+        if return_cache:
+            cache = {"conv_state": conv.conv_state_after(x_in, self.d_conv, lengths), "lrnn_state": h_last}
+        return self.out_proj(y), cache
+
+    def _step(self, x_t, cache, integration_timesteps):
+        x_in, z = self._split_in_proj(x_t)
+        pre, conv_state = conv.causal_conv1d_step(x_in, cache["conv_state"], self.conv_weight[...], self._conv_bias())
+        inputs = self._ssm_inputs(jax.nn.silu(pre), z, integration_timesteps)
+        discretize = disc.get_discretization(self.discretization, DISCRETIZATIONS)
+        A_bar, b = selective_coefficients(inputs, self._A(), self.dtA_proj.bias[...], discretize)
+        h = A_bar * cache["lrnn_state"] + b
+        new_cache = {"conv_state": conv_state, "lrnn_state": h.astype(cache["lrnn_state"].dtype)}
+        return self.out_proj(selective_readout(h, inputs, self.D[...])), new_cache
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
+        """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, N)}`` zeros."""
+        state_dtype = self._state_dtype(dtype, False)
+        return {
+            "conv_state": jnp.zeros((batch_size, self.d_inner, self.d_conv), state_dtype),
+            "lrnn_state": jnp.zeros((batch_size, self.d_inner, self.d_state), state_dtype),
+        }
+
+    def lrnnx_entries(self):
+        entries = {
+            **lrnnx_linear_entries("in_proj", self.in_proj),
+            "conv1d.weight": lrnnx_entry(self.conv_weight, shape=(self.d_inner, 1, self.d_conv)),
+            **lrnnx_linear_entries("x_proj", self.x_proj),
+            **lrnnx_linear_entries("dt_proj", self.dt_proj),
+            **lrnnx_linear_entries("dtA_proj", self.dtA_proj),
+            "A_log": lrnnx_entry(self.A_log),
+            "D": lrnnx_entry(self.D),
+            **lrnnx_linear_entries("out_proj", self.out_proj),
+        }
+        if self.conv_bias is not None:
+            entries["conv1d.bias"] = lrnnx_entry(self.conv_bias)
+        return entries

@@ -1,0 +1,159 @@
+"""RG-LRU, the recurrent block of Griffin/Hawk (De et al., 2024), as in lrnnx's ``models.ltv.RGLRU``.
+
+For the block input ``u_t`` (H,), with ``D = expand * H`` channels::
+
+    g_t     = GELU(W_gate u_t)                               gate stream (exact, erf GELU)
+    x_t     = conv(W_in u)_t                                 causal depthwise conv, no activation
+    r_t     = sigmoid(W_r x_t + b_r),  i_t = sigmoid(W_i x_t + b_i)
+    A_bar_t = a^(c r_t),  a = sigmoid(a_log)                 (D,), in (0, 1)
+    h_t     = A_bar_t * h_{t-1} + sqrt(1 - A_bar_t^2) * (i_t * x_t)
+    out_t   = W_out(g_t * h_t)
+
+``log A_bar_t = c r_t log_sigmoid(a_log)`` and ``sqrt(1 - A_bar^2)`` is computed as
+``sqrt(-expm1(2 log A_bar))``, accurate when ``A_bar`` is close to 1. RG-LRU has no
+event mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lrnnx_jax.core import conv
+from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
+from lrnnx_jax.core.validation import check_positive_int
+
+
+def rglru_coefficients(x, r, i, a_log, c):
+    """The recurrence ``h_t = A_bar_t h_{t-1} + b_t`` of RG-LRU.
+
+    Args:
+      x: ``(..., D)`` conv output; ``r``, ``i``: ``(..., D)`` recurrent and input gates in (0, 1).
+      a_log: ``(D,)``, ``a = sigmoid(a_log)``; c: the gate scale.
+
+    Returns:
+      ``(A_bar, b)``, each ``(..., D)``: ``A_bar = a^(c r)``, ``b = sqrt(1 - A_bar^2) i x``.
+    """
+    log_a_bar = c * r * jax.nn.log_sigmoid(a_log)
+    # -expm1(2 log A_bar) = 1 - A_bar^2 > 0; the floor keeps sqrt's gradient finite when it underflows.
+    one_minus_sq = jnp.maximum(-jnp.expm1(2 * log_a_bar), jnp.finfo(log_a_bar.dtype).tiny)
+    return jnp.exp(log_a_bar), jnp.sqrt(one_minus_sq) * (i * x)
+
+
+class RGLRU(LRNN):
+    """Real-Gated Linear Recurrent Unit block (gate stream, conv, RG-LRU, output projection).
+
+    Args:
+      d_model: H, input and output features.
+      d_conv: kernel size of the causal depthwise conv.
+      expand: ``D = expand * H`` recurrent channels.
+      c: the gate scale of ``A_bar = a^(c r)``.
+      a_init_range: ``(lo, hi)`` in (0, 1); at initialisation ``a = sigmoid(a_log)`` is
+        uniform in it (lrnnx draws ``a_log = log U(lo, hi)`` instead; see
+        docs/differences-from-lrnnx.md).
+      conv_bias: bias of the conv; bias: biases of ``gate_proj``, ``in_proj`` and ``out_proj``.
+      use_fast_path, layer_idx, device: accepted for lrnnx compatibility and unused.
+      dtype: parameter dtype (float32 when None).
+      chunk_size: chunk of the scan (None: unchunked, 1: sequential).
+      rngs: ``nnx.Rngs`` (the ``params`` stream is used).
+
+    The inference cache is ``{"conv_state": (B, D, d_conv)`` (the last raw, pre-conv
+    inputs of the conv, newest last), ``"lrnn_state": (B, D, 1)}``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_conv: int = 4,
+        expand: int = 1,
+        c: float = 8.0,
+        a_init_range: tuple[float, float] = (0.9, 0.999),
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,
+        layer_idx=None,
+        device=None,
+        dtype=None,
+        *,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        rngs: nnx.Rngs,
+    ):
+        H = self.d_model = check_positive_int(d_model, "d_model")
+        self.d_conv = check_positive_int(d_conv, "d_conv")
+        self.expand = check_positive_int(expand, "expand")
+        lo, hi = a_init_range
+        if not 0 < lo <= hi < 1:
+            raise ValueError(f"a_init_range must satisfy 0 < lo <= hi < 1, got {tuple(a_init_range)}")
+        if not c > 0:
+            raise ValueError(f"c must be > 0, got {c}")
+        D = self.d_inner = self.expand * H
+        self.c, self.chunk_size = float(c), chunk_size
+        param_dtype = dtype or jnp.float32
+        self.gate_proj = torch_linear(H, D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
+        self.in_proj = torch_linear(H, D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
+        bound = 1 / math.sqrt(self.d_conv)  # torch Conv1d init, fan_in = d_conv (depthwise)
+        self.conv_weight = nnx.Param(jax.random.uniform(rngs.params(), (D, self.d_conv), param_dtype, -bound, bound))
+        self.conv_bias = (
+            nnx.Param(jax.random.uniform(rngs.params(), (D,), param_dtype, -bound, bound)) if conv_bias else None
+        )
+        self.recurrent_gate_proj = torch_linear(D, D, use_bias=True, rngs=rngs, param_dtype=param_dtype)
+        self.input_gate_proj = torch_linear(D, D, use_bias=True, rngs=rngs, param_dtype=param_dtype)
+        a = jax.random.uniform(rngs.params(), (D, 1), param_dtype, lo, hi)
+        self.a_log = nnx.Param(jnp.log(a) - jnp.log1p(-a))  # logit: sigmoid(a_log) = a
+        self.out_proj = torch_linear(D, H, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
+
+    def _conv_bias(self):
+        return None if self.conv_bias is None else self.conv_bias[...]
+
+    def coefficients(self, x):
+        """Conv output ``x (..., D)`` -> ``(A_bar, b)`` ``(..., D, 1)`` of the recurrence."""
+        r = jax.nn.sigmoid(self.recurrent_gate_proj(x))
+        i = jax.nn.sigmoid(self.input_gate_proj(x))
+        a_bar, b = rglru_coefficients(x, r, i, self.a_log[...][:, 0], self.c)
+        return a_bar[..., None], b[..., None]
+
+    def output(self, h, u):
+        """``W_out(GELU(W_gate u) * y)`` with ``y = h`` summed over its size-1 state axis."""
+        return self.out_proj(jax.nn.gelu(self.gate_proj(u), approximate=False) * jnp.sum(h, -1))
+
+    def _forward(self, u, integration_timesteps, mask, lengths, return_cache):
+        raw = self.in_proj(u)
+        x = conv.causal_conv1d(raw, self.conv_weight[...], self._conv_bias())
+        h0 = jnp.zeros((u.shape[0], self.d_inner, 1), x.dtype)
+        h, h_last = chunked_scan(self.coefficients, lambda h, x: h, x, h0, mask, self.chunk_size)
+        cache = None
+        if return_cache:
+            cache = {"conv_state": conv.conv_state_after(raw, self.d_conv, lengths), "lrnn_state": h_last}
+        return self.output(h, u), cache
+
+    def _step(self, u_t, cache, integration_timesteps):
+        x, conv_state = conv.causal_conv1d_step(self.in_proj(u_t), cache["conv_state"], self.conv_weight[...], self._conv_bias())
+        a_bar, b = self.coefficients(x)
+        h = a_bar * cache["lrnn_state"] + b
+        return self.output(h, u_t), {"conv_state": conv_state, "lrnn_state": h.astype(cache["lrnn_state"].dtype)}
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
+        """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, 1)}`` zeros."""
+        state_dtype = self._state_dtype(dtype, False)
+        return {
+            "conv_state": jnp.zeros((batch_size, self.d_inner, self.d_conv), state_dtype),
+            "lrnn_state": jnp.zeros((batch_size, self.d_inner, 1), state_dtype),
+        }
+
+    def lrnnx_entries(self):
+        entries = {
+            **lrnnx_linear_entries("gate_proj", self.gate_proj),
+            **lrnnx_linear_entries("in_proj", self.in_proj),
+            "conv1d.weight": lrnnx_entry(self.conv_weight, shape=(self.d_inner, 1, self.d_conv)),
+            **lrnnx_linear_entries("recurrent_gate_proj", self.recurrent_gate_proj),
+            **lrnnx_linear_entries("input_gate_proj", self.input_gate_proj),
+            "a_log": lrnnx_entry(self.a_log),
+            **lrnnx_linear_entries("out_proj", self.out_proj),
+        }
+        if self.conv_bias is not None:
+            entries["conv1d.bias"] = lrnnx_entry(self.conv_bias)
+        return entries

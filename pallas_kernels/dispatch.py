@@ -1,0 +1,178 @@
+"""The switch between the Pallas kernels and their pure-JAX references.
+
+One frozen :class:`KernelConfig` holds every knob. A process-wide default is
+read by each op unless the caller passes ``config=``; :func:`set_config` and the
+context manager :func:`kernel_config` change it.
+
+``use_kernels``:
+
+* ``"auto"`` (default): the kernel on an NVIDIA GPU when it supports the
+  arguments, otherwise the reference (silently off-GPU, with a warning on a GPU);
+* ``"always"``: the kernel wherever the arguments are supported; off-GPU it runs
+  in Pallas interpret mode (how the CPU tests exercise the kernels);
+* ``"never"``: always the reference.
+
+Unsupported arguments never reach a kernel: each op states why (its
+``unsupported_reason``) and takes the reference path ("fail closed").
+
+The switch is read when a function is traced. So that functions compiled
+earlier (``generate``'s rollout, a jitted ``step``) do not keep the old path,
+changing the default clears JAX's compilation caches. Passing ``config=`` (a
+hashable, static value) instead avoids the recompilation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import warnings
+from typing import Optional
+
+import jax
+
+MODES = ("auto", "always", "never")
+BACKENDS = ("triton",)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Kernel selection and tuning, grouped in one hashable value.
+
+    Attributes:
+      use_kernels: ``"auto"``, ``"always"`` or ``"never"`` (see the module docstring).
+      interpret: run kernels in Pallas interpret mode; None: only when not on a GPU.
+      backend: the Pallas GPU backend; ``"triton"`` (Mosaic GPU is not wired yet).
+      num_warps: warps per program of the Triton kernels.
+      block_elems: target number of state elements per program of
+        ``selective_state_update`` (a power of two).
+      block_batch: batch rows per program of ``simplified_state_update`` (a power
+        of two >= 16); None picks 16, or 32 for batches of at least 2048 rows.
+    """
+
+    use_kernels: str = "auto"
+    interpret: Optional[bool] = None
+    backend: str = "triton"
+    num_warps: int = 4
+    block_elems: int = 2048
+    block_batch: Optional[int] = None
+
+    def __post_init__(self):
+        if self.use_kernels not in MODES:
+            raise ValueError(f"use_kernels must be one of {MODES}, got {self.use_kernels!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.interpret not in (None, True, False):
+            raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
+        for name in ("num_warps", "block_elems"):
+            _check_power_of_two(name, getattr(self, name), 1)
+        if self.block_batch is not None:
+            _check_power_of_two("block_batch", self.block_batch, 16)
+
+
+def _check_power_of_two(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+
+
+_CONFIG = KernelConfig()
+
+
+def get_config() -> KernelConfig:
+    """The process-wide default configuration."""
+    return _CONFIG
+
+
+def set_config(config: Optional[KernelConfig] = None, **changes) -> KernelConfig:
+    """Replace the default (``config``, and/or field ``changes``); returns the previous one."""
+    global _CONFIG
+    previous = _CONFIG
+    base = previous if config is None else config
+    if not isinstance(base, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig, got {type(base).__name__}")
+    _CONFIG = dataclasses.replace(base, **changes)
+    if _CONFIG != previous:
+        jax.clear_caches()  # jitted functions traced under the old default must be retraced
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_config(config: Optional[KernelConfig] = None, **changes):
+    """Use another default inside a ``with`` block, e.g. ``kernel_config(use_kernels="never")``."""
+    previous = set_config(config, **changes)
+    try:
+        yield get_config()
+    finally:
+        set_config(previous)
+
+
+@functools.lru_cache(maxsize=None)
+def on_nvidia_gpu() -> bool:
+    """Whether JAX's default backend is a CUDA GPU."""
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if device.platform != "gpu":
+        return False
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return "rocm" not in version and "hip" not in version
+
+
+def interpret_mode(config: KernelConfig) -> bool:
+    """Whether a kernel must run in Pallas interpret mode under ``config``."""
+    return (not on_nvidia_gpu()) if config.interpret is None else config.interpret
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def choose_kernel(op: str, unsupported_reason: Optional[str], config: Optional[KernelConfig]) -> bool:
+    """Decide between the kernel (True) and the reference (False) for one call.
+
+    ``unsupported_reason`` is None when the kernel supports the arguments. A
+    kernel that was asked for (``"always"``, or ``"auto"`` on a GPU) but cannot
+    take the arguments is reported once per reason with a ``RuntimeWarning``.
+    """
+    config = get_config() if config is None else config
+    if config.use_kernels == "never":
+        return False
+    wanted = config.use_kernels == "always" or on_nvidia_gpu()
+    if not wanted:
+        return False
+    if unsupported_reason is None and not pallas_available():
+        unsupported_reason = "this installation (jax.experimental.pallas cannot be imported)"
+    if unsupported_reason is not None:
+        key = (op, unsupported_reason)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"{op}: using the pure-JAX reference, the kernel does not support {unsupported_reason}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def pallas_available() -> bool:
+    try:
+        pallas_modules()
+    except ImportError:
+        return False
+    return True
+
+
+def pallas_modules():
+    """``(pl, plgpu)``: imported only when a kernel is built, so the package imports without them."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    return pl, plgpu
+
+
+def compiler_params(config: KernelConfig):
+    """Backend compiler parameters for ``pallas_call`` (the backend choice lives here)."""
+    _, plgpu = pallas_modules()
+    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

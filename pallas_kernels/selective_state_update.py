@@ -1,0 +1,287 @@
+"""``selective_state_update``: one decode step of a selective SSM with a real diagonal state.
+
+For every batch row ``b``, head ``h``, channel ``d`` and state ``n`` (shapes as
+mamba's ``selective_state_update``)::
+
+    delta   = dt + dt_bias, then softplus(delta) when dt_softplus
+    A_bar, gamma = discretization(A, delta, delta_A=delta_A)
+    state   = A_bar * state + gamma * B[b, g(h)] * x                 g(h) = h // (nheads / ngroups)
+    out     = (sum_n state * C[b, g(h)] + D * x) * silu(z)
+
+Discretizations: ``"mamba"``, ``"zoh"``, ``"bilinear"``, ``"dirac"`` (the functions
+of :mod:`lrnnx_jax.core.discretization`; event mode passes ``delta_A``), and, as in
+lrnnx, the gated recurrences of RG-LRU and S7 with ``dstate = 1`` and ``B = C = 1``:
+
+* ``"rglru"``: ``A`` is RG-LRU's ``a_log``, ``dt`` is ``c * r_t`` and ``x`` is
+  ``i_t * x_t``; ``A_bar = sigmoid(a_log)^dt`` and ``gamma = sqrt(1 - A_bar^2)``
+  (:func:`lrnnx_jax.models.ltv.rglru.rglru_coefficients`);
+* ``"s7"``: ``dt`` is S7's ``a_t + base``, ``A`` is ignored, ``x`` is the drive
+  ``B_t^T x_t + beta_t``; ``A_bar = 1 - 1/(dt^2 + 1/2)`` and ``gamma = 1``
+  (:func:`lrnnx_jax.models.ltv.s7.s7_transition`).
+
+:func:`selective_state_update` is the one dispatch point: the Pallas kernel
+(:func:`kernel`) or the pure-JAX :func:`reference`, as :mod:`pallas_kernels.dispatch`
+decides. The kernel updates the state in place (``input_output_aliases``); under
+``jax.jit`` donate the state for no copy to be made.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from lrnnx_jax.core import discretization as disc
+from pallas_kernels import dispatch
+from pallas_kernels import kernel_math as km
+
+OP = "selective_state_update"
+CORE_DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
+DISCRETIZATIONS = CORE_DISCRETIZATIONS + ("rglru", "s7")
+_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _rglru(A, delta, integration_timesteps=None, *, delta_A=None):
+    from lrnnx_jax.models.ltv.rglru import rglru_coefficients
+
+    return rglru_coefficients(1.0, delta, 1.0, A, 1.0)
+
+
+def _s7(A, delta, integration_timesteps=None, *, delta_A=None):
+    from lrnnx_jax.models.ltv.s7 import s7_transition
+
+    return s7_transition(delta), 1.0
+
+
+def reference_discretization(name: str):
+    """The pure-JAX ``(A, delta, *, delta_A) -> (A_bar, gamma)`` of ``name`` (the single definitions)."""
+    if name == "rglru":
+        return _rglru
+    if name == "s7":
+        return _s7
+    return disc.get_discretization(name, CORE_DISCRETIZATIONS)
+
+
+def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, delta_A=None,
+              discretization="mamba", state_batch_indices=None, pad_slot_id=-1):
+    """Pure-JAX step on head-form arrays (see :func:`selective_state_update` for the shapes).
+
+    Computes in float32 (float64 for float64 inputs). Returns ``(out (batch, nheads, dim)
+    x.dtype, new_state like state)``.
+    """
+    f = jnp.promote_types(jnp.result_type(state, x, dt), jnp.float32)
+    rep = state.shape[1] // B.shape[1]
+    slot, valid = _slots(state, x.shape[0], state_batch_indices, pad_slot_id)
+    delta = dt.astype(f)
+    if dt_bias is not None:
+        delta = delta + dt_bias.astype(f)
+    if dt_softplus:
+        delta = jax.nn.softplus(delta)
+    step_A = None if delta_A is None else delta_A.astype(f)[..., None]
+    A_bar, gamma = reference_discretization(discretization)(A.astype(f), delta[..., None], delta_A=step_A)
+    B_h = jnp.repeat(B.astype(f), rep, axis=1)[:, :, None, :]
+    C_h = jnp.repeat(C.astype(f), rep, axis=1)[:, :, None, :]
+    xf = x.astype(f)
+    h = A_bar * state[slot].astype(f) + gamma * B_h * xf[..., None]
+    y = jnp.sum(h * C_h, axis=-1)
+    if D is not None:
+        y = y + D.astype(f) * xf
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(f))
+    y = jnp.where(valid[:, None, None], y, 0)
+    target = jnp.where(valid, slot, state.shape[0])  # out of range: dropped
+    new_state = state.at[target].set(h.astype(state.dtype), mode="drop")
+    return y.astype(x.dtype), new_state
+
+
+def _slots(state, batch, state_batch_indices, pad_slot_id):
+    if state_batch_indices is None:
+        return jnp.arange(batch), jnp.ones((batch,), bool)
+    valid = state_batch_indices != pad_slot_id
+    return jnp.where(valid, state_batch_indices, 0).astype(jnp.int32), valid
+
+
+def kernel(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, delta_A=None,
+           discretization="mamba", state_batch_indices=None, pad_slot_id=-1,
+           config: Optional[dispatch.KernelConfig] = None):
+    """The Pallas kernel on head-form arrays; same contract as :func:`reference`.
+
+    Grid ``(batch, nheads, cdiv(dim, BLOCK_D))``; each program updates a
+    ``(BLOCK_D, BLOCK_N)`` tile of one state row (``BLOCK_N`` = ``dstate`` rounded up to
+    a power of two, ``BLOCK_D * BLOCK_N ~ config.block_elems``) and writes it back in
+    place. Out-of-range lanes are masked.
+    """
+    config = dispatch.get_config() if config is None else config
+    pl, plgpu = dispatch.pallas_modules()
+    slots, nheads, dim, dstate = state.shape
+    batch = x.shape[0]
+    rep = nheads // B.shape[1]
+    block_n = dispatch.next_power_of_two(dstate)
+    block_d = min(dispatch.next_power_of_two(dim), max(1, config.block_elems // block_n))
+    optional = {"D": D, "z": z, "dt_bias": dt_bias, "delta_A": delta_A, "slots": state_batch_indices}
+    names = ["state", "x", "dt", "A", "B", "C"] + [k for k, v in optional.items() if v is not None]
+    args = [state, x, dt, A, B, C] + [v for v in optional.values() if v is not None]
+    if state_batch_indices is not None:
+        args[-1] = state_batch_indices.astype(jnp.int32)
+    f32 = jnp.float32
+
+    def body(*refs):
+        ref = dict(zip(names, refs))
+        out_ref, new_ref = refs[len(names):]
+        b, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        group = head // rep
+        d_ok = block * block_d + jnp.arange(block_d) < dim
+        n_ok = jnp.arange(block_n) < dstate
+        tile_ok = d_ok[:, None] & n_ok[None, :]
+        if "slots" in ref:
+            slot = ref["slots"][b]
+            valid = slot != pad_slot_id
+            slot = jnp.where(valid, slot, 0)
+            state_ok = tile_ok & valid
+        else:
+            slot, valid, state_ok = b, True, tile_ok
+        rows, cols = pl.ds(block * block_d, block_d), pl.ds(0, block_n)
+
+        def channels(name, *lead):
+            return plgpu.load(ref[name].at[(*lead, rows)], mask=d_ok, other=0.0).astype(f32)
+
+        def states(name, *lead):
+            return plgpu.load(ref[name].at[(*lead, cols)], mask=n_ok, other=0.0).astype(f32)
+
+        xv = channels("x", b, head)
+        delta = channels("dt", b, head)
+        if "dt_bias" in ref:
+            delta = delta + channels("dt_bias", head)
+        if dt_softplus:
+            delta = km.softplus(delta)
+        step_A = channels("delta_A", b, head)[:, None] if "delta_A" in ref else None
+        A_tile = plgpu.load(ref["A"].at[head, rows, cols], mask=tile_ok, other=0.0).astype(f32)
+        h = plgpu.load(ref["state"].at[slot, head, rows, cols], mask=state_ok, other=0.0).astype(f32)
+        A_bar, gamma = km.discretize(discretization, A_tile, delta[:, None], step_A)
+        h = A_bar * h + gamma * (states("B", b, group)[None, :] * xv[:, None])
+        h = jnp.where(tile_ok, h, 0.0)
+        plgpu.store(new_ref.at[slot, head, rows, cols], h.astype(new_ref.dtype), mask=state_ok)
+        y = jnp.sum(h * states("C", b, group)[None, :], axis=1)
+        if "D" in ref:
+            y = y + channels("D", head) * xv
+        if "z" in ref:
+            y = y * km.silu(channels("z", b, head))
+        y = jnp.where(valid, y, 0.0)
+        plgpu.store(out_ref.at[b, head, rows], y.astype(out_ref.dtype), mask=d_ok)
+
+    call = pl.pallas_call(
+        body,
+        out_shape=(jax.ShapeDtypeStruct((batch, nheads, dim), x.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype)),
+        grid=(batch, nheads, pl.cdiv(dim, block_d)),
+        input_output_aliases={0: 1},
+        interpret=dispatch.interpret_mode(config),
+        compiler_params=dispatch.compiler_params(config),
+        name=OP,
+    )
+    return call(*args)
+
+
+def unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A) -> Optional[str]:
+    """Why the kernel cannot take these (head-form) arguments, or None."""
+    for name, a in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("dt_bias", dt_bias), ("delta_A", delta_A)):
+        if a is not None and not any(a.dtype == t for t in _KERNEL_DTYPES):
+            return f"{name} of dtype {a.dtype} (supported: float32, bfloat16, float16)"
+    if state.size >= 2**31 or x.size >= 2**31:
+        return "arrays of 2**31 elements or more (32-bit offsets)"
+    if dispatch.next_power_of_two(state.shape[-1]) > 4096:
+        return f"dstate={state.shape[-1]} > 4096"
+    return None
+
+
+def selective_state_update(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False, *,
+    delta_A=None, discretization: str = "mamba", state_batch_indices=None, pad_slot_id: int = -1,
+    config: Optional[dispatch.KernelConfig] = None,
+):
+    """One selective-SSM step: the Pallas kernel on NVIDIA GPUs, else the pure-JAX reference.
+
+    Args:
+      state: ``(slots, dim, dstate)`` or ``(slots, nheads, dim, dstate)``; float32
+        (bfloat16 allowed). ``slots`` is the batch unless ``state_batch_indices`` is given.
+      x, dt: ``(batch, dim)`` or ``(batch, nheads, dim)``, float32 or bfloat16.
+      A: ``(dim, dstate)`` or ``(nheads, dim, dstate)`` real.
+      B, C: ``(batch, dstate)`` or ``(batch, ngroups, dstate)``; ``nheads % ngroups == 0``.
+      D, dt_bias: optional ``(dim,)`` or ``(nheads, dim)``.
+      z: optional gate, shaped like ``x``: the output is multiplied by ``silu(z)``.
+      dt_softplus: apply softplus to ``dt + dt_bias``.
+      delta_A: optional A-step of event mode, shaped like ``x`` (used as is).
+      discretization: one of :data:`DISCRETIZATIONS`.
+      state_batch_indices: optional ``(batch,)`` integers: row ``b`` reads and writes
+        state slot ``state_batch_indices[b]`` (distinct slots); rows equal to
+        ``pad_slot_id`` are skipped (no write, zero output).
+      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the process default when None.
+
+    Returns:
+      ``(out, new_state)``: ``out`` shaped like ``x`` in ``x.dtype``; ``new_state`` like ``state``.
+    """
+    state, x, dt, A, B, C, D, z, dt_bias, delta_A = _check(
+        state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_batch_indices
+    )
+    heads = state.ndim == 4
+    if not heads:  # one head, one group
+        state, x, dt, B, C, z, delta_A = (None if a is None else a[:, None] for a in (state, x, dt, B, C, z, delta_A))
+        A, D, dt_bias = (None if a is None else a[None] for a in (A, D, dt_bias))
+    options = dict(delta_A=delta_A, discretization=discretization, state_batch_indices=state_batch_indices,
+                   pad_slot_id=pad_slot_id)
+    reason = unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A)
+    if dispatch.choose_kernel(OP, reason, config):
+        out, new_state = kernel(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, config=config, **options)
+    else:
+        out, new_state = reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, **options)
+    if not heads:
+        out, new_state = out[:, 0], new_state[:, 0]
+    return out, new_state
+
+
+def _check(state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_batch_indices):
+    """Validate shapes and options; returns the arrays as JAX arrays."""
+    if discretization not in DISCRETIZATIONS:
+        raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
+    arrays = [None if a is None else jnp.asarray(a) for a in (state, x, dt, A, B, C, D, z, dt_bias, delta_A)]
+    state, x, dt, A, B, C, D, z, dt_bias, delta_A = arrays
+    if state.ndim not in (3, 4):
+        raise ValueError(f"state must have shape (slots, dim, dstate) or (slots, nheads, dim, dstate), got {state.shape}")
+    heads = state.ndim == 4
+    nheads, dim, dstate = state.shape[1:] if heads else (1,) + state.shape[1:]
+    lead = (nheads,) if heads else ()
+    batch = x.shape[0] if x.ndim else None
+    layout = "(batch, nheads, dim)" if heads else "(batch, dim)"
+    _expect("x", x, (batch, *lead, dim), layout)
+    for name, a in (("dt", dt), ("z", z), ("delta_A", delta_A)):
+        _expect(name, a, (batch, *lead, dim), layout)
+    _expect("A", A, (*lead, dim, dstate), "(nheads, dim, dstate)" if heads else "(dim, dstate)")
+    for name, a in (("D", D), ("dt_bias", dt_bias)):
+        _expect(name, a, (*lead, dim), "(nheads, dim)" if heads else "(dim,)")
+    groups = B.shape[1] if heads and B.ndim == 3 else 1
+    for name, a in (("B", B), ("C", C)):
+        _expect(name, a, (batch, groups, dstate) if heads else (batch, dstate),
+                "(batch, ngroups, dstate)" if heads else "(batch, dstate)")
+    if nheads % groups:
+        raise ValueError(f"nheads={nheads} must be a multiple of ngroups={groups} (B and C)")
+    for name, a in zip(("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "delta_A"), arrays):
+        if a is not None and not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
+    if discretization in ("rglru", "s7"):
+        if dstate != 1:
+            raise ValueError(f"discretization={discretization!r} needs dstate=1 (the state is (slots, dim, 1)), got {dstate}")
+        if delta_A is not None:
+            raise ValueError(f"discretization={discretization!r} has no event mode; pass delta_A=None")
+    if state_batch_indices is not None:
+        sbi = jnp.asarray(state_batch_indices)
+        if sbi.shape != (batch,) or not jnp.issubdtype(sbi.dtype, jnp.integer):
+            raise ValueError(f"state_batch_indices must be integers of shape (batch,) = ({batch},), got {sbi.dtype}{sbi.shape}")
+    elif state.shape[0] != batch:
+        raise ValueError(f"state has {state.shape[0]} rows but x has batch {batch}; pass state_batch_indices to map rows to slots")
+    return arrays
+
+
+def _expect(name, a, shape, layout):
+    if a is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(a.shape)}")

@@ -1,0 +1,268 @@
+"""Compile-once generation: equality with a Python loop over ``model.step`` for every
+model in tests/zoo.py, one compilation across step counts / seeds / parameter
+updates, fresh state per call, the dispatch point, and the error messages.
+
+Compilations are counted with JAX's compile logging (``jax.log_compiles``): every
+XLA compilation logs "Finished XLA compilation of jit(<name>)", eager operations
+included, so the counts below see everything that compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import relative_error
+from lrnnx_jax import generation
+from lrnnx_jax.generation import GenerationConfig, capture_graph, generate
+from zoo import ZOO, H
+
+ENTRIES = pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
+LRU_ENTRY = next(e for e in ZOO if e.name == "LRU")
+EVENT_ENTRY = next(e for e in ZOO if e.event)
+#: small chunks and a partial last block, so that few steps cross every boundary
+SMALL = GenerationConfig(chunk_size=4, unroll=2)
+#: for every zoo model: the cache crosses a call boundary (unroll 1 keeps the programs small)
+CHUNKED = GenerationConfig(chunk_size=4, unroll=1)
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.names: list[str] = []
+
+    def emit(self, record):
+        match = re.search(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage())
+        if match:
+            self.names.append(match.group(1))
+
+
+@contextlib.contextmanager
+def compile_log():
+    """Collect the names of the programs XLA compiles inside the block."""
+    handler, logger = _Collect(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield handler.names
+    finally:
+        logger.removeHandler(handler)
+
+
+@functools.cache
+def _jitted_step(treedef):
+    def step(leaves, x_t, cache, tau_t):
+        return jax.tree.unflatten(treedef, leaves).step(x_t, cache, integration_timesteps=tau_t)
+
+    return jax.jit(step)
+
+
+def step_loop(model, x0, num_steps, tau=None):
+    """Closed-loop reference: a Python loop over a jitted ``model.step``; ``tau`` is (B, 1) or (B, num_steps)."""
+    leaves, treedef = jax.tree.flatten(model)
+    step = _jitted_step(treedef)
+    cache = model.allocate_inference_cache(x0.shape[0])
+    x, ys = jnp.asarray(x0), []
+    for t in range(num_steps):
+        tau_t = None if tau is None else tau[:, t if tau.shape[1] > 1 else 0]
+        x, cache = step(leaves, x, cache, tau_t)
+        ys.append(x)
+    return np.stack(ys, axis=1)
+
+
+def inputs(batch, seed, event=False, num_steps=1):
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal((batch, H)).astype(np.float32)
+    tau = rng.uniform(0.05, 1.5, (batch, num_steps)).astype(np.float32) if event else None
+    return x0, tau
+
+
+@ENTRIES
+def test_generate_equals_step_loop(entry):
+    """7 steps = two calls of a 4-step program, the cache handed from the first to the second."""
+    model = entry.build(seed=11)
+    num_steps = 7
+    x0, tau = inputs(3, seed=12, event=entry.event, num_steps=num_steps)
+    graph = capture_graph(model, batch_size=3, event_mode=entry.event, config=CHUNKED)
+    schedules = [tau[:, :1], tau] if entry.event else [None]  # lrnnx's reused (B, 1) and a per-step schedule
+    for schedule in schedules:
+        ys = generate(model, x0, num_steps, graph_cache=graph, integration_timesteps=schedule)
+        chex.assert_shape(ys, (3, num_steps, H))
+        chex.assert_type(ys, jnp.float32)
+        assert relative_error(ys, step_loop(model, x0, num_steps, schedule)) < 1e-5
+
+
+def test_one_compilation_across_steps_seeds_and_parameters():
+    model = LRU_ENTRY.build(seed=1)
+    with compile_log() as captured:
+        graph = capture_graph(model, batch_size=2, config=SMALL)
+    assert captured == ["generation_program"]
+    optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
+    x_train = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, H)), jnp.float32)
+    grads = nnx.grad(lambda m: jnp.sum(m(x_train) ** 2))(model)
+    x0, _ = inputs(2, seed=3)
+    before = generate(model, x0, 9, graph_cache=graph)
+    with compile_log() as compiled:
+        outputs = {}
+        for num_steps in (1, 4, 9, 30):
+            for seed in (3, 4):
+                x0, _ = inputs(2, seed)
+                outputs[num_steps, seed] = generate(model, x0, num_steps, graph_cache=graph)
+        optimizer.update(model, grads)
+        after = generate(model, inputs(2, seed=3)[0], 9, graph_cache=graph)
+    # the generation program never compiles again; only the output assembly, once per new num_steps
+    assert "generation_program" not in compiled
+    assert set(compiled) <= {"_assemble"} and compiled.count("_assemble") == 3  # 1, 4, 30 (9 ran before)
+    for (num_steps, seed), ys in outputs.items():
+        chex.assert_shape(ys, (2, num_steps, H))
+        np.testing.assert_allclose(ys, outputs[30, seed][:, :num_steps], rtol=1e-6, atol=1e-6)
+    # the program reads the parameters as arguments: after the update it generates with the new weights
+    assert relative_error(after, before) > 1e-2
+    assert relative_error(after, step_loop(model, inputs(2, seed=3)[0], 9)) < 1e-5
+    with compile_log() as compiled:
+        generate(model, inputs(2, seed=5)[0], 30, graph_cache=graph).block_until_ready()
+    assert compiled == []
+
+
+def test_generate_without_graph_compiles_once_per_structure_and_batch():
+    model = LRU_ENTRY.build(seed=2)
+    x0, _ = inputs(2, seed=6)
+    config = GenerationConfig(chunk_size=8, unroll=1)
+    with compile_log() as compiled:
+        first = generate(model, x0, 11, config=config)
+        second = generate(model, x0 + 1, 11, config=config)
+        generate(model, x0, 3, config=config)
+    assert compiled.count("generation_program") == 1
+    assert relative_error(first, step_loop(model, x0, 11)) < 1e-5
+    assert relative_error(second, step_loop(model, x0 + 1, 11)) < 1e-5
+    with compile_log() as compiled:
+        model.D[...] = model.D[...] * 0.5  # new parameter values, same structure
+        generate(model, x0, 11, config=config).block_until_ready()
+    assert compiled == []
+    with compile_log() as compiled:
+        generate(model, np.concatenate([x0, x0]), 11, config=config)  # another batch size
+    assert compiled.count("generation_program") == 1
+
+
+def test_65536_steps_without_recompiling():
+    model = LRU_ENTRY.build(seed=3, r_max=0.5)
+    model.D[...] = 0.1 * model.D[...]  # a contracting closed loop, so that 65,536 steps stay finite
+    graph = capture_graph(model, batch_size=1, config=GenerationConfig(chunk_size=4096, unroll=4))
+    x0, _ = inputs(1, seed=7)
+    with compile_log() as compiled:
+        long = generate(model, x0, 65_536, graph_cache=graph)
+    assert "generation_program" not in compiled
+    chex.assert_shape(long, (1, 65_536, H))
+    assert np.all(np.isfinite(np.asarray(long)))
+    assert relative_error(long[:, :20], step_loop(model, x0, 20)) < 1e-5
+
+
+def test_each_call_starts_from_a_fresh_state():
+    model = LRU_ENTRY.build(seed=4)
+    graph = capture_graph(model, batch_size=2, config=SMALL)
+    xa, _ = inputs(2, seed=8)
+    xb, _ = inputs(2, seed=9)
+    first = np.asarray(generate(model, xa, 6, graph_cache=graph))
+    generate(model, xb, 9, graph_cache=graph)
+    np.testing.assert_array_equal(generate(model, xa, 6, graph_cache=graph), first)
+    np.testing.assert_array_equal(generate(model, xa, 6), generate(model, xa, 6))
+
+
+@pytest.mark.parametrize("chunk_size, unroll", [(1, 1), (5, 5), (6, 3)])
+def test_chunk_and_unroll_settings_agree(chunk_size, unroll):
+    model = LRU_ENTRY.build(seed=5)
+    x0, _ = inputs(2, seed=10)
+    ys = generate(model, x0, 11, config=GenerationConfig(chunk_size=chunk_size, unroll=unroll))
+    assert relative_error(ys, step_loop(model, x0, 11)) < 1e-5
+
+
+def test_bfloat16_generation_feeds_back_bfloat16():
+    model = LRU_ENTRY.build(seed=6)
+    x0 = jnp.asarray(inputs(2, seed=11)[0], jnp.bfloat16)
+    ys = generate(model, x0, 5, config=SMALL)
+    chex.assert_type(ys, jnp.bfloat16)
+    assert relative_error(ys.astype(jnp.float32), step_loop(model, x0, 5).astype(np.float32)) < 1e-2
+
+
+def test_capture_graph_describes_its_program():
+    model = LRU_ENTRY.build()
+    graph = capture_graph(model, 4, H=H, config=SMALL)
+    assert (graph.batch_size, graph.event_mode, graph.d_model, graph.dtype) == (4, False, H, jnp.float32)
+    assert isinstance(graph.compiled, jax.stages.Compiled)
+    assert graph.compile_time_s > 0
+    assert "batch_size=4" in repr(graph)
+
+
+def test_program_builders_are_the_dispatch_point(monkeypatch):
+    """A kernel path registers a builder; capture_graph compiles what it returns."""
+    built = []
+
+    def probe(spec):
+        built.append(spec)
+        return generation.xla_program(spec)
+
+    monkeypatch.setitem(generation.PROGRAM_BUILDERS, "probe", probe)
+    model = LRU_ENTRY.build(seed=7)
+    graph = capture_graph(model, 2, config=GenerationConfig(chunk_size=4, unroll=2, backend="probe"))
+    assert [spec.config.backend for spec in built] == ["probe"]
+    assert built[0].batch_size == 2 and built[0].d_model == H
+    x0, _ = inputs(2, seed=12)
+    assert relative_error(generate(model, x0, 5, graph_cache=graph), step_loop(model, x0, 5)) < 1e-5
+
+
+def test_errors_say_how_to_fix():
+    model = LRU_ENTRY.build()
+    graph = capture_graph(model, 4, config=SMALL)
+    x4, _ = inputs(4, seed=0)
+    with pytest.raises(ValueError, match=re.escape("Batch size 8 != captured 4. Re-capture with capture_graph(model, batch_size=8).")):
+        generate(model, np.concatenate([x4, x4]), 3, graph_cache=graph)
+    with pytest.raises(ValueError, match=rf"x must have shape \(B, H\) with H={H}, got shape \(4, 1, {H}\)"):
+        generate(model, x4[:, None], 3, graph_cache=graph)
+    with pytest.raises(ValueError, match=rf"x must have shape \(B, H\) with H={H}, got shape \(4, {H + 1}\)"):
+        generate(model, np.zeros((4, H + 1), np.float32), 3)
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match=f"num_steps must be a positive integer, got {bad}"):
+            generate(model, x4, bad, graph_cache=graph)
+    with pytest.raises(ValueError, match="captured without event_mode.*event_mode=True"):
+        generate(model, x4, 3, graph_cache=graph, integration_timesteps=np.ones((4, 1), np.float32))
+    with pytest.raises(ValueError, match="LRU has no event mode"):
+        generate(model, x4, 3, integration_timesteps=np.ones((4, 1), np.float32))
+    with pytest.raises(ValueError, match="LRU has no event mode"):
+        capture_graph(model, 4, event_mode=True)
+    with pytest.raises(ValueError, match=f"H=7 disagrees with the model's d_model={H}"):
+        capture_graph(model, 4, H=7)
+    with pytest.raises(ValueError, match="x has dtype bfloat16 but the generator was captured for float32"):
+        generate(model, jnp.asarray(x4, jnp.bfloat16), 3, graph_cache=graph)
+    other = type(model)(d_model=H, d_state=7, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="another structure or parameter shapes.*re-capture"):
+        generate(other, x4, 3, graph_cache=graph)
+    with pytest.raises(ValueError, match="unroll must divide chunk_size, got unroll=3 and chunk_size=4"):
+        GenerationConfig(chunk_size=4, unroll=3)
+    with pytest.raises(ValueError, match=r"backend must be one of \['xla'\], got 'pallas'"):
+        GenerationConfig(backend="pallas")
+    with pytest.raises(ValueError, match="config applies only without graph_cache"):
+        generate(model, x4, 3, graph_cache=graph, config=SMALL)
+
+
+def test_event_mode_errors():
+    model = EVENT_ENTRY.build()
+    graph = capture_graph(model, 2, event_mode=True, config=SMALL)
+    x0, tau = inputs(2, seed=0, event=True, num_steps=5)
+    with pytest.raises(ValueError, match="captured with event_mode=True: pass integration_timesteps"):
+        generate(model, x0, 5, graph_cache=graph)
+    with pytest.raises(ValueError, match=r"integration_timesteps must have shape \(B, 1\) or \(B, num_steps\).*got \(2, 3\)"):
+        generate(model, x0, 5, graph_cache=graph, integration_timesteps=tau[:, :3])
+    with pytest.raises(ValueError, match="integration_timesteps must be > 0"):
+        generate(model, x0, 5, graph_cache=graph, integration_timesteps=-tau)
+    with pytest.raises(ValueError, match="integration_timesteps must be finite"):
+        generate(model, x0, 5, graph_cache=graph, integration_timesteps=tau * np.nan)
