@@ -70,6 +70,11 @@ def load_lrnnx_state_dict(model, state_dict: Mapping[str, Any]):
 def from_lrnnx(model_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, Any], *, rngs: nnx.Rngs | None = None):
     """Build the lrnnx_jax twin of an lrnnx model and load its ``state_dict``.
 
+    A model whose constructor reads an lrnnx argument differently (Centaurus honours
+    ``discretization``, which lrnnx ignores) maps lrnnx's keyword arguments to its own
+    with a ``translate_lrnnx_kwargs(kwargs) -> kwargs`` attribute, so the loaded model
+    computes what the lrnnx model computed.
+
     Args:
       model_name: ``"lti.LRU"``, ``"lti.S5"``, ``"lti.S4"``, ``"lti.S4D"``,
         ``"lti.Centaurus"``, ``"ltv.S5"``, ``"ltv.Mamba"``, ``"ltv.RGLRU"`` or ``"ltv.S7"``.
@@ -81,5 +86,9 @@ def from_lrnnx(model_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[s
       The ready model.
     """
     cls = model_class(model_name)
-    model = cls(**dict(kwargs), rngs=rngs if rngs is not None else nnx.Rngs(0))
+    kwargs = dict(kwargs)
+    translate = getattr(cls, "translate_lrnnx_kwargs", None)
+    if translate is not None:
+        kwargs = translate(kwargs)
+    model = cls(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(0))
     return load_lrnnx_state_dict(model, state_dict)

@@ -224,3 +224,11 @@ def test_invalid_configurations_raise_clear_errors():
         Centaurus(4, 4, 0, rngs=rngs)
     with pytest.raises(ValueError, match=r"method must be one of \('auto', 'fft', 'scan'\), got 'conv'"):
         Centaurus(4, 4, 2, method="conv", rngs=rngs)
+
+
+def test_lrnnx_discretization_argument_keeps_lrnnx_semantics():
+    """lrnnx ignores Centaurus' ``discretization``; a checkpoint made with ``"zoh"`` loads with lrnnx's rule."""
+    meta, arrays, state_dict = load_fixture("08_lti_Centaurus")
+    model = from_lrnnx(meta["model"], {**meta["kwargs"], "discretization": "zoh"}, state_dict)
+    assert model.discretization == "mamba"
+    assert relative_error(model(arrays["x"]), arrays["y_forward"]) < 1e-4

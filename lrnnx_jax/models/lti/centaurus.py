@@ -134,7 +134,7 @@ class CentaurusBase(LRNN):
         return y, {"lrnn_state": h.reshape(state.shape).astype(state.dtype)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
-        """``{"lrnn_state": (batch_size, N, M)`` complex zeros; ``(batch_size, N*M)`` in pw mode``}``."""
+        """``{"lrnn_state": zeros}``, complex, ``(batch_size, N, M)`` (``(batch_size, N*M)`` in pointwise mode)."""
         return {"lrnn_state": jnp.zeros((batch_size,) + self._state_shape(), self._state_dtype(dtype, True))}
 
     def lrnnx_entries(self):
@@ -282,3 +282,11 @@ def Centaurus(
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"unknown Centaurus mode {mode!r}; expected one of {sorted(MODES)}")
     return MODES[mode](d_model, d_state, sub_state_dim, discretization, **kwargs)
+
+
+def _translate_lrnnx_kwargs(kwargs: dict) -> dict:
+    """lrnnx's Centaurus ignores ``discretization`` and always uses the mamba rule."""
+    return {**kwargs, "discretization": "mamba"}
+
+
+Centaurus.translate_lrnnx_kwargs = _translate_lrnnx_kwargs
