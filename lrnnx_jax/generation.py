@@ -9,12 +9,13 @@ with only its import changed::
 lrnnx captures one recurrent step as a CUDA graph and replays it from a Python
 loop, once per token. Here the whole generation is one XLA program:
 
-* The program advances a block of up to ``chunk_size`` steps: a
-  ``lax.while_loop`` with a dynamic trip count, whose body runs ``unroll`` steps
-  of the model's pure ``step``. ``generate`` calls it ``ceil(num_steps /
-  chunk_size)`` times, handing the last output and cache of one call to the
-  next, so one compiled program serves any ``num_steps`` (1 to 65,536 and
-  beyond); the calls are dispatched asynchronously, with no host sync.
+* The program advances up to ``chunk_size`` steps: a ``lax.while_loop`` with a
+  dynamic trip count over blocks of ``block_size`` steps, each block a
+  ``lax.scan`` (static trip count) over the model's pure ``step``. ``generate``
+  calls it ``ceil(num_steps / chunk_size)`` times, handing the last output and
+  cache of one call to the next, so one compiled program serves any
+  ``num_steps`` (1 to 65,536 and beyond); the calls are dispatched
+  asynchronously, with no host sync between them.
 * The parameters are an argument of the program (the model's pytree leaves),
   never constants baked into it: after an optimizer step the same program uses
   the new weights.
@@ -56,21 +57,29 @@ class GenerationConfig:
 
     Args:
       chunk_size: steps per program call; the program's output buffer is
-        ``(chunk_size, B, H)``. ``generate`` makes ``ceil(num_steps / chunk_size)`` calls.
-      unroll: steps per loop iteration (straight-line code for XLA); must divide
-        ``chunk_size``. At most ``unroll - 1`` surplus steps are computed and dropped.
+        ``(chunk_size, B, H)``, and ``generate`` makes ``ceil(num_steps / chunk_size)`` calls.
+      block_size: steps per iteration of the program's dynamic loop, a ``lax.scan``
+        with a static trip count inside. A dynamic trip count costs a device-to-host
+        round trip per iteration on a GPU (unless XLA captures the loop in a command
+        buffer); a static one costs none. The last block of a call may run up to
+        ``block_size - 1`` surplus steps, which are dropped. Must divide ``chunk_size``;
+        ``block_size == chunk_size`` makes the whole program static.
+      unroll: the ``unroll`` of that scan (steps per iteration of XLA's inner loop).
       backend: which entry of :data:`PROGRAM_BUILDERS` builds the program.
     """
 
     chunk_size: int = 512
+    block_size: int = 16
     unroll: int = 1
     backend: str = "xla"
 
     def __post_init__(self):
-        validation.check_positive_int(self.chunk_size, "chunk_size")
-        validation.check_positive_int(self.unroll, "unroll")
-        if self.chunk_size % self.unroll:
-            raise ValueError(f"unroll must divide chunk_size, got unroll={self.unroll} and chunk_size={self.chunk_size}")
+        for name in ("chunk_size", "block_size", "unroll"):
+            validation.check_positive_int(getattr(self, name), name)
+        if self.chunk_size % self.block_size:
+            raise ValueError(
+                f"block_size must divide chunk_size, got block_size={self.block_size} and chunk_size={self.chunk_size}"
+            )
         if self.backend not in PROGRAM_BUILDERS:
             raise ValueError(f"backend must be one of {sorted(PROGRAM_BUILDERS)}, got {self.backend!r}")
 
@@ -103,10 +112,10 @@ def xla_program(spec: ProgramSpec) -> Callable:
     * ``taus (B, chunk_size)``: per-step ``integration_timesteps`` (event mode) or None;
     * ``num_valid``: int32 scalar in ``[1, chunk_size]``, the steps to run;
     * ``ys (chunk_size, B, H)``: the outputs, time-major; rows ``>= num_valid`` are
-      unspecified (zeros or surplus steps of the last block);
+      unspecified (zeros, or surplus steps of the last block);
     * ``x_next (B, H)``, ``cache``: the last output and the state after it.
     """
-    chunk, unroll = spec.config.chunk_size, spec.config.unroll
+    chunk, block, unroll = spec.config.chunk_size, spec.config.block_size, spec.config.unroll
 
     def generation_program(leaves, x, cache, taus, num_valid):
         model = jax.tree.unflatten(spec.treedef, leaves)
@@ -117,16 +126,22 @@ def xla_program(spec: ProgramSpec) -> Callable:
             y_t, state = model.step(x_t, state, integration_timesteps=tau_t)
             return (y_t, state), y_t
 
-        def block(loop_state):
-            i, x_t, state, ys = loop_state
-            start = i * unroll
-            tau_block = None if taus_tm is None else jax.lax.dynamic_slice_in_dim(taus_tm, start, unroll)
-            (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=unroll, unroll=unroll)
-            return i + 1, x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, start, axis=0)
+        def run_block(start, x_t, state):
+            tau_block = None if taus_tm is None else jax.lax.dynamic_slice_in_dim(taus_tm, start, block)
+            (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=block, unroll=unroll)
+            return y_block, x_t, state
 
-        num_blocks = (num_valid + unroll - 1) // unroll
+        if block == chunk:  # static: one block per call
+            return run_block(0, x, cache)
+
+        def loop_body(loop_state):
+            i, x_t, state, ys = loop_state
+            y_block, x_t, state = run_block(i * block, x_t, state)
+            return i + 1, x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, i * block, axis=0)
+
+        num_blocks = (num_valid + block - 1) // block
         ys = jnp.zeros((chunk,) + x.shape, x.dtype)
-        _, x, cache, ys = jax.lax.while_loop(lambda s: s[0] < num_blocks, block, (jnp.int32(0), x, cache, ys))
+        _, x, cache, ys = jax.lax.while_loop(lambda s: s[0] < num_blocks, loop_body, (jnp.int32(0), x, cache, ys))
         return ys, x, cache
 
     return generation_program

@@ -39,6 +39,7 @@ the kernel, so the two paths check each other. **Step**: the same dense recurren
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -90,6 +91,7 @@ def dplr_bilinear(A_bar, gamma, P, B):
     return dA, dB
 
 
+@jax.jit
 def dplr_system(params: SSMParams) -> DPLRSystem:
     """Expand the half-state parameters and discretize them (see the module docstring)."""
     dt = params.dt if params.dt.shape[-1] == 1 else conj_pairs(params.dt)
@@ -140,6 +142,7 @@ def readout(h, C):
     return jnp.real(jnp.einsum("chn,...hn->...ch", C.astype(h.dtype), h, precision="highest"))
 
 
+@jax.jit
 def dense_step(h, u_t, system: DPLRSystem):
     """One step ``h <- dA h + dB u_t``: ``h (B, H, N)``, ``u_t (B, H)`` -> ``(y_t (B, c, H), h)``."""
     h = _matvec(system.dA, h) + inject(u_t, system.dB).astype(h.dtype)
@@ -197,6 +200,7 @@ def dense_scan(system: DPLRSystem, u, ends, chunk_size):
     return y[:, :length], h_end
 
 
+@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "return_state"))
 def dplr_forward(system: DPLRSystem, u, *, lengths=None, method="auto", chunk_size=None, return_state=False):
     """Full sequence: ``u (B, L, H)`` (zero after ``lengths``) -> ``(y (B, L, c, H), state (B, H, N) or None)``."""
     batch, length, _ = u.shape

@@ -30,6 +30,7 @@ docs/differences-from-lrnnx.md for what differs.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple, Optional
 
@@ -284,6 +285,32 @@ class SSMParams(NamedTuple):
     P: Any
 
 
+class Parameterization(NamedTuple):
+    """How the stored SSM parameters map to :class:`SSMParams` (static; see :class:`S4Layer`)."""
+
+    dt_fast: bool
+    dt_transform: str
+    real_transform: str
+    imag_transform: str
+    is_real: bool
+    copies: int  # H' // n_ssm
+
+
+@functools.partial(jax.jit, static_argnames="how")
+def decode_ssm(stored: dict, how: Parameterization) -> SSMParams:
+    """lrnnx's stored parameters (``inv_dt``, ``A_real``, [``A_imag``], ``B``, ``C``, [``P``]) -> :class:`SSMParams`."""
+    inv_dt = stored["inv_dt"]
+    dt = param_transform(jnp.sinh(inv_dt) if how.dt_fast else inv_dt, how.dt_transform)
+    A = -param_transform(stored["A_real"], how.real_transform)
+    if how.is_real:
+        A, B, C = A + 0j, stored["B"][0] + 0j, stored["C"] + 0j
+    else:
+        A = A - 1j * param_transform(stored["A_imag"], how.imag_transform)
+        B, C = as_complex(stored["B"][0]), as_complex(stored["C"])
+    P = jnp.tile(as_complex(stored["P"]), (1, how.copies, 1)) if "P" in stored else None
+    return SSMParams(dt, jnp.tile(A, (how.copies, 1)), jnp.tile(B, (how.copies, 1)), C, P)
+
+
 def conj_pairs(z):
     """Half state ``(..., N/2)`` -> the full conjugate-symmetric state ``(..., N)``: ``[z, conj z]``."""
     return jnp.concatenate([z, jnp.conj(z)], axis=-1)
@@ -450,23 +477,18 @@ class S4Layer(LRNN):
         raise NotImplementedError
 
     # -------------------------------------------------------------- parameters
+    def _ssm_names(self) -> list[str]:
+        return ["inv_dt", "A_real"] + ([] if self.is_real else ["A_imag"]) + ["B", "C"] + (["P"] if self.low_rank else [])
+
     def ssm_params(self) -> SSMParams:
         """The decoded continuous-time parameters (see :class:`SSMParams`)."""
-        inv_dt = self.inv_dt[...]
-        dt = param_transform(jnp.sinh(inv_dt) if self.dt_fast else inv_dt, self.dt_transform)
-        A = -param_transform(self.A_real[...], self.real_transform)
-        if self.is_real:
-            A, B, C = A + 0j, self.B[...][0] + 0j, self.C[...] + 0j
-        else:
-            A = A - 1j * param_transform(self.A_imag[...], self.imag_transform)
-            B, C = as_complex(self.B[...][0]), as_complex(self.C[...])
-        copies = self.d_inner // self.n_ssm
-        P = jnp.tile(as_complex(self.P[...]), (1, copies, 1)) if self.low_rank else None
-        return SSMParams(dt, jnp.tile(A, (copies, 1)), jnp.tile(B, (copies, 1)), C, P)
+        how = Parameterization(
+            self.dt_fast, self.dt_transform, self.real_transform, self.imag_transform, self.is_real, self.d_inner // self.n_ssm
+        )
+        return decode_ssm({name: getattr(self, name)[...] for name in self._ssm_names()}, how)
 
     def lrnnx_entries(self):
-        names = ["inv_dt", "A_real", "B", "C"] + ([] if self.is_real else ["A_imag"]) + (["P"] if self.low_rank else [])
-        entries = {name: lrnnx_entry(getattr(self, name)) for name in names}
+        entries = {name: lrnnx_entry(getattr(self, name)) for name in self._ssm_names()}
         entries["D"] = lrnnx_entry(self.D)
         for prefix, linear in (
             ("input_linear", self.input_linear),

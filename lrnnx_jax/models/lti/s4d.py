@@ -25,12 +25,14 @@ from lrnnx_jax.models.lti.s4_layer import S4Layer, SSMParams
 DISCRETIZATIONS = ("zoh", "bilinear")
 
 
+@functools.partial(jax.jit, static_argnames="disc")
 def discrete_system(params: SSMParams, disc: str):
     """``(A_bar (H', N/2), B_bar (H', N/2), C (c, H', N/2))`` with the factor 2 of the conjugate half in ``C``."""
     A_bar, gamma = get_discretization(disc, DISCRETIZATIONS)(params.A, params.dt)
     return A_bar, gamma * params.B, 2 * params.C
 
 
+@functools.partial(jax.jit, static_argnames=("method", "chunk_size", "return_state"))
 def ssm_forward(u, A_bar, B_bar, C, *, mask, lengths, method, chunk_size, return_state):
     """Every channel through :func:`lti.diagonal_forward`.
 
@@ -42,6 +44,7 @@ def ssm_forward(u, A_bar, B_bar, C, *, mask, lengths, method, chunk_size, return
     return jax.vmap(run, in_axes=(2, 0, 0, 1), out_axes=(3, 1))(u[..., None], A_bar, B_bar[..., None], C)
 
 
+@jax.jit
 def ssm_step(h, u_t, A_bar, B_bar, C):
     """Every channel through :func:`lti.diagonal_step`: ``h (B, H', N/2)``, ``u_t (B, H')`` -> ``(y_t (B, c, H'), h)``."""
     return jax.vmap(lti.diagonal_step, in_axes=(1, 1, 0, 0, 1), out_axes=(2, 1))(h, u_t[..., None], A_bar, B_bar[..., None], C)

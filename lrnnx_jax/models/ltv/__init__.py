@@ -7,3 +7,7 @@ from lrnnx_jax.models.ltv.s5 import S5
 from lrnnx_jax.models.ltv.s7 import S7
 
 __all__ += ["RGLRU", "S5", "S7"]
+
+from lrnnx_jax.models.ltv.mamba import Mamba
+
+__all__ += ["Mamba"]

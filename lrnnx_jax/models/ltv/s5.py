@@ -79,8 +79,8 @@ class S5(LRNN):
       use_fast_path, device: accepted for lrnnx compatibility and unused (JAX
         compiles one path and places arrays itself).
       dtype: parameter dtype (float32 when None).
-      method: full-sequence path without timesteps, ``"auto"``, ``"fft"`` or
-        ``"scan"`` (event mode always scans).
+      method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``; with
+        ``integration_timesteps`` the system is time-varying and needs ``"auto"`` or ``"scan"``.
       chunk_size: chunk of the scan path (None: unchunked).
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 

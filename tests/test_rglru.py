@@ -1,0 +1,149 @@
+"""RG-LRU: a float64 NumPy reference of the block, the ``a_init_range`` initialisation, prefill (raw
+pre-conv ``conv_state``) and ``lengths`` on the lrnnx fixture, the stable ``sqrt(1 - A_bar^2)``,
+forward == step on random configurations, errors."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import erf
+
+from conftest import load_fixture, relative_error, run_steps
+from lrnnx_jax.convert import from_lrnnx
+from lrnnx_jax.models.ltv.rglru import RGLRU, rglru_coefficients
+
+
+def reference(w, u, c):
+    """float64 RG-LRU block from lrnnx-layout weights (``(out, in)`` matrices, ``conv1d.weight (D, 1, K)``)."""
+    w = {k: np.asarray(v, np.float64) for k, v in w.items()}
+    u = np.asarray(u, np.float64)
+    linear = lambda name, v: v @ w[f"{name}.weight"].T + w.get(f"{name}.bias", 0)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))
+    g = linear("gate_proj", u)
+    g = 0.5 * g * (1 + erf(g / np.sqrt(2)))
+    raw = linear("in_proj", u)
+    kernel = w["conv1d.weight"][:, 0]  # (D, K)
+    K = kernel.shape[1]
+    padded = np.concatenate([np.zeros((u.shape[0], K - 1, raw.shape[-1])), raw], 1)
+    x = sum(padded[:, k : k + raw.shape[1]] * kernel[:, k] for k in range(K)) + w.get("conv1d.bias", 0)
+    r, i = sigmoid(linear("recurrent_gate_proj", x)), sigmoid(linear("input_gate_proj", x))
+    a = sigmoid(w["a_log"][:, 0])
+    h = np.zeros((u.shape[0], x.shape[-1]))
+    hs = []
+    for t in range(u.shape[1]):
+        A_bar = a ** (c * r[:, t])
+        h = A_bar * h + np.sqrt(1 - A_bar**2) * i[:, t] * x[:, t]
+        hs.append(h)
+    return linear("out_proj", g * np.stack(hs, 1))
+
+
+def lrnnx_weights(model):
+    weights = {}
+    for name in ("gate_proj", "in_proj", "recurrent_gate_proj", "input_gate_proj", "out_proj"):
+        linear = getattr(model, name)
+        weights[f"{name}.weight"] = linear.kernel[...].T
+        if linear.bias is not None:
+            weights[f"{name}.bias"] = linear.bias[...]
+    weights["conv1d.weight"] = model.conv_weight[...][:, None, :]
+    if model.conv_bias is not None:
+        weights["conv1d.bias"] = model.conv_bias[...]
+    weights["a_log"] = model.a_log[...]
+    return weights
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(d_conv=3, expand=2, c=4.0, bias=True, conv_bias=False, chunk_size=4)])
+def test_forward_matches_float64_reference(kwargs):
+    H = 5
+    model = RGLRU(H, **kwargs, rngs=nnx.Rngs(1))
+    u = np.random.default_rng(0).standard_normal((2, 14, H)).astype(np.float32)
+    y = model(u)
+    chex.assert_shape(y, u.shape)
+    assert relative_error(y, reference(lrnnx_weights(model), u, model.c)) < 2e-6
+
+
+def test_fixture_prefill_then_decode_and_lengths():
+    """Decoding after a prefill continues lrnnx's forward (lrnnx's own prefill stores post-conv values)."""
+    meta, arrays, state_dict = load_fixture("21_ltv_RGLRU")
+    model = from_lrnnx(meta["model"], meta["kwargs"], state_dict)
+    x, y_ref = arrays["x"], arrays["y_forward"]
+    split = 9
+    y_head, cache = model(x[:, :split], return_cache=True)
+    D = model.d_inner
+    chex.assert_shape((cache["conv_state"], cache["lrnn_state"]), [(2, D, 4), (2, D, 1)])
+    raw = np.asarray(x[:, split - 4 : split] @ state_dict["in_proj.weight"].T)  # the last 4 pre-conv inputs
+    np.testing.assert_allclose(cache["conv_state"], np.moveaxis(raw, 1, 2), rtol=1e-5, atol=1e-6)
+    y_tail, _ = run_steps(model, x[:, split:], cache=cache)
+    assert relative_error(np.concatenate([y_head, y_tail], 1), y_ref) < 1e-4
+    y_len = model(x, lengths=jnp.asarray([24, 10]))
+    assert relative_error(y_len[1, :10], y_ref[1, :10]) < 1e-4
+    assert np.all(np.asarray(y_len[1, 10:]) == 0)
+
+
+@pytest.mark.parametrize("a_init_range", [(0.9, 0.999), (0.3, 0.35)])
+def test_a_starts_in_a_init_range(a_init_range):
+    lo, hi = a_init_range
+    model = RGLRU(16, expand=2, a_init_range=a_init_range, rngs=nnx.Rngs(0))
+    a = np.asarray(jax.nn.sigmoid(model.a_log[...]))
+    chex.assert_shape(a, (32, 1))
+    assert a.min() >= lo - 1e-6 and a.max() <= hi + 1e-6
+    assert a.max() - a.min() > 0.5 * (hi - lo)  # spread over the range, not one value
+    bound = 1 / np.sqrt(model.d_conv)
+    assert np.abs(np.asarray(model.conv_weight[...])).max() <= bound
+
+
+def test_lrnnx_layout_follows_the_bias_flags():
+    H, D, K = 4, 8, 2
+    shapes = {k: e.shape for k, e in RGLRU(H, d_conv=K, expand=2, bias=True, conv_bias=False, rngs=nnx.Rngs(0)).lrnnx_entries().items()}
+    assert shapes == {
+        "gate_proj.weight": (D, H), "gate_proj.bias": (D,), "in_proj.weight": (D, H), "in_proj.bias": (D,),
+        "conv1d.weight": (D, 1, K), "recurrent_gate_proj.weight": (D, D), "recurrent_gate_proj.bias": (D,),
+        "input_gate_proj.weight": (D, D), "input_gate_proj.bias": (D,), "a_log": (D, 1),
+        "out_proj.weight": (H, D), "out_proj.bias": (H,),
+    }
+
+
+def test_input_scale_is_accurate_and_differentiable_near_one():
+    a_log = jnp.asarray([2.0, 8.0, 14.0, 30.0, 120.0])  # a = sigmoid(a_log) up to 1 - 1e-52
+    r = jnp.full(5, 0.01)
+    ones = jnp.ones(5)
+    A_bar, b = rglru_coefficients(ones, r, ones, a_log, 8.0)
+    log_a_bar = 8.0 * 0.01 * -np.log1p(np.exp(-np.asarray(a_log, np.float64)))
+    expected = np.sqrt(-np.expm1(2 * log_a_bar))
+    np.testing.assert_allclose(np.asarray(A_bar), np.exp(log_a_bar), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b)[:4], expected[:4], rtol=1e-5)  # the naive float32 formula gives 0 here
+    assert 0 < float(b[4]) < 1e-18  # below float32 resolution of 1 - A_bar^2: floored, not NaN
+    grads = jax.grad(lambda al, rr: jnp.sum(rglru_coefficients(ones, rr, ones, al, 8.0)[1]), argnums=(0, 1))(a_log, r)
+    for g in grads:
+        assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forward_matches_step_on_random_configurations(seed):
+    rng = np.random.default_rng(seed)
+    H, K, expand = int(rng.integers(2, 7)), int(rng.integers(1, 5)), int(rng.integers(1, 3))
+    model = RGLRU(
+        H, d_conv=K, expand=expand, c=float(rng.uniform(1, 10)), bias=bool(rng.integers(2)),
+        conv_bias=bool(rng.integers(2)), chunk_size=int(rng.integers(1, 6)), rngs=nnx.Rngs(seed),
+    )
+    x = rng.standard_normal((2, 12, H)).astype(np.float32)
+    y, cache_fwd = model(x, return_cache=True)
+    y_step, cache = run_steps(model, x)
+    assert relative_error(y, y_step) < 1e-5, (H, K, expand)
+    for key in ("conv_state", "lrnn_state"):
+        np.testing.assert_allclose(cache_fwd[key], cache[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_raise_clear_errors():
+    for bad in ((0.0, 0.5), (0.5, 1.0), (0.9, 0.8)):
+        with pytest.raises(ValueError, match=r"a_init_range must satisfy 0 < lo <= hi < 1"):
+            RGLRU(4, a_init_range=bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="c must be > 0, got -1"):
+        RGLRU(4, c=-1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="d_conv must be a positive integer, got 0"):
+        RGLRU(4, d_conv=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="RGLRU has no event mode"):
+        RGLRU(4, rngs=nnx.Rngs(0))(np.zeros((1, 3, 4), np.float32), integration_timesteps=np.ones((1, 3), np.float32))

@@ -1,0 +1,144 @@
+"""S4 (DPLR): discretization, Cauchy/Woodbury kernel, both forward paths and the step, against float64 NumPy.
+
+The references build the dense continuous matrix ``A = diag(Lambda) - P conj(P)^T`` over the
+conjugate-expanded state and discretize it with dense solves, independently of the
+Woodbury forms in lrnnx_jax.models.lti.s4.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load_fixture, relative_error
+from lrnnx_jax.convert import from_lrnnx
+from lrnnx_jax.core.discretization import bilinear
+from lrnnx_jax.models.lti import s4
+from lrnnx_jax.models.lti.s4 import S4
+
+
+def float64_copy(model):
+    """The model with float64 parameters (call inside ``jax.enable_x64(True)``)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
+
+
+def complex_error(ours, theirs) -> float:
+    """``max|ours - theirs| / max|theirs|`` for complex arrays."""
+    ours, theirs = np.asarray(ours, np.complex128), np.asarray(theirs, np.complex128)
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+def numpy_system(params):
+    """Dense float64 ``(dA (H, N, N), dB (H, N), C (c, H, N))`` from the half-state parameters, by solves."""
+    full = lambda z: np.concatenate([z, np.conj(z)], axis=-1)
+    lam, P, B, C = (full(np.asarray(a, np.complex128)) for a in (params.A, params.P, params.B, params.C))
+    dt = np.asarray(params.dt, np.float64)
+    dt = np.broadcast_to(dt if dt.shape[-1] == 1 else full(dt).real, lam.shape)
+    dA, dB = [], []
+    for h in range(lam.shape[0]):
+        A = np.diag(lam[h]) - P[:, h].T @ np.conj(P[:, h])
+        M = np.eye(len(A)) - dt[h][:, None] * A / 2
+        dA.append(np.linalg.solve(M, np.eye(len(A)) + dt[h][:, None] * A / 2))
+        dB.append(np.linalg.solve(M, dt[h] * B[h]))
+    return np.stack(dA), np.stack(dB), C
+
+
+def numpy_recurrence(dA, dB, C, u):
+    """``h_t = dA h_{t-1} + dB u_t``, ``y_t = Re(C h_t)``: ``u (B, L, H)`` -> ``(y (B, L, c, H), states (B, L, H, N))``."""
+    h = np.zeros((u.shape[0],) + dB.shape, np.complex128)
+    ys, hs = [], []
+    for t in range(u.shape[1]):
+        h = np.einsum("hnm,bhm->bhn", dA, h) + dB * u[:, t, :, None]
+        hs.append(h)
+        ys.append(np.einsum("chn,bhn->bch", C, h).real)
+    return np.stack(ys, 1), np.stack(hs, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return S4(d_model=3, d_state=8, rank=2, channels=2, dt_tie=False, dt_min=0.05, dt_max=0.8, transposed=False, rngs=nnx.Rngs(0))
+
+
+def test_dplr_bilinear_matches_dense_solve():
+    rng = np.random.default_rng(0)
+    H, N, r = 2, 5, 2
+    lam = -rng.uniform(0.1, 1, (H, N)) + 1j * rng.normal(0, 5, (H, N))
+    P = rng.normal(size=(r, H, N)) + 1j * rng.normal(size=(r, H, N))
+    B = rng.normal(size=(H, N)) + 1j * rng.normal(size=(H, N))
+    dt = rng.uniform(0.01, 0.5, (H, N))
+    with jax.enable_x64(True):
+        dA, dB = jax.jit(lambda *a: s4.dplr_bilinear(*bilinear(a[0], a[1]), *a[2:]))(lam, dt, P, B)
+    for h in range(H):
+        A = np.diag(lam[h]) - P[:, h].T @ np.conj(P[:, h])
+        M = np.eye(N) - dt[h][:, None] * A / 2
+        np.testing.assert_allclose(dA[h], np.linalg.solve(M, np.eye(N) + dt[h][:, None] * A / 2), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(dB[h], np.linalg.solve(M, dt[h] * B[h]), rtol=0, atol=1e-12)
+
+
+def test_kernel_is_the_impulse_response(model):
+    """Checked at two lengths: lrnnx's identity, the length-L generating function of C~ = C(I - dA^L) has exactly the first L taps."""
+    with jax.enable_x64(True):
+        wide = float64_copy(model)
+        system = wide.discrete_system()
+        kernels = {length: s4.dplr_kernel(system, length) for length in (7, 20)}
+        dA, dB, C = numpy_system(wide.ssm_params())
+    reference = np.stack([np.einsum("chn,hn->ch", C, np.einsum("hnm,hm->hn", np.linalg.matrix_power(dA, k), dB)).real for k in range(20)], -1)
+    for length, K in kernels.items():
+        chex.assert_shape(K, (2, 3, length))
+        assert relative_error(K, reference[..., :length]) < 1e-11
+    K32 = s4.dplr_kernel(model.discrete_system(), 20)
+    chex.assert_type(K32, jnp.float32)
+    assert relative_error(K32, reference) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["fft", "scan"])
+def test_forward_paths_and_step_match_the_recurrence(model, method):
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal((3, 13, 3))
+    lengths = np.array([13, 5, 0])
+    u[np.arange(13)[None, :] >= lengths[:, None]] = 0
+    with jax.enable_x64(True):
+        wide = float64_copy(model)
+        system = wide.discrete_system()
+        y, h = s4.dplr_forward(system, jnp.asarray(u), lengths=jnp.asarray(lengths), method=method, chunk_size=4, return_state=True)
+        state, steps = jnp.zeros((3, 3, 8), jnp.complex128), []
+        for t in range(13):
+            y_t, state = s4.dense_step(state, jnp.asarray(u[:, t]), system)
+            steps.append(y_t)
+        y_ref, h_ref = numpy_recurrence(*numpy_system(wide.ssm_params()), u)
+    chex.assert_shape(y, (3, 13, 2, 3))
+    assert relative_error(y, y_ref) < 1e-10
+    assert relative_error(np.stack(steps, 1), y_ref) < 1e-10
+    expected = np.stack([h_ref[0, 12], h_ref[1, 4], np.zeros_like(h_ref[0, 0])])
+    np.testing.assert_allclose(h, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    # the state is conjugate-symmetric: the output is real without taking Re
+    np.testing.assert_allclose(h[..., 4:], np.conj(h[..., :4]), atol=1e-12)
+
+
+def test_single_step_and_unchunked_scan(model):
+    u = np.random.default_rng(2).standard_normal((2, 6, 3)).astype(np.float32)
+    system = model.discrete_system()
+    scans = [s4.dplr_forward(system, jnp.asarray(u), method="scan", chunk_size=c)[0] for c in (None, 1, 4)]
+    fft = s4.dplr_forward(system, jnp.asarray(u[:, :1]), method="fft")[0]
+    for y in scans[1:]:
+        assert relative_error(y, scans[0]) < 1e-5
+    assert relative_error(fft, scans[0][:, :1]) < 1e-5
+
+
+def test_lrnnx_c_tilde_is_converted_on_load():
+    meta, _, state_dict = load_fixture("07_lti_S4")
+    l_kernel = int(state_dict["layer.kernel.l_kernel"])
+    model = from_lrnnx(meta["model"], meta["kwargs"], state_dict)
+    with jax.enable_x64(True):
+        dA, _, C = numpy_system(float64_copy(model).ssm_params())
+    C_tilde = C - np.einsum("chn,hnm->chm", C, np.stack([np.linalg.matrix_power(a, l_kernel) for a in dA]))
+    stored = state_dict["C"][..., 0] + 1j * state_dict["C"][..., 1]
+    assert complex_error(C_tilde[..., :4], stored) < 1e-5
+    assert complex_error(model.ssm_params().C, stored) > 1e-2  # the conversion did something
+    untouched = from_lrnnx(meta["model"], meta["kwargs"], {**state_dict, "layer.kernel.l_kernel": np.array(0)})
+    np.testing.assert_array_equal(untouched.C[...], state_dict["C"])
