@@ -23,6 +23,7 @@ returned cache is the state after the row's last valid step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, ClassVar, Optional
 
 import jax
@@ -87,7 +88,9 @@ class LRNN(nnx.Module):
         xc = x.astype(compute_dtype(x.dtype))
         if mask is not None:
             xc = jnp.where(mask[..., None], xc, 0)
-        y, cache = self._forward(xc, tau, mask, lengths, return_cache)
+        graphdef, state = nnx.split(self)
+        y, cache, rng_state = _jit_forward(graphdef, state, xc, tau, mask, lengths, return_cache)
+        nnx.update(self, rng_state)
         if mask is not None:
             y = jnp.where(mask[..., None], y, 0)
         y = y.astype(x.dtype)
@@ -98,7 +101,8 @@ class LRNN(nnx.Module):
         x_t = validation.check_token(x_t, self.d_model)
         validation.check_cache_batch(cache, x_t.shape[0], self.cache_batch_key)
         tau = self._check_timesteps(integration_timesteps, (x_t.shape[0],))
-        y_t, new_cache = self._step(x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
+        graphdef, state = nnx.split(self)
+        y_t, new_cache = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
         return y_t.astype(x_t.dtype), new_cache
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> Cache:
@@ -129,6 +133,22 @@ class LRNN(nnx.Module):
         """The cache dtype: float32 (complex64) unless ``dtype`` asks for more."""
         real = jnp.float32 if dtype is None else jnp.promote_types(dtype, jnp.float32)
         return jnp.result_type(real, jnp.complex64) if complex_state else real
+
+
+# The model's math runs under one cached ``jax.jit`` per (model structure, shapes): eager calls
+# then cost one dispatch instead of compiling the scan's closures again at every call, and
+# inside a user's own jit / grad / vmap the inner jit is simply inlined. The parameters are
+# arguments, never constants. Random state (dropout) is returned and written back.
+@functools.partial(jax.jit, static_argnames=("graphdef", "return_cache"))
+def _jit_forward(graphdef, state, x, integration_timesteps, mask, lengths, return_cache):
+    model = nnx.merge(graphdef, state)
+    y, cache = model._forward(x, integration_timesteps, mask, lengths, return_cache)
+    return y, cache, nnx.state(model, nnx.RngState)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _jit_step(graphdef, state, x_t, cache, integration_timesteps):
+    return nnx.merge(graphdef, state)._step(x_t, cache, integration_timesteps)
 
 
 def last_valid(values, lengths):
