@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import complex_lib as cl
 from pallas_kernels import dispatch
 from pallas_kernels import gpu_selftest as cases
 
@@ -169,6 +168,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--generate-steps", type=int, default=512)
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--skip-ops", action="store_true", help="only the generate table")
     parser.add_argument("--out", default=None, help="also write the tables (Markdown) here")
     args = parser.parse_args(argv)
 
@@ -178,9 +178,10 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     lines.append(f"Device-to-device copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s")
     print("\n".join(lines), flush=True)
-    lines += ["", f"### State update, µs per step ({args.steps} chained steps per program, median of {args.repeats})", ""]
-    lines += op_table(args.batches, args.steps, args.repeats, bandwidth)
-    lines += ["", "### In-place update (state donated)", ""] + in_place_table()
+    if not args.skip_ops:
+        lines += ["", f"### State update, µs per step ({args.steps} chained steps per program, median of {args.repeats})", ""]
+        lines += op_table(args.batches, args.steps, args.repeats, bandwidth)
+        lines += ["", "### In-place update (state donated)", ""] + in_place_table()
     if not args.skip_generate:
         lines += ["", f"### generate, B=32, {args.generate_steps} steps (median of 5)", ""]
         lines += generate_table(32, args.generate_steps, 5)

@@ -5,14 +5,16 @@ Sections (``--sweeps``, all by default):
 * ``seq``, ``dim``, ``batch``: lrnnx's three sweeps (time against L, H and B),
   with lrnnx's run_all state size 16, for every model;
 * ``target``: B=32, H=128, 512 steps, d_state=64 (16 for Mamba), in µs per
-  generated step, for each ``--unroll``, next to the baseline (a Python loop
+  generated step, for each ``--block-size`` and ``--unroll`` (the
+  :class:`~lrnnx_jax.generation.GenerationConfig` knobs), next to the baseline (a Python loop
   over a jitted ``model.step``), the speed-up over it, PyTorch lrnnx's CUDA-graph
   replay on an H100 where known, and the 10 µs/step target.
 
 Each ``--command-buffer`` value reruns the target section in a child process
 with ``XLA_FLAGS=... --xla_gpu_enable_command_buffer=VALUE`` (XLA reads its flags
-once per process): ``off`` is the empty list (no command buffers), any other value
-is passed as is, e.g. ``FUSION,CUBLAS,CUSTOM_CALL,WHILE,CONDITIONAL``.
+once per process), before this process takes the device: ``off`` is the empty
+list (no command buffers), any other value is passed as is, e.g.
+``FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL``.
 
 Writes to ``--out`` (default ``benchmark_results/``): ``infer_<sweep>.csv`` (lrnnx's
 columns plus ``compile_s`` and ``us_per_step``), ``target.csv``, ``results.json``
@@ -23,8 +25,8 @@ table are printed.
 
 A quick GPU run (about 5 minutes)::
 
-    python -m benchmarks.run_all --quick --models S5,LRU,Mamba,RGLRU,S7 --unroll 1,8 \\
-        --command-buffer off --command-buffer FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL
+    python -m benchmarks.run_all --quick --sweeps target --block-size 16,512 --unroll 1,8 \\
+        --command-buffer off --command-buffer FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
 """
 
 from __future__ import annotations
@@ -249,8 +251,17 @@ def run_sweep(name: str, spec: BenchModel, args, config: GenerationConfig, progr
     return rows
 
 
+def target_configs(args) -> list[GenerationConfig]:
+    return [
+        GenerationConfig(chunk_size=args.chunk_size, block_size=block, unroll=unroll)
+        for block in args.block_size
+        for unroll in args.unroll
+        if unroll <= block
+    ]
+
+
 def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[dict]:
-    """The target configuration for each unroll (and the baseline loop once)."""
+    """The target configuration for each generation config (and the baseline loop once)."""
     model_fn = spec.model_fn(args.target_dim, args.target_state)
     steps, rows = args.target_steps, []
     common = dict(repeats=args.repeats, event=spec.event, warmup=args.warmup, runs=args.runs)
@@ -259,14 +270,14 @@ def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[d
         loop = infer.benchmark_sequence_length(model_fn, [steps], args.target_batch, runner="step_loop", **common)
         loop_us = 1e3 * float(np.mean(loop[steps])) / steps
         progress.update(f"target {spec.name} step loop")
-    for unroll in args.unroll:
-        config = GenerationConfig(chunk_size=args.chunk_size, unroll=unroll)
+    for config in target_configs(args):
         timings = infer.benchmark_sequence_length(model_fn, [steps], args.target_batch, config=config, **common)
         times = timings[steps]
         us = 1e3 * float(np.mean(times)) / steps
         rows.append(
             dict(
-                model=spec.name, command_buffer=label, unroll=unroll, chunk_size=args.chunk_size, B=args.target_batch,
+                model=spec.name, command_buffer=label, chunk_size=config.chunk_size, block_size=config.block_size,
+                unroll=config.unroll, B=args.target_batch,
                 H=args.target_dim, d_state=spec.kwargs(args.target_dim, args.target_state).get("d_state"), steps=steps,
                 mean_ms=float(np.mean(times)), min_ms=float(np.min(times)), max_ms=float(np.max(times)), us_per_step=us,
                 compile_s=timings.compile_s[steps], loop_us_per_step=loop_us,
@@ -274,12 +285,12 @@ def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[d
                 speedup_vs_lrnnx=None if spec.lrnnx_us is None else spec.lrnnx_us / us, meets_target=us <= TARGET_US,
             )
         )
-        progress.update(f"target {spec.name} unroll={unroll} [{label}]")
+        progress.update(f"target {spec.name} block={config.block_size} unroll={config.unroll} [{label}]")
     return rows
 
 
 def best_target_rows(rows: list[dict]) -> list[dict]:
-    """The fastest row of each model over unroll and command-buffer settings."""
+    """The fastest row of each model over generation configs and command-buffer settings."""
     best = {}
     for row in rows:
         if row["model"] not in best or row["us_per_step"] < best[row["model"]]["us_per_step"]:
@@ -291,12 +302,14 @@ def run_command_buffer_child(setting: str, args, index: int) -> tuple[list[dict]
     """Rerun the target section in a child process with ``--xla_gpu_enable_command_buffer=setting``."""
     out = args.out / f"command_buffer_{index}"
     value = "" if setting == "off" else setting
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer={value}".strip())
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer={value}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     command = [
         sys.executable, "-m", "benchmarks.run_all", "--sweeps", "target", "--no-plot", "--no-baseline",
         "--out", str(out), "--label", setting, "--models", ",".join(args.models),
         "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--runs", str(args.runs),
-        "--unroll", ",".join(map(str, args.unroll)), "--chunk-size", str(args.chunk_size),
+        "--unroll", ",".join(map(str, args.unroll)), "--block-size", ",".join(map(str, args.block_size)),
+        "--chunk-size", str(args.chunk_size),
         "--target-batch", str(args.target_batch), "--target-dim", str(args.target_dim),
         "--target-state", str(args.target_state), "--target-steps", str(args.target_steps),
     ]
@@ -326,8 +339,11 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="untimed calls per repeat (default 10; --quick 2)")
     parser.add_argument("--runs", type=int, help="timed calls per repeat (default 90; --quick 10)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, warm-up calls and timed calls")
-    parser.add_argument("--unroll", type=ints, default=[1], help="unroll factors; the sweeps use the first")
-    parser.add_argument("--chunk-size", type=int, default=GenerationConfig().chunk_size)
+    default = GenerationConfig()
+    parser.add_argument("--chunk-size", type=int, default=default.chunk_size, help="GenerationConfig.chunk_size")
+    parser.add_argument("--block-size", type=ints, default=[default.block_size],
+                        help="GenerationConfig.block_size values; the sweeps use the first")
+    parser.add_argument("--unroll", type=ints, default=[default.unroll], help="GenerationConfig.unroll values; the sweeps use the first")
     parser.add_argument("--command-buffer", action="append", default=[], metavar="SETTING",
                         help="rerun the target section with --xla_gpu_enable_command_buffer=SETTING ('off': none); repeatable")
     parser.add_argument("--target-batch", type=int, default=32)
@@ -360,14 +376,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     specs = [m for m in MODELS if m.name in args.models]
+    target, failures = [], []
+    if "target" in args.sections:
+        # the children run first, while this process has not yet taken the device (JAX preallocates its memory)
+        for index, setting in enumerate(args.command_buffer):
+            rows, child_failures = run_command_buffer_child(setting, args, index)
+            target += rows
+            failures += child_failures
     env = environment(args)
     print(f"device {env['device']} | jax {env['versions']['jax']} | flax {env['versions']['flax']} | XLA_FLAGS={env['XLA_FLAGS']!r}")
-    sweep_config = GenerationConfig(chunk_size=args.chunk_size, unroll=args.unroll[0])
+    sweep_config = GenerationConfig(chunk_size=args.chunk_size, block_size=args.block_size[0], unroll=args.unroll[0])
     sizes = {"seq": len(args.seq_lengths), "dim": len(args.model_dims), "batch": len(args.batch_sizes),
-             "target": len(args.unroll) + (0 if args.no_baseline else 1)}
+             "target": len(target_configs(args)) + (0 if args.no_baseline else 1)}
     progress = Progress(sum(sizes[s] for s in args.sections) * len(specs))
     sweeps = {name: [] for name in SWEEPS if name in args.sections}
-    target, failures = [], []
     for section in args.sections:
         for spec in specs:
             try:
@@ -380,17 +402,12 @@ def main(argv=None) -> dict:
                 failures.append(dict(section=section, model=spec.name, command_buffer=args.label, error=f"{type(error).__name__}: {error}",
                                      traceback=traceback.format_exc(limit=3)))
     progress.close()
-    if "target" in args.sections:
-        for index, setting in enumerate(args.command_buffer):
-            rows, child_failures = run_command_buffer_child(setting, args, index)
-            target += rows
-            failures += child_failures
-        if not args.no_baseline:  # the children skip the loop: give their rows the parent's baseline
-            loops = {row["model"]: row["loop_us_per_step"] for row in target if row["loop_us_per_step"] is not None}
-            for row in target:
-                if row["loop_us_per_step"] is None and row["model"] in loops:
-                    row["loop_us_per_step"] = loops[row["model"]]
-                    row["speedup_vs_loop"] = loops[row["model"]] / row["us_per_step"]
+    # the children skip the baseline loop: give their rows this process's
+    loops = {row["model"]: row["loop_us_per_step"] for row in target if row["loop_us_per_step"] is not None}
+    for row in target:
+        if row["loop_us_per_step"] is None and row["model"] in loops:
+            row["loop_us_per_step"] = loops[row["model"]]
+            row["speedup_vs_loop"] = loops[row["model"]] / row["us_per_step"]
 
     for name, rows in sweeps.items():
         write_csv(args.out / f"infer_{SWEEPS[name][0]}.csv", rows)
@@ -404,7 +421,7 @@ def main(argv=None) -> dict:
     return results
 
 
-TARGET_COLUMNS = ["model", "command_buffer", "unroll", "d_state", "us_per_step", "loop_us_per_step", "speedup_vs_loop",
+TARGET_COLUMNS = ["model", "command_buffer", "block_size", "unroll", "d_state", "us_per_step", "loop_us_per_step", "speedup_vs_loop",
                   "lrnnx_us", "speedup_vs_lrnnx", "meets_target", "compile_s"]
 
 

@@ -48,7 +48,9 @@ import numpy as np
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import compute_dtype
 
-PyTree = Any
+#: ``GenerationConfig.unroll`` on GPUs and TPUs (on an H100, 8 ran 1.2-5x faster per step than 1;
+#: ``python -m benchmarks.run_all --unroll 1,8`` measures it).
+ACCELERATOR_UNROLL = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +64,38 @@ class GenerationConfig:
         with a static trip count inside. A dynamic trip count costs a device-to-host
         round trip per iteration on a GPU (unless XLA captures the loop in a command
         buffer); a static one costs none. The last block of a call may run up to
-        ``block_size - 1`` surplus steps, which are dropped. Must divide ``chunk_size``;
-        ``block_size == chunk_size`` makes the whole program static.
-      unroll: the ``unroll`` of that scan (steps per iteration of XLA's inner loop).
+        ``block_size - 1`` surplus steps, which are dropped. It must divide
+        ``chunk_size``, or be at least ``chunk_size``: then the program is static and
+        every call runs ``chunk_size`` steps.
+      unroll: the ``unroll`` of that scan (steps per iteration of XLA's inner loop);
+        None: 8 on accelerators, where it saves loop overhead per step, and 1 on
+        CPU, where it only lengthens compilation.
       backend: which entry of :data:`PROGRAM_BUILDERS` builds the program.
     """
 
     chunk_size: int = 512
-    block_size: int = 16
-    unroll: int = 1
+    block_size: int = 64
+    unroll: Optional[int] = None
     backend: str = "xla"
 
     def __post_init__(self):
-        for name in ("chunk_size", "block_size", "unroll"):
-            validation.check_positive_int(getattr(self, name), name)
-        if self.chunk_size % self.block_size:
+        validation.check_positive_int(self.chunk_size, "chunk_size")
+        validation.check_positive_int(self.block_size, "block_size")
+        if self.unroll is not None:
+            validation.check_positive_int(self.unroll, "unroll")
+        if self.block_size < self.chunk_size and self.chunk_size % self.block_size:
             raise ValueError(
-                f"block_size must divide chunk_size, got block_size={self.block_size} and chunk_size={self.chunk_size}"
+                f"block_size must divide chunk_size or be at least chunk_size, got block_size={self.block_size} "
+                f"and chunk_size={self.chunk_size}"
             )
         if self.backend not in PROGRAM_BUILDERS:
             raise ValueError(f"backend must be one of {sorted(PROGRAM_BUILDERS)}, got {self.backend!r}")
+
+    def resolved(self) -> "GenerationConfig":
+        """This config with ``unroll=None`` replaced by the platform's default."""
+        if self.unroll is not None:
+            return self
+        return dataclasses.replace(self, unroll=1 if jax.default_backend() == "cpu" else ACCELERATOR_UNROLL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +115,9 @@ class ProgramSpec:
     max_seqlen: int
     config: GenerationConfig
 
+    def __post_init__(self):
+        object.__setattr__(self, "config", self.config.resolved())  # a concrete unroll, part of the key
+
 
 def xla_program(spec: ProgramSpec) -> Callable:
     """The XLA generation program for ``spec``.
@@ -113,13 +130,17 @@ def xla_program(spec: ProgramSpec) -> Callable:
     * ``num_valid``: int32 scalar in ``[1, chunk_size]``, the steps to run;
     * ``ys (chunk_size, B, H)``: the outputs, time-major; rows ``>= num_valid`` are
       unspecified (zeros, or surplus steps of the last block);
-    * ``x_next (B, H)``, ``cache``: the last output and the state after it.
+    * ``x_next (B, H)``, ``cache``: the last output and the state after the last
+      step run, surplus steps included (only the last call of a generation is partial).
+
+    ``block_size`` is capped at ``chunk_size``; then the program is static.
     """
-    chunk, block, unroll = spec.config.chunk_size, spec.config.block_size, spec.config.unroll
+    chunk, unroll = spec.config.chunk_size, spec.config.unroll
+    block = min(spec.config.block_size, chunk)
 
     def generation_program(leaves, x, cache, taus, num_valid):
         model = jax.tree.unflatten(spec.treedef, leaves)
-        taus_tm = None if taus is None else jnp.moveaxis(taus, 1, 0)
+        taus = None if taus is None else jnp.moveaxis(taus, 1, 0)
 
         def one_step(carry, tau_t):
             x_t, state = carry
@@ -127,7 +148,7 @@ def xla_program(spec: ProgramSpec) -> Callable:
             return (y_t, state), y_t
 
         def run_block(start, x_t, state):
-            tau_block = None if taus_tm is None else jax.lax.dynamic_slice_in_dim(taus_tm, start, block)
+            tau_block = None if taus is None else jax.lax.dynamic_slice_in_dim(taus, start, block)
             (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=block, unroll=unroll)
             return y_block, x_t, state
 

@@ -23,27 +23,32 @@ import numpy as np
 
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import dispatch
-from pallas_kernels.selective_state_update import selective_state_update
-from pallas_kernels.simplified_state_update import simplified_state_update
+from pallas_kernels.selective import selective_state_update
+from pallas_kernels.simplified import simplified_state_update
 
 KERNEL = dispatch.KernelConfig(use_kernels="always")
 REFERENCE = dispatch.KernelConfig(use_kernels="never")
 OPS = {"selective": selective_state_update, "simplified": simplified_state_update}
 
 
-def _normal(rng, shape, dtype=jnp.float32):
-    return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+def _normal(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(np.float32).astype(dtype)
 
 
-def _uniform(rng, lo, hi, shape):
-    return jnp.asarray(rng.uniform(lo, hi, shape), jnp.float32)
+def _uniform(rng, lo, hi, shape, dtype=np.float32):
+    return rng.uniform(lo, hi, shape).astype(np.float32).astype(dtype)
 
 
 def _slot_map(rng, batch, slots):
     """Distinct slots for the rows, with about a quarter of the rows padded (-1)."""
     index = rng.permutation(slots)[:batch]
     index[rng.uniform(size=batch) < 0.25] = -1
-    return jnp.asarray(index, jnp.int32)
+    return index.astype(np.int32)
+
+
+def _to_device(kwargs):
+    """NumPy arrays (drawn without compiling anything) -> JAX arrays."""
+    return {k: jax.tree.map(jnp.asarray, v) if isinstance(v, (np.ndarray, cl.Planes)) else v for k, v in kwargs.items()}
 
 
 def selective_case(rng, *, batch=4, nheads=None, ngroups=1, dim=64, dstate=16, extra_slots=0,
@@ -57,14 +62,14 @@ def selective_case(rng, *, batch=4, nheads=None, ngroups=1, dim=64, dstate=16, e
     lead = () if nheads is None else (nheads,)
     groups = () if nheads is None else (ngroups,)
     slots = batch + extra_slots
-    if discretization == "rglru":
-        A = jnp.log(_uniform(rng, 0.9, 0.999, (*lead, dim, dstate)))  # a_log: sigmoid(a_log) in (0.47, 0.5)
-    else:
-        A = -jnp.broadcast_to(jnp.arange(1, dstate + 1, dtype=jnp.float32), (*lead, dim, dstate))
+    if discretization == "rglru":  # a_log = log U(0.9, 0.999): sigmoid(a_log) in (0.47, 0.5), as lrnnx
+        A = np.log(_uniform(rng, 0.9, 0.999, (*lead, dim, dstate)))
+    else:  # Mamba's A = -(1..N)
+        A = -np.broadcast_to(np.arange(1, dstate + 1, dtype=np.float32), (*lead, dim, dstate)).copy()
     if softplus:  # dt_bias = softplus^-1 of steps in [1e-3, 0.3]; dt a small perturbation
         step = _uniform(rng, 1e-3, 0.3, (*lead, dim))
-        dt_bias = step + jnp.log(-jnp.expm1(-step))
-        dt = 0.5 * _normal(rng, (batch, *lead, dim), dtype)
+        dt_bias = (step + np.log(-np.expm1(-step))).astype(np.float32)
+        dt = (0.5 * _normal(rng, (batch, *lead, dim))).astype(dtype)
     else:  # used as is: S7's a_t + base, RG-LRU's c * r_t
         dt_bias = None
         dt = (_uniform(rng, 0.5, 8.0, (batch, *lead, dim)) if discretization == "rglru"
@@ -83,32 +88,32 @@ def selective_case(rng, *, batch=4, nheads=None, ngroups=1, dim=64, dstate=16, e
         discretization=discretization,
     )
     if event:
-        kwargs["delta_A"] = _uniform(rng, 0.01, 1.0, (batch, *lead, dim)).astype(dtype)
+        kwargs["delta_A"] = _uniform(rng, 0.01, 1.0, (batch, *lead, dim), dtype)
     if extra_slots:
         kwargs["state_batch_indices"] = _slot_map(rng, batch, slots)
-    return kwargs
+    return _to_device(kwargs)
 
 
 def simplified_case(rng, *, batch=4, P=16, H_in=32, H_out=None, extra_slots=0, discretization="zoh", event=False,
                     dtype=jnp.float32, planes=False, state_dtype=jnp.float32, skip=True, conj_sym=False,
                     real_B=False, real_C=False, row_wise_A=False):
-    """Random arguments of :func:`simplified_state_update` (S5-like: Re A = -0.5, Im A up to pi P)."""
+    """Random arguments of :func:`simplified_state_update` (S5-like: Re A = -0.5, Im A = pi n / 4)."""
     H_out = H_in if H_out is None else H_out
     slots = batch + extra_slots
-    Lambda = -0.5 + 1j * jnp.pi * jnp.arange(P, dtype=jnp.float32) / 4
+    Lambda = (-0.5 + 1j * np.pi * np.arange(P) / 4).astype(np.complex64)
     if discretization == "no_discretization":
-        A = jnp.exp(Lambda * _uniform(rng, 1e-3, 0.1, (batch, P) if row_wise_A else (P,)))
+        A = np.exp(Lambda * _uniform(rng, 1e-3, 0.1, (batch, P) if row_wise_A else (P,))).astype(np.complex64)
         delta = None
     else:
-        A, delta = Lambda, jnp.exp(_uniform(rng, np.log(1e-3), np.log(0.1), (P,)))
+        A, delta = Lambda, np.exp(_uniform(rng, np.log(1e-3), np.log(0.1), (P,)))
 
     def matrix(shape, real):
         m = _normal(rng, shape) / np.sqrt(shape[-1])
-        return m if real else (m + 1j * _normal(rng, shape) / np.sqrt(shape[-1])).astype(jnp.complex64)
+        return m if real else (m + 1j * _normal(rng, shape) / np.sqrt(shape[-1])).astype(np.complex64)
 
     state = matrix((slots, P), False) * 4
     kwargs = dict(
-        state=cl.split(state, state_dtype) if planes else state,
+        state=cl.Planes(state.real.astype(state_dtype), state.imag.astype(state_dtype)) if planes else state,
         x=_normal(rng, (batch, H_in), dtype),
         A=A,
         B=matrix((P, H_in), real_B),
@@ -119,10 +124,10 @@ def simplified_case(rng, *, batch=4, P=16, H_in=32, H_out=None, extra_slots=0, d
         conj_sym=conj_sym,
     )
     if event:
-        kwargs["integration_timesteps"] = _uniform(rng, 0.05, 1.5, (batch,)).astype(dtype)
+        kwargs["integration_timesteps"] = _uniform(rng, 0.05, 1.5, (batch,), dtype)
     if extra_slots:
         kwargs["state_batch_indices"] = _slot_map(rng, batch, slots)
-    return kwargs
+    return _to_device(kwargs)
 
 
 def _flat_state(state):

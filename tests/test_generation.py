@@ -29,10 +29,9 @@ from zoo import ZOO, H
 ENTRIES = pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
 LRU_ENTRY = next(e for e in ZOO if e.name == "LRU")
 EVENT_ENTRY = next(e for e in ZOO if e.event)
-#: small chunks and a partial last block, so that few steps cross every boundary
-SMALL = GenerationConfig(chunk_size=4, unroll=2)
-#: for every zoo model: the cache crosses a call boundary (unroll 1 keeps the programs small)
-CHUNKED = GenerationConfig(chunk_size=4, unroll=1)
+#: small chunks and blocks, so that a few steps cross every boundary (7 steps = a call of
+#: two blocks, then a call of one block and a half-used one)
+SMALL = GenerationConfig(chunk_size=4, block_size=2, unroll=1)
 
 
 class _Collect(logging.Handler):
@@ -82,11 +81,11 @@ def inputs(batch, seed, event=False, num_steps=1):
 
 @ENTRIES
 def test_generate_equals_step_loop(entry):
-    """7 steps = two calls of a 4-step program, the cache handed from the first to the second."""
+    """The cache crosses block and call boundaries; the last block runs a surplus step."""
     model = entry.build(seed=11)
     num_steps = 7
     x0, tau = inputs(3, seed=12, event=entry.event, num_steps=num_steps)
-    graph = capture_graph(model, batch_size=3, event_mode=entry.event, config=CHUNKED)
+    graph = capture_graph(model, batch_size=3, event_mode=entry.event, config=SMALL)
     schedules = [tau[:, :1], tau] if entry.event else [None]  # lrnnx's reused (B, 1) and a per-step schedule
     for schedule in schedules:
         ys = generate(model, x0, num_steps, graph_cache=graph, integration_timesteps=schedule)
@@ -134,7 +133,7 @@ def test_one_compilation_across_steps_seeds_and_parameters():
 def test_generate_without_graph_compiles_once_per_structure_and_batch():
     model = LRU_ENTRY.build(seed=2)
     x0, _ = inputs(2, seed=6)
-    config = GenerationConfig(chunk_size=8, unroll=1)
+    config = GenerationConfig(chunk_size=8, block_size=4)
     with compile_log() as compiled:
         first = generate(model, x0, 11, config=config)
         second = generate(model, x0 + 1, 11, config=config)
@@ -155,7 +154,7 @@ def test_65536_steps_without_recompiling():
     model = LRU_ENTRY.build(seed=3, r_max=0.5)
     for name in ("C_re", "C_im", "D"):  # a contracting closed loop, so that 65,536 steps stay finite
         getattr(model, name)[...] = 0.1 * getattr(model, name)[...]
-    graph = capture_graph(model, batch_size=1, config=GenerationConfig(chunk_size=4096, unroll=4))
+    graph = capture_graph(model, batch_size=1, config=GenerationConfig(chunk_size=4096, block_size=256, unroll=4))
     x0, _ = inputs(1, seed=7)
     with compile_log() as compiled:
         long = generate(model, x0, 65_536, graph_cache=graph)
@@ -176,11 +175,14 @@ def test_each_call_starts_from_a_fresh_state():
     np.testing.assert_array_equal(generate(model, xa, 6), generate(model, xa, 6))
 
 
-@pytest.mark.parametrize("chunk_size, unroll", [(1, 1), (5, 5), (6, 3)])
-def test_chunk_and_unroll_settings_agree(chunk_size, unroll):
+@pytest.mark.parametrize(
+    "chunk_size, block_size, unroll",
+    [(1, 1, 1), (5, 5, 2), (6, 8, 1), (6, 3, 2)],  # static; static, unroll not dividing; capped block; blocks
+)
+def test_chunk_block_and_unroll_settings_agree(chunk_size, block_size, unroll):
     model = LRU_ENTRY.build(seed=5)
     x0, _ = inputs(2, seed=10)
-    ys = generate(model, x0, 11, config=GenerationConfig(chunk_size=chunk_size, unroll=unroll))
+    ys = generate(model, x0, 11, config=GenerationConfig(chunk_size=chunk_size, block_size=block_size, unroll=unroll))
     assert relative_error(ys, step_loop(model, x0, 11)) < 1e-5
 
 
@@ -199,6 +201,7 @@ def test_capture_graph_describes_its_program():
     assert isinstance(graph.compiled, jax.stages.Compiled)
     assert graph.compile_time_s > 0
     assert "batch_size=4" in repr(graph)
+    assert capture_graph(model, 4).spec.config.unroll == (1 if jax.default_backend() == "cpu" else generation.ACCELERATOR_UNROLL)
 
 
 def test_program_builders_are_the_dispatch_point(monkeypatch):
@@ -211,7 +214,7 @@ def test_program_builders_are_the_dispatch_point(monkeypatch):
 
     monkeypatch.setitem(generation.PROGRAM_BUILDERS, "probe", probe)
     model = LRU_ENTRY.build(seed=7)
-    graph = capture_graph(model, 2, config=GenerationConfig(chunk_size=4, unroll=2, backend="probe"))
+    graph = capture_graph(model, 2, config=GenerationConfig(chunk_size=4, block_size=2, unroll=1, backend="probe"))
     assert [spec.config.backend for spec in built] == ["probe"]
     assert built[0].batch_size == 2 and built[0].d_model == H
     x0, _ = inputs(2, seed=12)
@@ -244,8 +247,11 @@ def test_errors_say_how_to_fix():
     other = type(model)(d_model=H, d_state=7, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="another structure or parameter shapes.*re-capture"):
         generate(other, x4, 3, graph_cache=graph)
-    with pytest.raises(ValueError, match="unroll must divide chunk_size, got unroll=3 and chunk_size=4"):
-        GenerationConfig(chunk_size=4, unroll=3)
+    with pytest.raises(ValueError, match="block_size must divide chunk_size or be at least chunk_size, got block_size=3"):
+        GenerationConfig(chunk_size=7, block_size=3)
+    for name in ("chunk_size", "block_size", "unroll"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, got 0"):
+            GenerationConfig(**{name: 0})
     with pytest.raises(ValueError, match=r"backend must be one of \['xla'\], got 'pallas'"):
         GenerationConfig(backend="pallas")
     with pytest.raises(ValueError, match="config applies only without graph_cache"):

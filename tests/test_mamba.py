@@ -213,11 +213,10 @@ def test_chunked_scan_memory_grows_as_length_times_channels_not_times_state():
     D = N = 64
     chunked = {L: _scan_train_temp_bytes(32, L, D, N) for L in (256, 512)}
     per_token = (chunked[512] - chunked[256]) / 256
-    # the per-token inputs and their gradients, O(D + N), and no per-token (D, N) state
+    # the per-token inputs and their gradients, O(D + N), and no per-token (D, N) state (the unchunked
+    # scan keeps about 17 float32 (L, D, N) tensors: benchmarks/benchmark_scan_memory.py)
     assert per_token <= 8 * (D + N) * 4
     assert per_token <= D * N * 4 / 4
-    # the unchunked scan keeps several (L, D, N) tensors
-    assert _scan_train_temp_bytes(None, 256, D, N) > 8 * 256 * D * N * 4
 
 
 # ------------------------------------------------------------- init and interface

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import dispatch
-from pallas_kernels import selective_state_update as selective
-from pallas_kernels import simplified_state_update as simplified
+from pallas_kernels import selective
+from pallas_kernels import simplified
 from pallas_kernels.gpu_selftest import selective_case, simplified_case
 
 
 @pytest.fixture(autouse=True)
 def _restore_default():
     previous = dispatch.get_config()
+    dispatch._WARNED.clear()
     yield
     dispatch.set_config(previous)
 
@@ -59,40 +62,38 @@ def test_choose_kernel(monkeypatch):
     assert dispatch.interpret_mode(dispatch.KernelConfig(interpret=True)) is True
 
 
+def _uses_kernel(op, kwargs, **config) -> bool:
+    """Whether tracing the op emits a ``pallas_call``."""
+    return "pallas_call" in str(jax.make_jaxpr(lambda kw: op(**kw, **config))(kwargs))
+
+
+def _split_static(kwargs):
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (str, bool)) or v is None}
+    return {k: v for k, v in kwargs.items() if k not in static}, static
+
+
 @pytest.mark.parametrize("module,builder", [(selective, selective_case), (simplified, simplified_case)],
                          ids=["selective", "simplified"])
-def test_each_op_takes_the_chosen_path(monkeypatch, module, builder):
-    calls = []
-
-    def fake_kernel(*args, **kwargs):
-        calls.append(kwargs["config"])
-        return module.reference(*args, **{k: v for k, v in kwargs.items() if k != "config"})
-
-    monkeypatch.setattr(module, "kernel", fake_kernel)
-    op = getattr(module, module.OP)
-    kwargs = builder(np.random.default_rng(0), batch=2)
-    op(**kwargs)  # "auto" off-GPU: the reference
-    assert calls == []
-    always = dispatch.KernelConfig(use_kernels="always")
-    op(**kwargs, config=always)
-    assert calls == [always]
+def test_each_op_takes_the_chosen_path(module, builder):
+    arrays, static = _split_static(builder(np.random.default_rng(0), batch=2))
+    op = functools.partial(getattr(module, module.OP), **static)
+    assert not _uses_kernel(op, arrays)  # "auto" off-GPU: the reference
+    assert _uses_kernel(op, arrays, config=dispatch.KernelConfig(use_kernels="always"))
     with dispatch.kernel_config(use_kernels="always"):
-        op(**kwargs)
-    assert len(calls) == 2
-    op(**kwargs, config=dispatch.KernelConfig(use_kernels="never"))
-    assert len(calls) == 2
+        assert _uses_kernel(op, arrays)
+    assert not _uses_kernel(op, arrays, config=dispatch.KernelConfig(use_kernels="never"))
 
 
-def test_unsupported_arguments_fall_back_to_the_reference(monkeypatch):
-    monkeypatch.setattr(selective, "kernel", lambda *a, **k: pytest.fail("the kernel must not run"))
-    monkeypatch.setattr(simplified, "kernel", lambda *a, **k: pytest.fail("the kernel must not run"))
-    always = dispatch.KernelConfig(use_kernels="always")
+def test_unsupported_arguments_fall_back_to_the_reference():
+    always = dict(config=dispatch.KernelConfig(use_kernels="always"))
     with jax.enable_x64(True):
-        kwargs = selective_case(np.random.default_rng(1), batch=2, dim=8, dstate=4)
-        kwargs = {k: v.astype(jnp.float64) if hasattr(v, "dtype") else v for k, v in kwargs.items()}
+        arrays, static = _split_static(selective_case(np.random.default_rng(1), batch=2, dim=8, dstate=4))
+        arrays = {k: v.astype(jnp.float64) for k, v in arrays.items()}
+        op = functools.partial(selective.selective_state_update, **static)
         with pytest.warns(RuntimeWarning, match="state of dtype float64"):
-            out, _ = selective.selective_state_update(**kwargs, config=always)
-        assert out.dtype == jnp.float64
-    kwargs = simplified_case(np.random.default_rng(2), batch=2, P=4 * simplified.CHUNK + 1, H_in=4 * simplified.CHUNK)
+            assert not _uses_kernel(op, arrays, **always)
+    big = simplified.CHUNK * 4
+    arrays, static = _split_static(simplified_case(np.random.default_rng(2), batch=2, P=big + 1, H_in=big))
+    op = functools.partial(simplified.simplified_state_update, **static)
     with pytest.warns(RuntimeWarning, match="chunk pairs"):
-        simplified.simplified_state_update(**kwargs, config=always)
+        assert not _uses_kernel(op, arrays, **always)

@@ -75,6 +75,22 @@ def _matvec(M, h):
     return jnp.einsum("hnm,...hm->...hn", M, h, precision="highest")
 
 
+def _matmul(a, b):
+    return jnp.matmul(a, b, precision="highest")
+
+
+def matrix_power(M, n: int):
+    """``M^n`` (``n >= 1``) of ``M (..., N, N)`` by repeated squaring, at full matmul precision."""
+    result, square = None, M
+    while True:
+        if n & 1:
+            result = square if result is None else _matmul(result, square)
+        n >>= 1
+        if not n:
+            return result
+        square = _matmul(square, square)
+
+
 def dplr_bilinear(A_bar, gamma, P, B):
     """Dense ``(dA (H, N, N), dB (H, N))`` of ``A = diag(Lambda) - P conj(P)^T`` from the diagonal transform.
 
@@ -103,7 +119,7 @@ def dplr_system(params: SSMParams) -> DPLRSystem:
 
 def truncated_output(system: DPLRSystem, length: int):
     """``C~ = C (I - dA^length)`` ``(c, H, N)``: the output row of the length-``length`` generating function."""
-    return system.C - jnp.einsum("chn,hnm->chm", system.C, jnp.linalg.matrix_power(system.dA, length), precision="highest")
+    return system.C - jnp.einsum("chn,hnm->chm", system.C, matrix_power(system.dA, length), precision="highest")
 
 
 def dplr_kernel(system: DPLRSystem, length: int):
@@ -154,7 +170,7 @@ def state_kernel(system: DPLRSystem, length: int):
     W, power = system.dB[None], system.dA
     while W.shape[0] < length:
         W = jnp.concatenate([W, _matvec(power, W)])
-        power = power @ power
+        power = _matmul(power, power)
     return W[:length]
 
 
@@ -179,7 +195,7 @@ def dense_scan(system: DPLRSystem, u, ends, chunk_size):
     powers, power, span = [], system.dA, 1  # dA^(2^k) for 2^k < chunk
     while span < chunk:
         powers.append(power)
-        power, span = power @ power, 2 * span
+        power, span = _matmul(power, power), 2 * span
     zeros = jnp.zeros((batch, width, system.dB.shape[-1]), system.dB.dtype)
 
     def body(carry, inputs):
@@ -214,7 +230,7 @@ def dplr_forward(system: DPLRSystem, u, *, lengths=None, method="auto", chunk_si
 
 def output_from_lrnnx(system: DPLRSystem, C_tilde, l_kernel: int):
     """Undo lrnnx's in-place ``C~ = C (I - dA^l_kernel)``: the half-state output matrix ``(c, H, N/2)``."""
-    M = jnp.eye(system.dA.shape[-1], dtype=system.dA.dtype) - jnp.linalg.matrix_power(system.dA, l_kernel)
+    M = jnp.eye(system.dA.shape[-1], dtype=system.dA.dtype) - matrix_power(system.dA, l_kernel)
     C = jnp.linalg.solve(jnp.swapaxes(M, -1, -2)[None], conj_pairs(C_tilde)[..., None])[..., 0]
     return C[..., : C_tilde.shape[-1]]
 
@@ -258,8 +274,8 @@ class S4(S4Layer):
             return
         graphdef, state = nnx.split(self)
         with jax.enable_x64(True):
-            wide = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-            model = nnx.merge(graphdef, wide)
+            widen = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+            model = nnx.merge(graphdef, jax.tree.map(widen, state))
             C = output_from_lrnnx(model.discrete_system(), model.ssm_params().C, l_kernel)
             C = jnp.real(C) if self.is_real else as_real_view(C)
             self.C.set_value(jnp.asarray(np.asarray(C), jnp.float32))

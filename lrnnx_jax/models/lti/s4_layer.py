@@ -2,15 +2,15 @@
 
 The block (lrnnx's ``S4`` / ``S4D`` modules, ``d_model = H``)::
 
-    v = GELU(W_g x)                                (gate only)      (B, L, H*gate)
-    u = W_b x                                      (bottleneck only) (B, L, H'), H' = H // bottleneck
-    y[c, h] = SSM_{c,h} * u[h] + D[c, h] u[h]      (B, L, c, H')     c = channels
-    y = GELU(flatten (c h) or (h c))               (B, L, c*H')
-    y = GELU(W_o y * v)                            (gate only: W_o is c*H' -> H*gate, or identity if equal)
-    y = GELU(dropout(y))                           (the outer GELU is lrnnx's ``mult_activation``)
-    y = GELU(W_out y)                              (unless final_act=None)   (B, L, H)
+    v = GELU(W_g x)                             gate only                (B, L, H*gate)
+    u = W_b x                                   bottleneck only          (B, L, H'), H' = H // bottleneck
+    y[c, h] = (K_{c,h} * u[h]) + D[c, h] u[h]   the SSM, c = channels    (B, L, c, H')
+    y = GELU(flatten (c h), or (h c))                                    (B, L, c*H')
+    y = (W_o y) * v                             gate only; W_o: c*H' -> H*gate (identity if equal)
+    y = dropout(GELU(y))
+    y = GELU(W_out y)                           unless final_act=None    (B, L, H)
 
-(The second GELU is applied before dropout, as in lrnnx.) Every SSM_{c,h} is a
+Every SSM (impulse response ``K_{c,h}``) is a
 single-input linear time-invariant system of the input channel ``h``: S4 uses the
 DPLR matrix ``A = Lambda - P P^*`` with the bilinear transform, S4D a diagonal
 ``A`` with ZOH or bilinear. Subclasses supply the SSM (``_ssm_forward``,
@@ -19,7 +19,7 @@ initialisations of lrnnx (``lrnnx.ops.s4_utils``), rewritten in NumPy/JAX:
 
 * HiPPO NPLR ``init="legs" | "legt" | "fourier"`` (diagonalised in float64),
 * direct DPLR / diagonal ``init="diag-<x>" | "dplr-<x>"`` with
-  ``<x> in {lin, inv, inv2, quad, real, rand, legs}`` (``"diag"`` alone is ``"diag-legs"`` through ``"dplr"``),
+  ``<x> in {lin, inv, inv2, quad, real, rand, legs}`` (``"dplr"`` alone is ``"dplr-legs"``),
 * combinations ``"hippo"`` (legs, fourier), ``"diag"`` (diag-inv, diag-lin) and
   ``"all"``, which split the ``n_ssm`` copies between them.
 
@@ -45,8 +45,14 @@ from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 NPLR_MEASURES = ("legs", "legt", "fourier", "fout")
-DPLR_INITS = ("lin", "linear", "inv", "inverse", "inv2", "inverse2", "quad", "quadratic", "real", "rand", "random", "legs", "hippo")
-COMBINATIONS = {"hippo": ("legs", "fourier"), "diag": ("diag-inv", "diag-lin"), "all": ("legs", "fourier", "diag-inv", "diag-lin")}
+DPLR_INITS = (
+    "lin", "linear", "inv", "inverse", "inv2", "inverse2", "quad", "quadratic", "real", "rand", "random", "legs", "hippo",
+)
+COMBINATIONS = {
+    "hippo": ("legs", "fourier"),
+    "diag": ("diag-inv", "diag-lin"),
+    "all": ("legs", "fourier", "diag-inv", "diag-lin"),
+}
 NPLR_ARGS = ("B_clip",)
 DPLR_ARGS = ("real_random", "real_scale", "imag_random", "imag_scale", "B_init", "B_scale", "P_scale", "normalize")
 B_INITS = ("constant", "random", "alternating", "unit-cw", "unit-ccw", "legs", "hippo")
@@ -203,10 +209,14 @@ def dplr(
     elif B_init == "random":
         B = jax.random.normal(k[3], (H, N // 2), jnp.complex64)
     elif B_init == "alternating":
+        if N % 4:
+            raise ValueError(f"B_init='alternating' needs d_state divisible by 4, got {N}")
         B = jnp.tile(jnp.array([1.0, -1.0], jnp.complex64), (H, N // 4))
-    else:  # unit-cw / unit-ccw
+    elif B_init in ("unit-cw", "unit-ccw"):
         sign = -1 if B_init == "unit-cw" else 1
         B = jnp.broadcast_to(jnp.exp(sign * 2j * math.pi / N * jnp.arange(N // 2)), (H, N // 2))
+    else:
+        raise ValueError(f"B_init={B_init!r} needs the 'legs' init ('diag-legs' or 'dplr-legs'), got init {init!r}")
     B = B_scale * B
     if normalize:
         B = B / jnp.sqrt(2 * jnp.sum(jnp.abs(B / A) ** 2, axis=-1, keepdims=True))
@@ -401,10 +411,13 @@ class S4Layer(LRNN):
         n_ssm = inner if n_ssm is None else validation.check_positive_int(n_ssm, "n_ssm")
         if inner % n_ssm:
             raise ValueError(f"n_ssm={n_ssm} must divide the SSM width {inner} (d_model // bottleneck)")
-        for value, name in ((dt_transform, "dt_transform"), (real_transform, "real_transform"), (imag_transform, "imag_transform")):
-            _check_transform(value, name)
+        _check_transform(dt_transform, "dt_transform")
+        _check_transform(real_transform, "real_transform")
+        _check_transform(imag_transform, "imag_transform")
         if deterministic and (not dt_tie or dt_transform != "exp"):
-            raise ValueError(f"deterministic=True needs dt_tie=True and dt_transform='exp', got {dt_tie=} and {dt_transform=}")
+            raise ValueError(
+                f"deterministic=True needs dt_tie=True and dt_transform='exp', got {dt_tie=} and {dt_transform=}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if postact is not None:
@@ -413,7 +426,9 @@ class S4Layer(LRNN):
             final_act = postact
         swap_channels = bool(layer_args.pop("swap_channels", False))
         if layer_args.pop("drop_kernel", 0.0):
-            raise ValueError("drop_kernel (dropout on the convolution kernel) is not supported: the scan and step paths have no kernel")
+            raise ValueError(
+                "drop_kernel (dropout on the convolution kernel) is not supported: the scan and step paths have no kernel"
+            )
         lti.resolve_method(method, 1, False)
 
         ssm_width = channels * inner
@@ -483,7 +498,8 @@ class S4Layer(LRNN):
     def ssm_params(self) -> SSMParams:
         """The decoded continuous-time parameters (see :class:`SSMParams`)."""
         how = Parameterization(
-            self.dt_fast, self.dt_transform, self.real_transform, self.imag_transform, self.is_real, self.d_inner // self.n_ssm
+            self.dt_fast, self.dt_transform, self.real_transform, self.imag_transform, self.is_real,
+            self.d_inner // self.n_ssm,
         )
         return decode_ssm({name: getattr(self, name)[...] for name in self._ssm_names()}, how)
 

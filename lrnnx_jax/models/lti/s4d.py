@@ -47,7 +47,8 @@ def ssm_forward(u, A_bar, B_bar, C, *, mask, lengths, method, chunk_size, return
 @jax.jit
 def ssm_step(h, u_t, A_bar, B_bar, C):
     """Every channel through :func:`lti.diagonal_step`: ``h (B, H', N/2)``, ``u_t (B, H')`` -> ``(y_t (B, c, H'), h)``."""
-    return jax.vmap(lti.diagonal_step, in_axes=(1, 1, 0, 0, 1), out_axes=(2, 1))(h, u_t[..., None], A_bar, B_bar[..., None], C)
+    step = jax.vmap(lti.diagonal_step, in_axes=(1, 1, 0, 0, 1), out_axes=(2, 1))
+    return step(h, u_t[..., None], A_bar, B_bar[..., None], C)
 
 
 class S4D(S4Layer):

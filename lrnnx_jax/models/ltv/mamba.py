@@ -18,11 +18,13 @@ Without event mode ``delta_A = delta``. In event mode (``integration_timesteps``
 bias of ``dtA_proj`` (its weight is unused, as in lrnnx), while ``gamma`` keeps
 ``delta_t``.
 
-The forward runs :func:`lrnnx_jax.core.scan.chunked_scan`: the state-sized
-tensors ``A_bar`` and ``gamma B u`` (B, C, D, N) exist one chunk of ``C`` steps at
-a time and are contracted with ``C_t`` inside the chunk, so memory grows as
-``B * L * D`` (the per-token projections), not ``B * L * D * N``. The single step
-calls the same :func:`selective_coefficients` and :func:`selective_readout`.
+The forward runs :func:`selective_scan` (:func:`lrnnx_jax.core.scan.chunked_scan`):
+the state-sized tensors ``A_bar`` and ``gamma B u`` (B, C, D, N) exist one chunk
+of ``C`` steps at a time and are contracted with ``C_t`` inside the chunk, so the
+memory of a training step grows as ``B * L * (D + N)`` (the per-token inputs)
+plus ``B * (L / C) * D * N`` (the chunk boundaries), not as ``B * L * D * N``
+(benchmarks/benchmark_scan_memory.py). The single step calls the same
+:func:`selective_coefficients` and :func:`selective_readout`.
 """
 
 from __future__ import annotations

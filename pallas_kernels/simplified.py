@@ -23,6 +23,7 @@ donate them under ``jax.jit``).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -93,8 +94,8 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     """The Pallas kernel; ``state`` must be ``Planes``. Same contract as :func:`reference`.
 
     Grid ``(cdiv(batch, BLOCK_B),)``: each program takes ``BLOCK_B`` rows, computes
-    ``B x`` and ``C state`` with float32 (IEEE) dot products over chunks of
-    :data:`CHUNK` lanes, and writes its state rows back in place.
+    ``B x`` and ``C state`` with float32-accurate dot products (:data:`GPU_DOT_PRECISION`)
+    over chunks of :data:`CHUNK` lanes, and writes its state rows back in place.
     """
     config = dispatch.get_config() if config is None else config
     pl, plgpu = dispatch.pallas_modules()
@@ -122,7 +123,6 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     row_wise_A = A.ndim == 2
     kappa = 2.0 if conj_sym else 1.0
     f32 = jnp.float32
-
     precision = jax.lax.Precision.HIGHEST if dispatch.interpret_mode(config) else GPU_DOT_PRECISION
 
     def dot(a, b):  # a (m, k) . b (n, k) -> (m, n), float32 accumulation
@@ -259,7 +259,7 @@ def simplified_state_update(
       discretization: one of :data:`DISCRETIZATIONS`.
       conj_sym: output ``2 Re(C state)`` (each state stands for a conjugate pair).
       state_batch_indices, pad_slot_id: as in
-        :func:`~pallas_kernels.selective_state_update.selective_state_update`.
+        :func:`~pallas_kernels.selective.selective_state_update`.
       config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the process default when None.
 
     Returns:
@@ -271,7 +271,17 @@ def simplified_state_update(
     options = dict(integration_timesteps=integration_timesteps, discretization=discretization, conj_sym=conj_sym,
                    state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
     reason = unsupported_reason(state, x, A, B, C, delta, D, integration_timesteps)
-    if not dispatch.choose_kernel(OP, reason, config):
+    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config) else None
+    return _step(state, x, A, B, C, delta, D, config=config, **options)
+
+
+@functools.partial(jax.jit, static_argnames=("discretization", "conj_sym", "pad_slot_id", "config"))
+def _step(state, x, A, B, C, delta, D, *, integration_timesteps, discretization, conj_sym, state_batch_indices,
+          pad_slot_id, config):
+    """:func:`kernel` (``config`` given; a complex state is converted at the boundary) or :func:`reference` (None)."""
+    options = dict(integration_timesteps=integration_timesteps, discretization=discretization, conj_sym=conj_sym,
+                   state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
+    if config is None:
         return reference(state, x, A, B, C, delta, D, **options)
     if cl.is_planes(state):
         return kernel(state, x, A, B, C, delta, D, config=config, **options)

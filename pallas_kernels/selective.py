@@ -27,6 +27,7 @@ decides. The kernel updates the state in place (``input_output_aliases``); under
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -72,7 +73,7 @@ def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
     """
     f = jnp.promote_types(jnp.result_type(state, x, dt), jnp.float32)
     rep = state.shape[1] // B.shape[1]
-    slot, valid = _slots(state, x.shape[0], state_batch_indices, pad_slot_id)
+    slot, valid = _slots(x.shape[0], state_batch_indices, pad_slot_id)
     delta = dt.astype(f)
     if dt_bias is not None:
         delta = delta + dt_bias.astype(f)
@@ -95,7 +96,8 @@ def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
     return y.astype(x.dtype), new_state
 
 
-def _slots(state, batch, state_batch_indices, pad_slot_id):
+def _slots(batch, state_batch_indices, pad_slot_id):
+    """``(slot (batch,), valid (batch,))``: the state row of each batch row (0 for padded rows)."""
     if state_batch_indices is None:
         return jnp.arange(batch), jnp.ones((batch,), bool)
     valid = state_batch_indices != pad_slot_id
@@ -146,7 +148,7 @@ def kernel(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
         def channels(name, *lead):
             return plgpu.load(ref[name].at[(*lead, rows)], mask=d_ok, other=0.0).astype(f32)
 
-        def states(name, *lead):
+        def state_vector(name, *lead):  # B or C of one group, along dstate
             return plgpu.load(ref[name].at[(*lead, cols)], mask=n_ok, other=0.0).astype(f32)
 
         xv = channels("x", b, head)
@@ -159,10 +161,10 @@ def kernel(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
         A_tile = plgpu.load(ref["A"].at[head, rows, cols], mask=tile_ok, other=0.0).astype(f32)
         h = plgpu.load(ref["state"].at[slot, head, rows, cols], mask=state_ok, other=0.0).astype(f32)
         A_bar, gamma = km.discretize(discretization, A_tile, delta[:, None], step_A)
-        h = A_bar * h + gamma * (states("B", b, group)[None, :] * xv[:, None])
+        h = A_bar * h + gamma * (state_vector("B", b, group)[None, :] * xv[:, None])
         h = jnp.where(tile_ok, h, 0.0)
         plgpu.store(new_ref.at[slot, head, rows, cols], h.astype(new_ref.dtype), mask=state_ok)
-        y = jnp.sum(h * states("C", b, group)[None, :], axis=1)
+        y = jnp.sum(h * state_vector("C", b, group)[None, :], axis=1)
         if "D" in ref:
             y = y + channels("D", head) * xv
         if "z" in ref:
@@ -224,17 +226,26 @@ def selective_state_update(
     state, x, dt, A, B, C, D, z, dt_bias, delta_A = _check(
         state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_batch_indices
     )
+    reason = unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A)
+    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config) else None
+    return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, delta_A=delta_A, discretization=discretization,
+                 state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("dt_softplus", "discretization", "pad_slot_id", "config"))
+def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, *, delta_A, discretization, state_batch_indices,
+          pad_slot_id, config):
+    """Head-less arrays to the head form, then :func:`kernel` (``config`` given) or :func:`reference` (None)."""
     heads = state.ndim == 4
     if not heads:  # one head, one group
         state, x, dt, B, C, z, delta_A = (None if a is None else a[:, None] for a in (state, x, dt, B, C, z, delta_A))
         A, D, dt_bias = (None if a is None else a[None] for a in (A, D, dt_bias))
     options = dict(delta_A=delta_A, discretization=discretization, state_batch_indices=state_batch_indices,
                    pad_slot_id=pad_slot_id)
-    reason = unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A)
-    if dispatch.choose_kernel(OP, reason, config):
-        out, new_state = kernel(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, config=config, **options)
-    else:
+    if config is None:
         out, new_state = reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, **options)
+    else:
+        out, new_state = kernel(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, config=config, **options)
     if not heads:
         out, new_state = out[:, 0], new_state[:, 0]
     return out, new_state

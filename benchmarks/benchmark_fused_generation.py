@@ -1,0 +1,263 @@
+"""Microseconds per generated step: the fused kernel, the compile-once XLA program and a Python loop.
+
+    python -m benchmarks.benchmark_fused_generation [--batches 32 1 256 4096] [--out results.json]
+
+For every model of :data:`MODELS` (H=128, d_state=64, 16 for Mamba, 512 steps) and
+batch size, in the same run:
+
+* ``fused``: :func:`pallas_kernels.fused_generation.fused_generate` under ``jax.jit``
+  (parameters as arguments), or the reason it falls back;
+* ``xla``: ``lrnnx_jax.generation.generate`` with a graph from ``capture_graph``
+  (the compile-once XLA program, default ``GenerationConfig``);
+* ``loop``: a Python loop over a jitted ``model.step`` (``--no-loop`` skips it).
+
+Each time is the median over ``--repeats`` whole rollouts after ``--warmup`` untimed
+ones, divided by the steps. For the fused kernel it also reports the bytes that must
+cross HBM (the outputs written, the streamed per-step inputs read, the state and
+parameters once per program) as a fraction of the device-to-device copy bandwidth
+measured in the same run (the number to read at B=4096). ``--num-warps`` and
+``--block-batch`` add fused variants (tuning). Prints Markdown tables; ``--out``
+writes every number as JSON. Needs only jax, flax and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lrnnx_jax import generation
+from lrnnx_jax.convert import model_class
+from pallas_kernels import fused_generation as fg
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    name: str
+    lrnnx_name: str
+    kwargs: dict
+    event: bool = False
+    #: PyTorch lrnnx CUDA-graph replay on an H100, µs per step at B=32, H=128, 512 steps (where known)
+    lrnnx_us: Optional[float] = None
+
+
+H, N = 128, 64
+MODELS = [
+    BenchModel("LRU", "lti.LRU", dict(d_model=H, d_state=N), lrnnx_us=30.0),
+    BenchModel("S5", "lti.S5", dict(d_model=H, d_state=N, discretization="zoh"), lrnnx_us=30.0),
+    BenchModel("S5-event", "lti.S5", dict(d_model=H, d_state=N, discretization="async"), event=True),
+    BenchModel("ltv.S5", "ltv.S5", dict(d_model=H, d_state=N)),
+    BenchModel("ltv.S5-event", "ltv.S5", dict(d_model=H, d_state=N), event=True),
+    BenchModel("CentaurusNeck", "lti.Centaurus", dict(d_model=H, d_state=N, sub_state_dim=2, mode="neck")),
+    BenchModel("CentaurusPWNeck", "lti.Centaurus", dict(d_model=H, d_state=N, sub_state_dim=2, mode="pw")),
+    BenchModel("CentaurusDWS", "lti.Centaurus", dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws")),
+    BenchModel("Mamba", "ltv.Mamba", dict(d_model=H, d_state=16), lrnnx_us=46.0),
+    BenchModel("Mamba-event", "ltv.Mamba", dict(d_model=H, d_state=16), event=True),
+    BenchModel("RGLRU", "ltv.RGLRU", dict(d_model=H), lrnnx_us=88.0),
+    BenchModel("S4", "lti.S4", dict(d_model=H, d_state=N, transposed=False)),
+    BenchModel("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
+    BenchModel("S7", "ltv.S7", dict(d_model=H, d_state=N), lrnnx_us=56.0),
+]
+
+
+def median_seconds(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
+    a = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda v: v + 0.0)
+    return 2 * n_bytes / median_seconds(lambda: copy(a), 2, repeats)
+
+
+def inputs(batch: int, event: bool, seed: int = 0):
+    """``x0 (B, H)`` standard normal and, in event mode, timesteps ``(B, 1)`` in ``[0.01, 1.01)`` (as lrnnx)."""
+    rng = np.random.default_rng(seed)
+    x0 = jnp.asarray(rng.standard_normal((batch, H)), jnp.float32)
+    tau = rng.uniform(0.01, 1.01, (batch, 1)).astype(np.float32) if event else None
+    return x0, tau
+
+
+def fused_runner(model, x0, tau, steps: int, config: fg.FusedConfig, force: bool = False):
+    """The jitted fused rollout; ``force`` runs the cell directly, past a batch-size refusal."""
+    treedef = jax.tree.structure(model)
+    leaves = jax.tree.leaves(model)
+    tau = None if tau is None else jnp.asarray(tau)
+
+    @jax.jit
+    def run(leaves, x0, tau):
+        model = jax.tree.unflatten(treedef, leaves)
+        if not force:
+            return fg.fused_generate(model, x0, steps, tau, config=config)
+        cell = fg.family_of(model).cell(model, x0.shape[0], None if tau is None else tau[:, 0], None)
+        return fg.run_cell(cell, x0, steps, config=config)[0]
+
+    start = time.perf_counter()
+    jax.block_until_ready(run(leaves, x0, tau))
+    return (lambda: run(leaves, x0, tau)), time.perf_counter() - start
+
+
+def xla_runner(model, x0, tau, steps: int):
+    graph = generation.capture_graph(model, x0.shape[0], event_mode=tau is not None)
+    return (lambda: generation.generate(model, x0, steps, graph_cache=graph, integration_timesteps=tau)), graph.compile_time_s
+
+
+def loop_runner(model, x0, tau, steps: int):
+    treedef = jax.tree.structure(model)
+    leaves = jax.tree.leaves(model)
+    cache0 = model.allocate_inference_cache(x0.shape[0])
+    tau = None if tau is None else jnp.asarray(tau)
+
+    @jax.jit
+    def step(leaves, x_t, cache, tau):
+        return jax.tree.unflatten(treedef, leaves).step(x_t, cache, integration_timesteps=tau)
+
+    def run():
+        cache, x_t, ys = cache0, x0, []
+        for _ in range(steps):
+            x_t, cache = step(leaves, x_t, cache, tau)
+            ys.append(x_t)
+        return jnp.stack(ys, axis=1)
+
+    start = time.perf_counter()
+    jax.block_until_ready(step(leaves, x0, cache0, tau))
+    return run, time.perf_counter() - start
+
+
+def hbm_bytes(model, batch: int, steps: int, event: bool, config: fg.FusedConfig) -> int:
+    """Bytes the fused rollout must move through HBM: outputs, streamed inputs, state in/out, parameters per program."""
+    family = fg.family_of(model)
+    taus = jnp.ones((batch,), jnp.float32) if event else None  # (B, 1) timesteps: nothing streamed per step
+    params, state, streamed = jax.eval_shape(
+        lambda: (lambda c: (c.params, c.state, c.step_inputs))(family.cell(model, batch, taus, None)))
+    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree)) * 4
+    block = 1 if family.name != "diagonal" else (
+        config.block_batch or (1 if batch <= fg.MAX_ROWS_PATH_BATCH else fg.DEFAULT_BLOCK_BATCH))
+    return batch * steps * model.d_model * 4 + size(streamed) + 2 * size(state) + size(params) * -(-batch // block)
+
+
+def fused_configs(args) -> list[fg.FusedConfig]:
+    configs = [fg.FusedConfig(precision=args.precision)]
+    for warps in args.num_warps:
+        for block in args.block_batch:
+            configs.append(fg.FusedConfig(num_warps=warps or None, block_batch=block or None, precision=args.precision))
+    return list(dict.fromkeys(configs))
+
+
+def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[dict]:
+    model = model_class(spec.lrnnx_name)(**spec.kwargs, rngs=nnx.Rngs(0))
+    x0, tau = inputs(batch, spec.event)
+    steps = args.steps
+    base = dict(model=spec.name, batch=batch, steps=steps, lrnnx_us=spec.lrnnx_us if batch == 32 else None)
+    rows = []
+    reason = fg.fused_generate_supported(model, batch, spec.event)
+    # refused only for its batch size (one-row programs re-reading their parameters): timed anyway, marked
+    force = reason is not None and fg.fused_generate_supported(model, 1, spec.event) is None
+    xla_us = loop_us = None
+    if not args.no_xla:
+        run, compile_s = xla_runner(model, x0, tau, steps)
+        xla_us = 1e6 * median_seconds(run, args.warmup, args.repeats) / steps
+    if not args.no_loop and batch in args.loop_batches:
+        run, compile_s = loop_runner(model, x0, tau, steps)
+        loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
+    if reason is not None and not force:
+        return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
+    for config in fused_configs(args):
+        try:
+            run, compile_s = fused_runner(model, x0, tau, steps, config, force)
+            seconds = median_seconds(run, args.warmup, args.repeats)
+        except Exception as error:  # noqa: BLE001 - report the variant and continue
+            rows.append(dict(base, variant=_variant(config), fused_us=None, xla_us=xla_us, loop_us=loop_us,
+                             note=f"ERROR {type(error).__name__}: {error}"[:300]))
+            continue
+        fused_us = 1e6 * seconds / steps
+        moved = hbm_bytes(model, batch, steps, spec.event, config)
+        rows.append(dict(base, variant=_variant(config), fused_us=fused_us, xla_us=xla_us, loop_us=loop_us,
+                         speedup_xla=None if xla_us is None else xla_us / fused_us,
+                         hbm_fraction=moved / seconds / bandwidth, compile_s=compile_s,
+                         note=f"forced past: {reason}" if force else ""))
+    return rows
+
+
+def _variant(config: fg.FusedConfig) -> str:
+    parts = [f"warps={config.num_warps}" if config.num_warps else "", f"block={config.block_batch}" if config.block_batch else "",
+             "" if config.precision == "highest" else config.precision]
+    return " ".join(p for p in parts if p) or "auto"
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["model", "batch", "variant", "fused_us", "xla_us", "loop_us", "speedup_xla", "lrnnx_us", "hbm_fraction", "note"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="comma-separated model names (default: all)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 1, 256, 4096])
+    parser.add_argument("--steps", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-xla", action="store_true")
+    parser.add_argument("--no-loop", action="store_true")
+    parser.add_argument("--loop-batches", type=int, nargs="+", default=[32], help="batches at which the Python loop is timed")
+    parser.add_argument("--num-warps", type=int, nargs="*", default=[], help="extra fused variants (0: auto)")
+    parser.add_argument("--block-batch", type=int, nargs="*", default=[0], help="with --num-warps: rows per program (0: auto)")
+    parser.add_argument("--precision", default="highest", choices=fg.PRECISIONS)
+    parser.add_argument("--out", default=None, help="write every number as JSON to this file")
+    args = parser.parse_args(argv)
+    models = MODELS if args.models is None else [m for m in MODELS if m.name in args.models.split(",")]
+    device = jax.devices()[0]
+    bandwidth = copy_bandwidth()
+    print(f"device: {getattr(device, 'device_kind', device)}, jax {jax.__version__}, copy bandwidth {bandwidth / 1e9:.0f} GB/s",
+          flush=True)
+    rows = []
+    for batch in args.batches:
+        for spec in models:
+            try:
+                new = bench_model(spec, batch, args, bandwidth)
+            except Exception as error:  # noqa: BLE001
+                new = [dict(model=spec.name, batch=batch, variant="", note=f"ERROR {type(error).__name__}: {error}"[:300])]
+            rows += new
+            for row in new:
+                print(f"  {row['model']} B={batch} {row.get('variant')}: fused {_fmt(row.get('fused_us'))} us, "
+                      f"xla {_fmt(row.get('xla_us'))} us, loop {_fmt(row.get('loop_us'))} us {row.get('note', '')}", flush=True)
+    print()
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__,
+                       "copy_bandwidth": bandwidth, "argv": sys.argv, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

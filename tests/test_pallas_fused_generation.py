@@ -1,0 +1,234 @@
+"""pallas_kernels.fused_generation: every fused kernel in Pallas interpret mode against the unfused
+``generate``, the block (dot) path, the generation-program builder, the in-kernel math, and the
+documented fallbacks (models and sizes the kernels do not take, and the switch taking the XLA path).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import relative_error
+from lrnnx_jax import generation
+from pallas_kernels import dispatch
+from pallas_kernels import fused_generation as fg
+from pallas_kernels import gpu_fused_selftest as selftest
+from lrnnx_jax.convert import model_class
+from zoo import H
+
+BATCH, STEPS = 3, 24
+#: float32 rounding, accumulated over the fed-back steps
+TOL = 1e-5
+MAMBA_DT = dict(dt_min=0.05, dt_max=0.5)  # steps at which the discretizations differ visibly
+
+#: name -> (lrnnx model name, kwargs, event): one configuration per code path: skips (diagonal,
+#: full, none), real and complex B and C, timesteps per row and per step, every family, the conv
+#: with and without bias, linear biases, dirac's gamma = 1, expand 1.5 (padded channels)
+CONFIGS = {
+    "LRU": ("lti.LRU", dict(d_model=H, d_state=5, r_min=0.4, r_max=0.95), None),
+    "S5-zoh": ("lti.S5", dict(d_model=H, d_state=4, discretization="zoh"), None),
+    "S5-async-event-row": ("lti.S5", dict(d_model=H, d_state=4, discretization="async"), "row"),
+    "ltv.S5-bilinear-conj-event": ("ltv.S5", dict(d_model=H, d_state=3, discretization="bilinear", conj_sym=True), "step"),
+    "ltv.S5-dirac-event": ("ltv.S5", dict(d_model=H, d_state=4, discretization="dirac", step_rescale=2.0), "step"),
+    "CentaurusNeck": ("lti.Centaurus", dict(d_model=H, d_state=5, sub_state_dim=3, mode="neck"), None),
+    "CentaurusDWS-zoh": ("lti.Centaurus", dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws", discretization="zoh"), None),
+    "Mamba": ("ltv.Mamba", dict(d_model=H, d_state=4, **MAMBA_DT), None),
+    "Mamba-zoh-k2-e1.5-bias": ("ltv.Mamba", dict(d_model=H, d_state=3, d_conv=2, expand=1.5, discretization="zoh",
+                                                 bias=True, dt_rank=2, **MAMBA_DT), None),
+    "Mamba-dirac-nobias": ("ltv.Mamba", dict(d_model=H, d_state=4, discretization="dirac", conv_bias=False, **MAMBA_DT), None),
+    "Mamba-bilinear-event": ("ltv.Mamba", dict(d_model=H, d_state=4, d_conv=3, discretization="bilinear", dt_min=0.1,
+                                               dt_max=1.0), "step"),
+    "RGLRU": ("ltv.RGLRU", dict(d_model=H), None),
+    "RGLRU-e2-k2-bias": ("ltv.RGLRU", dict(d_model=H, d_conv=2, expand=2, bias=True, conv_bias=False), None),
+}
+FUSED = ["LRU", "S5-zoh", "S5-async-event-row", "ltv.S5-bilinear-conj-event", "CentaurusNeck", "Mamba",
+         "Mamba-zoh-k2-e1.5-bias", "Mamba-dirac-nobias", "Mamba-bilinear-event", "RGLRU", "RGLRU-e2-k2-bias"]
+
+
+def build(name, seed=0):
+    lrnnx_name, kwargs, event = CONFIGS[name]
+    return model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(seed)), event
+
+
+def _inputs(seed, batch=BATCH, steps=STEPS, event=None):
+    rng = np.random.default_rng(seed)
+    x0 = jnp.asarray(rng.standard_normal((batch, H)), jnp.float32)
+    taus = None if event is None else rng.uniform(0.05, 1.5, (batch, 1 if event == "row" else steps)).astype(np.float32)
+    return x0, taus
+
+
+def _unfused(model, x0, steps, taus):
+    return generation.generate(model, x0, steps, integration_timesteps=taus)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_generate_equals_generate(name):
+    model, event = build(name, seed=1)
+    assert fg.fused_generate_supported(model, BATCH, event is not None) is None
+    x0, taus = _inputs(2, event=event)
+    ys = fg.fused_generate(model, x0, STEPS, taus)
+    chex.assert_shape(ys, (BATCH, STEPS, H))
+    chex.assert_type(ys, jnp.float32)
+    ref = _unfused(model, x0, STEPS, taus)
+    assert np.all(np.isfinite(ys)) and np.max(np.abs(ref)) > 1e-3
+    assert relative_error(ys, ref) < TOL
+
+
+@pytest.mark.parametrize("name", ["LRU", "S5-zoh", "ltv.S5-dirac-event"])
+def test_block_path_equals_generate(name):
+    """Blocks of 16 rows with dots (HIGHEST in interpret mode); 20 rows leave a masked partial block."""
+    model, event = build(name, seed=3)
+    x0, taus = _inputs(4, batch=20, steps=12, event=event)
+    ys = fg.fused_generate(model, x0, 12, taus, config=fg.FusedConfig(block_batch=16))
+    assert relative_error(ys, _unfused(model, x0, 12, taus)) < TOL
+
+
+def test_parameters_are_arguments():
+    """One jitted function serves new parameter values (nothing is baked into the kernel)."""
+    model, _ = build("LRU", seed=5)
+    graphdef, state = nnx.split(model)
+    x0, _ = _inputs(6, steps=10)
+    traces = []
+
+    @jax.jit
+    def rollout(state, x0):
+        traces.append(1)
+        return fg.fused_generate(nnx.merge(graphdef, state), x0, 10)
+
+    first = rollout(state, x0)
+    state = jax.tree.map(lambda a: a * 0.9, state)
+    second = rollout(state, x0)
+    assert len(traces) == 1
+    assert relative_error(second, _unfused(nnx.merge(graphdef, state), x0, 10, None)) < TOL
+    assert relative_error(first, second) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ltv.S5-bilinear-conj-event", "Mamba-bilinear-event", "RGLRU", "CentaurusDWS-zoh"])
+def test_fused_program_in_generate(name):
+    """``generate`` through fused_program: chunks of 8 carry the cache across calls; 19 steps end in a partial call."""
+    model, event = build(name, seed=7)
+    x0, taus = _inputs(8, steps=19, event=event)
+    generation.PROGRAM_BUILDERS["fused"] = fg.fused_program
+    try:
+        config = generation.GenerationConfig(chunk_size=8, block_size=8, backend="fused")
+        ys = generation.generate(model, x0, 19, integration_timesteps=taus, config=config)
+    finally:
+        del generation.PROGRAM_BUILDERS["fused"]
+    assert relative_error(ys, _unfused(model, x0, 19, taus)) < TOL
+
+
+def test_fused_program_cache_after_num_valid_steps():
+    """The program stops after ``num_valid`` steps and returns that state, in the model's cache format."""
+    model, _ = build("Mamba-zoh-k2-e1.5-bias", seed=9)
+    x0, _ = _inputs(10)
+    leaves, treedef = jax.tree.flatten(model)
+    spec = types.SimpleNamespace(treedef=treedef, config=generation.GenerationConfig(chunk_size=8, block_size=8))
+    cache = model.allocate_inference_cache(BATCH)
+    ys, x_next, new_cache = jax.jit(fg.fused_program(spec))(leaves, x0, cache, None, jnp.int32(5))
+
+    def step(carry, _):
+        x, c = carry
+        y, c = model.step(x, c)
+        return (y, c), y
+
+    (_, ref_cache), ref_ys = jax.lax.scan(step, (x0, cache), None, length=5)
+    chex.assert_shape(ys, (8, BATCH, H))
+    assert relative_error(ys[:5], ref_ys) < TOL
+    assert relative_error(x_next, ref_ys[4]) < TOL
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_cache, cache)
+    for key in cache:
+        assert relative_error(new_cache[key], ref_cache[key]) < TOL
+
+
+def test_erf_and_gelu():
+    x = jnp.asarray(np.random.default_rng(11).uniform(-6, 6, 4001), jnp.float32)
+    assert float(jnp.max(jnp.abs(fg.erf(x) - jax.lax.erf(x)))) < 5e-7
+    np.testing.assert_allclose(fg.gelu(x), jax.nn.gelu(x, approximate=False), rtol=2e-6, atol=5e-7)
+    np.testing.assert_allclose(fg.sigmoid(x), jax.nn.sigmoid(x), rtol=2e-6)
+
+
+def test_mv_rows_and_blocks():
+    rng = np.random.default_rng(12)
+    W = jnp.asarray(rng.standard_normal((16, 32)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((32,)), jnp.float32)
+    V = jnp.asarray(rng.standard_normal((4, 16)), jnp.float32)
+    np.testing.assert_allclose(fg.mv(v, W, 1), np.asarray(W, np.float64) @ np.asarray(v, np.float64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fg.mv(V, W, 0, jax.lax.Precision.HIGHEST), np.asarray(V, np.float64) @ np.asarray(W, np.float64),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- fallbacks
+@pytest.mark.parametrize("name,lrnnx_name,kwargs", selftest.FALLBACKS, ids=[f[0] for f in selftest.FALLBACKS])
+def test_fallback_reason_and_switch(name, lrnnx_name, kwargs):
+    """Models and sizes without a fused kernel are refused with a reason; the switch then takes the XLA path."""
+    model = model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(0))
+    reason = fg.fused_generate_supported(model, 4, False)
+    assert isinstance(reason, str) and type(model).__name__ in reason
+    with pytest.warns(RuntimeWarning, match="fused_generation: using the pure-JAX reference"):
+        assert not fg.use_fused_kernel(model, 4, False, kernel_config=dispatch.KernelConfig(use_kernels="always"))
+    with pytest.raises(ValueError, match="fused_generate does not support"):
+        fg.fused_generate(model, jnp.zeros((4, model.d_model)), 3)
+
+
+def test_other_refusals_and_the_switch(monkeypatch):
+    lru, _ = build("LRU")
+    mamba, _ = build("Mamba")
+    assert "event mode on LRU" in fg.fused_generate_supported(lru, 4, True)
+    assert "x of dtype bfloat16" in fg.fused_generate_supported(lru, 4, False, jnp.bfloat16)
+    assert fg.fused_generate_supported(mamba, fg.MAX_STREAMING_BATCH + 1, False) is None  # all in registers at H=6
+    big = model_class("ltv.Mamba")(d_model=128, d_state=16, rngs=nnx.Rngs(0))
+    assert fg.fused_generate_supported(big, fg.MAX_STREAMING_BATCH, False) is None
+    assert "re-read" in fg.fused_generate_supported(big, fg.MAX_STREAMING_BATCH + 1, False)
+    dispatch._WARNED.clear()
+    assert not fg.use_fused_kernel(lru, 4, False)  # "auto" off-GPU: the XLA program
+    assert fg.use_fused_kernel(lru, 4, False, kernel_config=dispatch.KernelConfig(use_kernels="always"))
+    assert not fg.use_fused_kernel(lru, 4, False, kernel_config=dispatch.KernelConfig(use_kernels="never"))
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
+    assert fg.use_fused_kernel(lru, 4, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert not fg.use_fused_kernel(lru, 4, True)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_arguments():
+    model, _ = build("S5-async-event-row")
+    x0 = jnp.zeros((2, H))
+    with pytest.raises(ValueError, match=r"x0 must have shape \(B, H\) with H=6"):
+        fg.fused_generate(model, jnp.zeros((2, H + 1)), 3, jnp.ones((2, 1)))
+    with pytest.raises(TypeError, match="x0 must be float32 for the fused kernels, got bfloat16"):
+        fg.fused_generate(model, x0.astype(jnp.bfloat16), 3, jnp.ones((2, 1)))
+    with pytest.raises(ValueError, match="num_steps must be a positive integer, got 0"):
+        fg.fused_generate(model, x0, 0, jnp.ones((2, 1)))
+    with pytest.raises(ValueError, match=r"integration_timesteps must have shape \(B, 1\) or \(B, num_steps\) = \(2, 1\) or \(2, 3\), got \(2, 2\)"):
+        fg.fused_generate(model, x0, 3, jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="LRU has no event mode"):
+        fg.fused_generate(build("LRU")[0], x0, 3, jnp.ones((2, 1)))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(block_batch=8), "block_batch must be 1 or a power of two >= 16, got 8"),
+    (dict(num_warps=3), "num_warps must be a power of two >= 1, got 3"),
+    (dict(precision="tf32"), "precision must be one of"),
+    (dict(interpret="yes"), "interpret must be None, True or False"),
+])
+def test_config_rejects_bad_values(changes, message):
+    with pytest.raises(ValueError, match=message):
+        fg.FusedConfig(**changes)
+
+
+def test_selftest_helpers_bound_the_loop():
+    """The GPU self-test's bounded_model halves the output gain until the closed loop stays bounded."""
+    case = selftest.Case("LRU", "lti.LRU", dict(d_model=H, d_state=5, r_min=0.9, r_max=0.99), batch=2, steps=64)
+    model, x0, _ = selftest.build(case)
+    selftest.scale_output(model, 8.0)  # a loop gain far above one
+    ref, gain = selftest.bounded_model(model, x0, case.steps, None)
+    assert gain < 1 and np.all(np.isfinite(ref))
+    assert np.max(np.abs(ref)) <= 100 * np.max(np.abs(ref[:, 0]))
