@@ -190,10 +190,13 @@ def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -
         column = SWEEPS[name][0]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for model in dict.fromkeys(row["model"] for row in rows):
-            points = sorted((row[column], row["mean_ms"], row["min_ms"], row["max_ms"]) for row in rows if row["model"] == model)
+            points = sorted(
+                (row[column], row["mean_ms"], row["min_ms"], row["max_ms"]) for row in rows if row["model"] == model
+            )
             xs, mean, low, high = map(np.asarray, zip(*points))
             ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2, label=model)
-        ax.set(xscale="log", yscale="log", xlabel=labels[column], ylabel="ms per generate call", title=f"generation time against {labels[column]}")
+        ax.set(xscale="log", yscale="log", xlabel=labels[column], ylabel="ms per generate call",
+               title=f"generation time against {labels[column]}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -210,7 +213,8 @@ def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -
         loop = [row.get("loop_us_per_step") or np.nan for row in best]
         ax.bar(positions + 0.2, loop, 0.4, label="Python loop over jitted step")
         reference = [row.get("lrnnx_us") or np.nan for row in best]
-        ax.scatter(positions, reference, color="k", marker="_", s=400, zorder=3, label="PyTorch lrnnx CUDA graph (H100)")
+        ax.scatter(positions, reference, color="k", marker="_", s=400, zorder=3,
+                   label="PyTorch lrnnx CUDA graph (H100)")
         ax.axhline(TARGET_US, color="r", ls="--", lw=1, label=f"target {TARGET_US:g} µs")
         ax.set(yscale="log", ylabel="µs per generated step", xticks=positions, title="B=32, H=128, 512 steps")
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
@@ -239,7 +243,8 @@ def run_sweep(name: str, spec: BenchModel, args, config: GenerationConfig, progr
         )
         progress.update(f"{name} {spec.name} {column}={value}")
 
-    timing = dict(repeats=args.repeats, event=spec.event, config=config, warmup=args.warmup, runs=args.runs, on_value=record)
+    timing = dict(repeats=args.repeats, event=spec.event, config=config, warmup=args.warmup, runs=args.runs,
+                  on_value=record)
     if name == "seq":
         results = function(spec.model_fn(args.target_dim, SWEEP_STATE), values, args.target_batch, **timing)
     elif name == "dim":
@@ -256,7 +261,7 @@ def target_configs(args) -> list[GenerationConfig]:
         GenerationConfig(chunk_size=args.chunk_size, block_size=block, unroll=unroll)
         for block in args.block_size
         for unroll in args.unroll
-        if unroll <= block
+        if unroll is None or unroll <= block
     ]
 
 
@@ -277,7 +282,7 @@ def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[d
         rows.append(
             dict(
                 model=spec.name, command_buffer=label, chunk_size=config.chunk_size, block_size=config.block_size,
-                unroll=config.unroll, B=args.target_batch,
+                unroll=config.resolved().unroll, B=args.target_batch,
                 H=args.target_dim, d_state=spec.kwargs(args.target_dim, args.target_state).get("d_state"), steps=steps,
                 mean_ms=float(np.mean(times)), min_ms=float(np.min(times)), max_ms=float(np.max(times)), us_per_step=us,
                 compile_s=timings.compile_s[steps], loop_us_per_step=loop_us,
@@ -285,7 +290,7 @@ def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[d
                 speedup_vs_lrnnx=None if spec.lrnnx_us is None else spec.lrnnx_us / us, meets_target=us <= TARGET_US,
             )
         )
-        progress.update(f"target {spec.name} block={config.block_size} unroll={config.unroll} [{label}]")
+        progress.update(f"target {spec.name} block={config.block_size} unroll={config.resolved().unroll} [{label}]")
     return rows
 
 
@@ -308,7 +313,8 @@ def run_command_buffer_child(setting: str, args, index: int) -> tuple[list[dict]
         sys.executable, "-m", "benchmarks.run_all", "--sweeps", "target", "--no-plot", "--no-baseline",
         "--out", str(out), "--label", setting, "--models", ",".join(args.models),
         "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--runs", str(args.runs),
-        "--unroll", ",".join(map(str, args.unroll)), "--block-size", ",".join(map(str, args.block_size)),
+        "--unroll", ",".join("auto" if u is None else str(u) for u in args.unroll),
+        "--block-size", ",".join(map(str, args.block_size)),
         "--chunk-size", str(args.chunk_size),
         "--target-batch", str(args.target_batch), "--target-dim", str(args.target_dim),
         "--target-state", str(args.target_state), "--target-steps", str(args.target_steps),
@@ -317,7 +323,8 @@ def run_command_buffer_child(setting: str, args, index: int) -> tuple[list[dict]
     completed = subprocess.run(command, env=env)
     results = out / "results.json"
     if completed.returncode != 0 or not results.exists():
-        return [], [dict(section="target", model="*", command_buffer=setting, error=f"child exited with {completed.returncode}")]
+        error = f"child exited with {completed.returncode}"
+        return [], [dict(section="target", model="*", command_buffer=setting, error=error)]
     data = json.loads(results.read_text())
     return data["target"], data["failures"]
 
@@ -326,6 +333,9 @@ def run_command_buffer_child(setting: str, args, index: int) -> tuple[list[dict]
 def parse_args(argv=None):
     def ints(text):
         return [int(v) for v in text.split(",") if v]
+
+    def unrolls(text):
+        return [None if v == "auto" else int(v) for v in text.split(",") if v]
 
     names = [m.name for m in MODELS]
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[0])
@@ -343,9 +353,11 @@ def parse_args(argv=None):
     parser.add_argument("--chunk-size", type=int, default=default.chunk_size, help="GenerationConfig.chunk_size")
     parser.add_argument("--block-size", type=ints, default=[default.block_size],
                         help="GenerationConfig.block_size values; the sweeps use the first")
-    parser.add_argument("--unroll", type=ints, default=[default.unroll], help="GenerationConfig.unroll values; the sweeps use the first")
+    parser.add_argument("--unroll", type=unrolls, default=[None],
+                        help="GenerationConfig.unroll values ('auto': 8 on GPUs, 1 on CPU); the sweeps use the first")
     parser.add_argument("--command-buffer", action="append", default=[], metavar="SETTING",
-                        help="rerun the target section with --xla_gpu_enable_command_buffer=SETTING ('off': none); repeatable")
+                        help="rerun the target section with --xla_gpu_enable_command_buffer=SETTING ('off': none); "
+                        "repeatable")
     parser.add_argument("--target-batch", type=int, default=32)
     parser.add_argument("--target-dim", type=int, default=128)
     parser.add_argument("--target-state", type=int, default=64)
@@ -361,7 +373,8 @@ def parse_args(argv=None):
     sections = [s for s in args.sweeps.split(",") if s]
     unknown_sections = sorted(set(sections) - set(SECTIONS))
     if unknown or unknown_sections:
-        parser.error(f"unknown models {unknown} or sweeps {unknown_sections}; models: {names}, sweeps: {list(SECTIONS)}")
+        parser.error(f"unknown models {unknown} or sweeps {unknown_sections}; "
+                     f"models: {names}, sweeps: {list(SECTIONS)}")
     args.sections = [s for s in SECTIONS if s in sections]
     quick = dict(repeats=2, warmup=2, runs=10) if args.quick else dict(repeats=5, warmup=10, runs=90)
     for key, value in quick.items():
@@ -384,7 +397,8 @@ def main(argv=None) -> dict:
             target += rows
             failures += child_failures
     env = environment(args)
-    print(f"device {env['device']} | jax {env['versions']['jax']} | flax {env['versions']['flax']} | XLA_FLAGS={env['XLA_FLAGS']!r}")
+    print(f"device {env['device']} | jax {env['versions']['jax']} | flax {env['versions']['flax']} | "
+          f"XLA_FLAGS={env['XLA_FLAGS']!r}")
     sweep_config = GenerationConfig(chunk_size=args.chunk_size, block_size=args.block_size[0], unroll=args.unroll[0])
     sizes = {"seq": len(args.seq_lengths), "dim": len(args.model_dims), "batch": len(args.batch_sizes),
              "target": len(target_configs(args)) + (0 if args.no_baseline else 1)}
@@ -399,8 +413,8 @@ def main(argv=None) -> dict:
                     sweeps[section] += run_sweep(section, spec, args, sweep_config, progress)
             except Exception as error:  # a model that fails is reported and the run goes on, as in lrnnx
                 progress.write(f"  {section} {spec.name} FAILED: {type(error).__name__}: {error}")
-                failures.append(dict(section=section, model=spec.name, command_buffer=args.label, error=f"{type(error).__name__}: {error}",
-                                     traceback=traceback.format_exc(limit=3)))
+                failures.append(dict(section=section, model=spec.name, command_buffer=args.label,
+                                     error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=3)))
     progress.close()
     # the children skip the baseline loop: give their rows this process's
     loops = {row["model"]: row["loop_us_per_step"] for row in target if row["loop_us_per_step"] is not None}
@@ -421,8 +435,8 @@ def main(argv=None) -> dict:
     return results
 
 
-TARGET_COLUMNS = ["model", "command_buffer", "block_size", "unroll", "d_state", "us_per_step", "loop_us_per_step", "speedup_vs_loop",
-                  "lrnnx_us", "speedup_vs_lrnnx", "meets_target", "compile_s"]
+TARGET_COLUMNS = ["model", "command_buffer", "block_size", "unroll", "d_state", "us_per_step", "loop_us_per_step",
+                  "speedup_vs_loop", "lrnnx_us", "speedup_vs_lrnnx", "meets_target", "compile_s"]
 
 
 def write_report(out: pathlib.Path, env: dict, sweeps, target, failures, plots) -> str:
@@ -452,7 +466,8 @@ def write_report(out: pathlib.Path, env: dict, sweeps, target, failures, plots) 
     if plots:
         parts += ["\n## Plots"] + [f"![{name}]({name})" for name in plots]
     if failures:
-        parts += ["\n## Failures"] + [f"- {f['section']} {f['model']} [{f['command_buffer']}]: {f['error']}" for f in failures]
+        parts += ["\n## Failures"]
+        parts += [f"- {f['section']} {f['model']} [{f['command_buffer']}]: {f['error']}" for f in failures]
     report = "\n".join(parts)
     (out / "report.md").write_text(report + "\n")
     return report

@@ -197,7 +197,8 @@ class CompiledGenerator:
 
     def __init__(self, spec: ProgramSpec):
         self.spec = spec
-        self.batch_size, self.event_mode, self.dtype, self.d_model = spec.batch_size, spec.event_mode, spec.dtype, spec.d_model
+        self.batch_size, self.event_mode = spec.batch_size, spec.event_mode
+        self.dtype, self.d_model = spec.dtype, spec.d_model
         leaf_types = [jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type) for t in spec.leaf_types]
         cache_types = jax.eval_shape(
             lambda leaves: jax.tree.unflatten(spec.treedef, leaves).allocate_inference_cache(
@@ -208,7 +209,9 @@ class CompiledGenerator:
         # allocate_inference_cache returns zeros; building them from NumPy compiles nothing
         self._initial_cache = jax.tree.map(lambda t: jax.device_put(np.zeros(t.shape, t.dtype)), cache_types)
         chunk = spec.config.chunk_size
-        taus_type = jax.ShapeDtypeStruct((spec.batch_size, chunk), compute_dtype(spec.dtype)) if spec.event_mode else None
+        taus_type = None
+        if spec.event_mode:
+            taus_type = jax.ShapeDtypeStruct((spec.batch_size, chunk), compute_dtype(spec.dtype))
         start = time.perf_counter()
         self.compiled = jax.jit(build_program(spec)).lower(
             leaf_types,
@@ -289,7 +292,7 @@ def capture_graph(
       max_seqlen: passed to ``allocate_inference_cache``.
       event_mode: whether ``generate`` will receive ``integration_timesteps``.
       dtype: dtype of ``x`` and of the outputs (default float32).
-      config: a :class:`GenerationConfig` (chunk size, unroll, backend).
+      config: a :class:`GenerationConfig` (chunk and block sizes, unroll, backend).
 
     Returns:
       A :class:`CompiledGenerator` for ``generate(..., graph_cache=...)``. It serves
@@ -343,7 +346,15 @@ def _check_timesteps(integration_timesteps, batch_size: int, num_steps: int, dty
     return np.asarray(tau, compute_dtype(dtype))
 
 
-def generate(model, x, num_steps: int, graph_cache: Optional[CompiledGenerator] = None, integration_timesteps=None, *, config: Optional[GenerationConfig] = None):
+def generate(
+    model,
+    x,
+    num_steps: int,
+    graph_cache: Optional[CompiledGenerator] = None,
+    integration_timesteps=None,
+    *,
+    config: Optional[GenerationConfig] = None,
+):
     """Closed-loop generation from a fresh state: output t is the input of step t + 1.
 
     Args:
@@ -369,7 +380,8 @@ def generate(model, x, num_steps: int, graph_cache: Optional[CompiledGenerator] 
     if graph_cache is None:
         _check_event_mode(model, integration_timesteps is not None)
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
-        leaves, spec = _model_spec(model, batch_size, dtype, integration_timesteps is not None, 1, config or DEFAULT_CONFIG)
+        event_mode = integration_timesteps is not None
+        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config or DEFAULT_CONFIG)
         graph_cache = _cached_generator(spec)
     else:
         if batch_size != graph_cache.batch_size:
@@ -394,5 +406,7 @@ def generate(model, x, num_steps: int, graph_cache: Optional[CompiledGenerator] 
                 f"{type(model).__name__}; re-capture with capture_graph(model, batch_size={batch_size})"
             )
     dtype = graph_cache.dtype
-    taus = None if integration_timesteps is None else _check_timesteps(integration_timesteps, batch_size, num_steps, dtype)
+    taus = None
+    if integration_timesteps is not None:
+        taus = _check_timesteps(integration_timesteps, batch_size, num_steps, dtype)
     return graph_cache.rollout(leaves, _as_input(x, dtype), taus, num_steps)

@@ -584,7 +584,7 @@ def _param_shapes(treedef, leaf_types, family_name: str, event_mode: bool):
         taus = jnp.ones((1,), jnp.float32) if event_mode else None
         return FAMILIES[family_name].cell(model, 1, taus, None).params
 
-    out = jax.eval_shape(shapes, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
+    out = jax.eval_shape(shapes, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_types])
     return {k: tuple(v.shape) for k, v in out.items()}
 
 
@@ -592,7 +592,7 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
     """None when :func:`fused_generate` can run this model, else the reason it cannot.
 
     Args:
-      model: an lrnnx_jax model.
+      model: an lrnnx_jax model (concrete, or abstract from ``nnx.eval_shape``).
       batch_size: B.
       event_mode: whether ``integration_timesteps`` will be given.
       dtype: the dtype of ``x`` (float32 when None).
@@ -618,7 +618,8 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
         return f"parameters of dtype {jnp.dtype(wide[0]).name} (the fused kernels take float32/complex64 parameters)"
     if not isinstance(batch_size, int) or batch_size < 1:
         return f"batch_size={batch_size!r}"
-    shapes = _param_shapes(treedef, tuple(jax.typeof(leaf) for leaf in leaves), family.name, bool(event_mode))
+    leaf_types = tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves)  # arrays or abstract values
+    shapes = _param_shapes(treedef, leaf_types, family.name, bool(event_mode))
     largest, total = _padded_sizes(shapes)
     if largest > MAX_TILE or total > MAX_PARAMS:
         big = max(shapes, key=lambda k: math.prod(shapes[k]))
