@@ -18,7 +18,7 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --durations=25 tests
 
 clean:
 	rm -rf $(VENV)

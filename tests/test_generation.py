@@ -60,8 +60,9 @@ def compile_log():
 def step_loop(model, x0, num_steps, tau=None):
     """Closed-loop reference: a Python loop over ``model.step``; ``tau`` is (B, 1) or (B, num_steps).
 
-    Eager, with the shapes of tests/test_model_contract.py's loop, so that the
-    suite compiles its operations once for both.
+    Called as a user calls it (the base class compiles the step once per shape),
+    with the shapes of tests/test_model_contract.py's loop, so that the suite
+    compiles it once for both.
     """
     cache = model.allocate_inference_cache(x0.shape[0])
     x, ys = jnp.asarray(x0), []

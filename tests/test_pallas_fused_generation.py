@@ -17,10 +17,10 @@ from flax import nnx
 
 from conftest import relative_error
 from lrnnx_jax import generation
+from lrnnx_jax.convert import model_class
 from pallas_kernels import dispatch
 from pallas_kernels import fused_generation as fg
 from pallas_kernels import gpu_fused_selftest as selftest
-from lrnnx_jax.convert import model_class
 from zoo import H
 
 BATCH, STEPS = 3, 24
@@ -33,21 +33,27 @@ MAMBA_DT = dict(dt_min=0.05, dt_max=0.5)  # steps at which the discretizations d
 #: with and without bias, linear biases, dirac's gamma = 1, expand 1.5 (padded channels)
 CONFIGS = {
     "LRU": ("lti.LRU", dict(d_model=H, d_state=5, r_min=0.4, r_max=0.95), None),
-    "S5-zoh": ("lti.S5", dict(d_model=H, d_state=4, discretization="zoh"), None),
     "S5-async-event-row": ("lti.S5", dict(d_model=H, d_state=4, discretization="async"), "row"),
     "ltv.S5-bilinear-conj-event": ("ltv.S5", dict(d_model=H, d_state=3, discretization="bilinear", conj_sym=True), "step"),
     "ltv.S5-dirac-event": ("ltv.S5", dict(d_model=H, d_state=4, discretization="dirac", step_rescale=2.0), "step"),
-    "CentaurusNeck": ("lti.Centaurus", dict(d_model=H, d_state=5, sub_state_dim=3, mode="neck"), None),
-    "CentaurusDWS-zoh": ("lti.Centaurus", dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws", discretization="zoh"), None),
-    "Mamba": ("ltv.Mamba", dict(d_model=H, d_state=4, **MAMBA_DT), None),
+    "CentaurusNeck-zoh": ("lti.Centaurus", dict(d_model=H, d_state=5, sub_state_dim=3, mode="neck", discretization="zoh"), None),
+    "CentaurusDWS": ("lti.Centaurus", dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws"), None),
     "Mamba-zoh-k2-e1.5-bias": ("ltv.Mamba", dict(d_model=H, d_state=3, d_conv=2, expand=1.5, discretization="zoh",
                                                  bias=True, dt_rank=2, **MAMBA_DT), None),
+    "Mamba-k2-e1.5-bias": ("ltv.Mamba", dict(d_model=H, d_state=3, d_conv=2, expand=1.5, bias=True, dt_rank=2,
+                                             **MAMBA_DT), None),
     "Mamba-dirac-event-noconvbias": ("ltv.Mamba", dict(d_model=H, d_state=4, d_conv=3, discretization="dirac",
                                                        conv_bias=False, **MAMBA_DT), "step"),
     "RGLRU-e2-k2-bias": ("ltv.RGLRU", dict(d_model=H, d_conv=2, expand=2, bias=True, conv_bias=False), None),
+    # S4D: bottleneck, 2 channels flattened (h c), input gate and output gate; and the identity output
+    "S4D-bottleneck-c2-swap-gates": ("lti.S4D", dict(d_model=H, d_state=8, bottleneck=2, channels=2, gate=2,
+                                                     swap_channels=True, disc="bilinear", transposed=False,
+                                                     dt_min=0.01, dt_max=0.5), None),
+    "S4D-no-output-layer": ("lti.S4D", dict(d_model=H, d_state=6, final_act=None, init="diag-lin", transposed=False,
+                                            dt_min=0.01, dt_max=0.5), None),
 }
-FUSED = ["LRU", "S5-zoh", "S5-async-event-row", "ltv.S5-bilinear-conj-event", "CentaurusNeck",
-         "Mamba-zoh-k2-e1.5-bias", "Mamba-dirac-event-noconvbias", "RGLRU-e2-k2-bias"]
+FUSED = ["LRU", "S5-async-event-row", "ltv.S5-bilinear-conj-event", "CentaurusNeck-zoh", "Mamba-zoh-k2-e1.5-bias",
+         "Mamba-dirac-event-noconvbias", "RGLRU-e2-k2-bias", "S4D-bottleneck-c2-swap-gates"]
 
 
 def build(name, seed=0):
@@ -89,26 +95,19 @@ def test_block_path_equals_generate(name):
 
 
 def test_parameters_are_arguments():
-    """One jitted function serves new parameter values (nothing is baked into the kernel)."""
+    """New parameter values reuse the compiled rollout (nothing is baked into the kernel)."""
     model, _ = build("LRU", seed=5)
-    graphdef, state = nnx.split(model)
-    x0, _ = _inputs(6, steps=10)
-    traces = []
-
-    @jax.jit
-    def rollout(state, x0):
-        traces.append(1)
-        return fg.fused_generate(nnx.merge(graphdef, state), x0, 10)
-
-    first = rollout(state, x0)
-    state = jax.tree.map(lambda a: a * 0.9, state)
-    second = rollout(state, x0)
-    assert len(traces) == 1
-    assert relative_error(second, _unfused(nnx.merge(graphdef, state), x0, 10, None)) < TOL
+    x0, _ = _inputs(6)
+    first = fg.fused_generate(model, x0, STEPS)
+    compiled = fg._rollout._cache_size()
+    nnx.update(model, jax.tree.map(lambda a: 0.9 * a, nnx.state(model, nnx.Param)))
+    second = fg.fused_generate(model, x0, STEPS)
+    assert fg._rollout._cache_size() == compiled
+    assert relative_error(second, _unfused(model, x0, STEPS, None)) < TOL
     assert relative_error(first, second) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ltv.S5-bilinear-conj-event", "CentaurusDWS-zoh"])
+@pytest.mark.parametrize("name", ["ltv.S5-bilinear-conj-event", "CentaurusDWS", "S4D-no-output-layer"])
 def test_fused_program_in_generate(name):
     """``generate`` through fused_program: chunks of 8 carry the cache across calls; 19 steps end in a partial call."""
     model, event = build(name, seed=7)
@@ -122,7 +121,7 @@ def test_fused_program_in_generate(name):
     assert relative_error(ys, _unfused(model, x0, 19, taus)) < TOL
 
 
-@pytest.mark.parametrize("name", ["Mamba", "RGLRU-e2-k2-bias"])
+@pytest.mark.parametrize("name", ["Mamba-k2-e1.5-bias", "RGLRU-e2-k2-bias"])
 def test_fused_program_cache_after_num_valid_steps(name):
     """The program stops after ``num_valid`` steps and returns that state, in the model's cache format."""
     model, _ = build(name, seed=9)
@@ -177,7 +176,7 @@ def test_fallback_reason_and_switch(name, lrnnx_name, kwargs):
 
 
 def test_other_refusals_and_the_switch(monkeypatch):
-    lru, mamba = (selftest.abstract_model(*CONFIGS[name][:2]) for name in ("LRU", "Mamba"))
+    lru, mamba = (selftest.abstract_model(*CONFIGS[name][:2]) for name in ("LRU", "Mamba-k2-e1.5-bias"))
     assert "event mode on LRU" in fg.fused_generate_supported(lru, 4, True)
     assert "x of dtype bfloat16" in fg.fused_generate_supported(lru, 4, False, jnp.bfloat16)
     assert fg.fused_generate_supported(mamba, fg.MAX_STREAMING_BATCH + 1, False) is None  # all in registers at H=6
