@@ -102,7 +102,8 @@ class LRNN(nnx.Module):
         validation.check_cache_batch(cache, x_t.shape[0], self.cache_batch_key)
         tau = self._check_timesteps(integration_timesteps, (x_t.shape[0],))
         graphdef, state = nnx.split(self)
-        y_t, new_cache = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
+        y_t, new_cache, rng_state = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
+        nnx.update(self, rng_state)
         return y_t.astype(x_t.dtype), new_cache
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> Cache:
@@ -148,7 +149,9 @@ def _jit_forward(graphdef, state, x, integration_timesteps, mask, lengths, retur
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _jit_step(graphdef, state, x_t, cache, integration_timesteps):
-    return nnx.merge(graphdef, state)._step(x_t, cache, integration_timesteps)
+    model = nnx.merge(graphdef, state)
+    y_t, cache = model._step(x_t, cache, integration_timesteps)
+    return y_t, cache, nnx.state(model, nnx.RngState)
 
 
 def last_valid(values, lengths):
