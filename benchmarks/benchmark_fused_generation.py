@@ -11,13 +11,28 @@ batch size, in the same run:
   (the compile-once XLA program, default ``GenerationConfig``);
 * ``loop``: a Python loop over a jitted ``model.step`` (``--no-loop`` skips it).
 
+``xla`` and ``loop`` run under ``use_kernels="never"``, so they stay the pure XLA
+paths whatever ``generate`` dispatches to.
+
 Each time is the median over ``--repeats`` whole rollouts after ``--warmup`` untimed
 ones, divided by the steps. For the fused kernel it also reports the bytes that must
 cross HBM (the outputs written, the streamed per-step inputs read, the state and
 parameters once per program) as a fraction of the device-to-device copy bandwidth
-measured in the same run (the number to read at B=4096). ``--num-warps`` and
-``--block-batch`` add fused variants (tuning). Prints Markdown tables; ``--out``
-writes every number as JSON. Needs only jax, flax and numpy.
+measured in the same run (the number to read at B=4096). A model refused only for
+its batch size (the one-row Mamba/RG-LRU/S4D kernels above ``MAX_STREAMING_BATCH``)
+is timed anyway and marked "forced". ``--block-batch``, ``--num-warps`` and
+``--precision`` add fused variants (tuning). Prints a Markdown table; ``--out`` writes
+every number as JSON. Needs only jax, flax and numpy.
+
+On an H100, with the self-test, in one call of about 10 minutes::
+
+    python -m pallas_kernels.gpu_fused_selftest --out selftest.json
+    python -m benchmarks.benchmark_fused_generation --repeats 10 --out bench.json
+
+and a tuning run of the diagonal kernels' paths::
+
+    python -m benchmarks.benchmark_fused_generation --models LRU,S5,ltv.S5-event --batches 32 256 4096 \
+        --block-batch 1 16 32 --num-warps 0 4 8 --no-loop --repeats 5
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from flax import nnx
 
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
+from pallas_kernels import dispatch
 from pallas_kernels import fused_generation as fg
 
 
@@ -149,16 +165,23 @@ def hbm_bytes(model, batch: int, steps: int, event: bool, config: fg.FusedConfig
     params, state, streamed = jax.eval_shape(
         lambda: (lambda c: (c.params, c.state, c.step_inputs))(family.cell(model, batch, taus, None)))
     size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree)) * 4
-    block = 1 if family.name != "diagonal" else (
-        config.block_batch or (1 if batch <= fg.MAX_ROWS_PATH_BATCH else fg.DEFAULT_BLOCK_BATCH))
+    block = fg.effective_block_batch(family.name == "diagonal", batch, config)
     return batch * steps * model.d_model * 4 + size(streamed) + 2 * size(state) + size(params) * -(-batch // block)
 
 
-def fused_configs(args) -> list[fg.FusedConfig]:
-    configs = [fg.FusedConfig(precision=args.precision)]
-    for warps in args.num_warps:
-        for block in args.block_batch:
-            configs.append(fg.FusedConfig(num_warps=warps or None, block_batch=block or None, precision=args.precision))
+def fused_configs(args, blockable: bool) -> list[fg.FusedConfig]:
+    """Every combination of ``--block-batch``, ``--num-warps`` and ``--precision`` (0: automatic).
+
+    Cells that only have the one-row path (not ``blockable``) skip the block variants and the precisions
+    (which only change the block path's dots).
+    """
+    configs = []
+    for block in args.block_batch:
+        for warps in args.num_warps:
+            for precision in args.precision:
+                if not blockable and (block > 1 or precision != "highest"):
+                    continue
+                configs.append(fg.FusedConfig(block_batch=block or None, num_warps=warps or None, precision=precision))
     return list(dict.fromkeys(configs))
 
 
@@ -172,15 +195,16 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
     # refused only for its batch size (one-row programs re-reading their parameters): timed anyway, marked
     force = reason is not None and fg.fused_generate_supported(model, 1, spec.event) is None
     xla_us = loop_us = None
-    if not args.no_xla:
-        run, compile_s = xla_runner(model, x0, tau, steps)
-        xla_us = 1e6 * median_seconds(run, args.warmup, args.repeats) / steps
-    if not args.no_loop and batch in args.loop_batches:
-        run, compile_s = loop_runner(model, x0, tau, steps)
-        loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
+    with dispatch.kernel_config(use_kernels="never"):  # the XLA program and step, whatever generate dispatches to
+        if not args.no_xla:
+            run, _ = xla_runner(model, x0, tau, steps)
+            xla_us = 1e6 * median_seconds(run, args.warmup, args.repeats) / steps
+        if not args.no_loop and batch in args.loop_batches:
+            run, _ = loop_runner(model, x0, tau, steps)
+            loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
     if reason is not None and not force:
         return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
-    for config in fused_configs(args):
+    for config in fused_configs(args, fg.family_of(model).name == "diagonal"):
         try:
             run, compile_s = fused_runner(model, x0, tau, steps, config, force)
             seconds = median_seconds(run, args.warmup, args.repeats)
@@ -198,7 +222,7 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
 
 
 def _variant(config: fg.FusedConfig) -> str:
-    parts = [f"warps={config.num_warps}" if config.num_warps else "", f"block={config.block_batch}" if config.block_batch else "",
+    parts = [f"block={config.block_batch}" if config.block_batch else "", f"warps={config.num_warps}" if config.num_warps else "",
              "" if config.precision == "highest" else config.precision]
     return " ".join(p for p in parts if p) or "auto"
 
@@ -229,11 +253,15 @@ def main(argv=None):
     parser.add_argument("--no-xla", action="store_true")
     parser.add_argument("--no-loop", action="store_true")
     parser.add_argument("--loop-batches", type=int, nargs="+", default=[32], help="batches at which the Python loop is timed")
-    parser.add_argument("--num-warps", type=int, nargs="*", default=[], help="extra fused variants (0: auto)")
-    parser.add_argument("--block-batch", type=int, nargs="*", default=[0], help="with --num-warps: rows per program (0: auto)")
-    parser.add_argument("--precision", default="highest", choices=fg.PRECISIONS)
+    parser.add_argument("--block-batch", type=int, nargs="+", default=[0], help="fused variants: rows per program (0: auto)")
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[0], help="fused variants: warps per program (0: auto)")
+    parser.add_argument("--precision", nargs="+", default=["highest"], choices=fg.PRECISIONS,
+                        help="fused variants: dot precision of the block path")
+    parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
     parser.add_argument("--out", default=None, help="write every number as JSON to this file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats, args.warmup = [32, 4096], 5, 1
     models = MODELS if args.models is None else [m for m in MODELS if m.name in args.models.split(",")]
     device = jax.devices()[0]
     bandwidth = copy_bandwidth()

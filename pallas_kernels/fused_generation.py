@@ -24,8 +24,10 @@ lower in Pallas (elementwise ``jnp``, reductions, :func:`mv`). One driver,
   discretization of :mod:`pallas_kernels.kernel_math`, the gate and out_proj.
 * **rglru** (RG-LRU): gate and input projections, conv, the gates, the RG-LRU
   update (``kernel_math``'s ``"rglru"``) and out_proj.
+* **s4d** (S4D): the S4 block (bottleneck, input gate, channels, output gate,
+  GELUs, output layer) around the per-channel diagonal SSMs of ``discrete_system``.
 
-S4 (dense DPLR step), S4D (per-channel SSM inside the S4 block) and S7 (per-token
+S4 (its step is a dense ``N x N`` complex matrix per channel) and S7 (per-token
 ``B_t``, ``C_t`` projections with ``2 H^2 N`` weights) are not fused: for them, and
 for whatever does not fit on chip, :func:`fused_generate_supported` gives the
 reason and the caller keeps the compile-once XLA program.
@@ -48,29 +50,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 
 OP = "fused_generation"
-PRECISIONS = ("highest", "fast")
+PRECISIONS = ("highest", "ieee", "fast")
 #: up to this batch a diagonal cell runs one row per program (exact float32 FMAs); above,
 #: blocks of rows with tensor-core dots (a better use of the GPU when every SM has many rows)
-MAX_ROWS_PATH_BATCH = 512
+MAX_ROWS_PATH_BATCH = 256
 #: rows per program of the block path when ``FusedConfig.block_batch`` is None
 DEFAULT_BLOCK_BATCH = 16
 #: largest padded parameter tile (elements) and padded parameter total (float32 numbers)
 #: that a program holds: 64 K numbers (256 KiB) is the register file of an SM
 MAX_TILE = 1 << 16
 MAX_PARAMS = 1 << 17
-#: parameter numbers per warp kept in registers for the whole loop (64 registers per
+#: parameter numbers per warp kept in registers for the whole loop (80 registers per
 #: thread); the largest other parameters are re-read every step (from L1/L2)
-HOIST_PER_WARP = 2048
+HOIST_PER_WARP = 2560
+#: Triton addresses an array with 32-bit offsets
+MAX_ELEMENTS = 2**31 - 1
 #: a one-row-per-program cell that re-reads parameters every step is refused above this batch:
 #: every row then streams them from L2 at every step, and the XLA program is faster
 MAX_STREAMING_BATCH = 512
@@ -79,10 +84,9 @@ MIN_LANES = 16
 #: the dot algorithms of the block path on the GPU
 GPU_PRECISION = {
     "highest": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32,
     "fast": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
 }
-
-Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +98,12 @@ class FusedConfig:
         per row), or a power of two >= 16 (tensor-core dots; diagonal cells only).
         None: 1 up to :data:`MAX_ROWS_PATH_BATCH` rows, else :data:`DEFAULT_BLOCK_BATCH`.
       num_warps: warps per program (a power of two); None picks by the parameter size.
-      precision: ``"highest"`` (float32 accuracy) or ``"fast"`` (1-pass TF32 dots in
-        the block path: about 1e-3 relative per product; an explicit opt-in).
-      interpret: Pallas interpret mode; None: when not on an NVIDIA GPU.
+      precision: the dots of the block path: ``"highest"`` (3-pass TF32 on the tensor
+        cores, float32 accuracy), ``"ieee"`` (float32 multiply-adds, slower) or ``"fast"``
+        (1-pass TF32: about 1e-3 relative per product; an explicit opt-in). The
+        one-row path always uses float32 multiply-adds.
+      interpret: Pallas interpret mode; None: as the process-wide
+        :class:`~pallas_kernels.dispatch.KernelConfig` says (by default: when not on an NVIDIA GPU).
     """
 
     block_batch: Optional[int] = None
@@ -243,12 +250,13 @@ def _diagonal_system(model, taus):
     ``(B, T, N)``. ``skip`` is ``("diag", D (H,))``, ``("full", D (H, H))`` (``y += x @ D``) or None.
     """
     from lrnnx_jax.models.lti import lru, s5 as lti_s5
+    from lrnnx_jax.models.ltv import s5 as ltv_s5
 
     if isinstance(model, lru.LRU):
         return (*model.discrete_system(), ("diag", model.D[...]))
     if isinstance(model, lti_s5.S5):
         return (*model.discrete_system(taus), ("full", model.D[...]))
-    if hasattr(model, "step_rescale"):  # ltv.S5
+    if isinstance(model, ltv_s5.S5):
         return (*model.discrete_system(taus), ("diag", model.D[...]))
     return (*model.discrete_system(), None)  # Centaurus (no event mode)
 
@@ -315,12 +323,11 @@ def _conv_cache(state, ref, D, K):
     return jnp.stack([state[f"conv{k}"][:, :D] for k in range(K)], axis=-1).astype(ref.dtype)
 
 
-def _linear(linear, shape_kernel, transpose, p, name, bias_shape=None):
-    """Store an ``nnx.Linear``'s kernel (``(in, out)``; transposed when asked) and bias."""
-    kernel = linear.kernel[...]
-    p[name] = _pad(kernel.T if transpose else kernel, shape_kernel)
-    if linear.bias is not None and bias_shape is not None:
-        p[name + "_b"] = _pad(linear.bias[...], bias_shape)
+def _linear(linear, kernel_shape, p, name):
+    """Store an ``nnx.Linear``'s kernel (``(in, out)``) padded to ``kernel_shape``, and its bias as ``name_b``."""
+    p[name] = _pad(linear.kernel[...], kernel_shape)
+    if linear.bias is not None:
+        p[name + "_b"] = _pad(linear.bias[...], kernel_shape[1:])
 
 
 # --- Mamba
@@ -360,10 +367,10 @@ def mamba_cell(model, batch, taus=None, cache=None) -> Cell:
     W_x = model.x_proj.kernel[...]
     p["Wx_r"], p["Wx_B"], p["Wx_C"] = (_pad(W_x[:, a:b].T, (n, Dp)) for a, b, n in
                                        ((0, R, Rp), (R, R + N, Np), (R + N, R + 2 * N, Np)))
-    _linear(model.dt_proj, (Rp, Dp), False, p, "Wdt", (Dp,))
+    _linear(model.dt_proj, (Rp, Dp), p, "Wdt")
     p["A"] = _pad(model._A(), (Dp, Np), value=-1.0)  # padded lanes: a finite, nonzero A (zoh divides by A)
     p["Dskip"] = _pad(model.D[...], (Dp,))
-    _linear(model.out_proj, (Dp, Hp), False, p, "Wout", (Hp,))
+    _linear(model.out_proj, (Dp, Hp), p, "Wout")
     row_inputs, step_inputs = {}, {}
     if taus is not None:
         p["dtA"] = _pad(jax.nn.softplus(model.dtA_proj.bias[...]), (Dp,))
@@ -402,13 +409,13 @@ def rglru_cell(model, batch, taus=None, cache=None) -> Cell:
     H, D, K = model.d_model, model.d_inner, model.d_conv
     Hp, Dp = _lanes(H), _lanes(D)
     p: dict = {}
-    _linear(model.gate_proj, (Hp, Dp), False, p, "Wg", (Dp,))
-    _linear(model.in_proj, (Hp, Dp), False, p, "Wi", (Dp,))
+    _linear(model.gate_proj, (Hp, Dp), p, "Wg")
+    _linear(model.in_proj, (Hp, Dp), p, "Wi")
     _conv_params(model, Dp, p)
-    _linear(model.recurrent_gate_proj, (Dp, Dp), False, p, "Wr", (Dp,))
-    _linear(model.input_gate_proj, (Dp, Dp), False, p, "Wig", (Dp,))
+    _linear(model.recurrent_gate_proj, (Dp, Dp), p, "Wr")
+    _linear(model.input_gate_proj, (Dp, Dp), p, "Wig")
     p["a_log"] = _pad(model.a_log[...][:, 0], (Dp,))
-    _linear(model.out_proj, (Dp, Hp), False, p, "Wout", (Hp,))
+    _linear(model.out_proj, (Dp, Hp), p, "Wout")
     h = jnp.zeros((rows, D), jnp.float32) if cache is None else cache["lrnn_state"][:, :, 0]
     state = {**_conv_state(cache, rows, D, Dp, K), "h": _pad(h, (rows, Dp))}
     return Cell(rglru_step(model.c, K), p, state, {}, {}, (H, Hp), False)
@@ -418,6 +425,84 @@ def rglru_cache(model, state, cache_like):
     D, K = model.d_inner, model.d_conv
     return {"conv_state": _conv_cache(state, cache_like["conv_state"], D, K),
             "lrnn_state": state["h"][:, :D, None].astype(cache_like["lrnn_state"].dtype)}
+
+
+# --- S4D: the S4 block around per-channel diagonal SSMs
+def s4d_step(channels: int, has_input_linear: bool, gate: Optional[str], final_linear: bool):
+    """The S4D block's step for one row (see :mod:`lrnnx_jax.models.lti.s4_layer`).
+
+    The SSM output of channel ``j`` is one block ``z_j (H'p,)``; every linear map
+    that reads the flattened ``(c h)`` (or ``(h c)``) features is stored as one
+    row block per channel (``name{j}``), so no concatenation is needed in the kernel.
+    ``gate``: None, ``"blocks"`` (``W_o`` is the identity: ``v`` split into blocks) or
+    ``"full"`` (``W_o`` maps the blocks to one gate vector).
+    """
+
+    def step(p, x, s, inputs, precision):
+        u = mv(x, p["Win"], 0) + p["Win_b"] if has_input_linear else x
+        h = cl.add(cl.mul(_value(p, "a"), cl.Planes(s["h_re"], s["h_im"])), cl.mul(_value(p, "B"), u[:, None]))
+        blocks = [gelu(jnp.sum(cl.real(cl.mul(_value(p, f"C{j}"), h)), axis=1) + p[f"D{j}"] * u) for j in range(channels)]
+        if gate == "full":
+            g = sum(mv(z, p[f"G{j}"], 0) for j, z in enumerate(blocks)) + p["G_b"]
+            blocks = [g * gelu(mv(x, p["Wv0"], 0) + p["Wv0_b"])]
+        elif gate == "blocks":
+            blocks = [z * gelu(mv(x, p[f"Wv{j}"], 0) + p[f"Wv{j}_b"]) for j, z in enumerate(blocks)]
+        out = sum(mv(gelu(z), p[f"O{j}"], 0) for j, z in enumerate(blocks)) + _bias(p, "O_b")
+        return (gelu(out) if final_linear else out), {"h_re": h.re, "h_im": h.im}
+
+    return step
+
+
+def s4d_cell(model, batch, taus=None, cache=None) -> Cell:
+    rows = batch
+    A_bar, B_bar, C = model.discrete_system()  # (H', S), (H', S), (c, H', S); the factor 2 is in C
+    Hs, S = A_bar.shape
+    c, H = C.shape[0], model.d_model
+    Hsp, Sp, Hp = _lanes(Hs), _lanes(S), _lanes(H)
+    p: dict = {}
+    _planes(A_bar, (Hsp, Sp), "a", p)
+    _planes(B_bar, (Hsp, Sp), "B", p)
+    for j in range(c):
+        _planes(C[j], (Hsp, Sp), f"C{j}", p)
+        p[f"D{j}"] = _pad(model.D[...][j], (Hsp,))
+    if model.input_linear is not None:
+        _linear(model.input_linear, (Hp, Hsp), p, "Win")
+    # positions of channel j's H' features in the flattened (c h) or (h c) vector
+    index = [jnp.arange(Hs) * c + j if model.swap_channels else j * Hs + jnp.arange(Hs) for j in range(c)]
+    gate = None
+    if model.input_gate is not None:
+        W_v, b_v = model.input_gate.kernel[...], model.input_gate.bias[...]
+        if model.output_gate is not None:
+            gate, width = "full", W_v.shape[1]
+            W_o, b_o = model.output_gate.kernel[...], model.output_gate.bias[...]
+            for j in range(c):
+                p[f"G{j}"] = _pad(W_o[index[j]], (Hsp, _lanes(width)))
+            p["G_b"] = _pad(b_o, (_lanes(width),))
+            p["Wv0"], p["Wv0_b"] = _pad(W_v, (Hp, _lanes(width))), _pad(b_v, (_lanes(width),))
+            index = [jnp.arange(width)]
+        else:
+            gate = "blocks"
+            for j in range(c):
+                p[f"Wv{j}"], p[f"Wv{j}_b"] = _pad(W_v[:, index[j]], (Hp, Hsp)), _pad(b_v[index[j]], (Hsp,))
+    width = sum(int(i.shape[0]) for i in index)
+    if model.output_linear is not None:
+        W_out = model.output_linear.kernel[...]
+        p["O_b"] = _pad(model.output_linear.bias[...], (Hp,))
+    else:  # the flattened features are the output: a one-hot map (exact)
+        W_out = jnp.eye(width, H, dtype=jnp.float32)
+    for j, i in enumerate(index):
+        p[f"O{j}"] = _pad(W_out[i], (_lanes(int(i.shape[0])), Hp))
+    h = jnp.zeros((rows, Hs, S), jnp.complex64) if cache is None else cache["lrnn_state"]
+    h = cl.split(h)
+    state = {"h_re": _pad(h.re, (rows, Hsp, Sp)), "h_im": _pad(h.im, (rows, Hsp, Sp))}
+    step = s4d_step(c, model.input_linear is not None, gate, model.output_linear is not None)
+    return Cell(step, p, state, {}, {}, (H, Hp), False)
+
+
+def s4d_cache(model, state, cache_like):
+    ref = cache_like["lrnn_state"]
+    Hs, S = ref.shape[1:]
+    return {"lrnn_state": cl.merge(cl.Planes(state["h_re"][:, :Hs, :S], state["h_im"][:, :Hs, :S]), ref.dtype)}
 
 
 class Family(NamedTuple):
@@ -430,19 +515,19 @@ FAMILIES = {
     "diagonal": Family("diagonal", diagonal_cell, diagonal_cache),
     "mamba": Family("mamba", mamba_cell, mamba_cache),
     "rglru": Family("rglru", rglru_cell, rglru_cache),
+    "s4d": Family("s4d", s4d_cell, s4d_cache),
 }
 
 #: models that are not fused, and why (the caller keeps the XLA program)
 NOT_FUSED = {
     "S4": "S4 (its step is a dense N x N complex matrix per channel, the DPLR recurrence; not fused)",
-    "S4D": "S4D (the S4 block around its per-channel SSM, with GELUs, gates and output layers, is not fused)",
     "S7": "S7 (its per-token B_t and C_t need 2 H^2 N projection weights per step; not fused)",
 }
 
 
 def family_of(model) -> Optional[Family]:
     """The cell family of ``model``, or None when it has no fused kernel."""
-    from lrnnx_jax.models.lti import centaurus, lru, s5 as lti_s5
+    from lrnnx_jax.models.lti import centaurus, lru, s4d, s5 as lti_s5
     from lrnnx_jax.models.ltv import mamba, rglru, s5 as ltv_s5
 
     if isinstance(model, (lru.LRU, lti_s5.S5, ltv_s5.S5, centaurus.CentaurusBase)):
@@ -451,12 +536,15 @@ def family_of(model) -> Optional[Family]:
         return FAMILIES["mamba"]
     if isinstance(model, rglru.RGLRU):
         return FAMILIES["rglru"]
+    if isinstance(model, s4d.S4D):
+        return FAMILIES["s4d"]
     return None
 
 
 # ----------------------------------------------------------------------------- driver
-def _auto_block_batch(cell: Cell, batch: int, config: FusedConfig) -> int:
-    if not cell.blockable:
+def effective_block_batch(blockable: bool, batch: int, config: FusedConfig) -> int:
+    """Rows per program for a cell (``blockable``: it has the block path) under ``config``."""
+    if not blockable:
         return 1
     if config.block_batch is not None:
         return config.block_batch
@@ -502,9 +590,10 @@ def run_cell(cell: Cell, x0, num_steps: int, *, config: FusedConfig = DEFAULT_CO
     pl, plgpu = dispatch.pallas_modules()
     batch = x0.shape[0]
     H, Hp = cell.width
-    block = _auto_block_batch(cell, batch, config)
+    block = effective_block_batch(cell.blockable, batch, config)
     rows = -(-batch // block) * block
-    interpret = dispatch.interpret_mode(dispatch.KernelConfig(interpret=config.interpret))
+    interpret = dispatch.interpret_mode(
+        dispatch.get_config() if config.interpret is None else dispatch.KernelConfig(interpret=config.interpret))
     precision = jax.lax.Precision.HIGHEST if interpret else GPU_PRECISION[config.precision]
     param_shapes = {k: tuple(v.shape) for k, v in cell.params.items()}
     num_warps = _auto_num_warps(param_shapes, block, config)
@@ -518,6 +607,11 @@ def run_cell(cell: Cell, x0, num_steps: int, *, config: FusedConfig = DEFAULT_CO
     if num_valid is not None:
         groups["count"] = {"n": jnp.reshape(jnp.asarray(num_valid, jnp.int32), (1,))}
     names = [(g, k) for g in groups for k in sorted(groups[g])]
+    largest = max([batch * num_steps * H] + [a.size for a in groups["step"].values()])
+    if largest > MAX_ELEMENTS:
+        raise ValueError(
+            f"the fused kernel addresses arrays with 32-bit offsets, but {batch} rows x {num_steps} steps make an array "
+            f"of {largest} elements; generate fewer steps per call (lrnnx_jax.generation.generate runs them in chunks)")
     x0p = _pad(_pad_rows(x0, rows), (rows, Hp))
     state_names = sorted(cell.state)
 
@@ -597,11 +691,11 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
       event_mode: whether ``integration_timesteps`` will be given.
       dtype: the dtype of ``x`` (float32 when None).
 
-    The reasons: a model without a fused kernel (S4, S4D, S7), event mode on a model
+    The reasons: a model without a fused kernel (S4, S7), event mode on a model
     without one, a dtype other than float32 (input or parameters), parameters that
     do not fit on chip (a padded tile over :data:`MAX_TILE` numbers or a total over
     :data:`MAX_PARAMS`, e.g. a large H, d_inner or d_state), or, for the one-row
-    Mamba and RG-LRU kernels whose parameters do not all stay in registers, a batch
+    Mamba, RG-LRU and S4D kernels whose parameters do not all stay in registers, a batch
     over :data:`MAX_STREAMING_BATCH`.
     """
     name = type(model).__name__
@@ -616,8 +710,8 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
     wide = [leaf.dtype for leaf in leaves if hasattr(leaf, "dtype") and leaf.dtype not in (jnp.float32, jnp.complex64)]
     if wide:
         return f"parameters of dtype {jnp.dtype(wide[0]).name} (the fused kernels take float32/complex64 parameters)"
-    if not isinstance(batch_size, int) or batch_size < 1:
-        return f"batch_size={batch_size!r}"
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        return f"batch_size={batch_size!r} (expected a positive integer)"
     leaf_types = tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves)  # arrays or abstract values
     shapes = _param_shapes(treedef, leaf_types, family.name, bool(event_mode))
     largest, total = _padded_sizes(shapes)
@@ -688,27 +782,37 @@ def fused_generate(model, x0, num_steps: int, integration_timesteps=None, *, con
     """
     x0, num_steps, taus = _check_inputs(model, x0, num_steps, integration_timesteps)
     _unsupported(model, x0.shape[0], taus is not None)
+    leaves, treedef = jax.tree.flatten(model)
+    return _rollout(treedef, num_steps, config or DEFAULT_CONFIG, leaves, x0, taus)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _rollout(treedef, num_steps: int, config: FusedConfig, leaves, x0, taus):
+    """The rollout from a zero state, compiled once per model structure, shapes and config."""
+    model = jax.tree.unflatten(treedef, leaves)
     cell = family_of(model).cell(model, x0.shape[0], taus, None)
-    ys, _ = run_cell(cell, x0, num_steps, config=config or DEFAULT_CONFIG)
-    return ys
+    return run_cell(cell, x0, num_steps, config=config)[0]
 
 
-def fused_program(spec) -> Callable:
+def fused_program(spec, config: Optional[FusedConfig] = None) -> Callable:
     """A generation program running the fused kernel, for ``lrnnx_jax.generation.PROGRAM_BUILDERS``.
 
-    ``spec`` is a ``lrnnx_jax.generation.ProgramSpec``; the program has the interface
-    of ``lrnnx_jax.generation.xla_program``: ``(leaves, x, cache, taus, num_valid) ->
+    ``spec`` is a ``lrnnx_jax.generation.ProgramSpec`` (only ``treedef`` and
+    ``config.chunk_size`` are read); the program has the interface of
+    ``lrnnx_jax.generation.xla_program``: ``(leaves, x, cache, taus, num_valid) ->
     (ys (chunk_size, B, H), x_next, cache)``, with ``taus (B, chunk_size)`` or None.
     It runs ``num_valid`` steps from ``cache`` (the model's cache format) and returns
-    the state after them. Check :func:`fused_generate_supported` before building it.
+    the state after them. Check :func:`use_fused_kernel` (or
+    :func:`fused_generate_supported`, with the dtype) before building it.
     """
     chunk = spec.config.chunk_size
+    config = config or DEFAULT_CONFIG
 
     def program(leaves, x, cache, taus, num_valid):
         model = jax.tree.unflatten(spec.treedef, leaves)
         family = family_of(model)
         cell = family.cell(model, x.shape[0], taus, cache)
-        ys, state = run_cell(cell, x, chunk, time_major=True, num_valid=num_valid)
+        ys, state = run_cell(cell, x, chunk, config=config, time_major=True, num_valid=num_valid)
         x_next = jax.lax.dynamic_index_in_dim(ys, num_valid - 1, axis=0, keepdims=False)
         return ys, x_next, family.cache(model, state, cache)
 

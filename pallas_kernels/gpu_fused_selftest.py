@@ -2,7 +2,7 @@
 
 For each case of :data:`CASES` it builds the model, makes its closed loop bounded
 (:func:`bounded_model`), runs ``lrnnx_jax.generation.generate`` under
-``jax.default_matmul_precision("highest")`` (the reference) and
+``jax.default_matmul_precision("highest")`` and ``use_kernels="never"`` (the reference) and
 :func:`~pallas_kernels.fused_generation.fused_generate`, and prints one table row:
 ``err = max|fused - ref| / max|ref|`` over all steps, the same over the last eighth
 of the steps (normalised by that part's own maximum), the growth ``max|ref| /
@@ -14,6 +14,8 @@ and ``--steps``). Exits non-zero when a check fails.
 
 Needs only jax, flax and numpy. ``--out FILE`` writes every number as JSON. The
 case builders are shared with the CPU tests (tests/test_pallas_fused_generation.py).
+On an H100 the whole run (every case at 512 steps) should take a few minutes, most
+of it compiling.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ class Case:
 
 
 H, N = 128, 64
-FAST = fg.FusedConfig(precision="fast")
 
 #: realistic sizes for the GPU run (B=32, H=128, d_state=64, 16 for Mamba, 512 steps), then odd shapes
 CASES = [
@@ -70,7 +71,10 @@ CASES = [
     Case("Mamba zoh event/step", "ltv.Mamba", dict(d_model=H, d_state=16, discretization="zoh", dt_min=0.01, dt_max=0.3), event="step"),
     Case("Mamba bilinear bias k3", "ltv.Mamba", dict(d_model=H, d_state=16, discretization="bilinear", bias=True, d_conv=3)),
     Case("RG-LRU", "ltv.RGLRU", dict(d_model=H)),
-    Case("RG-LRU e2 bias", "ltv.RGLRU", dict(d_model=H, expand=2, bias=True, conv_bias=False)),
+    Case("RG-LRU k2 bias", "ltv.RGLRU", dict(d_model=H, d_conv=2, bias=True, conv_bias=False)),
+    Case("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
+    Case("S4D bilinear c2 gate2 swap", "lti.S4D", dict(d_model=H, d_state=N, disc="bilinear", channels=2, gate=2,
+                                                         swap_channels=True, transposed=False)),
     Case("LRU B=1", "lti.LRU", dict(d_model=H, d_state=N), batch=1),
     Case("LRU H=100 N=50 B=37", "lti.LRU", dict(d_model=100, d_state=50), batch=37),
     Case("Mamba H=72 N=12 B=5", "ltv.Mamba", dict(d_model=72, d_state=12), batch=5),
@@ -79,6 +83,8 @@ CASES = [
          config=fg.FusedConfig(block_batch=32)),
     Case("ltv.S5 event/step block 16", "ltv.S5", dict(d_model=H, d_state=N), batch=64, event="step",
          config=fg.FusedConfig(block_batch=16)),
+    Case("LRU block 16 precision=ieee", "lti.LRU", dict(d_model=H, d_state=N), batch=64,
+         config=fg.FusedConfig(block_batch=16, precision="ieee")),
     Case("LRU block 16 precision=fast (info)", "lti.LRU", dict(d_model=H, d_state=N), batch=64,
          config=fg.FusedConfig(block_batch=16, precision="fast"), tol=float("inf")),
 ]
@@ -86,7 +92,7 @@ CASES = [
 #: models and sizes that must take the documented fallback
 FALLBACKS = [
     ("S4", "lti.S4", dict(d_model=16, d_state=8, transposed=False)),
-    ("S4D", "lti.S4D", dict(d_model=16, d_state=8, transposed=False)),
+    ("S4D H=512 (too large)", "lti.S4D", dict(d_model=512, d_state=64, transposed=False)),
     ("S7", "ltv.S7", dict(d_model=16, d_state=8)),
     ("LRU H=512 N=256 (too large)", "lti.LRU", dict(d_model=512, d_state=256)),
     ("Mamba H=384 (too large)", "ltv.Mamba", dict(d_model=384, d_state=16)),
@@ -114,10 +120,11 @@ def build(case: Case, seed: int = 0):
 
 
 def scale_output(model, factor: float):
-    """Multiply the output path (C and D, or out_proj) by ``factor``, in place."""
+    """Multiply the output path (C and D, out_proj or output_linear) by ``factor``, in place."""
     targets = [getattr(model, n) for n in OUTPUT_PARAMS if isinstance(getattr(model, n, None), nnx.Param)]
-    if hasattr(model, "out_proj"):
-        targets.append(model.out_proj.kernel)
+    for layer in ("out_proj", "output_linear"):
+        if getattr(model, layer, None) is not None:
+            targets.append(getattr(model, layer).kernel)
     for param in targets:
         param.set_value(param.get_value() * factor)
 
@@ -148,10 +155,8 @@ def _rel(ours, ref) -> float:
 
 
 def path_of(case: Case, model) -> str:
-    cell_blockable = fg.family_of(model).name == "diagonal"
-    block = case.config.block_batch if case.config.block_batch is not None else (
-        1 if case.batch <= fg.MAX_ROWS_PATH_BATCH else fg.DEFAULT_BLOCK_BATCH)
-    return "rows" if block == 1 or not cell_blockable else f"block {block} {case.config.precision}"
+    block = fg.effective_block_batch(fg.family_of(model).name == "diagonal", case.batch, case.config)
+    return "rows" if block == 1 else f"block {block} {case.config.precision}"
 
 
 def compare(case: Case, seed: int = 0) -> dict:
@@ -188,18 +193,28 @@ def program_check(seed: int = 0, steps: int = 300, chunk: int = 128) -> dict:
     case = Case("ltv.S5 event", "ltv.S5", dict(d_model=H, d_state=N), batch=8, steps=steps, event="step")
     model, x0, taus = build(case, seed)
     ref, _ = bounded_model(model, x0, steps, taus)
-    generation.PROGRAM_BUILDERS["fused"] = fg.fused_program
+    backend = "fused_selftest"
+    generation.PROGRAM_BUILDERS[backend] = fg.fused_program
     try:
-        config = generation.GenerationConfig(chunk_size=chunk, block_size=chunk, backend="fused")
+        config = generation.GenerationConfig(chunk_size=chunk, block_size=chunk, backend=backend)
         ys = np.asarray(generation.generate(model, x0, steps, integration_timesteps=taus, config=config), np.float64)
     finally:
-        del generation.PROGRAM_BUILDERS["fused"]
+        del generation.PROGRAM_BUILDERS[backend]
     err = _rel(ys, ref)
     return dict(case=f"fused_program, {steps} steps in chunks of {chunk}", err=err, passed=err <= 1e-5)
 
 
 def run(cases, seed: int = 0, out=sys.stdout, with_fallbacks: bool = True, with_program: bool = True) -> tuple[bool, dict]:
-    """Run the checks and print the tables; returns ``(all passed, results)``."""
+    """Run the checks and print the tables; returns ``(all passed, results)``.
+
+    Runs under ``use_kernels="never"``: the reference ``generate`` is then the XLA
+    program whatever ``generate`` dispatches to (the fused kernel is called explicitly).
+    """
+    with dispatch.kernel_config(use_kernels="never"):
+        return _run(cases, seed, out, with_fallbacks, with_program)
+
+
+def _run(cases, seed, out, with_fallbacks, with_program):
     device = jax.devices()[0]
     interpret = dispatch.interpret_mode(dispatch.KernelConfig())
     print(f"device: {getattr(device, 'device_kind', device)} ({jax.default_backend()}), interpret={interpret}, "
@@ -245,7 +260,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cases = CASES
     if args.quick:
-        cases = [c for c in CASES if c.name in ("LRU", "S5 bilinear conj_sym event/step", "Mamba", "RG-LRU")]
+        cases = [c for c in CASES if c.name in ("LRU", "S5 bilinear conj_sym event/step", "Mamba", "RG-LRU", "S4D")]
     if args.only:
         cases = [c for c in cases if args.only in c.name]
     if args.steps:

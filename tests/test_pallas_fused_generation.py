@@ -5,6 +5,7 @@ documented fallbacks (models and sizes the kernels do not take, and the switch t
 
 from __future__ import annotations
 
+import io
 import types
 import warnings
 
@@ -35,8 +36,6 @@ CONFIGS = {
     "LRU": ("lti.LRU", dict(d_model=H, d_state=5, r_min=0.4, r_max=0.95), None),
     "S5-async-event-row": ("lti.S5", dict(d_model=H, d_state=4, discretization="async"), "row"),
     "ltv.S5-bilinear-conj-event": ("ltv.S5", dict(d_model=H, d_state=3, discretization="bilinear", conj_sym=True), "step"),
-    "ltv.S5-dirac-event": ("ltv.S5", dict(d_model=H, d_state=4, discretization="dirac", step_rescale=2.0), "step"),
-    "CentaurusNeck-zoh": ("lti.Centaurus", dict(d_model=H, d_state=5, sub_state_dim=3, mode="neck", discretization="zoh"), None),
     "CentaurusDWS": ("lti.Centaurus", dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws"), None),
     "Mamba-zoh-k2-e1.5-bias": ("ltv.Mamba", dict(d_model=H, d_state=3, d_conv=2, expand=1.5, discretization="zoh",
                                                  bias=True, dt_rank=2, **MAMBA_DT), None),
@@ -52,8 +51,15 @@ CONFIGS = {
     "S4D-no-output-layer": ("lti.S4D", dict(d_model=H, d_state=6, final_act=None, init="diag-lin", transposed=False,
                                             dt_min=0.01, dt_max=0.5), None),
 }
-FUSED = ["LRU", "S5-async-event-row", "ltv.S5-bilinear-conj-event", "CentaurusNeck-zoh", "Mamba-zoh-k2-e1.5-bias",
+FUSED = ["LRU", "S5-async-event-row", "ltv.S5-bilinear-conj-event", "Mamba-zoh-k2-e1.5-bias",
          "Mamba-dirac-event-noconvbias", "RGLRU-e2-k2-bias", "S4D-bottleneck-c2-swap-gates"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """``dispatch.choose_kernel`` warns once per reason and process; every test sees its own warnings."""
+    dispatch._WARNED.clear()
+    yield
 
 
 def build(name, seed=0):
@@ -85,11 +91,13 @@ def test_fused_generate_equals_generate(name):
     assert relative_error(ys, ref) < TOL
 
 
-@pytest.mark.parametrize("name", ["S5-async-event-row", "ltv.S5-dirac-event"])
-def test_block_path_equals_generate(name):
-    """Blocks of 16 rows with dots (HIGHEST in interpret mode); 20 rows leave a masked partial block."""
-    model, event = build(name, seed=3)
-    x0, taus = _inputs(4, batch=20, steps=12, event=event)
+def test_block_path_equals_generate():
+    """Blocks of 16 rows with dots (HIGHEST in interpret mode); 20 rows leave a masked partial block.
+
+    LTI S5 in event mode: the full skip matrix and the per-step ``A_bar`` streamed into a block.
+    """
+    model, _ = build("S5-async-event-row", seed=3)
+    x0, taus = _inputs(4, batch=20, steps=12, event="step")
     ys = fg.fused_generate(model, x0, 12, taus, config=fg.FusedConfig(block_batch=16))
     assert relative_error(ys, _unfused(model, x0, 12, taus)) < TOL
 
@@ -108,16 +116,13 @@ def test_parameters_are_arguments():
 
 
 @pytest.mark.parametrize("name", ["ltv.S5-bilinear-conj-event", "CentaurusDWS", "S4D-no-output-layer"])
-def test_fused_program_in_generate(name):
+def test_fused_program_in_generate(name, monkeypatch):
     """``generate`` through fused_program: chunks of 8 carry the cache across calls; 19 steps end in a partial call."""
     model, event = build(name, seed=7)
     x0, taus = _inputs(8, steps=19, event=event)
-    generation.PROGRAM_BUILDERS["fused"] = fg.fused_program
-    try:
-        config = generation.GenerationConfig(chunk_size=8, block_size=8, backend="fused")
-        ys = generation.generate(model, x0, 19, integration_timesteps=taus, config=config)
-    finally:
-        del generation.PROGRAM_BUILDERS["fused"]
+    monkeypatch.setitem(generation.PROGRAM_BUILDERS, "fused_test", fg.fused_program)
+    config = generation.GenerationConfig(chunk_size=8, block_size=8, backend="fused_test")
+    ys = generation.generate(model, x0, 19, integration_timesteps=taus, config=config)
     assert relative_error(ys, _unfused(model, x0, 19, taus)) < TOL
 
 
@@ -143,6 +148,54 @@ def test_fused_program_cache_after_num_valid_steps(name):
     chex.assert_trees_all_equal_shapes_and_dtypes(new_cache, cache)
     for key in cache:
         assert relative_error(new_cache[key], ref_cache[key]) < TOL
+
+
+@pytest.fixture
+def lower_for_h100(monkeypatch):
+    """Lower to CUDA on this CPU machine: Pallas translates each kernel to Triton IR (not compiled).
+
+    Interpret mode runs the kernel body with XLA, so it cannot see a primitive or an
+    indexing form that has no Triton lowering; this does.
+    """
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+
+    def lower(fn, *args):
+        checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        return text
+
+    return lower
+
+
+TRITON_DEPRECATION = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+
+@TRITON_DEPRECATION
+@pytest.mark.parametrize("name,block", [("S5-async-event-row", 16), ("Mamba-dirac-event-noconvbias", None),
+                                        ("RGLRU-e2-k2-bias", None), ("S4D-bottleneck-c2-swap-gates", None)])
+def test_kernels_lower_to_triton(lower_for_h100, name, block):
+    model, event = build(name)
+    x0, taus = _inputs(13, event=None if event is None else "step")
+    leaves, treedef = jax.tree.flatten(model)
+    config = fg.FusedConfig(block_batch=block, interpret=False)
+    lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS, taus,
+                                                             config=config), leaves, x0, taus)
+
+
+@TRITON_DEPRECATION
+def test_program_lowers_to_triton(lower_for_h100, monkeypatch):
+    """The generation program (one row per program): a dynamic trip count (``num_valid``), a time-major output."""
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)  # FusedConfig() then means the GPU kernel
+    model, _ = build("ltv.S5-bilinear-conj-event")
+    leaves, treedef = jax.tree.flatten(model)
+    spec = types.SimpleNamespace(treedef=treedef, config=generation.GenerationConfig(chunk_size=8, block_size=8))
+    taus = jnp.ones((BATCH, 8))
+    lower_for_h100(fg.fused_program(spec), leaves, _inputs(14)[0], model.allocate_inference_cache(BATCH), taus,
+                   jnp.int32(5))
 
 
 def test_erf_and_gelu():
@@ -183,7 +236,6 @@ def test_other_refusals_and_the_switch(monkeypatch):
     big = selftest.abstract_model("ltv.Mamba", dict(d_model=128, d_state=16))
     assert fg.fused_generate_supported(big, fg.MAX_STREAMING_BATCH, False) is None
     assert "re-read" in fg.fused_generate_supported(big, fg.MAX_STREAMING_BATCH + 1, False)
-    dispatch._WARNED.clear()
     assert not fg.use_fused_kernel(lru, 4, False)  # "auto" off-GPU: the XLA program
     assert fg.use_fused_kernel(lru, 4, False, kernel_config=dispatch.KernelConfig(use_kernels="always"))
     assert not fg.use_fused_kernel(lru, 4, False, kernel_config=dispatch.KernelConfig(use_kernels="never"))
@@ -208,6 +260,8 @@ def test_bad_arguments():
         fg.fused_generate(model, x0, 3, jnp.ones((2, 2)))
     with pytest.raises(ValueError, match="LRU has no event mode"):
         fg.fused_generate(build("LRU")[0], x0, 3, jnp.ones((2, 1)))
+    with pytest.raises(ValueError, match="32-bit offsets, but 2 rows x 268435456 steps make an array of 3221225472"):
+        fg.fused_generate(model, x0, 2**28, jnp.ones((2, 1)))
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -219,6 +273,16 @@ def test_bad_arguments():
 def test_config_rejects_bad_values(changes, message):
     with pytest.raises(ValueError, match=message):
         fg.FusedConfig(**changes)
+
+
+def test_selftest_run_prints_a_table():
+    """The GPU self-test's own loop, on one small case (interpret mode here)."""
+    case = selftest.Case("small LRU", "lti.LRU", dict(d_model=H, d_state=5, r_min=0.4, r_max=0.95), batch=2, steps=STEPS)
+    out = io.StringIO()
+    ok, results = selftest.run([case], out=out, with_fallbacks=False, with_program=False)
+    assert ok and results["cases"][0]["err"] < TOL
+    row = next(line for line in out.getvalue().splitlines() if line.startswith("| small LRU |"))
+    assert row.startswith("| small LRU | 2 | 24 | rows |") and row.endswith("|") and "| PASS |" in row
 
 
 def test_selftest_helpers_bound_the_loop():
