@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-FIXTURE_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "lrnnx_parity"
+#: ../shared/fixtures/lrnnx_parity beside the checkout; LRNNX_PARITY_FIXTURES overrides it (GPU runs carry a copy)
+FIXTURE_DIR = pathlib.Path(
+    os.environ.get("LRNNX_PARITY_FIXTURES", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "lrnnx_parity")
+)
 
 
 def fixture_names(prefix: str = "") -> list[str]:
