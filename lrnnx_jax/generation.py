@@ -22,9 +22,10 @@ loop, once per token. Here the whole generation is one XLA program:
 * Each call starts from the zero state of ``allocate_inference_cache`` (which
   every model allocates as zeros), so nothing leaks between calls.
 
-The program is built by :func:`build_program`, the one dispatch point that a
-kernel path (``GenerationConfig.backend``) registers into
-:data:`PROGRAM_BUILDERS`.
+The program is built by :func:`build_program`, the one dispatch point:
+``GenerationConfig.backend`` picks an entry of :data:`PROGRAM_BUILDERS`, the XLA
+program above or the fused Pallas kernel (:func:`fused_program`), and
+:func:`default_config` chooses between them with ``pallas_kernels``' switch.
 
 Compilation: the program is compiled by ``jax.jit(...).lower(...).compile()``.
 Besides it, ``generate`` runs one small array-assembly program (concatenate the
@@ -168,10 +169,33 @@ def xla_program(spec: ProgramSpec) -> Callable:
     return generation_program
 
 
-#: Program builders by ``GenerationConfig.backend``; a kernel path adds its own entry.
-PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {"xla": xla_program}
+def fused_program(spec: ProgramSpec) -> Callable:
+    """The whole rollout in one Pallas kernel (:mod:`pallas_kernels.fused_generation`, imported on use)."""
+    from pallas_kernels.fused_generation import fused_program as build
+
+    return build(spec)
+
+
+#: Program builders by ``GenerationConfig.backend``.
+PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {"xla": xla_program, "fused": fused_program}
 
 DEFAULT_CONFIG = GenerationConfig()
+
+
+def default_config(model, batch_size: int, dtype, event_mode: bool) -> GenerationConfig:
+    """:data:`DEFAULT_CONFIG`, with the fused backend where ``pallas_kernels``' switch selects it.
+
+    The switch is the one of the state-update kernels (``pallas_kernels.set_config(use_kernels=...)``):
+    ``"auto"`` takes the fused kernel on NVIDIA GPUs for the models and sizes it supports and where it
+    was measured faster than the XLA program; ``"always"`` wherever it is supported (in Pallas
+    interpret mode off-GPU); ``"never"`` keeps the XLA program. Anything the kernel cannot take
+    (S4, S7, bf16, parameters too large for one program) keeps the XLA program.
+    """
+    from pallas_kernels import fused_generation
+
+    if fused_generation.use_fused_kernel(model, batch_size, event_mode, dtype):
+        return dataclasses.replace(DEFAULT_CONFIG, backend="fused")
+    return DEFAULT_CONFIG
 
 
 def build_program(spec: ProgramSpec) -> Callable:
@@ -292,7 +316,8 @@ def capture_graph(
       max_seqlen: passed to ``allocate_inference_cache``.
       event_mode: whether ``generate`` will receive ``integration_timesteps``.
       dtype: dtype of ``x`` and of the outputs (default float32).
-      config: a :class:`GenerationConfig` (chunk and block sizes, unroll, backend).
+      config: a :class:`GenerationConfig` (chunk and block sizes, unroll, backend); by
+        default :func:`default_config` (the fused kernel where the switch selects it).
 
     Returns:
       A :class:`CompiledGenerator` for ``generate(..., graph_cache=...)``. It serves
@@ -306,7 +331,8 @@ def capture_graph(
     _check_event_mode(model, event_mode)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     validation.check_float(np.zeros((), dtype), "dtype")
-    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config or DEFAULT_CONFIG)
+    config = config or default_config(model, batch_size, dtype, event_mode)
+    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config)
     return CompiledGenerator(spec)
 
 
@@ -381,7 +407,8 @@ def generate(
         _check_event_mode(model, integration_timesteps is not None)
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
         event_mode = integration_timesteps is not None
-        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config or DEFAULT_CONFIG)
+        config = config or default_config(model, batch_size, dtype, event_mode)
+        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config)
         graph_cache = _cached_generator(spec)
     else:
         if batch_size != graph_cache.batch_size:

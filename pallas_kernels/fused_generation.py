@@ -728,9 +728,32 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
     return None
 
 
+def slower_than_xla(model, batch_size: int) -> Optional[str]:
+    """Why the fused kernel is not chosen under ``use_kernels="auto"`` although it supports the model.
+
+    These are the cases measured slower than the compile-once XLA program on an H100
+    (benchmarks/results/fused_generation_h100.txt, B=32 and 4096, H=128, 512 steps);
+    ``use_kernels="always"`` still runs them fused.
+    """
+    name = type(model).__name__
+    if name == "Mamba":
+        return "Mamba (fused 31 us/step vs 16 us/step for the XLA program at B=32 on an H100)"
+    if name == "RGLRU":
+        return "RGLRU (fused 11.8 us/step, no faster than the XLA program's 12.0 at B=32 on an H100)"
+    if type(model).__module__ == "lrnnx_jax.models.lti.s5" and batch_size > MAX_ROWS_PATH_BATCH:
+        return "LTI S5 on the block path (fused 305 us/step vs 38 us/step for the XLA program at B=4096 on an H100)"
+    return None
+
+
 def use_fused_kernel(model, batch_size: int, event_mode: bool, dtype=None,
                      kernel_config: Optional[dispatch.KernelConfig] = None) -> bool:
-    """The switch: :func:`pallas_kernels.dispatch.choose_kernel` on :func:`fused_generate_supported`."""
+    """The switch: :func:`pallas_kernels.dispatch.choose_kernel` on :func:`fused_generate_supported`.
+
+    Under ``use_kernels="auto"`` the cases of :func:`slower_than_xla` keep the XLA program.
+    """
+    config = dispatch.get_config() if kernel_config is None else kernel_config
+    if config.use_kernels == "auto" and slower_than_xla(model, batch_size) is not None:
+        return False
     return dispatch.choose_kernel(OP, fused_generate_supported(model, batch_size, event_mode, dtype), kernel_config)
 
 

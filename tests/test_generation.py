@@ -274,3 +274,44 @@ def test_event_mode_errors():
         generate(model, x0, 5, graph_cache=graph, integration_timesteps=-tau)
     with pytest.raises(ValueError, match="integration_timesteps must be finite"):
         generate(model, x0, 5, graph_cache=graph, integration_timesteps=tau * np.nan)
+
+
+def _zoo(name):
+    return next(e for e in ZOO if e.name == name)
+
+
+@pytest.mark.parametrize("name", ["LRU", "ltv.S5-bilinear-conj-event"])
+def test_the_kernel_switch_selects_the_fused_program(name):
+    """``use_kernels="always"`` runs the fused Pallas kernel (interpret mode here), "never" the XLA program."""
+    from pallas_kernels import kernel_config
+
+    entry = _zoo(name)
+    model = entry.build(seed=3)
+    x0, tau = inputs(2, 3, event=entry.event)
+    with kernel_config(use_kernels="never"):
+        graph = capture_graph(model, 2, event_mode=entry.event)
+        assert graph.spec.config.backend == "xla"
+        reference = generate(model, x0, 20, graph_cache=graph, integration_timesteps=tau)
+    with kernel_config(use_kernels="always"):
+        graph = capture_graph(model, 2, event_mode=entry.event)
+        assert graph.spec.config.backend == "fused"
+        fused = generate(model, x0, 20, graph_cache=graph, integration_timesteps=tau)
+        assert relative_error(generate(model, x0, 20, integration_timesteps=tau), reference) < 1e-5
+    assert relative_error(fused, reference) < 1e-5
+    # "auto" off a GPU keeps the XLA program
+    assert generation.default_config(model, 2, jnp.float32, entry.event).backend == "xla"
+
+
+def test_fused_fallbacks_keep_the_xla_program(monkeypatch):
+    """Models the fused kernels do not take, or where they were measured slower, keep the XLA program."""
+    from pallas_kernels import dispatch, kernel_config
+
+    s7 = _zoo("S7-J1").build()
+    with kernel_config(use_kernels="always"), pytest.warns(RuntimeWarning, match="does not support S7"):
+        assert generation.default_config(s7, 2, jnp.float32, False).backend == "xla"
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)  # "auto" as on an NVIDIA GPU
+    with kernel_config(use_kernels="auto"):
+        assert generation.default_config(_zoo("LRU").build(), 2, jnp.float32, False).backend == "fused"
+        assert generation.default_config(_zoo("Mamba").build(), 2, jnp.float32, False).backend == "xla"
+        assert generation.default_config(_zoo("S5-zoh").build(), 4096, jnp.float32, False).backend == "xla"
+        assert generation.default_config(_zoo("S5-zoh").build(), 32, jnp.float32, False).backend == "fused"
