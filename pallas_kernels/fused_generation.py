@@ -732,16 +732,19 @@ def slower_than_xla(model, batch_size: int) -> Optional[str]:
     """Why the fused kernel is not chosen under ``use_kernels="auto"`` although it supports the model.
 
     These are the cases measured slower than the compile-once XLA program on an H100
-    (benchmarks/results/fused_generation_h100.txt, B=32 and 4096, H=128, 512 steps);
+    (benchmarks/results/fused_generation_*h100.txt, B=1, 32, 256 and 4096, H=128, 512 steps);
     ``use_kernels="always"`` still runs them fused.
     """
     name = type(model).__name__
     if name == "Mamba":
         return "Mamba (fused 31 us/step vs 16 us/step for the XLA program at B=32 on an H100)"
     if name == "RGLRU":
-        return "RGLRU (fused 11.8 us/step, no faster than the XLA program's 12.0 at B=32 on an H100)"
-    if type(model).__module__ == "lrnnx_jax.models.lti.s5" and batch_size > MAX_ROWS_PATH_BATCH:
-        return "LTI S5 on the block path (fused 305 us/step vs 38 us/step for the XLA program at B=4096 on an H100)"
+        return "RGLRU (fused 11.8 us/step, no faster than the XLA program's 12.0 at B=32, 57 vs 13 at B=256 on an H100)"
+    if batch_size > MAX_ROWS_PATH_BATCH:
+        if type(model).__module__ == "lrnnx_jax.models.lti.s5":
+            return "LTI S5 on the block path (fused 302 us/step vs 39 us/step for the XLA program at B=4096 on an H100)"
+        if name == "CentaurusDWS":
+            return "CentaurusDWS on the block path (fused 783 us/step vs 52 us/step for the XLA program at B=4096 on an H100)"
     return None
 
 

@@ -317,3 +317,5 @@ def test_fused_fallbacks_keep_the_xla_program(monkeypatch):
         assert generation.default_config(_zoo("Mamba").build(), 2, jnp.float32, False).backend == "xla"
         assert generation.default_config(_zoo("S5-zoh").build(), 4096, jnp.float32, False).backend == "xla"
         assert generation.default_config(_zoo("S5-zoh").build(), 32, jnp.float32, False).backend == "fused"
+        assert generation.default_config(_zoo("CentaurusDWS").build(), 4096, jnp.float32, False).backend == "xla"
+        assert generation.default_config(_zoo("CentaurusNeck").build(), 4096, jnp.float32, False).backend == "fused"
