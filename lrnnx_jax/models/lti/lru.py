@@ -17,11 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrnnx_jax.core import lti
-from lrnnx_jax.core.base import LRNN, lrnnx_entry
+from lrnnx_jax.core.base import lrnnx_entry
+from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 
 
-class LRU(LRNN):
+class LRU(DiagonalSSM):
     """Linear Recurrent Unit.
 
     Args:
@@ -66,30 +67,15 @@ class LRU(LRNN):
         modulus = jnp.exp(-jnp.exp(nu_log))
         self.gamma_log = nnx.Param(jnp.log(jnp.sqrt(1 - modulus**2)))
 
-    def discrete_system(self):
-        """``(A_bar (N,), B_bar (N, H), C (H, N))`` complex."""
+    def discrete_system(self, integration_timesteps=None):
+        """``(A_bar (N,), B_bar (N, H), C (H, N))`` complex (LRU has no event mode)."""
         A_bar = jnp.exp(-jnp.exp(self.nu_log[...]) + 1j * jnp.exp(self.theta_log[...]))
         B_bar = (self.B_re[...] + 1j * self.B_im[...]) * jnp.exp(self.gamma_log[...])[:, None]
         C = self.C_re[...] + 1j * self.C_im[...]
         return A_bar, B_bar, C
 
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
-        A_bar, B_bar, C = self.discrete_system()
-        y, h = lti.diagonal_forward(
-            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
-            chunk_size=self.chunk_size, return_state=return_cache,
-        )
-        y = y + self.D[...] * x
-        return y, (None if h is None else {"lrnn_state": h})
-
-    def _step(self, x_t, cache, integration_timesteps):
-        A_bar, B_bar, C = self.discrete_system()
-        y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
-        return y + self.D[...] * x_t, {"lrnn_state": h}
-
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
-        """``{"lrnn_state": (batch_size, N) complex zeros}``."""
-        return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, True))}
+    def skip(self, x):
+        return self.D[...] * x
 
     def lrnnx_entries(self):
         names = ("nu_log", "theta_log", "B_re", "B_im", "C_re", "C_im", "D", "gamma_log")

@@ -24,11 +24,12 @@ from flax import nnx
 
 from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core import lti
-from lrnnx_jax.core.base import LRNN, lrnnx_entry
+from lrnnx_jax.core.base import lrnnx_entry
+from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 
 
-class S5(LRNN):
+class S5(DiagonalSSM):
     """S5 with a diagonal complex state and lrnnx's parameterisation.
 
     Args:
@@ -91,23 +92,8 @@ class S5(LRNN):
         kappa = 2.0 if self.conj_sym else 1.0
         return A_bar, B_bar, kappa * (C[..., 0] + 1j * C[..., 1])
 
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
-        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
-        y, h = lti.diagonal_forward(
-            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
-            chunk_size=self.chunk_size, return_state=return_cache,
-        )
-        y = y + x @ self.D[...]
-        return y, (None if h is None else {"lrnn_state": h})
-
-    def _step(self, x_t, cache, integration_timesteps):
-        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
-        y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
-        return y + x_t @ self.D[...], {"lrnn_state": h}
-
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
-        """``{"lrnn_state": (batch_size, N) complex zeros}``."""
-        return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, True))}
+    def skip(self, x):
+        return x @ self.D[...]
 
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "B", "log_dt", "C", "D")}

@@ -28,7 +28,8 @@ from flax import nnx
 
 from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core import hippo, lti
-from lrnnx_jax.core.base import LRNN, lrnnx_entry
+from lrnnx_jax.core.base import lrnnx_entry
+from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from lrnnx_jax.core.validation import check_positive_int
 
@@ -66,7 +67,7 @@ def s5_init(key, d_model: int, d_state: int, conj_sym: bool, dt_min: float, dt_m
     }
 
 
-class S5(LRNN):
+class S5(DiagonalSSM):
     """Event-driven S5: a diagonal complex SSM whose A-step may vary per token.
 
     Args:
@@ -136,23 +137,8 @@ class S5(LRNN):
         kappa = 2.0 if self.conj_sym else 1.0
         return A_bar, gamma[:, None] * (B[..., 0] + 1j * B[..., 1]), kappa * (C[..., 0] + 1j * C[..., 1])
 
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
-        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
-        y, h = lti.diagonal_forward(
-            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
-            chunk_size=self.chunk_size, return_state=return_cache,
-        )
-        y = y + self.D[...] * x
-        return y, (None if h is None else {"lrnn_state": h})
-
-    def _step(self, x_t, cache, integration_timesteps):
-        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
-        y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
-        return y + self.D[...] * x_t, {"lrnn_state": h.astype(cache["lrnn_state"].dtype)}
-
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
-        """``{"lrnn_state": (batch_size, P) complex zeros}``."""
-        return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, True))}
+    def skip(self, x):
+        return self.D[...] * x
 
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "B", "C", "D", "log_dt")}
