@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
 from typing import Optional
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.timing import copy_bandwidth, median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
 from pallas_kernels import dispatch
@@ -84,24 +84,6 @@ MODELS = [
     BenchModel("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
     BenchModel("S7", "ltv.S7", dict(d_model=H, d_state=N), lrnnx_us=56.0),
 ]
-
-
-def median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
-    a = jnp.ones((n_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda v: v + 0.0)
-    return 2 * n_bytes / median_seconds(lambda: copy(a), 2, repeats)
 
 
 def inputs(batch: int, event: bool, seed: int = 0):

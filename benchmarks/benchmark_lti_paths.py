@@ -11,25 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.timing import median_seconds
 from lrnnx_jax.models.lti import LRU
-
-
-def median_ms(fn, *args, repeats: int):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main():
@@ -52,8 +40,8 @@ def main():
             graphdef, params = nnx.split(model)
             fwd = jax.jit(lambda p, xx: nnx.merge(graphdef, p)(xx))
             grad = jax.jit(jax.grad(lambda p, xx: jnp.sum(nnx.merge(graphdef, p)(xx) ** 2)))
-            row[f"{method}_fwd_ms"] = median_ms(fwd, params, x, repeats=args.repeats)
-            row[f"{method}_fwdbwd_ms"] = median_ms(grad, params, x, repeats=args.repeats)
+            row[f"{method}_fwd_ms"] = 1e3 * median_seconds(lambda: fwd(params, x), 2, args.repeats)
+            row[f"{method}_fwdbwd_ms"] = 1e3 * median_seconds(lambda: grad(params, x), 2, args.repeats)
         rows.append(row)
         print(f"| {length} | {row['fft_fwd_ms']:.3f} | {row['scan_fwd_ms']:.3f} | {row['fft_fwdbwd_ms']:.3f} | {row['scan_fwdbwd_ms']:.3f} |")
     if args.out:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import copy_bandwidth, median_seconds
 from pallas_kernels import dispatch
 from pallas_kernels import gpu_selftest as cases
 
@@ -55,23 +54,6 @@ MODELS = [
 ]
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth(n_bytes: int = 1 << 30, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
-    a = jnp.ones((n_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda v: jnp.copy(v))
-    jax.block_until_ready(copy(a))
-    return 2 * n_bytes / _median_seconds(lambda: copy(a), repeats)
-
-
 def _nbytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree) if hasattr(a, "dtype"))
 
@@ -97,7 +79,7 @@ def time_op(op: str, kwargs, config, steps: int, repeats: int) -> float:
         return holder[0]
 
     jax.block_until_ready(once())
-    return _median_seconds(once, repeats) / steps
+    return median_seconds(once, 0, repeats) / steps
 
 
 def step_bytes(op: str, kwargs) -> int:
@@ -153,7 +135,7 @@ def generate_table(batch, steps, repeats):
         for label, mode in (("kernel", "always"), ("xla", "never")):
             with dispatch.kernel_config(use_kernels=mode):
                 ys = jax.block_until_ready(generate(model, x0, steps))
-                results[label] = (np.asarray(ys), _median_seconds(lambda: generate(model, x0, steps), repeats))
+                results[label] = (np.asarray(ys), median_seconds(lambda: generate(model, x0, steps), 0, repeats))
         (y_k, t_k), (y_x, t_x) = results["kernel"], results["xla"]
         diff = float(np.max(np.abs(y_k - y_x)) / max(np.max(np.abs(y_x)), 1e-30))
         rows.append(f"| {name} | {t_k * 1e3:.2f} | {t_x * 1e3:.2f} | {t_x / t_k:.2f}x | {diff:.1e} |")

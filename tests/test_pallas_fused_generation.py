@@ -106,6 +106,9 @@ def test_parameters_are_arguments():
     """New parameter values reuse the compiled rollout (nothing is baked into the kernel)."""
     model, _ = build("LRU", seed=5)
     x0, _ = _inputs(6)
+    # With jax 0.11.2 the first call of a process compiles twice (an identical second call adds one
+    # cache entry; later calls add none), so the count is taken after a repeated call.
+    fg.fused_generate(model, x0, STEPS)
     first = fg.fused_generate(model, x0, STEPS)
     compiled = fg._rollout._cache_size()
     nnx.update(model, jax.tree.map(lambda a: 0.9 * a, nnx.state(model, nnx.Param)))
