@@ -30,6 +30,7 @@ import warnings
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
 MODES = ("auto", "always", "never")
 BACKENDS = ("triton",)
@@ -176,3 +177,17 @@ def compiler_params(config: KernelConfig):
 
 def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def check_state_slots(state_rows: int, batch: int, state_batch_indices) -> None:
+    """Validate the state-slot mapping shared by the state-update ops.
+
+    Without ``state_batch_indices`` the state must have one row per batch row; with
+    them, they must be ``batch`` integers (slot numbers, or the op's ``pad_slot_id``).
+    """
+    if state_batch_indices is not None:
+        sbi = jnp.asarray(state_batch_indices)
+        if sbi.shape != (batch,) or not jnp.issubdtype(sbi.dtype, jnp.integer):
+            raise ValueError(f"state_batch_indices must be integers of shape (batch,) = ({batch},), got {sbi.dtype}{sbi.shape}")
+    elif state_rows != batch:
+        raise ValueError(f"state has {state_rows} rows but x has batch {batch}; pass state_batch_indices to map rows to slots")

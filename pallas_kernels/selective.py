@@ -284,12 +284,7 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_
             raise ValueError(f"discretization={discretization!r} needs dstate=1 (the state is (slots, dim, 1)), got {dstate}")
         if delta_A is not None:
             raise ValueError(f"discretization={discretization!r} has no event mode; pass delta_A=None")
-    if state_batch_indices is not None:
-        sbi = jnp.asarray(state_batch_indices)
-        if sbi.shape != (batch,) or not jnp.issubdtype(sbi.dtype, jnp.integer):
-            raise ValueError(f"state_batch_indices must be integers of shape (batch,) = ({batch},), got {sbi.dtype}{sbi.shape}")
-    elif state.shape[0] != batch:
-        raise ValueError(f"state has {state.shape[0]} rows but x has batch {batch}; pass state_batch_indices to map rows to slots")
+    dispatch.check_state_slots(state.shape[0], batch, state_batch_indices)
     return arrays
 
 

@@ -329,10 +329,5 @@ def _check(state, x, A, B, C, delta, D, integration_timesteps, discretization, s
         raise ValueError(f"integration_timesteps must have shape (batch,) = ({batch},), got {tuple(integration_timesteps.shape)}")
     if D is not None and (D.shape != (H_in,) or C.shape[0] != H_in):
         raise ValueError(f"D must have shape (H,) with H = H_in = H_out, got D {tuple(D.shape)}, x {tuple(x.shape)}, C {tuple(C.shape)}")
-    if state_batch_indices is not None:
-        sbi = jnp.asarray(state_batch_indices)
-        if sbi.shape != (batch,) or not jnp.issubdtype(sbi.dtype, jnp.integer):
-            raise ValueError(f"state_batch_indices must be integers of shape (batch,) = ({batch},), got {sbi.dtype}{sbi.shape}")
-    elif state.shape[0] != batch:
-        raise ValueError(f"state has {state.shape[0]} rows but x has batch {batch}; pass state_batch_indices to map rows to slots")
+    dispatch.check_state_slots(state.shape[0], batch, state_batch_indices)
     return state, x, A, B, C, delta, D, integration_timesteps
