@@ -66,7 +66,3 @@ ZOO: list[ZooEntry] = [
     ZooEntry("S4D-bilinear-lin-c2-gate2", "lrnnx_jax.models.lti.s4d", "S4D", dict(d_model=H, d_state=6, disc="bilinear", init="diag-lin", channels=2, gate=2, transposed=False, chunk_size=4, dt_min=0.01, dt_max=0.5), methods=("fft", "scan")),
 ]
 
-
-def zoo_ids() -> list[str]:
-    return [entry.name for entry in ZOO]
-

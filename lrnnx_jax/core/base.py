@@ -154,14 +154,6 @@ def _jit_step(graphdef, state, x_t, cache, integration_timesteps):
     return y_t, cache, nnx.state(model, nnx.RngState)
 
 
-def last_valid(values, lengths):
-    """``values (B, L, ...)``: the entries at index ``lengths - 1`` (or ``L - 1``), shape ``(B, ...)``."""
-    if lengths is None:
-        return values[:, -1]
-    index = jnp.clip(lengths - 1, 0, values.shape[1] - 1)
-    return jnp.take_along_axis(values, index.reshape((-1, 1) + (1,) * (values.ndim - 2)), axis=1)[:, 0]
-
-
 def torch_linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Linear:
     """An ``nnx.Linear`` initialised like ``torch.nn.Linear``: weight and bias ``U(+-1/sqrt(in_features))``."""
     bound = 1 / np.sqrt(in_features)
