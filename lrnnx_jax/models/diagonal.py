@@ -1,7 +1,8 @@
-"""The model shell shared by the diagonal complex SSMs with a ``(B, d_state)`` state (LRU, S5 LTI and LTV).
+"""The model shell shared by the diagonal complex SSMs (LRU, S5 LTI and LTV, Centaurus).
 
-A subclass provides its discrete system and its skip term; the full-sequence forward
-(FFT or chunked scan), the step and the cache come from :mod:`lrnnx_jax.core.lti`.
+A subclass provides its discrete system, its skip term and (when the cache keeps
+lrnnx's layout) the per-row shape of its state; the full-sequence forward (FFT or
+chunked scan), the step and the cache come from :mod:`lrnnx_jax.core.lti`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from lrnnx_jax.core.base import LRNN
 
 
 class DiagonalSSM(LRNN):
-    """Base of LRU and S5: ``h_t = A_bar h_{t-1} + B_bar x_t``, ``y_t = Re(C h_t) + skip(x_t)``.
+    """Base of LRU, S5 and Centaurus: ``h_t = A_bar h_{t-1} + B_bar x_t``, ``y_t = Re(C h_t) + skip(x_t)``.
 
     Subclasses set ``d_state``, ``method`` and ``chunk_size`` and implement
-    :meth:`discrete_system` and :meth:`skip`.
+    :meth:`discrete_system` and :meth:`skip`. The engine sees the state flat,
+    ``(B, S)``; the cache holds it as ``(B, *state_shape())``.
     """
 
     d_state: int
@@ -31,19 +33,24 @@ class DiagonalSSM(LRNN):
         """The direct term, ``x (..., H) -> (..., H)``."""
         raise NotImplementedError
 
+    def state_shape(self) -> tuple[int, ...]:
+        """Per-row shape of the cache's ``lrnn_state``; ``(d_state,)`` unless a model keeps another layout."""
+        return (self.d_state,)
+
     def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
         A_bar, B_bar, C = self.discrete_system(integration_timesteps)
         y, h = lti.diagonal_forward(
             x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
             chunk_size=self.chunk_size, return_state=return_cache,
         )
-        return y + self.skip(x), (None if h is None else {"lrnn_state": h})
+        return y + self.skip(x), (None if h is None else {"lrnn_state": h.reshape(h.shape[:1] + self.state_shape())})
 
     def _step(self, x_t, cache, integration_timesteps):
         A_bar, B_bar, C = self.discrete_system(integration_timesteps)
-        y, h = lti.diagonal_step(cache["lrnn_state"], x_t, A_bar, B_bar, C)
-        return y + self.skip(x_t), {"lrnn_state": h.astype(cache["lrnn_state"].dtype)}
+        state = cache["lrnn_state"]
+        y, h = lti.diagonal_step(state.reshape(state.shape[0], -1), x_t, A_bar, B_bar, C)
+        return y + self.skip(x_t), {"lrnn_state": h.reshape(state.shape).astype(state.dtype)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
-        """``{"lrnn_state": (batch_size, d_state) complex zeros}``."""
-        return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, True))}
+        """``{"lrnn_state": (batch_size, *state_shape()) complex zeros}``."""
+        return {"lrnn_state": jnp.zeros((batch_size,) + self.state_shape(), self._state_dtype(dtype, True))}

@@ -41,14 +41,15 @@ from flax import nnx
 
 from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core import lti, validation
-from lrnnx_jax.core.base import LRNN, lrnnx_entry
+from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+from lrnnx_jax.models.diagonal import DiagonalSSM
 
 #: The discretizations Centaurus accepts ("mamba" is what lrnnx computes for every name).
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 
 
-class CentaurusBase(LRNN):
+class CentaurusBase(DiagonalSSM):
     """What all Centaurus modes share: ``A``, ``log_delta``, the discrete system and the engine calls.
 
     Args:
@@ -105,13 +106,9 @@ class CentaurusBase(LRNN):
         """``(B_in (N, M or 1, H), C (H, N, M))``: the input and output maps of every sub-state."""
         raise NotImplementedError
 
-    def _state_shape(self) -> tuple[int, ...]:
-        """Per-row shape of the cache's ``lrnn_state`` (lrnnx's layout)."""
-        raise NotImplementedError
-
     # ------------------------------------------------------------- shared
-    def discrete_system(self):
-        """``(A_bar (N*M,) complex, B_bar (N*M, H), C (H, N*M) real)``, state index ``n*M + m``."""
+    def discrete_system(self, integration_timesteps=None):
+        """``(A_bar (N*M,) complex, B_bar (N*M, H), C (H, N*M) real)``, state index ``n*M + m`` (no event mode)."""
         delta = jnp.exp(self.log_delta[...])
         A_bar, gamma = disc.get_discretization(self.discretization)(self.A[...], delta[:, None])
         B_in, C = self._sub_state_projections()
@@ -119,23 +116,9 @@ class CentaurusBase(LRNN):
         B_bar = (gamma[..., None] * B_in).reshape(n_flat, self.d_model)
         return A_bar.reshape(n_flat), B_bar, C.reshape(self.d_model, n_flat)
 
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
-        A_bar, B_bar, C = self.discrete_system()
-        y, h = lti.diagonal_forward(
-            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
-            chunk_size=self.chunk_size, return_state=return_cache,
-        )
-        return y, (None if h is None else {"lrnn_state": h.reshape(h.shape[:1] + self._state_shape())})
-
-    def _step(self, x_t, cache, integration_timesteps):
-        A_bar, B_bar, C = self.discrete_system()
-        state = cache["lrnn_state"]
-        y, h = lti.diagonal_step(state.reshape(state.shape[0], -1), x_t, A_bar, B_bar, C)
-        return y, {"lrnn_state": h.reshape(state.shape).astype(state.dtype)}
-
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
-        """``{"lrnn_state": zeros}``, complex, ``(batch_size, N, M)`` (``(batch_size, N*M)`` in pointwise mode)."""
-        return {"lrnn_state": jnp.zeros((batch_size,) + self._state_shape(), self._state_dtype(dtype, True))}
+    def skip(self, x):
+        """Centaurus has no direct term."""
+        return jnp.zeros_like(x)
 
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "log_delta", "B", "C")}
@@ -162,7 +145,7 @@ class _MixedSubStates(CentaurusBase):
         B_in, C_out = self._projections()
         return B_in[:, None, :], C_out[:, :, None] * self.E[...][None]
 
-    def _state_shape(self):
+    def state_shape(self):
         return (self.d_state, self.sub_state_dim)
 
     def lrnnx_entries(self):
@@ -252,7 +235,7 @@ class CentaurusPWNeck(CentaurusBase):
         N, M, H = self.d_state, self.sub_state_dim, self.d_model
         return self.B[...].reshape(N, M, H), self.C[...].reshape(H, N, M)
 
-    def _state_shape(self):
+    def state_shape(self):
         return (self.d_state * self.sub_state_dim,)
 
 
