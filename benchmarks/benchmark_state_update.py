@@ -17,6 +17,7 @@ Needs only jax, flax and numpy; prints Markdown tables (and writes them to ``--o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
@@ -31,14 +32,19 @@ from pallas_kernels import gpu_selftest as cases
 KERNEL = dispatch.KernelConfig(use_kernels="always")
 REFERENCE = dispatch.KernelConfig(use_kernels="never")
 
-#: (name, op, builder arguments except batch); H=128 except Mamba (d_model=1024: D=2048)
+#: (name, op, builder arguments except batch, KernelConfig changes); H=128 except Mamba (d_model=1024:
+#: D=2048). The simplified op runs both of its paths: one row per program and blocks of 16 rows.
 OP_CONFIGS = [
-    ("Mamba (selective, D=2048, N=16)", "selective", dict(dim=2048, dstate=16)),
+    ("Mamba (selective, D=2048, N=16)", "selective", dict(dim=2048, dstate=16), {}),
     ("RG-LRU (selective rglru, D=128)", "selective",
-     dict(dim=128, dstate=1, discretization="rglru", skip=False, gate=False, softplus=False)),
-    ("S7 (selective s7, N=64)", "selective", dict(dim=64, dstate=1, discretization="s7", skip=False, gate=False, softplus=False)),
-    ("S5 (simplified zoh, P=64, H=128)", "simplified", dict(P=64, H_in=128, planes=True)),
-    ("LRU (simplified, P=64, H=128)", "simplified", dict(P=64, H_in=128, planes=True, discretization="no_discretization")),
+     dict(dim=128, dstate=1, discretization="rglru", skip=False, gate=False, softplus=False), {}),
+    ("S7 (selective s7, N=64)", "selective", dict(dim=64, dstate=1, discretization="s7", skip=False, gate=False, softplus=False), {}),
+    ("S5 (simplified zoh, P=64, H=128), 1 row/program", "simplified", dict(P=64, H_in=128, planes=True), dict(block_batch=1)),
+    ("S5 (simplified zoh, P=64, H=128), 16 rows/program", "simplified", dict(P=64, H_in=128, planes=True), dict(block_batch=16)),
+    ("LRU (simplified, P=64, H=128), 1 row/program", "simplified",
+     dict(P=64, H_in=128, planes=True, discretization="no_discretization"), dict(block_batch=1)),
+    ("LRU (simplified, P=64, H=128), 16 rows/program", "simplified",
+     dict(P=64, H_in=128, planes=True, discretization="no_discretization"), dict(block_batch=16)),
 ]
 
 #: (name, module, class, kwargs) of the models whose generate is timed
@@ -46,7 +52,8 @@ MODELS = [
     ("LRU", "lrnnx_jax.models.lti.lru", "LRU", dict(d_model=128, d_state=64)),
     ("S5 (LTI, zoh)", "lrnnx_jax.models.lti.s5", "S5", dict(d_model=128, d_state=64, discretization="zoh")),
     ("S5 (LTV)", "lrnnx_jax.models.ltv.s5", "S5", dict(d_model=128, d_state=64)),
-    ("S4D", "lrnnx_jax.models.lti.s4d", "S4D", dict(d_model=128, d_state=64)),
+    ("S4", "lrnnx_jax.models.lti.s4", "S4", dict(d_model=128, d_state=64, transposed=False)),
+    ("S4D", "lrnnx_jax.models.lti.s4d", "S4D", dict(d_model=128, d_state=64, transposed=False)),
     ("Centaurus (neck)", "lrnnx_jax.models.lti.centaurus", "Centaurus", dict(d_model=128, d_state=64, sub_state_dim=2)),
     ("Mamba", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=128, d_state=16)),
     ("RG-LRU", "lrnnx_jax.models.ltv.rglru", "RGLRU", dict(d_model=128)),
@@ -93,11 +100,11 @@ def op_table(batches, steps, repeats, bandwidth):
     rows = ["| op | batch | kernel µs/step | XLA µs/step | speed-up | kernel GB/s | kernel % of copy BW | XLA % of copy BW |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rng = np.random.default_rng(0)
-    for name, op, spec in OP_CONFIGS:
+    for name, op, spec, changes in OP_CONFIGS:
         for batch in batches:
             kwargs = cases.BUILDERS[op](rng, batch=batch, **spec)
             n_bytes = step_bytes(op, kwargs)
-            t_kernel = time_op(op, kwargs, KERNEL, steps, repeats)
+            t_kernel = time_op(op, kwargs, dataclasses.replace(KERNEL, **changes), steps, repeats)
             t_ref = time_op(op, kwargs, REFERENCE, steps, repeats)
             rows.append(
                 f"| {name} | {batch} | {t_kernel * 1e6:.2f} | {t_ref * 1e6:.2f} | {t_ref / t_kernel:.2f}x | "
@@ -106,6 +113,28 @@ def op_table(batches, steps, repeats, bandwidth):
             )
             print(rows[-1], flush=True)
     return rows
+
+
+def floor_row(steps, repeats):
+    """The launch floor: a ``pallas_call`` that only adds 1 to a (32, 128) array, chained like the ops."""
+    pl, _ = dispatch.pallas_modules()
+
+    def body(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + 1.0
+
+    add_one = pl.pallas_call(body, out_shape=jax.ShapeDtypeStruct((32, 128), jnp.float32),
+                             compiler_params=dispatch.compiler_params(KERNEL), interpret=dispatch.interpret_mode(KERNEL))
+
+    def chained(x):
+        for _ in range(steps):
+            x = add_one(x)
+        return x
+
+    run = jax.jit(chained)
+    x = jnp.zeros((32, 128), jnp.float32)
+    jax.block_until_ready(run(x))
+    t = median_seconds(lambda: run(x), 0, repeats) / steps
+    return f"Launch floor: a pallas_call adding 1 to a (32, 128) array, chained {steps}x: {t * 1e6:.2f} µs per call"
 
 
 def in_place_table():
@@ -118,27 +147,47 @@ def in_place_table():
     return rows
 
 
+#: the generate variants: (column, use_kernels, GenerationConfig backend or None for the default choice)
+GENERATE_VARIANTS = [
+    ("XLA, pure-JAX step", "never", "xla"),
+    ("XLA + step kernels", "always", "xla"),
+    ("fused kernel", "always", "fused"),
+    ("default (auto)", "auto", None),
+]
+
+
 def generate_table(batch, steps, repeats):
+    """µs per generated step of every model: the XLA program with the pure-JAX step and with the
+    state-update kernels, the fused kernel, and what ``generate`` picks by default; the largest
+    difference from the pure-JAX program (relative to its largest output)."""
     from flax import nnx
 
-    from lrnnx_jax.generation import generate
+    from lrnnx_jax.generation import GenerationConfig, default_config, generate
+    from pallas_kernels import fused_generation
 
-    rows = ["| model | kernels ms | XLA ms | speed-up | max rel. difference |", "|---|---:|---:|---:|---:|"]
+    head = " | ".join(f"{label} µs/step" for label, _, _ in GENERATE_VARIANTS)
+    rows = [f"| model | {head} | default picks | step kernels vs pure | max rel. difference |",
+            "|---|" + "---:|" * len(GENERATE_VARIANTS) + "---|---:|---:|"]
     for name, module, cls, kwargs in MODELS:
-        try:
-            model = getattr(importlib.import_module(module), cls)(**kwargs, rngs=nnx.Rngs(0))
-        except Exception as error:  # noqa: BLE001 - a model that is not there yet
-            rows.append(f"| {name} | - | - | - | not available: {type(error).__name__} |")
-            continue
+        model = getattr(importlib.import_module(module), cls)(**kwargs, rngs=nnx.Rngs(0))
         x0 = jax.random.normal(jax.random.key(0), (batch, model.d_model)) * 0.1
-        results = {}
-        for label, mode in (("kernel", "always"), ("xla", "never")):
+        times, outputs, picked = {}, {}, "-"
+        for label, mode, backend in GENERATE_VARIANTS:
             with dispatch.kernel_config(use_kernels=mode):
-                ys = jax.block_until_ready(generate(model, x0, steps))
-                results[label] = (np.asarray(ys), median_seconds(lambda: generate(model, x0, steps), 0, repeats))
-        (y_k, t_k), (y_x, t_x) = results["kernel"], results["xla"]
-        diff = float(np.max(np.abs(y_k - y_x)) / max(np.max(np.abs(y_x)), 1e-30))
-        rows.append(f"| {name} | {t_k * 1e3:.2f} | {t_x * 1e3:.2f} | {t_x / t_k:.2f}x | {diff:.1e} |")
+                if backend == "fused" and not fused_generation.use_fused_kernel(model, batch, False):
+                    times[label] = None
+                    continue
+                config = None if backend is None else GenerationConfig(backend=backend)
+                if backend is None:
+                    picked = default_config(model, batch, jnp.float32, False).backend
+                run = lambda: generate(model, x0, steps, config=config)  # noqa: E731
+                outputs[label] = np.asarray(jax.block_until_ready(run()))
+                times[label] = median_seconds(run, 1, repeats) / steps
+        base = outputs["XLA, pure-JAX step"]
+        diff = max(float(np.max(np.abs(y - base)) / max(np.max(np.abs(base)), 1e-30)) for y in outputs.values())
+        cells = " | ".join("n/a" if times[label] is None else f"{times[label] * 1e6:.2f}" for label, _, _ in GENERATE_VARIANTS)
+        ratio = times["XLA, pure-JAX step"] / times["XLA + step kernels"]
+        rows.append(f"| {name} | {cells} | {picked} | {ratio:.2f}x | {diff:.1e} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -162,10 +211,12 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     if not args.skip_ops:
         lines += ["", f"### State update, µs per step ({args.steps} chained steps per program, median of {args.repeats})", ""]
+        lines += [floor_row(args.steps, args.repeats), ""]
+        print(lines[-2], flush=True)
         lines += op_table(args.batches, args.steps, args.repeats, bandwidth)
         lines += ["", "### In-place update (state donated)", ""] + in_place_table()
     if not args.skip_generate:
-        lines += ["", f"### generate, B=32, {args.generate_steps} steps (median of 5)", ""]
+        lines += ["", f"### generate, B=32, H=128, {args.generate_steps} steps (median of 5)", ""]
         lines += generate_table(32, args.generate_steps, 5)
     text = "\n".join(lines)
     print("\n" + text)

@@ -24,7 +24,8 @@ loop, once per token. Here the whole generation is one XLA program:
 
 The program is built by :func:`build_program`, the one dispatch point:
 ``GenerationConfig.backend`` picks an entry of :data:`PROGRAM_BUILDERS`, the XLA
-program above or the fused Pallas kernel (:func:`fused_program`), and
+program above (its steps run the state-update kernels where the switch selects them)
+or the fused Pallas kernel (:func:`pallas_kernels.fused_generation.fused_program`), and
 :func:`default_config` chooses between them with ``pallas_kernels``' switch.
 
 Compilation: the program is compiled by ``jax.jit(...).lower(...).compile()``.
@@ -48,6 +49,8 @@ import numpy as np
 
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import compute_dtype
+from pallas_kernels import dispatch as kernel_dispatch
+from pallas_kernels import fused_generation
 
 #: ``GenerationConfig.unroll`` on GPUs and TPUs (on an H100, 8 ran 1.2-5x faster per step than 1;
 #: ``python -m benchmarks.run_all --unroll 1,8`` measures it).
@@ -104,7 +107,9 @@ class ProgramSpec:
     """Everything a program builder needs; also the key of the compiled-program cache.
 
     ``treedef`` and ``leaf_types`` describe the model as a pytree (structure,
-    static attributes, parameter shapes and dtypes).
+    static attributes, parameter shapes and dtypes). ``kernels`` is the
+    ``pallas_kernels`` configuration the program is traced under (the XLA program's
+    steps call the state-update ops, whose kernel-or-reference choice it decides).
     """
 
     treedef: Any
@@ -115,6 +120,7 @@ class ProgramSpec:
     event_mode: bool
     max_seqlen: int
     config: GenerationConfig
+    kernels: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "config", self.config.resolved())  # a concrete unroll, part of the key
@@ -169,15 +175,11 @@ def xla_program(spec: ProgramSpec) -> Callable:
     return generation_program
 
 
-def fused_program(spec: ProgramSpec) -> Callable:
-    """The whole rollout in one Pallas kernel (:mod:`pallas_kernels.fused_generation`, imported on use)."""
-    from pallas_kernels.fused_generation import fused_program as build
-
-    return build(spec)
-
-
-#: Program builders by ``GenerationConfig.backend``.
-PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {"xla": xla_program, "fused": fused_program}
+#: Program builders by ``GenerationConfig.backend``: the XLA program above, or the whole rollout in
+#: one Pallas kernel (:func:`pallas_kernels.fused_generation.fused_program`).
+PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {
+    "xla": xla_program, "fused": fused_generation.fused_program,
+}
 
 DEFAULT_CONFIG = GenerationConfig()
 
@@ -189,10 +191,9 @@ def default_config(model, batch_size: int, dtype, event_mode: bool) -> Generatio
     ``"auto"`` takes the fused kernel on NVIDIA GPUs for the models and sizes it supports and where it
     was measured faster than the XLA program; ``"always"`` wherever it is supported (in Pallas
     interpret mode off-GPU); ``"never"`` keeps the XLA program. Anything the kernel cannot take
-    (S4, S7, bf16, parameters too large for one program) keeps the XLA program.
+    (bf16, parameters too large for one program; see ``fused_generate_supported``) keeps the XLA
+    program, whose steps run the state-update kernels where the same switch selects them.
     """
-    from pallas_kernels import fused_generation
-
     if fused_generation.use_fused_kernel(model, batch_size, event_mode, dtype):
         return dataclasses.replace(DEFAULT_CONFIG, backend="fused")
     return DEFAULT_CONFIG
@@ -285,6 +286,7 @@ def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config) -> tup
         event_mode=bool(event_mode),
         max_seqlen=max_seqlen,
         config=config,
+        kernels=kernel_dispatch.get_config(),
     )
     return leaves, spec
 

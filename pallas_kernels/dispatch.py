@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("auto", "always", "never")
+#: ``simplified_state_update`` runs one row per program up to this batch (see ``KernelConfig.block_batch``)
+ROW_PATH_MAX_BATCH = 256
 BACKENDS = ("triton",)
 
 
@@ -47,8 +49,10 @@ class KernelConfig:
       num_warps: warps per program of the Triton kernels.
       block_elems: target number of state elements per program of
         ``selective_state_update`` (a power of two).
-      block_batch: batch rows per program of ``simplified_state_update`` (a power
-        of two >= 16); None picks 16, or 32 for batches of at least 2048 rows.
+      block_batch: batch rows per program of ``simplified_state_update``: 1 (float32
+        multiply-adds, one row per program) or a power of two >= 16 (tensor-core dots);
+        None picks :data:`ROW_PATH_MAX_BATCH`'s rule (1 up to that batch, else 16, or 32
+        from 2048 rows).
     """
 
     use_kernels: str = "auto"
@@ -67,13 +71,13 @@ class KernelConfig:
             raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
         for name in ("num_warps", "block_elems"):
             _check_power_of_two(name, getattr(self, name), 1)
-        if self.block_batch is not None:
-            _check_power_of_two("block_batch", self.block_batch, 16)
+        if self.block_batch is not None and self.block_batch != 1:
+            _check_power_of_two("block_batch", self.block_batch, 16, "1 or ")
 
 
-def _check_power_of_two(name, value, minimum):
+def _check_power_of_two(name, value, minimum, also=""):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be {also}a power of two >= {minimum}, got {value!r}")
 
 
 _CONFIG = KernelConfig()
@@ -191,3 +195,20 @@ def check_state_slots(state_rows: int, batch: int, state_batch_indices) -> None:
             raise ValueError(f"state_batch_indices must be integers of shape (batch,) = ({batch},), got {sbi.dtype}{sbi.shape}")
     elif state_rows != batch:
         raise ValueError(f"state has {state_rows} rows but x has batch {batch}; pass state_batch_indices to map rows to slots")
+
+
+def slots(state_batch_indices, pad_slot_id):
+    """``(slot, valid)`` ``(batch,)``: the state row of each batch row (0 for padded rows).
+
+    Without ``state_batch_indices``: ``(slice(None), True)`` (row ``b`` is slot ``b``).
+    """
+    if state_batch_indices is None:
+        return slice(None), jnp.asarray(True)
+    valid = state_batch_indices != pad_slot_id
+    return jnp.where(valid, state_batch_indices, 0).astype(jnp.int32), valid
+
+
+def write_slots(state, rows, slot, valid):
+    """``state`` with ``rows[b]`` written to slot ``slot[b]`` where ``valid[b]`` (other rows dropped)."""
+    target = jnp.where(valid, slot, state.shape[0])  # out of range: dropped
+    return state.at[target].set(rows.astype(state.dtype), mode="drop")

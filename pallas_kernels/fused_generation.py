@@ -24,12 +24,17 @@ lower in Pallas (elementwise ``jnp``, reductions, :func:`mv`). One driver,
   discretization of :mod:`pallas_kernels.kernel_math`, the gate and out_proj.
 * **rglru** (RG-LRU): gate and input projections, conv, the gates, the RG-LRU
   update (``kernel_math``'s ``"rglru"``) and out_proj.
-* **s4d** (S4D): the S4 block (bottleneck, input gate, channels, output gate,
-  GELUs, output layer) around the per-channel diagonal SSMs of ``discrete_system``.
+* **s4** (S4 and S4D): the S4 block (bottleneck, input gate, channels, output gate,
+  GELUs, output layer) around the per-channel SSMs: S4D's diagonal ones from its
+  ``discrete_system``, S4's DPLR ones in the ``O(N r)`` factored form of
+  :func:`lrnnx_jax.models.lti.s4.dplr_factors` (``A_bar h - sum_s L_s (R_s . h)``,
+  never the dense ``N x N`` matrix).
+* **s7** (S7): in_proj, the per-token ``B_t``, ``C_t`` contracted in the kernel from
+  the ``2 H^2 N`` weights of ``x_proj`` (held as two ``(H, H, N)`` tiles, so only
+  small ``H, N`` fit on chip), the ``"s7"`` transition of ``kernel_math``, the gate
+  and the residual.
 
-S4 (its step is a dense ``N x N`` complex matrix per channel) and S7 (per-token
-``B_t``, ``C_t`` projections with ``2 H^2 N`` weights) are not fused: for them, and
-for whatever does not fit on chip, :func:`fused_generate_supported` gives the
+For whatever does not fit on chip, :func:`fused_generate_supported` gives the
 reason and the caller keeps the compile-once XLA program.
 
 **Accuracy.** With one row per program (the default up to :data:`MAX_ROWS_PATH_BATCH`
@@ -427,10 +432,21 @@ def rglru_cache(model, state, cache_like):
             "lrnn_state": state["h"][:, :D, None].astype(cache_like["lrnn_state"].dtype)}
 
 
-# --- S4D: the S4 block around per-channel diagonal SSMs
-def s4d_step(channels: int, has_input_linear: bool, gate: Optional[str], final_linear: bool):
-    """The S4D block's step for one row (see :mod:`lrnnx_jax.models.lti.s4_layer`).
+# --- S4 and S4D: the S4 block around per-channel SSMs (diagonal plus low rank, or diagonal)
+def _row_sum(z):
+    """``sum_n z[:, n]`` of ``z (H'p, Np)`` (real or ``Planes``), kept as ``(H'p, 1)``."""
+    if cl.is_planes(z):
+        return cl.Planes(jnp.sum(z.re, axis=1, keepdims=True), jnp.sum(z.im, axis=1, keepdims=True))
+    return jnp.sum(z, axis=1, keepdims=True)
 
+
+def s4_block_step(channels: int, rank: int, has_input_linear: bool, gate: Optional[str], final_linear: bool):
+    """The S4 block's step for one row (see :mod:`lrnnx_jax.models.lti.s4_layer`).
+
+    The SSM state ``h (H'p, Np)`` of every channel is updated as
+    ``h <- A_bar h - sum_{s < rank} L_s (R_s . h) + B_bar u`` (``R_s . h`` summed over
+    the state): S4's DPLR step in the ``O(N r)`` form of
+    :func:`lrnnx_jax.models.lti.s4.dplr_factors`, or S4D's diagonal step (``rank = 0``).
     The SSM output of channel ``j`` is one block ``z_j (H'p,)``; every linear map
     that reads the flattened ``(c h)`` (or ``(h c)``) features is stored as one
     row block per channel (``name{j}``), so no concatenation is needed in the kernel.
@@ -440,28 +456,53 @@ def s4d_step(channels: int, has_input_linear: bool, gate: Optional[str], final_l
 
     def step(p, x, s, inputs, precision):
         u = mv(x, p["Win"], 0) + p["Win_b"] if has_input_linear else x
-        h = cl.add(cl.mul(_value(p, "a"), cl.Planes(s["h_re"], s["h_im"])), cl.mul(_value(p, "B"), u[:, None]))
-        blocks = [gelu(jnp.sum(cl.real(cl.mul(_value(p, f"C{j}"), h)), axis=1) + p[f"D{j}"] * u) for j in range(channels)]
+        h = cl.Planes(s["h_re"], s["h_im"])
+        h_new = cl.add(cl.mul(_value(p, "a"), h), cl.mul(_value(p, "B"), u[:, None]))
+        for r in range(rank):
+            h_new = cl.sub(h_new, cl.mul(_value(p, f"L{r}"), _row_sum(cl.mul(_value(p, f"R{r}"), h))))
+        blocks = [gelu(jnp.sum(cl.real(cl.mul(_value(p, f"C{j}"), h_new)), axis=1) + p[f"D{j}"] * u)
+                  for j in range(channels)]
         if gate == "full":
             g = sum(mv(z, p[f"G{j}"], 0) for j, z in enumerate(blocks)) + p["G_b"]
             blocks = [g * gelu(mv(x, p["Wv0"], 0) + p["Wv0_b"])]
         elif gate == "blocks":
             blocks = [z * gelu(mv(x, p[f"Wv{j}"], 0) + p[f"Wv{j}_b"]) for j, z in enumerate(blocks)]
         out = sum(mv(gelu(z), p[f"O{j}"], 0) for j, z in enumerate(blocks)) + _bias(p, "O_b")
-        return (gelu(out) if final_linear else out), {"h_re": h.re, "h_im": h.im}
+        return (gelu(out) if final_linear else out), {"h_re": h_new.re, "h_im": h_new.im}
 
     return step
 
 
-def s4d_cell(model, batch, taus=None, cache=None) -> Cell:
+def _s4_ssm(model):
+    """``(A_bar, B_bar, C, low_rank)`` of an S4 or S4D block: ``A_bar, B_bar (H', S)``, ``C (c, H', S)``.
+
+    S4: the full state (``S = N``, conjugate pairs both present), ``C`` as is, and
+    ``low_rank`` the ``rank`` pairs ``(L_s, R_s) (H', N)`` of ``dA = diag(A_bar) - sum_s
+    L_s^T R_s`` from :func:`lrnnx_jax.models.lti.s4.dplr_factors`. S4D: one half of
+    each pair (``S = N/2``), the factor 2 in ``C``, no low-rank pairs.
+    """
+    from lrnnx_jax.models.lti import s4
+
+    if isinstance(model, s4.S4):
+        system = model.discrete_system()
+        left, right, dB = s4.dplr_factors(system.A_bar, system.gamma, system.P, system.B)
+        return system.A_bar, dB, system.C, list(zip(left, jnp.moveaxis(right, 1, 0)))
+    return (*model.discrete_system(), [])
+
+
+def s4_block_cell(model, batch, taus=None, cache=None) -> Cell:
+    """The :class:`Cell` of an S4 or S4D block; ``cache`` (the model's) gives the initial state."""
     rows = batch
-    A_bar, B_bar, C = model.discrete_system()  # (H', S), (H', S), (c, H', S); the factor 2 is in C
+    A_bar, B_bar, C, low_rank = _s4_ssm(model)
     Hs, S = A_bar.shape
     c, H = C.shape[0], model.d_model
     Hsp, Sp, Hp = _lanes(Hs), _lanes(S), _lanes(H)
     p: dict = {}
     _planes(A_bar, (Hsp, Sp), "a", p)
     _planes(B_bar, (Hsp, Sp), "B", p)
+    for r, (left, right) in enumerate(low_rank):
+        _planes(left, (Hsp, Sp), f"L{r}", p)
+        _planes(right, (Hsp, Sp), f"R{r}", p)
     for j in range(c):
         _planes(C[j], (Hsp, Sp), f"C{j}", p)
         p[f"D{j}"] = _pad(model.D[...][j], (Hsp,))
@@ -495,14 +536,51 @@ def s4d_cell(model, batch, taus=None, cache=None) -> Cell:
     h = jnp.zeros((rows, Hs, S), jnp.complex64) if cache is None else cache["lrnn_state"]
     h = cl.split(h)
     state = {"h_re": _pad(h.re, (rows, Hsp, Sp)), "h_im": _pad(h.im, (rows, Hsp, Sp))}
-    step = s4d_step(c, model.input_linear is not None, gate, model.output_linear is not None)
+    step = s4_block_step(c, len(low_rank), model.input_linear is not None, gate, model.output_linear is not None)
     return Cell(step, p, state, {}, {}, (H, Hp), False)
 
 
-def s4d_cache(model, state, cache_like):
+def s4_block_cache(model, state, cache_like):
     ref = cache_like["lrnn_state"]
     Hs, S = ref.shape[1:]
     return {"lrnn_state": cl.merge(cl.Planes(state["h_re"][:, :Hs, :S], state["h_im"][:, :Hs, :S]), ref.dtype)}
+
+
+# --- S7
+def s7_step(p, u, s, inputs, precision):
+    """The S7 step for one row (see :mod:`lrnnx_jax.models.ltv.s7`).
+
+    ``B_t, C_t (Hp, Np)`` are the contractions of ``x`` with the 3-D ``x_proj`` blocks
+    ``WB, WC (Hp (input i), Hp (channel h), Np)``.
+    """
+    x = mv(u, p["Win"], 0)
+    B_t = jnp.sum(p["WB"] * x[:, None, None], axis=0)
+    C_t = jnp.sum(p["WC"] * x[:, None, None], axis=0)
+    A_bar, gamma = km.discretize("s7", None, mv(x, p["Wa"], 0) + p["base"])
+    h = A_bar * s["s"] + gamma * (jnp.sum(B_t * x[:, None], axis=0) + mv(x, p["Wbeta"], 0))
+    y = jnp.sum(C_t * h[None, :], axis=1) + mv(x, p["Wd"], 0) * x
+    return sigmoid(mv(gelu(y), p["Wg"], 0)) * y + u, {"s": h}
+
+
+def s7_cell(model, batch, taus=None, cache=None) -> Cell:
+    """The :class:`Cell` of S7: ``2 H^2 N`` numbers of ``x_proj`` weights, so only small ``H, N`` fit on chip."""
+    rows = batch
+    H, N = model.d_model, model.d_state
+    Hp, Np = _lanes(H), _lanes(N)
+    W_x = model.x_proj.kernel[...]  # (H, N + 2 H N + H + N): a, B, C, d, beta, with B and C flattened (h n)
+    p: dict = {"Win": _pad(model.in_proj.kernel[...], (Hp, Hp)), "Wg": _pad(model.gate_proj.kernel[...], (Hp, Hp)),
+               "base": _pad(model.base_params[...], (Np,))}
+    p["Wa"], p["Wbeta"] = _pad(W_x[:, :N], (Hp, Np)), _pad(W_x[:, -N:], (Hp, Np))
+    p["WB"] = _pad(W_x[:, N:N + H * N].reshape(H, H, N), (Hp, Hp, Np))
+    p["WC"] = _pad(W_x[:, N + H * N:N + 2 * H * N].reshape(H, H, N), (Hp, Hp, Np))
+    p["Wd"] = _pad(W_x[:, N + 2 * H * N:-N], (Hp, Hp))
+    s = jnp.zeros((rows, N), jnp.float32) if cache is None else cache["lrnn_state"]
+    return Cell(s7_step, p, {"s": _pad(s, (rows, Np))}, {}, {}, (H, Hp), False)
+
+
+def s7_cache(model, state, cache_like):
+    ref = cache_like["lrnn_state"]
+    return {"lrnn_state": state["s"][:, :model.d_state].astype(ref.dtype)}
 
 
 class Family(NamedTuple):
@@ -515,20 +593,15 @@ FAMILIES = {
     "diagonal": Family("diagonal", diagonal_cell, diagonal_cache),
     "mamba": Family("mamba", mamba_cell, mamba_cache),
     "rglru": Family("rglru", rglru_cell, rglru_cache),
-    "s4d": Family("s4d", s4d_cell, s4d_cache),
-}
-
-#: models that are not fused, and why (the caller keeps the XLA program)
-NOT_FUSED = {
-    "S4": "S4 (its step is a dense N x N complex matrix per channel, the DPLR recurrence; not fused)",
-    "S7": "S7 (its per-token B_t and C_t need 2 H^2 N projection weights per step; not fused)",
+    "s4": Family("s4", s4_block_cell, s4_block_cache),
+    "s7": Family("s7", s7_cell, s7_cache),
 }
 
 
 def family_of(model) -> Optional[Family]:
     """The cell family of ``model``, or None when it has no fused kernel."""
-    from lrnnx_jax.models.lti import centaurus, lru, s4d, s5 as lti_s5
-    from lrnnx_jax.models.ltv import mamba, rglru, s5 as ltv_s5
+    from lrnnx_jax.models.lti import centaurus, lru, s4, s4d, s5 as lti_s5
+    from lrnnx_jax.models.ltv import mamba, rglru, s5 as ltv_s5, s7
 
     if isinstance(model, (lru.LRU, lti_s5.S5, ltv_s5.S5, centaurus.CentaurusBase)):
         return FAMILIES["diagonal"]
@@ -536,8 +609,10 @@ def family_of(model) -> Optional[Family]:
         return FAMILIES["mamba"]
     if isinstance(model, rglru.RGLRU):
         return FAMILIES["rglru"]
-    if isinstance(model, s4d.S4D):
-        return FAMILIES["s4d"]
+    if isinstance(model, (s4.S4, s4d.S4D)):
+        return FAMILIES["s4"]
+    if isinstance(model, s7.S7):
+        return FAMILIES["s7"]
     return None
 
 
@@ -691,17 +766,18 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
       event_mode: whether ``integration_timesteps`` will be given.
       dtype: the dtype of ``x`` (float32 when None).
 
-    The reasons: a model without a fused kernel (S4, S7), event mode on a model
-    without one, a dtype other than float32 (input or parameters), parameters that
-    do not fit on chip (a padded tile over :data:`MAX_TILE` numbers or a total over
-    :data:`MAX_PARAMS`, e.g. a large H, d_inner or d_state), or, for the one-row
-    Mamba, RG-LRU and S4D kernels whose parameters do not all stay in registers, a batch
-    over :data:`MAX_STREAMING_BATCH`.
+    The reasons: a model without a fused kernel, event mode on a model without
+    one, a dtype other than float32 (input or parameters), parameters that do not
+    fit on chip (a padded tile over :data:`MAX_TILE` numbers or a total over
+    :data:`MAX_PARAMS`, e.g. a large H, d_inner or d_state, and S7 beyond small H
+    and N: its ``x_proj`` holds ``2 H^2 N`` weights), or, for the one-row Mamba,
+    RG-LRU, S4, S4D and S7 kernels whose parameters do not all stay in registers, a
+    batch over :data:`MAX_STREAMING_BATCH`.
     """
     name = type(model).__name__
     family = family_of(model)
     if family is None:
-        return NOT_FUSED.get(name, f"{name} (no fused kernel)")
+        return f"{name} (no fused kernel)"
     if event_mode and not getattr(model, "supports_integration_timesteps", False):
         return f"event mode on {name}, which has no integration_timesteps"
     if dtype is not None and jnp.dtype(dtype) != jnp.float32:
@@ -843,3 +919,38 @@ def fused_program(spec, config: Optional[FusedConfig] = None) -> Callable:
         return ys, x_next, family.cache(model, state, cache)
 
     return program
+
+
+STEP_OP = "fused_step"
+
+
+def fused_step(model, x_t, cache, integration_timesteps=None, *, reference: Callable,
+               config: Optional[dispatch.KernelConfig] = None):
+    """One step of a model's whole block in one kernel launch: the state-update kernel of the
+    models that have no single state-update op (S4D and S4, whose SSM sits inside the S4 block).
+
+    The one-step rollout of the model's :class:`Cell` (:func:`run_cell` with ``num_steps=1``, one
+    row per program, float32 multiply-adds). The switch is the one of the state-update ops
+    (:func:`pallas_kernels.dispatch.choose_kernel` on :func:`fused_generate_supported`);
+    otherwise ``reference(x_t, cache, integration_timesteps)``, the model's pure-JAX step, runs.
+
+    Args:
+      model: the model (inside its ``_step``).
+      x_t: ``(B, H)`` float32 (other dtypes take the reference).
+      cache: the model's inference cache.
+      integration_timesteps: ``(B,)`` or None.
+      reference: the pure-JAX step, ``(x_t, cache, integration_timesteps) -> (y_t, cache)``.
+      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the process default when None.
+
+    Returns:
+      ``(y_t (B, H) float32, new_cache)``.
+    """
+    batch = x_t.shape[0]
+    reason = fused_generate_supported(model, batch, integration_timesteps is not None, x_t.dtype)
+    if not dispatch.choose_kernel(STEP_OP, reason, config):
+        return reference(x_t, cache, integration_timesteps)
+    kernel_config = dispatch.get_config() if config is None else config
+    family = family_of(model)
+    cell = family.cell(model, batch, integration_timesteps, cache)
+    ys, state = run_cell(cell, x_t, 1, config=FusedConfig(block_batch=1, interpret=dispatch.interpret_mode(kernel_config)))
+    return ys[:, 0], family.cache(model, state, cache)

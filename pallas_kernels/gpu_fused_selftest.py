@@ -75,6 +75,12 @@ CASES = [
     Case("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
     Case("S4D bilinear c2 gate2 swap", "lti.S4D", dict(d_model=H, d_state=N, disc="bilinear", channels=2, gate=2,
                                                          swap_channels=True, transposed=False)),
+    Case("S4", "lti.S4", dict(d_model=H, d_state=N, transposed=False)),
+    Case("S4 legt rank 2 bottleneck 2 c2 swap", "lti.S4", dict(d_model=H, d_state=N, rank=2, init="legt", bottleneck=2,
+                                                                 channels=2, swap_channels=True, transposed=False)),
+    # S7's x_proj holds 2 H^2 N weights: H=128, N=64 does not fit on chip (see FALLBACKS)
+    Case("S7 H=32 N=32", "ltv.S7", dict(d_model=32, d_state=32)),
+    Case("S7 J=2 H=16 N=64", "ltv.S7", dict(d_model=16, d_state=N, J=2)),
     Case("LRU B=1", "lti.LRU", dict(d_model=H, d_state=N), batch=1),
     Case("LRU H=100 N=50 B=37", "lti.LRU", dict(d_model=100, d_state=50), batch=37),
     Case("Mamba H=72 N=12 B=5", "ltv.Mamba", dict(d_model=72, d_state=12), batch=5),
@@ -91,9 +97,9 @@ CASES = [
 
 #: models and sizes that must take the documented fallback
 FALLBACKS = [
-    ("S4", "lti.S4", dict(d_model=16, d_state=8, transposed=False)),
+    ("S4 H=512 (too large)", "lti.S4", dict(d_model=512, d_state=64, transposed=False)),
     ("S4D H=512 (too large)", "lti.S4D", dict(d_model=512, d_state=64, transposed=False)),
-    ("S7", "ltv.S7", dict(d_model=16, d_state=8)),
+    ("S7 H=128 N=64 (too large)", "ltv.S7", dict(d_model=128, d_state=64)),
     ("LRU H=512 N=256 (too large)", "lti.LRU", dict(d_model=512, d_state=256)),
     ("Mamba H=384 (too large)", "ltv.Mamba", dict(d_model=384, d_state=16)),
     ("Centaurus full H=32 (too large)", "lti.Centaurus", dict(d_model=32, d_state=32 * 32, sub_state_dim=2, mode="full")),
@@ -101,6 +107,9 @@ FALLBACKS = [
 
 #: parameters that scale a model's closed-loop gain (its output path)
 OUTPUT_PARAMS = ("C", "C_re", "C_im", "D")
+#: layers on the output path; S7's x_proj gives its C_t and d_t (and a_t, B_t, beta_t)
+OUTPUT_LAYERS = ("out_proj", "output_linear")
+OUTPUT_LAYERS_OF = {"S7": ("x_proj",)}
 
 
 def abstract_model(lrnnx_name: str, kwargs: dict):
@@ -120,9 +129,9 @@ def build(case: Case, seed: int = 0):
 
 
 def scale_output(model, factor: float):
-    """Multiply the output path (C and D, out_proj or output_linear) by ``factor``, in place."""
+    """Multiply the output path (C and D, out_proj or output_linear; S7's x_proj) by ``factor``, in place."""
     targets = [getattr(model, n) for n in OUTPUT_PARAMS if isinstance(getattr(model, n, None), nnx.Param)]
-    for layer in ("out_proj", "output_linear"):
+    for layer in OUTPUT_LAYERS_OF.get(type(model).__name__, OUTPUT_LAYERS):
         if getattr(model, layer, None) is not None:
             targets.append(getattr(model, layer).kernel)
     for param in targets:
@@ -260,7 +269,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cases = CASES
     if args.quick:
-        cases = [c for c in CASES if c.name in ("LRU", "S5 bilinear conj_sym event/step", "Mamba", "RG-LRU", "S4D")]
+        cases = [c for c in CASES if c.name in ("LRU", "S5 bilinear conj_sym event/step", "Mamba", "RG-LRU", "S4D", "S4",
+                                                "S7 H=32 N=32")]
     if args.only:
         cases = [c for c in cases if args.only in c.name]
     if args.steps:

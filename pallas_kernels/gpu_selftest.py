@@ -221,6 +221,8 @@ CASES = [
     ("planes f32 state", "simplified", dict(batch=16, P=64, H_in=128, planes=True)),
     ("planes bf16 state", "simplified", dict(batch=16, P=64, H_in=128, planes=True, state_dtype=BF16)),
     ("bf16 x", "simplified", dict(batch=16, P=64, H_in=128, dtype=BF16)),
+    ("blocks of 16 rows (b=300)", "simplified", dict(batch=300, P=64, H_in=128)),
+    ("blocks of 32, event, slots", "simplified", dict(batch=2100, extra_slots=7, P=64, H_in=128, event=True)),
 ]
 
 BUILDERS = {"selective": selective_case, "simplified": simplified_case}

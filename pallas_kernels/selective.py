@@ -73,7 +73,7 @@ def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
     """
     f = jnp.promote_types(jnp.result_type(state, x, dt), jnp.float32)
     rep = state.shape[1] // B.shape[1]
-    slot, valid = _slots(x.shape[0], state_batch_indices, pad_slot_id)
+    slot, valid = dispatch.slots(state_batch_indices, pad_slot_id)
     delta = dt.astype(f)
     if dt_bias is not None:
         delta = delta + dt_bias.astype(f)
@@ -90,18 +90,10 @@ def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
         y = y + D.astype(f) * xf
     if z is not None:
         y = y * jax.nn.silu(z.astype(f))
-    y = jnp.where(valid[:, None, None], y, 0)
-    target = jnp.where(valid, slot, state.shape[0])  # out of range: dropped
-    new_state = state.at[target].set(h.astype(state.dtype), mode="drop")
-    return y.astype(x.dtype), new_state
-
-
-def _slots(batch, state_batch_indices, pad_slot_id):
-    """``(slot (batch,), valid (batch,))``: the state row of each batch row (0 for padded rows)."""
     if state_batch_indices is None:
-        return jnp.arange(batch), jnp.ones((batch,), bool)
-    valid = state_batch_indices != pad_slot_id
-    return jnp.where(valid, state_batch_indices, 0).astype(jnp.int32), valid
+        return y.astype(x.dtype), h.astype(state.dtype)
+    y = jnp.where(valid[:, None, None], y, 0)
+    return y.astype(x.dtype), dispatch.write_slots(state, h, slot, valid)
 
 
 def kernel(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, delta_A=None,

@@ -64,12 +64,7 @@ def reference(state, x, A, B, C, delta=None, D=None, *, integration_timesteps=No
     real = jnp.promote_types(jnp.result_type(x, jnp.real(h_all)), jnp.float32)
     ctype = jnp.result_type(real, jnp.complex64)
     h_all = h_all.astype(ctype)
-    batch = x.shape[0]
-    if state_batch_indices is None:
-        slot, valid = jnp.arange(batch), jnp.ones((batch,), bool)
-    else:
-        valid = state_batch_indices != pad_slot_id
-        slot = jnp.where(valid, state_batch_indices, 0)
+    slot, valid = dispatch.slots(state_batch_indices, pad_slot_id)
     A_bar, B_bar = _discrete(
         A.astype(ctype), B.astype(ctype), None if delta is None else delta.astype(real),
         None if integration_timesteps is None else integration_timesteps.astype(real), discretization,
@@ -79,13 +74,14 @@ def reference(state, x, A, B, C, delta=None, D=None, *, integration_timesteps=No
     y, h = lti.diagonal_step(h_all[slot], xf, A_bar, B_bar, kappa * C.astype(ctype))
     if D is not None:
         y = y + D.astype(real) * xf
+    if state_batch_indices is None:
+        new_state = cl.split(h, state.dtype) if planes else h.astype(state.dtype)
+        return y.astype(x.dtype), new_state
     y = jnp.where(valid[:, None], y, 0)
-    target = jnp.where(valid, slot, h_all.shape[0])  # out of range: dropped
     if planes:
-        new = cl.split(h, state.dtype)
-        new_state = cl.Planes(*(s.at[target].set(n, mode="drop") for s, n in zip(state, new)))
+        new_state = cl.Planes(*(dispatch.write_slots(s, n, slot, valid) for s, n in zip(state, cl.split(h, state.dtype))))
     else:
-        new_state = state.at[target].set(h.astype(state.dtype), mode="drop")
+        new_state = dispatch.write_slots(state, h, slot, valid)
     return y.astype(x.dtype), new_state
 
 
@@ -94,15 +90,17 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     """The Pallas kernel; ``state`` must be ``Planes``. Same contract as :func:`reference`.
 
     Grid ``(cdiv(batch, BLOCK_B),)``: each program takes ``BLOCK_B`` rows, computes
-    ``B x`` and ``C state`` with float32-accurate dot products (:data:`GPU_DOT_PRECISION`)
-    over chunks of :data:`CHUNK` lanes, and writes its state rows back in place.
+    ``B x`` and ``C state`` over chunks of :data:`CHUNK` lanes, and writes its state rows
+    back in place. One row per program (``BLOCK_B = 1``, the default up to
+    ``dispatch.ROW_PATH_MAX_BATCH`` rows) uses float32 multiply-adds; blocks of rows use
+    float32-accurate tensor-core dots (:data:`GPU_DOT_PRECISION`).
     """
     config = dispatch.get_config() if config is None else config
     pl, plgpu = dispatch.pallas_modules()
     slots, P = state.shape
     batch, H_in = x.shape
     H_out = C.shape[0]
-    block_b = config.block_batch or (32 if batch >= 2048 else 16)
+    block_b = config.block_batch or (1 if batch <= dispatch.ROW_PATH_MAX_BATCH else 32 if batch >= 2048 else 16)
     chunk_p = min(dispatch.next_power_of_two(max(P, 16)), CHUNK)
     chunk_h = min(dispatch.next_power_of_two(max(H_in, H_out, 16)), CHUNK)
     n_p, n_in, n_out = pl.cdiv(P, chunk_p), pl.cdiv(H_in, chunk_h), pl.cdiv(H_out, chunk_h)
@@ -126,6 +124,8 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     precision = jax.lax.Precision.HIGHEST if dispatch.interpret_mode(config) else GPU_DOT_PRECISION
 
     def dot(a, b):  # a (m, k) . b (n, k) -> (m, n), float32 accumulation
+        if block_b == 1:  # one row: float32 multiply-adds and a reduction (no tensor-core tile of one row)
+            return jnp.sum(b * a, axis=1)[None, :]
         return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
                                    preferred_element_type=f32)
 

@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# One GPU session (run through the device tool from the repository root): the parity tests on the GPU,
-# the fused-generation self-test and benchmark, and the LTI path benchmark. Results go to $OUT.
+# One GPU session, run through the device tool from the repository root, in two parts (each fits one call):
+#   scripts/gpu_session.sh checks   the tests on the real kernels (step kernels vs pure-JAX step for every model,
+#                                   lrnnx parity incl. generate, generation), both kernel self-tests
+#   scripts/gpu_session.sh bench    the state-update benchmark (ops, launch floor, generate with/without kernels)
+#                                   and the fused-generation benchmark
+# Results go to $OUT. The parity tests need the fixtures: carry a copy in .fixtures (LRNNX_PARITY_FIXTURES).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+if [ -d .fixtures ]; then export LRNNX_PARITY_FIXTURES=$PWD/.fixtures; fi
 { nvidia-smi --query-gpu=name,driver_version --format=csv; python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_convert.py tests/test_lti.py tests/test_scan.py tests/test_discretization.py > "$OUT/gpu_tests.txt" 2>&1
-timeout 180 python -m pallas_kernels.gpu_fused_selftest --out "$OUT/fused_selftest.json" > "$OUT/fused_selftest.txt" 2>&1
-timeout 150 python -m benchmarks.benchmark_fused_generation --quick --out "$OUT/fused_bench.json" > "$OUT/fused_bench.txt" 2>&1
-timeout 60 python -m benchmarks.benchmark_lti_paths --lengths 64 256 1024 4096 16384 --repeats 5 --out "$OUT/lti_paths.json" > "$OUT/lti_paths.txt" 2>&1
-tail -n 5 "$OUT"/*.txt
+case "${1:-checks}" in
+  checks)
+    timeout 240 python -m pytest -q -p no:cacheprovider -n 4 tests/test_step_kernels.py tests/test_convert.py tests/test_generation.py > "$OUT/gpu_tests.txt" 2>&1
+    timeout 120 python -m pallas_kernels.gpu_selftest > "$OUT/state_update_selftest.txt" 2>&1
+    timeout 200 python -m pallas_kernels.gpu_fused_selftest --out "$OUT/fused_selftest.json" > "$OUT/fused_selftest.txt" 2>&1
+    ;;
+  bench)
+    timeout 330 python -m benchmarks.benchmark_state_update --out "$OUT/state_update.md" > "$OUT/state_update.txt" 2>&1
+    timeout 240 python -m benchmarks.benchmark_fused_generation --quick --out "$OUT/fused_bench.json" > "$OUT/fused_bench.txt" 2>&1
+    ;;
+esac
+tail -n 8 "$OUT"/*.txt

@@ -48,8 +48,9 @@ def load_fixture(name: str):
 
 def relative_error(ours, theirs) -> float:
     """``max|ours - theirs| / max|theirs|``, the fixtures' agreement measure."""
-    theirs = np.asarray(theirs, np.float64)
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)))
+    wide = np.complex128 if np.iscomplexobj(theirs) or np.iscomplexobj(ours) else np.float64
+    theirs = np.asarray(theirs, wide)
+    return float(np.max(np.abs(np.asarray(ours, wide) - theirs)) / np.max(np.abs(theirs)))
 
 
 

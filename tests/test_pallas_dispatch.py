@@ -28,7 +28,7 @@ def _restore_default():
     (dict(backend="mosaic"), "backend must be one of"),
     (dict(num_warps=3), "num_warps must be a power of two"),
     (dict(block_elems=0), "block_elems must be a power of two"),
-    (dict(block_batch=8), "block_batch must be a power of two >= 16"),
+    (dict(block_batch=8), "block_batch must be 1 or a power of two >= 16"),
     (dict(interpret="yes"), "interpret must be None, True or False"),
 ])
 def test_config_rejects_bad_values(changes, message):

@@ -50,9 +50,19 @@ CONFIGS = {
                                                      dt_min=0.01, dt_max=0.5), None),
     "S4D-no-output-layer": ("lti.S4D", dict(d_model=H, d_state=6, final_act=None, init="diag-lin", transposed=False,
                                             dt_min=0.01, dt_max=0.5), None),
+    # S4 (DPLR, the full state): rank 1 with 2 channels and the gate split into blocks; rank 2 (legt) with
+    # a bottleneck, 2 channels flattened (h c), the output gate and a step per state
+    "S4-c2-gate-blocks": ("lti.S4", dict(d_model=H, d_state=6, channels=2, gate=2, transposed=False,
+                                         dt_min=0.01, dt_max=0.5), None),
+    "S4-legt-r2-bottleneck-c2-swap-gates": ("lti.S4", dict(d_model=H, d_state=8, rank=2, init="legt", bottleneck=2,
+                                                           channels=2, gate=2, swap_channels=True, dt_tie=False,
+                                                           transposed=False, dt_min=0.01, dt_max=0.5), None),
+    "S7-J1": ("ltv.S7", dict(d_model=H, d_state=4), None),
+    "S7-J2": ("ltv.S7", dict(d_model=H, d_state=8, J=2), None),
 }
 FUSED = ["LRU", "S5-async-event-row", "ltv.S5-bilinear-conj-event", "Mamba-zoh-k2-e1.5-bias",
-         "Mamba-dirac-event-noconvbias", "RGLRU-e2-k2-bias", "S4D-bottleneck-c2-swap-gates"]
+         "Mamba-dirac-event-noconvbias", "RGLRU-e2-k2-bias", "S4D-bottleneck-c2-swap-gates", "S4-c2-gate-blocks",
+         "S4-legt-r2-bottleneck-c2-swap-gates", "S7-J1", "S7-J2"]
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +128,8 @@ def test_parameters_are_arguments():
     assert relative_error(first, second) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ltv.S5-bilinear-conj-event", "CentaurusDWS", "S4D-no-output-layer"])
+@pytest.mark.parametrize("name", ["ltv.S5-bilinear-conj-event", "CentaurusDWS", "S4D-no-output-layer",
+                                  "S4-c2-gate-blocks"])
 def test_fused_program_in_generate(name, monkeypatch):
     """``generate`` through fused_program: chunks of 8 carry the cache across calls; 19 steps end in a partial call."""
     model, event = build(name, seed=7)
@@ -129,7 +140,7 @@ def test_fused_program_in_generate(name, monkeypatch):
     assert relative_error(ys, _unfused(model, x0, 19, taus)) < TOL
 
 
-@pytest.mark.parametrize("name", ["Mamba-k2-e1.5-bias", "RGLRU-e2-k2-bias"])
+@pytest.mark.parametrize("name", ["Mamba-k2-e1.5-bias", "RGLRU-e2-k2-bias", "S7-J2"])
 def test_fused_program_cache_after_num_valid_steps(name):
     """The program stops after ``num_valid`` steps and returns that state, in the model's cache format."""
     model, _ = build(name, seed=9)
@@ -179,7 +190,8 @@ TRITON_DEPRECATION = pytest.mark.filterwarnings("ignore:The Pallas Triton backen
 
 @TRITON_DEPRECATION
 @pytest.mark.parametrize("name,block", [("S5-async-event-row", 16), ("Mamba-dirac-event-noconvbias", None),
-                                        ("RGLRU-e2-k2-bias", None), ("S4D-bottleneck-c2-swap-gates", None)])
+                                        ("RGLRU-e2-k2-bias", None), ("S4D-bottleneck-c2-swap-gates", None),
+                                        ("S4-legt-r2-bottleneck-c2-swap-gates", None), ("S7-J2", None)])
 def test_kernels_lower_to_triton(lower_for_h100, name, block):
     model, event = build(name)
     x0, taus = _inputs(13, event=None if event is None else "step")

@@ -3,6 +3,8 @@ against the reference, bad inputs, and the in-place update."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -87,10 +89,11 @@ KERNEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(KERNEL_CASES))
-def test_kernel_matches_reference(name):
+@pytest.mark.parametrize("name,block_batch", [(name, 1) for name in KERNEL_CASES] + [("bilinear-event-slots-chunks", 16)])
+def test_kernel_matches_reference(name, block_batch):
+    """Every case on the one-row path (the default at these batches); one on blocks of 16 rows (dots)."""
     kw = cases.simplified_case(np.random.default_rng(1), **KERNEL_CASES[name])
-    out, state = simplified_state_update(**kw, config=KERNEL)
+    out, state = simplified_state_update(**kw, config=dataclasses.replace(KERNEL, block_batch=block_batch))
     chex.assert_type(out, kw["x"].dtype)
     assert type(state) is type(kw["state"])
     ref_out, ref_state = simplified_state_update(**kw, config=REFERENCE)

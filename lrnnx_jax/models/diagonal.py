@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from lrnnx_jax.core import lti
 from lrnnx_jax.core.base import LRNN
+from pallas_kernels import simplified
 
 
 class DiagonalSSM(LRNN):
@@ -46,9 +47,13 @@ class DiagonalSSM(LRNN):
         return y + self.skip(x), (None if h is None else {"lrnn_state": h.reshape(h.shape[:1] + self.state_shape())})
 
     def _step(self, x_t, cache, integration_timesteps):
+        """The update ``h = A_bar h + B_bar x`` and ``Re(C h)`` by ``pallas_kernels.simplified_state_update``
+        (its Pallas kernel on NVIDIA GPUs, else :func:`lrnnx_jax.core.lti.diagonal_step`)."""
         A_bar, B_bar, C = self.discrete_system(integration_timesteps)
         state = cache["lrnn_state"]
-        y, h = lti.diagonal_step(state.reshape(state.shape[0], -1), x_t, A_bar, B_bar, C)
+        y, h = simplified.simplified_state_update(
+            state.reshape(state.shape[0], -1), x_t, A_bar, B_bar, C, discretization="no_discretization"
+        )
         return y + self.skip(x_t), {"lrnn_state": h.reshape(state.shape).astype(state.dtype)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):

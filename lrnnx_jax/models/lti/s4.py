@@ -91,19 +91,28 @@ def matrix_power(M, n: int):
         square = _matmul(square, square)
 
 
-def dplr_bilinear(A_bar, gamma, P, B):
-    """Dense ``(dA (H, N, N), dB (H, N))`` of ``A = diag(Lambda) - P conj(P)^T`` from the diagonal transform.
+def dplr_factors(A_bar, gamma, P, B):
+    """The bilinear DPLR system in factored form: ``(left (r, H, N), right (H, r, N), dB (H, N))``.
 
-    ``A_bar, gamma (H, N)`` are ``core.discretization.bilinear(Lambda, dt)``; ``P (r, H, N)``, ``B (H, N)``.
+    ``dA = diag(A_bar) - left^T right`` per channel (``left = gamma P``,
+    ``right = W ((1 + A_bar)/2 Q)``), so ``dA h = A_bar h - sum_s left[s] (right[s] . h)``
+    costs ``O(N r)``. ``A_bar, gamma (H, N)`` are ``core.discretization.bilinear(Lambda, dt)``;
+    ``P (r, H, N)``, ``B (H, N)``.
     """
     Q = jnp.conj(P)
     eye = jnp.eye(P.shape[0], dtype=P.dtype)
     core = eye + 0.5 * jnp.einsum("rhn,hn,shn->hrs", Q, gamma, P, precision="highest")  # (H, r, r)
     left = gamma * P
     right = jnp.linalg.solve(core, jnp.moveaxis((1 + A_bar) / 2 * Q, 0, 1))  # (H, r, N)
-    dA = jax.vmap(jnp.diag)(A_bar) - jnp.einsum("rhn,hrm->hnm", left, right, precision="highest")
     coupling = jnp.linalg.solve(core, jnp.einsum("shm,hm->hs", Q, gamma * B, precision="highest")[..., None])[..., 0]
     dB = gamma * B - 0.5 * jnp.einsum("rhn,hr->hn", left, coupling, precision="highest")
+    return left, right, dB
+
+
+def dplr_bilinear(A_bar, gamma, P, B):
+    """Dense ``(dA (H, N, N), dB (H, N))`` of ``A = diag(Lambda) - P conj(P)^T``, from :func:`dplr_factors`."""
+    left, right, dB = dplr_factors(A_bar, gamma, P, B)
+    dA = jax.vmap(jnp.diag)(A_bar) - jnp.einsum("rhn,hrm->hnm", left, right, precision="highest")
     return dA, dB
 
 

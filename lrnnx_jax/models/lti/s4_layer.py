@@ -42,6 +42,7 @@ from flax import nnx
 from lrnnx_jax.core import hippo, lti, validation
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+from pallas_kernels import fused_generation
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 NPLR_MEASURES = ("legs", "legt", "fourier", "fout")
@@ -563,6 +564,12 @@ class S4Layer(LRNN):
         return self._outputs(y, u, v), ({"lrnn_state": state} if return_cache else None)
 
     def _step(self, x_t, cache, integration_timesteps):
+        """The block's step in one kernel launch on NVIDIA GPUs (``pallas_kernels.fused_generation.fused_step``),
+        else :meth:`_reference_step`."""
+        return fused_generation.fused_step(self, x_t, cache, integration_timesteps, reference=self._reference_step)
+
+    def _reference_step(self, x_t, cache, integration_timesteps):
+        """The pure-JAX step of the block: :meth:`_inputs`, :meth:`_ssm_step`, :meth:`_outputs`."""
         u, v = self._inputs(x_t[:, None])
         y, state = self._ssm_step(cache["lrnn_state"], u[:, 0])
         return self._outputs(y[:, None], u, v)[:, 0], {"lrnn_state": state}

@@ -23,8 +23,9 @@ the state-sized tensors ``A_bar`` and ``gamma B u`` (B, C, D, N) exist one chunk
 of ``C`` steps at a time and are contracted with ``C_t`` inside the chunk, so the
 memory of a training step grows as ``B * L * (D + N)`` (the per-token inputs)
 plus ``B * (L / C) * D * N`` (the chunk boundaries), not as ``B * L * D * N``
-(benchmarks/benchmark_scan_memory.py). The single step calls the same
-:func:`selective_coefficients` and :func:`selective_readout`.
+(benchmarks/benchmark_scan_memory.py). The single step is
+:func:`pallas_kernels.selective_state_update`: its Pallas kernel on NVIDIA GPUs,
+else its pure-JAX reference, which uses the same discretization functions.
 """
 
 from __future__ import annotations
@@ -43,9 +44,15 @@ from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
+from pallas_kernels import selective
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 DT_INITS = ("random", "constant")
+
+
+def event_step(tau, dtA_bias):
+    """The event-mode A-step ``tau * softplus(dtA_bias)``: ``tau (...)`` -> ``(..., D)``."""
+    return tau[..., None] * jax.nn.softplus(dtA_bias)
 
 
 def selective_coefficients(inputs, A, dtA_bias, discretize: Callable):
@@ -65,7 +72,7 @@ def selective_coefficients(inputs, A, dtA_bias, discretize: Callable):
     delta = inputs["delta"][..., None]
     delta_A = None
     if "tau" in inputs:
-        delta_A = (inputs["tau"][..., None] * jax.nn.softplus(dtA_bias))[..., None]
+        delta_A = event_step(inputs["tau"], dtA_bias)[..., None]
     A_bar, gamma = discretize(A, delta, delta_A=delta_A)
     return A_bar, gamma * inputs["B"][..., None, :] * inputs["u"][..., None]
 
@@ -245,11 +252,14 @@ class Mamba(LRNN):
         x_in, z = self._split_in_proj(x_t)
         pre, conv_state = conv.causal_conv1d_step(x_in, cache["conv_state"], self.conv_weight[...], self._conv_bias())
         inputs = self._ssm_inputs(jax.nn.silu(pre), z, integration_timesteps)
-        discretize = disc.get_discretization(self.discretization, DISCRETIZATIONS)
-        A_bar, b = selective_coefficients(inputs, self._A(), self.dtA_proj.bias[...], discretize)
-        h = A_bar * cache["lrnn_state"] + b
-        new_cache = {"conv_state": conv_state, "lrnn_state": h.astype(cache["lrnn_state"].dtype)}
-        return self.out_proj(selective_readout(h, inputs, self.D[...])), new_cache
+        delta_A = None
+        if integration_timesteps is not None:
+            delta_A = event_step(inputs["tau"], self.dtA_proj.bias[...])
+        y, h = selective.selective_state_update(
+            cache["lrnn_state"], inputs["u"], inputs["delta"], self._A(), inputs["B"], inputs["C"], D=self.D[...],
+            z=inputs["z"], delta_A=delta_A, discretization=self.discretization,
+        )
+        return self.out_proj(y), {"conv_state": conv_state, "lrnn_state": h}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, N)}`` zeros."""

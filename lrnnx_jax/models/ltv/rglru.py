@@ -26,6 +26,7 @@ from lrnnx_jax.core import conv
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
+from pallas_kernels import selective
 
 
 def rglru_coefficients(x, r, i, a_log, c):
@@ -109,10 +110,13 @@ class RGLRU(LRNN):
     def _conv_bias(self):
         return None if self.conv_bias is None else self.conv_bias[...]
 
+    def gates(self, x):
+        """Conv output ``x (..., D)`` -> the recurrent and input gates ``(r, i)``, each ``(..., D)``."""
+        return jax.nn.sigmoid(self.recurrent_gate_proj(x)), jax.nn.sigmoid(self.input_gate_proj(x))
+
     def coefficients(self, x):
         """Conv output ``x (..., D)`` -> ``(A_bar, b)`` ``(..., D, 1)`` of the recurrence."""
-        r = jax.nn.sigmoid(self.recurrent_gate_proj(x))
-        i = jax.nn.sigmoid(self.input_gate_proj(x))
+        r, i = self.gates(x)
         a_bar, b = rglru_coefficients(x, r, i, self.a_log[...][:, 0], self.c)
         return a_bar[..., None], b[..., None]
 
@@ -131,10 +135,15 @@ class RGLRU(LRNN):
         return self.output(h, u), cache
 
     def _step(self, u_t, cache, integration_timesteps):
+        """The recurrence by ``pallas_kernels.selective_state_update`` in its ``"rglru"`` mode (``dstate = 1``,
+        ``dt = c r``, ``x = i x``, ``B = C = 1``; the reference is :func:`rglru_coefficients`)."""
         x, conv_state = conv.causal_conv1d_step(self.in_proj(u_t), cache["conv_state"], self.conv_weight[...], self._conv_bias())
-        a_bar, b = self.coefficients(x)
-        h = a_bar * cache["lrnn_state"] + b
-        return self.output(h, u_t), {"conv_state": conv_state, "lrnn_state": h.astype(cache["lrnn_state"].dtype)}
+        r, i = self.gates(x)
+        ones = jnp.ones((x.shape[0], 1), x.dtype)
+        h, new_state = selective.selective_state_update(
+            cache["lrnn_state"], i * x, self.c * r, self.a_log[...], ones, ones, discretization="rglru"
+        )
+        return self.output(h[..., None], u_t), {"conv_state": conv_state, "lrnn_state": new_state}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, 1)}`` zeros."""

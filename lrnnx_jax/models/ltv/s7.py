@@ -28,6 +28,7 @@ from lrnnx_jax.core import hippo
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
+from pallas_kernels import selective
 
 
 #: the parts of the ``x_proj`` output, in order
@@ -98,10 +99,14 @@ class S7(LRNN):
             return out.reshape(out.shape[:-1] + (H, N))
         return out
 
+    def drive(self, x):
+        """``x (..., H)`` (after ``in_proj``) -> the state's input ``B_t^T x + beta_t`` ``(..., N)``."""
+        drive = jnp.einsum("...hn,...h->...n", self._projection(x, "B"), x, precision="highest")
+        return drive + self._projection(x, "beta")
+
     def coefficients(self, x):
         """``x (..., H)`` (after ``in_proj``) -> ``(A_bar (..., N), B_t^T x + beta (..., N))``."""
-        drive = jnp.einsum("...hn,...h->...n", self._projection(x, "B"), x, precision="highest")
-        return s7_transition(self._projection(x, "a")), drive + self._projection(x, "beta")
+        return s7_transition(self._projection(x, "a")), self.drive(x)
 
     def readout(self, s, x):
         """``s (..., N)``, ``x (..., H)`` -> ``y = C_t s + d_t * x`` (..., H)."""
@@ -119,10 +124,16 @@ class S7(LRNN):
         return self.output(y, u), ({"lrnn_state": s} if return_cache else None)
 
     def _step(self, u_t, cache, integration_timesteps):
+        """The recurrence by ``pallas_kernels.selective_state_update`` in its ``"s7"`` mode (the state as
+        ``(B, N, 1)``, ``dt = a_t + base``, ``x`` the drive, ``B = C = 1``; the reference is :func:`s7_transition`)."""
         x = self.in_proj(u_t)
-        A_bar, drive = self.coefficients(x)
-        s = A_bar * cache["lrnn_state"] + drive
-        return self.output(self.readout(s, x), u_t), {"lrnn_state": s.astype(cache["lrnn_state"].dtype)}
+        state = cache["lrnn_state"]
+        ones = jnp.ones((x.shape[0], 1), x.dtype)
+        s, new_state = selective.selective_state_update(
+            state[..., None], self.drive(x), self._projection(x, "a"), jnp.zeros((self.d_state, 1), x.dtype),
+            ones, ones, discretization="s7",
+        )
+        return self.output(self.readout(s, x), u_t), {"lrnn_state": new_state[..., 0]}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, N) zeros}``."""

@@ -1,0 +1,89 @@
+"""``model.step`` on the Pallas state-update kernels against the pure-JAX step, for every model.
+
+Every configuration of the zoo runs a few steps from a prefilled (nonzero) cache twice: with
+``use_kernels="never"`` (the pure-JAX step) and with ``use_kernels="always"`` (the kernels, in
+Pallas interpret mode on the CPU; the same test runs the real kernels on a GPU). The kernel
+path must really contain a ``pallas_call`` and take no fallback, and both paths must agree
+within 1e-5 relative in float32 (outputs and every cache entry).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import relative_error, run_steps
+from pallas_kernels import dispatch
+from zoo import ZOO, H
+
+BATCH, PREFILL, STEPS = 3, 5, 4
+TOL = 1e-5
+
+
+def _inputs(entry, seed):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x_pre = jax.random.normal(keys[0], (BATCH, PREFILL, H), jnp.float32)
+    x = jax.random.normal(keys[1], (BATCH, STEPS, H), jnp.float32)
+    tau_pre = tau = None
+    if entry.event:
+        tau_pre = jax.random.uniform(keys[2], (BATCH, PREFILL), jnp.float32, 0.5, 2.0)
+        tau = jax.random.uniform(keys[3], (BATCH, STEPS), jnp.float32, 0.5, 2.0)
+    return x_pre, tau_pre, x, tau
+
+
+def _runs_a_kernel(jaxpr) -> bool:
+    """Whether the (printed, nested) program contains a ``pallas_call``."""
+    return "pallas_call" in str(jaxpr)
+
+
+@pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
+def test_step_on_kernels_equals_pure_jax_step(entry):
+    model = entry.build(seed=3)
+    x_pre, tau_pre, x, tau = _inputs(entry, seed=11)
+    _, cache = model(x_pre, tau_pre, return_cache=True)
+    with dispatch.kernel_config(use_kernels="never"):
+        y_ref, cache_ref = run_steps(model, x, tau, cache)
+    with dispatch.kernel_config(use_kernels="always"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn
+        tau_t = None if tau is None else tau[:, 0]
+        jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c, tau_t))(x[:, 0], cache)
+        assert _runs_a_kernel(jaxpr), f"{entry.name}: step did not run a kernel"
+        y_kernel, cache_kernel = run_steps(model, x, tau, cache)
+    chex.assert_shape(y_kernel, (BATCH, STEPS, H))
+    chex.assert_trees_all_equal_shapes_and_dtypes(cache_kernel, cache_ref)
+    assert relative_error(y_kernel, y_ref) <= TOL
+    for key in cache_ref:
+        assert relative_error(cache_kernel[key], cache_ref[key]) <= TOL, key
+    assert np.max(np.abs(np.asarray(y_ref))) > 1e-3  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("LRU", "Mamba", "S4D-bilinear-lin-c2-gate2")],
+                         ids=lambda e: e.name)
+def test_default_step_off_gpu_is_pure_jax(entry):
+    """Off-GPU, ``"auto"`` (the default) keeps the pure-JAX step: no kernel in the program."""
+    if dispatch.on_nvidia_gpu():
+        pytest.skip("this checks the CPU default; on a GPU the kernels are the default")
+    model = entry.build()
+    cache = model.allocate_inference_cache(BATCH)
+    with dispatch.kernel_config(use_kernels="auto"):
+        jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(jnp.ones((BATCH, H)), cache)
+    assert not _runs_a_kernel(jaxpr)
+
+
+def test_float64_step_takes_the_reference():
+    """The kernels compute in float32: a float64 step keeps the pure-JAX reference, also under "always"."""
+    entry = next(e for e in ZOO if e.name == "Mamba")
+    with jax.enable_x64(True):
+        model = entry.build()
+        cache = model.allocate_inference_cache(BATCH, dtype=jnp.float64)
+        x_t = jax.random.normal(jax.random.key(0), (BATCH, H), jnp.float64)
+        with dispatch.kernel_config(use_kernels="always"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(x_t, cache)
+    assert not _runs_a_kernel(jaxpr)
+    assert any("float64" in str(w.message) for w in caught)
