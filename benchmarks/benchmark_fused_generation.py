@@ -19,7 +19,7 @@ ones, divided by the steps. For the fused kernel it also reports the bytes that 
 cross HBM (the outputs written, the streamed per-step inputs read, the state and
 parameters once per program) as a fraction of the device-to-device copy bandwidth
 measured in the same run (the number to read at B=4096). A model refused only for
-its batch size (the one-row Mamba/RG-LRU/S4D kernels above ``MAX_STREAMING_BATCH``)
+its batch size (the one-row Mamba/RG-LRU/S4/S4D/S7 kernels above ``MAX_STREAMING_BATCH``)
 is timed anyway and marked "forced". ``--block-batch``, ``--num-warps`` and
 ``--precision`` add fused variants (tuning). Prints a Markdown table; ``--out`` writes
 every number as JSON. Needs only jax, flax and numpy.

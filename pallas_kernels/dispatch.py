@@ -33,8 +33,6 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("auto", "always", "never")
-#: ``simplified_state_update`` runs one row per program up to this batch (see ``KernelConfig.block_batch``)
-ROW_PATH_MAX_BATCH = 256
 BACKENDS = ("triton",)
 
 
@@ -51,8 +49,7 @@ class KernelConfig:
         ``selective_state_update`` (a power of two).
       block_batch: batch rows per program of ``simplified_state_update``: 1 (float32
         multiply-adds, one row per program) or a power of two >= 16 (tensor-core dots);
-        None picks :data:`ROW_PATH_MAX_BATCH`'s rule (1 up to that batch, else 16, or 32
-        from 2048 rows).
+        None: :func:`pallas_kernels.simplified.rows_per_program` decides by the batch.
     """
 
     use_kernels: str = "auto"
@@ -132,15 +129,18 @@ def interpret_mode(config: KernelConfig) -> bool:
 _WARNED: set[tuple[str, str]] = set()
 
 
-def choose_kernel(op: str, unsupported_reason: Optional[str], config: Optional[KernelConfig]) -> bool:
+def choose_kernel(op: str, unsupported_reason: Optional[str], config: Optional[KernelConfig],
+                  slower_reason: Optional[str] = None) -> bool:
     """Decide between the kernel (True) and the reference (False) for one call.
 
     ``unsupported_reason`` is None when the kernel supports the arguments. A
     kernel that was asked for (``"always"``, or ``"auto"`` on a GPU) but cannot
     take the arguments is reported once per reason with a ``RuntimeWarning``.
+    ``slower_reason`` (None, or where the kernel was measured slower than the
+    reference) keeps the reference under ``"auto"``, silently.
     """
     config = get_config() if config is None else config
-    if config.use_kernels == "never":
+    if config.use_kernels == "never" or (config.use_kernels == "auto" and slower_reason is not None):
         return False
     wanted = config.use_kernels == "always" or on_nvidia_gpu()
     if not wanted:

@@ -433,11 +433,9 @@ def rglru_cache(model, state, cache_like):
 
 
 # --- S4 and S4D: the S4 block around per-channel SSMs (diagonal plus low rank, or diagonal)
-def _row_sum(z):
-    """``sum_n z[:, n]`` of ``z (H'p, Np)`` (real or ``Planes``), kept as ``(H'p, 1)``."""
-    if cl.is_planes(z):
-        return cl.Planes(jnp.sum(z.re, axis=1, keepdims=True), jnp.sum(z.im, axis=1, keepdims=True))
-    return jnp.sum(z, axis=1, keepdims=True)
+def _row_sum(z: cl.Planes) -> cl.Planes:
+    """``sum_n z[:, n]`` of complex ``z (H'p, Np)``, kept as ``(H'p, 1)``."""
+    return cl.Planes(jnp.sum(z.re, axis=1, keepdims=True), jnp.sum(z.im, axis=1, keepdims=True))
 
 
 def s4_block_step(channels: int, rank: int, has_input_linear: bool, gate: Optional[str], final_linear: bool):
@@ -478,7 +476,7 @@ def _s4_ssm(model):
 
     S4: the full state (``S = N``, conjugate pairs both present), ``C`` as is, and
     ``low_rank`` the ``rank`` pairs ``(L_s, R_s) (H', N)`` of ``dA = diag(A_bar) - sum_s
-    L_s^T R_s`` from :func:`lrnnx_jax.models.lti.s4.dplr_factors`. S4D: one half of
+    L_s R_s^T`` (per channel) from :func:`lrnnx_jax.models.lti.s4.dplr_factors`. S4D: one half of
     each pair (``S = N/2``), the factor 2 in ``C``, no low-rank pairs.
     """
     from lrnnx_jax.models.lti import s4
@@ -548,10 +546,10 @@ def s4_block_cache(model, state, cache_like):
 
 # --- S7
 def s7_step(p, u, s, inputs, precision):
-    """The S7 step for one row (see :mod:`lrnnx_jax.models.ltv.s7`).
+    """The S7 step for one row (see :mod:`lrnnx_jax.models.ltv.s7`): ``u (Hp,)``, state ``s (Np,)``.
 
-    ``B_t, C_t (Hp, Np)`` are the contractions of ``x`` with the 3-D ``x_proj`` blocks
-    ``WB, WC (Hp (input i), Hp (channel h), Np)``.
+    ``B_t, C_t (Hp, Np)`` are the contractions of ``x = W_in u`` with the 3-D ``x_proj``
+    blocks ``WB, WC (Hp (input i), Hp (channel h), Np)``.
     """
     x = mv(u, p["Win"], 0)
     B_t = jnp.sum(p["WB"] * x[:, None, None], axis=0)
@@ -780,15 +778,20 @@ def fused_generate_supported(model, batch_size: int, event_mode: bool, dtype=Non
         return f"{name} (no fused kernel)"
     if event_mode and not getattr(model, "supports_integration_timesteps", False):
         return f"event mode on {name}, which has no integration_timesteps"
+    from lrnnx_jax.core.base import dropout_active
+
+    if dropout_active(model):
+        return f"{name} with active dropout (in training mode; the kernels run the model in eval mode)"
     if dtype is not None and jnp.dtype(dtype) != jnp.float32:
         return f"x of dtype {jnp.dtype(dtype).name} (the fused kernels generate in float32)"
     leaves, treedef = jax.tree.flatten(model)
-    wide = [leaf.dtype for leaf in leaves if hasattr(leaf, "dtype") and leaf.dtype not in (jnp.float32, jnp.complex64)]
+    wide = [leaf.dtype for leaf in leaves if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+            and leaf.dtype not in (jnp.float32, jnp.complex64)]  # (random-state leaves are not parameters)
     if wide:
         return f"parameters of dtype {jnp.dtype(wide[0]).name} (the fused kernels take float32/complex64 parameters)"
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         return f"batch_size={batch_size!r} (expected a positive integer)"
-    leaf_types = tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves)  # arrays or abstract values
+    leaf_types = tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves)  # arrays or abstract values
     shapes = _param_shapes(treedef, leaf_types, family.name, bool(event_mode))
     largest, total = _padded_sizes(shapes)
     if largest > MAX_TILE or total > MAX_PARAMS:

@@ -44,6 +44,8 @@ MAX_CHUNK_PAIRS = 16
 #: products on the GPU: 3-pass TF32 on the tensor cores keeps float32 accuracy (~2e-7 relative
 #: on an H100) and ran 4-15x faster there than IEEE float32 FMA dots; interpret mode uses HIGHEST
 GPU_DOT_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+#: by default one row per program up to this batch, blocks of rows above (:func:`rows_per_program`)
+ROW_PATH_MAX_BATCH = 256
 
 
 def _discrete(A, B, delta, integration_timesteps, discretization):
@@ -85,6 +87,11 @@ def reference(state, x, A, B, C, delta=None, D=None, *, integration_timesteps=No
     return y.astype(x.dtype), new_state
 
 
+def rows_per_program(batch: int, config: dispatch.KernelConfig) -> int:
+    """``config.block_batch``, or by default 1 up to ``ROW_PATH_MAX_BATCH`` rows, then 16 (32 from 2048)."""
+    return config.block_batch or (1 if batch <= ROW_PATH_MAX_BATCH else 32 if batch >= 2048 else 16)
+
+
 def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_timesteps=None, discretization="zoh",
            conj_sym=False, state_batch_indices=None, pad_slot_id=-1, config: Optional[dispatch.KernelConfig] = None):
     """The Pallas kernel; ``state`` must be ``Planes``. Same contract as :func:`reference`.
@@ -92,7 +99,7 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     Grid ``(cdiv(batch, BLOCK_B),)``: each program takes ``BLOCK_B`` rows, computes
     ``B x`` and ``C state`` over chunks of :data:`CHUNK` lanes, and writes its state rows
     back in place. One row per program (``BLOCK_B = 1``, the default up to
-    ``dispatch.ROW_PATH_MAX_BATCH`` rows) uses float32 multiply-adds; blocks of rows use
+    ``ROW_PATH_MAX_BATCH`` rows) uses float32 multiply-adds; blocks of rows use
     float32-accurate tensor-core dots (:data:`GPU_DOT_PRECISION`).
     """
     config = dispatch.get_config() if config is None else config
@@ -100,7 +107,7 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     slots, P = state.shape
     batch, H_in = x.shape
     H_out = C.shape[0]
-    block_b = config.block_batch or (1 if batch <= dispatch.ROW_PATH_MAX_BATCH else 32 if batch >= 2048 else 16)
+    block_b = rows_per_program(batch, config)
     chunk_p = min(dispatch.next_power_of_two(max(P, 16)), CHUNK)
     chunk_h = min(dispatch.next_power_of_two(max(H_in, H_out, 16)), CHUNK)
     n_p, n_in, n_out = pl.cdiv(P, chunk_p), pl.cdiv(H_in, chunk_h), pl.cdiv(H_out, chunk_h)
@@ -271,8 +278,19 @@ def simplified_state_update(
     options = dict(integration_timesteps=integration_timesteps, discretization=discretization, conj_sym=conj_sym,
                    state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
     reason = unsupported_reason(state, x, A, B, C, delta, D, integration_timesteps)
-    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config) else None
+    chosen = dispatch.choose_kernel(OP, reason, config, slower_than_reference(x.shape[0], config))
+    config = (dispatch.get_config() if config is None else config) if chosen else None
     return _step(state, x, A, B, C, delta, D, config=config, **options)
+
+
+def slower_than_reference(batch: int, config: Optional[dispatch.KernelConfig]) -> Optional[str]:
+    """Why ``"auto"`` keeps the reference although the kernel supports the call (measured on an H100:
+    BENCHMARKS.md §3), or None."""
+    config = dispatch.get_config() if config is None else config
+    block_b = rows_per_program(batch, config)
+    if block_b > 1:
+        return f"blocks of {block_b} rows (batch {batch}): slower than XLA on an H100 (LRU 300 vs 42 us at batch 4096)"
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("discretization", "conj_sym", "pad_slot_id", "config"))

@@ -78,3 +78,25 @@ def run_steps(model, x, integration_timesteps=None, cache=None):
     graphdef, state = nnx.split(model)
     tau = None if integration_timesteps is None else jnp.asarray(integration_timesteps)
     return _run_steps(graphdef, state, jnp.asarray(x), tau, cache)
+
+
+@pytest.fixture
+def lower_for_h100(monkeypatch):
+    """Lower to CUDA on this CPU machine: Pallas translates each kernel to Triton IR (not compiled).
+
+    Interpret mode runs a kernel body with XLA, so it cannot see a primitive or an
+    indexing form that has no Triton lowering; this does. ``lower(fn, *args)`` returns
+    the module text; ``kernels`` (default 1) is the number of Triton kernels expected in it.
+    """
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+
+    def lower(fn, *args, kernels: int = 1):
+        checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+        assert text.count("__gpu$xla.gpu.triton") == kernels
+        return text
+
+    return lower

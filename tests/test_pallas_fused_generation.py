@@ -164,27 +164,6 @@ def test_fused_program_cache_after_num_valid_steps(name):
         assert relative_error(new_cache[key], ref_cache[key]) < TOL
 
 
-@pytest.fixture
-def lower_for_h100(monkeypatch):
-    """Lower to CUDA on this CPU machine: Pallas translates each kernel to Triton IR (not compiled).
-
-    Interpret mode runs the kernel body with XLA, so it cannot see a primitive or an
-    indexing form that has no Triton lowering; this does.
-    """
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration
-
-    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
-
-    def lower(fn, *args):
-        checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
-        assert text.count("__gpu$xla.gpu.triton") == 1
-        return text
-
-    return lower
-
-
 TRITON_DEPRECATION = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 

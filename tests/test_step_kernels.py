@@ -87,3 +87,57 @@ def test_float64_step_takes_the_reference():
             jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(x_t, cache)
     assert not _runs_a_kernel(jaxpr)
     assert any("float64" in str(w.message) for w in caught)
+
+
+TRITON_DEPRECATION = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+
+@TRITON_DEPRECATION
+@pytest.mark.parametrize("name", ["LRU", "S5-async-event", "CentaurusFull", "Mamba-bilinear-event-c4", "RGLRU-e1-k4",
+                                  "S7-J2", "S4D-bilinear-lin-c2-gate2", "S4-legt-r2-c2-gate-bottleneck"])
+def test_step_kernels_lower_to_triton(lower_for_h100, monkeypatch, name):
+    """``model.step`` as the GPU compiles it (auto on an NVIDIA GPU): one Triton kernel per step, lowerable."""
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
+    entry = next(e for e in ZOO if e.name == name)
+    model = entry.build()
+    cache = model.allocate_inference_cache(BATCH)
+    tau = jnp.ones((BATCH,)) if entry.event else None
+    with dispatch.kernel_config(use_kernels="auto"):
+        lower_for_h100(lambda x_t, c: model.step(x_t, c, tau), jnp.ones((BATCH, H)), cache)
+
+
+def test_auto_on_a_gpu_takes_the_kernels_where_measured_faster(monkeypatch):
+    """``"auto"`` as on an NVIDIA GPU: the kernels, except where they were measured slower (the simplified
+    op's blocks of rows, above ``ROW_PATH_MAX_BATCH``), which keep the pure-JAX step without a warning."""
+    from pallas_kernels import simplified
+
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
+    lru, mamba = (next(e for e in ZOO if e.name == n).build() for n in ("LRU", "Mamba"))
+    large = simplified.ROW_PATH_MAX_BATCH + 1
+    with dispatch.kernel_config(use_kernels="auto"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for model, batch, expected in ((lru, BATCH, True), (lru, large, False), (mamba, large, True)):
+            cache = model.allocate_inference_cache(batch)
+            jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(jnp.ones((batch, H)), cache)
+            assert _runs_a_kernel(jaxpr) == expected, (type(model).__name__, batch)
+
+
+def test_dropout_model_steps_on_kernels_in_eval_mode_only(monkeypatch):
+    """A block built with dropout: in eval mode the kernels (and generate) take it; in training mode the
+    kernel refuses it (it has no dropout) and the pure-JAX step draws a fresh mask at every step."""
+    from lrnnx_jax.generation import generate
+
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    model = next(e for e in ZOO if e.name == "S4D-bilinear-lin-c2-gate2").build(dropout=0.3)
+    x0 = jax.random.normal(jax.random.key(5), (BATCH, H), jnp.float32)
+    with dispatch.kernel_config(use_kernels="never"):
+        ref = generate(model, x0, 6)
+    with dispatch.kernel_config(use_kernels="always"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert relative_error(generate(model, x0, 6), ref) <= TOL
+    model.train()
+    cache = model.allocate_inference_cache(BATCH)
+    with dispatch.kernel_config(use_kernels="always"), pytest.warns(RuntimeWarning, match="active dropout"):
+        first, _ = model.step(x0, cache)
+    second, _ = model.step(x0, cache)
+    assert relative_error(first, second) > 1e-3  # the random state advanced between the steps

@@ -62,6 +62,11 @@ def lrnnx_entry(variable: nnx.Variable, convert: Optional[Callable[[np.ndarray],
     return LrnnxEntry(tuple(variable.get_value().shape) if shape is None else tuple(shape), load)
 
 
+def dropout_active(model) -> bool:
+    """Whether any ``nnx.Dropout`` in ``model`` would drop (a nonzero rate and not deterministic, i.e. in training mode)."""
+    return any(isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_modules(model))
+
+
 def compute_dtype(dtype):
     """float32 for bf16/f16/f32 inputs, float64 for float64 inputs."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -90,7 +95,8 @@ class LRNN(nnx.Module):
             xc = jnp.where(mask[..., None], xc, 0)
         graphdef, state = nnx.split(self)
         y, cache, rng_state = _jit_forward(graphdef, state, xc, tau, mask, lengths, return_cache)
-        nnx.update(self, rng_state)
+        if dropout_active(self):  # only active dropout draws random numbers
+            nnx.update(self, rng_state)
         if mask is not None:
             y = jnp.where(mask[..., None], y, 0)
         y = y.astype(x.dtype)
@@ -103,7 +109,8 @@ class LRNN(nnx.Module):
         tau = self._check_timesteps(integration_timesteps, (x_t.shape[0],))
         graphdef, state = nnx.split(self)
         y_t, new_cache, rng_state = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
-        nnx.update(self, rng_state)
+        if dropout_active(self):
+            nnx.update(self, rng_state)
         return y_t.astype(x_t.dtype), new_cache
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> Cache:

@@ -18,6 +18,9 @@ giving ``A_bar`` and ``gamma``) plus a rank-``r`` Woodbury correction::
     dA = diag(A_bar) - (gamma P)^T W ((1 + A_bar)/2 Q)
     dB = gamma B - (gamma P / 2)^T W Q (gamma B)
 
+(:func:`dplr_factors`; the fused generation kernel steps with these factors in ``O(N r)``
+per channel instead of the dense ``dA``).
+
 **Kernel** (``method="fft"``): ``K_l = Re(C dA^l dB)`` for ``l < L`` from the truncated
 generating function at the ``L``-th roots of unity ``w``::
 
