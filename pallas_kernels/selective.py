@@ -189,6 +189,20 @@ def unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A) -> Optiona
     return None
 
 
+def slower_than_reference(batch: int, state_batch_indices) -> Optional[str]:
+    """Why ``"auto"`` keeps the reference although the kernel supports the call, or None.
+
+    Measured on an H100 (BENCHMARKS.md §3): without state slots the reference is one XLA fusion
+    that reads and writes the state once, as the kernel does, and it was as fast or faster from
+    batch 32 on (Mamba D=2048: kernel 0.89-0.97x; RG-LRU 0.68-0.77x); the kernel was faster at
+    batch 1 (1.08x, 1.27x) and with ``state_batch_indices``, where the reference gathers and
+    scatters the state (1.96x at batch 4096).
+    """
+    if state_batch_indices is None and batch > 1:
+        return f"batch {batch} without state_batch_indices (the XLA step was measured as fast or faster on an H100)"
+    return None
+
+
 def selective_state_update(
     state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False, *,
     delta_A=None, discretization: str = "mamba", state_batch_indices=None, pad_slot_id: int = -1,
@@ -219,7 +233,8 @@ def selective_state_update(
         state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_batch_indices
     )
     reason = unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A)
-    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config) else None
+    slower = slower_than_reference(x.shape[0], state_batch_indices)
+    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config, slower) else None
     return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, delta_A=delta_A, discretization=discretization,
                  state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id, config=config)
 

@@ -88,8 +88,12 @@ def reference(state, x, A, B, C, delta=None, D=None, *, integration_timesteps=No
 
 
 def rows_per_program(batch: int, config: dispatch.KernelConfig) -> int:
-    """``config.block_batch``, or by default 1 up to ``ROW_PATH_MAX_BATCH`` rows, then 16 (32 from 2048)."""
-    return config.block_batch or (1 if batch <= ROW_PATH_MAX_BATCH else 32 if batch >= 2048 else 16)
+    """``config.block_batch``, or by default 1 up to ``ROW_PATH_MAX_BATCH`` rows, then 16.
+
+    Measured on an H100 (P=64, H=128; BENCHMARKS.md §3): one row per program is 1.2-1.9x faster than
+    XLA up to batch 256 and 2x slower at 4096, where blocks of 16 rows are 1.35x faster than XLA.
+    """
+    return config.block_batch or (1 if batch <= ROW_PATH_MAX_BATCH else 16)
 
 
 def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_timesteps=None, discretization="zoh",
@@ -278,19 +282,8 @@ def simplified_state_update(
     options = dict(integration_timesteps=integration_timesteps, discretization=discretization, conj_sym=conj_sym,
                    state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
     reason = unsupported_reason(state, x, A, B, C, delta, D, integration_timesteps)
-    chosen = dispatch.choose_kernel(OP, reason, config, slower_than_reference(x.shape[0], config))
-    config = (dispatch.get_config() if config is None else config) if chosen else None
+    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config) else None
     return _step(state, x, A, B, C, delta, D, config=config, **options)
-
-
-def slower_than_reference(batch: int, config: Optional[dispatch.KernelConfig]) -> Optional[str]:
-    """Why ``"auto"`` keeps the reference although the kernel supports the call (measured on an H100:
-    BENCHMARKS.md §3), or None."""
-    config = dispatch.get_config() if config is None else config
-    block_b = rows_per_program(batch, config)
-    if block_b > 1:
-        return f"blocks of {block_b} rows (batch {batch}): slower than XLA on an H100 (LRU 300 vs 42 us at batch 4096)"
-    return None
 
 
 @functools.partial(jax.jit, static_argnames=("discretization", "conj_sym", "pad_slot_id", "config"))

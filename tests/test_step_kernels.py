@@ -116,17 +116,18 @@ def test_step_kernels_lower_to_triton(lower_for_h100, monkeypatch, name):
 
 
 def test_auto_on_a_gpu_takes_the_kernels_where_measured_faster(monkeypatch):
-    """``"auto"`` as on an NVIDIA GPU: the kernels, except where they were measured slower (the simplified
-    op's blocks of rows, above ``ROW_PATH_MAX_BATCH``), which keep the pure-JAX step without a warning."""
+    """``"auto"`` as on an NVIDIA GPU: the kernels, except where they were measured slower (the selective
+    op above batch 1 without state slots), which keep the pure-JAX step without a warning."""
     from pallas_kernels import simplified
 
     monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
     jax.clear_caches()  # programs traced earlier for the CPU must be traced again
-    lru, mamba = (next(e for e in ZOO if e.name == n).build() for n in ("LRU", "Mamba"))
+    lru, mamba, s4d = (next(e for e in ZOO if e.name == n).build() for n in ("LRU", "Mamba", "S4D-bilinear-lin-c2-gate2"))
     large = simplified.ROW_PATH_MAX_BATCH + 1
     with dispatch.kernel_config(use_kernels="auto"), warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for model, batch, expected in ((lru, BATCH, True), (lru, large, False), (mamba, large, True)):
+        for model, batch, expected in ((lru, BATCH, True), (lru, large, True), (s4d, BATCH, True), (mamba, 1, True),
+                                       (mamba, BATCH, False)):
             cache = model.allocate_inference_cache(batch)
             jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(jnp.ones((batch, H)), cache)
             assert _runs_a_kernel(jaxpr) == expected, (type(model).__name__, batch)
