@@ -18,9 +18,9 @@ Each time is the median over ``--repeats`` whole rollouts after ``--warmup`` unt
 ones, divided by the steps. For the fused kernel it also reports the bytes that must
 cross HBM (the outputs written, the streamed per-step inputs read, the state and
 parameters once per program) as a fraction of the device-to-device copy bandwidth
-measured in the same run (the number to read at B=4096). A model refused only for
-its batch size (the one-row Mamba/RG-LRU/S4/S4D/S7 kernels above ``MAX_STREAMING_BATCH``)
-is timed anyway and marked "forced". ``--block-batch``, ``--num-warps`` and
+measured in the same run (the number to read at B=4096). Where ``"auto"`` keeps the
+XLA program (``slower_than_xla``) the fused kernel is timed anyway and the note says
+so. ``--block-batch``, ``--num-warps`` and
 ``--precision`` add fused variants (tuning). Prints a Markdown table; ``--out`` writes
 every number as JSON. Needs only jax, flax and numpy.
 
@@ -47,9 +47,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks.benchmark_inference import make_inputs
 from benchmarks.timing import copy_bandwidth, median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
@@ -83,30 +83,19 @@ MODELS = [
     BenchModel("S4", "lti.S4", dict(d_model=H, d_state=N, transposed=False)),
     BenchModel("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
     BenchModel("S7", "ltv.S7", dict(d_model=H, d_state=N), lrnnx_us=56.0),
+    BenchModel("S7-small", "ltv.S7", dict(d_model=32, d_state=32)),  # the largest S7 whose weights fit on chip
 ]
 
 
-def inputs(batch: int, event: bool, seed: int = 0):
-    """``x0 (B, H)`` standard normal and, in event mode, timesteps ``(B, 1)`` in ``[0.01, 1.01)`` (as lrnnx)."""
-    rng = np.random.default_rng(seed)
-    x0 = jnp.asarray(rng.standard_normal((batch, H)), jnp.float32)
-    tau = rng.uniform(0.01, 1.01, (batch, 1)).astype(np.float32) if event else None
-    return x0, tau
-
-
-def fused_runner(model, x0, tau, steps: int, config: fg.FusedConfig, force: bool = False):
-    """The jitted fused rollout; ``force`` runs the cell directly, past a batch-size refusal."""
+def fused_runner(model, x0, tau, steps: int, config: fg.FusedConfig):
+    """The jitted fused rollout (whether or not ``"auto"`` would choose it)."""
     treedef = jax.tree.structure(model)
     leaves = jax.tree.leaves(model)
     tau = None if tau is None else jnp.asarray(tau)
 
     @jax.jit
     def run(leaves, x0, tau):
-        model = jax.tree.unflatten(treedef, leaves)
-        if not force:
-            return fg.fused_generate(model, x0, steps, tau, config=config)
-        cell = fg.family_of(model).cell(model, x0.shape[0], None if tau is None else tau[:, 0], None)
-        return fg.run_cell(cell, x0, steps, config=config)[0]
+        return fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, steps, tau, config=config)
 
     start = time.perf_counter()
     jax.block_until_ready(run(leaves, x0, tau))
@@ -169,13 +158,12 @@ def fused_configs(args, blockable: bool) -> list[fg.FusedConfig]:
 
 def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[dict]:
     model = model_class(spec.lrnnx_name)(**spec.kwargs, rngs=nnx.Rngs(0))
-    x0, tau = inputs(batch, spec.event)
+    x0, tau = make_inputs(batch, model.d_model, spec.event)
     steps = args.steps
     base = dict(model=spec.name, batch=batch, steps=steps, lrnnx_us=spec.lrnnx_us if batch == 32 else None)
     rows = []
     reason = fg.fused_generate_supported(model, batch, spec.event)
-    # refused only for its batch size (one-row programs re-reading their parameters): timed anyway, marked
-    force = reason is not None and fg.fused_generate_supported(model, 1, spec.event) is None
+    slower = fg.slower_than_xla(model, batch)
     xla_us = loop_us = None
     with dispatch.kernel_config(use_kernels="never"):  # the XLA program and step, whatever generate dispatches to
         if not args.no_xla:
@@ -184,11 +172,11 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
         if not args.no_loop and batch in args.loop_batches:
             run, _ = loop_runner(model, x0, tau, steps)
             loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
-    if reason is not None and not force:
+    if reason is not None:
         return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
     for config in fused_configs(args, fg.family_of(model).name == "diagonal"):
         try:
-            run, compile_s = fused_runner(model, x0, tau, steps, config, force)
+            run, compile_s = fused_runner(model, x0, tau, steps, config)
             seconds = median_seconds(run, args.warmup, args.repeats)
         except Exception as error:  # noqa: BLE001 - report the variant and continue
             rows.append(dict(base, variant=_variant(config), fused_us=None, xla_us=xla_us, loop_us=loop_us,
@@ -199,7 +187,7 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
         rows.append(dict(base, variant=_variant(config), fused_us=fused_us, xla_us=xla_us, loop_us=loop_us,
                          speedup_xla=None if xla_us is None else xla_us / fused_us,
                          hbm_fraction=moved / seconds / bandwidth, compile_s=compile_s,
-                         note=f"forced past: {reason}" if force else ""))
+                         note="" if slower is None else f"auto keeps XLA: {slower}"))
     return rows
 
 
