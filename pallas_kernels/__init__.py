@@ -4,7 +4,12 @@ Each op has one dispatch function that runs its Pallas kernel on NVIDIA GPUs and
 its pure-JAX reference elsewhere (see :mod:`pallas_kernels.dispatch`):
 
 * :func:`selective_state_update`: Mamba (and RG-LRU, S7 as lrnnx maps them);
-* :func:`simplified_state_update`: the diagonal complex SSMs (S5, LRU, S4D, Centaurus).
+* :func:`simplified_state_update`: the diagonal complex SSMs (S5, LRU, Centaurus);
+* :mod:`pallas_kernels.fused_generation`: the whole rollout of a layer in one kernel
+  (``generate``), and ``fused_step``, one step of the S4 / S4D block in one kernel.
+
+The models' ``step`` methods call these ops, so on NVIDIA GPUs ``model.step`` and
+``generate`` run the kernels wherever the switch selects them.
 
 Importing the package never needs a GPU or Pallas; kernels are built on first use.
 """
