@@ -150,3 +150,23 @@ def test_dropout_model_steps_on_kernels_in_eval_mode_only(monkeypatch):
         first, _ = model.step(x0, cache)
     second, _ = model.step(x0, cache)
     assert relative_error(first, second) > 1e-3  # the random state advanced between the steps
+
+
+@TRITON_DEPRECATION
+@pytest.mark.parametrize("name", ["LRU", "Mamba", "S4D-bilinear-lin-c2-gate2"])
+def test_vmapped_step_on_kernels(lower_for_h100, name):
+    """``jax.vmap`` over ``model.step`` (e.g. independent caches): the kernels' batching rule gives the
+    reference's values (interpret mode) and still lowers to one Triton kernel."""
+    model = next(e for e in ZOO if e.name == name).build()
+    cache = jax.tree.map(lambda c: jnp.stack([c, c + 0.5]), model.allocate_inference_cache(BATCH))
+    x = jax.random.normal(jax.random.key(2), (2, BATCH, H), jnp.float32)
+    step = jax.vmap(lambda x_t, c: model.step(x_t, c))
+    with dispatch.kernel_config(use_kernels="never"):
+        y_ref, cache_ref = step(x, cache)
+    with dispatch.kernel_config(use_kernels="always"):
+        y, new_cache = step(x, cache)
+    assert relative_error(y, y_ref) <= TOL
+    for key in cache_ref:
+        assert relative_error(new_cache[key], cache_ref[key]) <= TOL, key
+    with dispatch.kernel_config(use_kernels="always", interpret=False):
+        lower_for_h100(step, x, cache)
