@@ -184,6 +184,14 @@ PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {
 DEFAULT_CONFIG = GenerationConfig()
 
 
+@functools.lru_cache(maxsize=256)
+def _default_config_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, event_mode: bool,
+                                 kernels, on_gpu: bool) -> GenerationConfig:
+    """:func:`default_config` once per model structure and switch state (it walks the whole model)."""
+    model = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
+    return default_config(model, batch_size, dtype, event_mode)
+
+
 def default_config(model, batch_size: int, dtype, event_mode: bool) -> GenerationConfig:
     """:data:`DEFAULT_CONFIG`, with the fused backend where ``pallas_kernels``' switch selects it.
 
@@ -409,7 +417,12 @@ def generate(
         _check_event_mode(model, integration_timesteps is not None)
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
         event_mode = integration_timesteps is not None
-        config = config or default_config(model, batch_size, dtype, event_mode)
+        if config is None:
+            leaves, treedef = jax.tree.flatten(model)
+            config = _default_config_of_structure(
+                treedef, _leaf_types(leaves), batch_size, jnp.dtype(dtype), event_mode, kernel_dispatch.get_config(),
+                kernel_dispatch.on_nvidia_gpu(),
+            )
         leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config)
         graph_cache = _cached_generator(spec)
     else:

@@ -95,7 +95,7 @@ class LRNN(nnx.Module):
             xc = jnp.where(mask[..., None], xc, 0)
         graphdef, state = nnx.split(self)
         y, cache, rng_state = _jit_forward(graphdef, state, xc, tau, mask, lengths, return_cache)
-        if dropout_active(self):  # only active dropout draws random numbers
+        if rng_state is not None:
             nnx.update(self, rng_state)
         if mask is not None:
             y = jnp.where(mask[..., None], y, 0)
@@ -109,7 +109,7 @@ class LRNN(nnx.Module):
         tau = self._check_timesteps(integration_timesteps, (x_t.shape[0],))
         graphdef, state = nnx.split(self)
         y_t, new_cache, rng_state = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
-        if dropout_active(self):
+        if rng_state is not None:
             nnx.update(self, rng_state)
         return y_t.astype(x_t.dtype), new_cache
 
@@ -146,19 +146,24 @@ class LRNN(nnx.Module):
 # The model's math runs under one cached ``jax.jit`` per (model structure, shapes): eager calls
 # then cost one dispatch instead of compiling the scan's closures again at every call, and
 # inside a user's own jit / grad / vmap the inner jit is simply inlined. The parameters are
-# arguments, never constants. Random state (dropout) is returned and written back.
+# arguments, never constants. Random state is returned (and written back) only when active
+# dropout drew from it, decided once per trace: otherwise None, and a call costs no write-back.
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_cache"))
 def _jit_forward(graphdef, state, x, integration_timesteps, mask, lengths, return_cache):
     model = nnx.merge(graphdef, state)
     y, cache = model._forward(x, integration_timesteps, mask, lengths, return_cache)
-    return y, cache, nnx.state(model, nnx.RngState)
+    return y, cache, _drawn_random_state(model)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _jit_step(graphdef, state, x_t, cache, integration_timesteps):
     model = nnx.merge(graphdef, state)
     y_t, cache = model._step(x_t, cache, integration_timesteps)
-    return y_t, cache, nnx.state(model, nnx.RngState)
+    return y_t, cache, _drawn_random_state(model)
+
+
+def _drawn_random_state(model):
+    return nnx.state(model, nnx.RngState) if dropout_active(model) else None
 
 
 def torch_linear(in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Linear:
