@@ -72,15 +72,14 @@ def test_step_on_kernels_equals_pure_jax_step(entry):
 
 @pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("LRU", "Mamba", "S4D-bilinear-lin-c2-gate2")],
                          ids=lambda e: e.name)
-def test_default_step_off_gpu_is_pure_jax(entry):
-    """Off-GPU, ``"auto"`` (the default) keeps the pure-JAX step: no kernel in the program."""
-    if dispatch.on_nvidia_gpu():
-        pytest.skip("this checks the CPU default; on a GPU the kernels are the default")
+def test_default_step_follows_the_platform(entry):
+    """``"auto"`` (the default): off-GPU the pure-JAX step (no kernel in the program); on an NVIDIA GPU the
+    kernels, except the selective op above batch 1 without state slots (measured no faster there)."""
     model = entry.build()
     cache = model.allocate_inference_cache(BATCH)
     with dispatch.kernel_config(use_kernels="auto"):
         jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(jnp.ones((BATCH, H)), cache)
-    assert not _runs_a_kernel(jaxpr)
+    assert _runs_a_kernel(jaxpr) == (dispatch.on_nvidia_gpu() and entry.name != "Mamba")
 
 
 def test_float64_step_takes_the_reference():
