@@ -283,18 +283,24 @@ def _leaf_types(leaves) -> tuple:
     return tuple(jax.typeof(leaf) for leaf in leaves)
 
 
-def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config) -> tuple[list, ProgramSpec]:
+def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config=None) -> tuple[list, ProgramSpec]:
+    """``(leaves, spec)`` of ``model``, flattened once; ``config`` None: :func:`default_config`'s choice."""
     leaves, treedef = jax.tree.flatten(model)
+    leaf_types, dtype, event_mode = _leaf_types(leaves), jnp.dtype(dtype), bool(event_mode)
+    kernels = kernel_dispatch.get_config()
+    if config is None:
+        config = _default_config_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels,
+                                              kernel_dispatch.on_nvidia_gpu())
     spec = ProgramSpec(
         treedef=treedef,
-        leaf_types=_leaf_types(leaves),
+        leaf_types=leaf_types,
         batch_size=batch_size,
         d_model=model.d_model,
-        dtype=jnp.dtype(dtype),
-        event_mode=bool(event_mode),
+        dtype=dtype,
+        event_mode=event_mode,
         max_seqlen=max_seqlen,
         config=config,
-        kernels=kernel_dispatch.get_config(),
+        kernels=kernels,
     )
     return leaves, spec
 
@@ -341,7 +347,6 @@ def capture_graph(
     _check_event_mode(model, event_mode)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     validation.check_float(np.zeros((), dtype), "dtype")
-    config = config or default_config(model, batch_size, dtype, event_mode)
     _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config)
     return CompiledGenerator(spec)
 
@@ -417,12 +422,6 @@ def generate(
         _check_event_mode(model, integration_timesteps is not None)
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
         event_mode = integration_timesteps is not None
-        if config is None:
-            leaves, treedef = jax.tree.flatten(model)
-            config = _default_config_of_structure(
-                treedef, _leaf_types(leaves), batch_size, jnp.dtype(dtype), event_mode, kernel_dispatch.get_config(),
-                kernel_dispatch.on_nvidia_gpu(),
-            )
         leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config)
         graph_cache = _cached_generator(spec)
     else:
