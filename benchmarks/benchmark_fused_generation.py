@@ -174,7 +174,8 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
             loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
     if reason is not None:
         return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
-    for config in fused_configs(args, fg.family_of(model).name == "diagonal"):
+    blockable = fg.family_of(model).cell(model, 1, None if tau is None else jnp.asarray(tau[:1, 0]), None).blockable
+    for config in fused_configs(args, blockable):
         try:
             run, compile_s = fused_runner(model, x0, tau, steps, config)
             seconds = median_seconds(run, args.warmup, args.repeats)
