@@ -423,7 +423,7 @@ def rglru_cell(model, batch, taus=None, cache=None) -> Cell:
     _linear(model.out_proj, (Dp, Hp), p, "Wout")
     h = jnp.zeros((rows, D), jnp.float32) if cache is None else cache["lrnn_state"][:, :, 0]
     state = {**_conv_state(cache, rows, D, Dp, K), "h": _pad(h, (rows, Dp))}
-    return Cell(rglru_step(model.c, K), p, state, {}, {}, (H, Hp), True)
+    return Cell(rglru_step(model.c, K), p, state, {}, {}, (H, Hp), False)
 
 
 def rglru_cache(model, state, cache_like):

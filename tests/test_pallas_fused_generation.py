@@ -112,14 +112,6 @@ def test_block_path_equals_generate():
     assert relative_error(ys, _unfused(model, x0, 12, taus)) < TOL
 
 
-def test_rglru_block_path_equals_generate():
-    """RG-LRU's cell also runs blocks of rows (its step is elementwise around its matrix products)."""
-    model, _ = build("RGLRU-e2-k2-bias", seed=3)
-    x0, _ = _inputs(4, batch=20, steps=12)
-    ys = fg.fused_generate(model, x0, 12, config=fg.FusedConfig(block_batch=16))
-    assert relative_error(ys, _unfused(model, x0, 12, None)) < TOL
-
-
 def test_parameters_are_arguments():
     """New parameter values reuse the compiled rollout (nothing is baked into the kernel)."""
     model, _ = build("LRU", seed=5)
@@ -176,7 +168,7 @@ TRITON_DEPRECATION = pytest.mark.filterwarnings("ignore:The Pallas Triton backen
 
 
 @TRITON_DEPRECATION
-@pytest.mark.parametrize("name,block", [("S5-async-event-row", 16), ("RGLRU-e2-k2-bias", 16), ("Mamba-dirac-event-noconvbias", None),
+@pytest.mark.parametrize("name,block", [("S5-async-event-row", 16), ("Mamba-dirac-event-noconvbias", None),
                                         ("RGLRU-e2-k2-bias", None), ("S4D-bottleneck-c2-swap-gates", None),
                                         ("S4-legt-r2-bottleneck-c2-swap-gates", None), ("S7-J2", None)])
 def test_kernels_lower_to_triton(lower_for_h100, name, block):
