@@ -46,6 +46,26 @@ def load_fixture(name: str):
     return meta, arrays, state_dict
 
 
+def check_prefill_then_decode(fixture: str, split: int):
+    """Prefill an lrnnx fixture's first ``split`` steps (``return_cache``), decode the rest with ``step``:
+    together they must equal lrnnx's forward; and ``lengths=(24, 10)`` must give row 1 as if alone, with
+    zeros after its length. Event fixtures use their timesteps. Returns ``(meta, arrays, state_dict, cache)``
+    (the fixture and the cache after the prefill) for model-specific checks."""
+    from lrnnx_jax.convert import from_lrnnx
+
+    meta, arrays, state_dict = load_fixture(fixture)
+    model = from_lrnnx(meta["model"], meta["kwargs"], state_dict)
+    x, y_ref, tau = arrays["x"], arrays["y_forward"], arrays.get("integration_timesteps")
+    head, tail = (None, None) if tau is None else (tau[:, :split], tau[:, split:])
+    y_head, cache = model(x[:, :split], integration_timesteps=head, return_cache=True)
+    y_tail, _ = run_steps(model, x[:, split:], tail, cache)
+    assert relative_error(np.concatenate([y_head, y_tail], 1), y_ref) < 1e-4
+    y_len = model(x, integration_timesteps=tau, lengths=jnp.asarray([24, 10]))
+    assert relative_error(y_len[1, :10], y_ref[1, :10]) < 1e-4
+    assert np.all(np.asarray(y_len[1, 10:]) == 0)
+    return meta, arrays, state_dict, cache
+
+
 def relative_error(ours, theirs) -> float:
     """``max|ours - theirs| / max|theirs|``, the fixtures' agreement measure."""
     wide = np.complex128 if np.iscomplexobj(theirs) or np.iscomplexobj(ours) else np.float64

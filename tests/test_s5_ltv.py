@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_fixture, relative_error, run_steps
-from lrnnx_jax.convert import from_lrnnx
+from conftest import check_prefill_then_decode, relative_error, run_steps
 from lrnnx_jax.core import hippo
 from lrnnx_jax.models.ltv.s5 import S5
 
@@ -88,17 +87,7 @@ def test_initialisation_follows_the_s5_paper(conj_sym):
 
 def test_fixture_prefill_then_decode_and_lengths():
     """lrnnx cannot prefill S5; ours continues the event-mode fixture exactly."""
-    meta, arrays, state_dict = load_fixture("15_ltv_S5_event")
-    model = from_lrnnx(meta["model"], meta["kwargs"], state_dict)
-    x, tau, y_ref = arrays["x"], arrays["integration_timesteps"], arrays["y_forward"]
-    split = 9
-    y_head, cache = model(x[:, :split], integration_timesteps=tau[:, :split], return_cache=True)
-    y_tail, _ = run_steps(model, x[:, split:], tau[:, split:], cache)
-    assert relative_error(np.concatenate([y_head, y_tail], 1), y_ref) < 1e-4
-    lengths = np.array([24, 10])
-    y_len = model(x, integration_timesteps=tau, lengths=jnp.asarray(lengths))
-    assert relative_error(y_len[1, :10], y_ref[1, :10]) < 1e-4
-    assert np.all(np.asarray(y_len[1, 10:]) == 0)
+    check_prefill_then_decode("15_ltv_S5_event", split=9)
 
 
 @pytest.mark.parametrize("seed,event", [(0, True), (1, False)])

@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from conftest import load_fixture, relative_error, run_steps
-from lrnnx_jax.convert import from_lrnnx
+from conftest import check_prefill_then_decode, relative_error, run_steps
 from lrnnx_jax.models.ltv.s7 import S7
 
 
@@ -62,17 +61,8 @@ def test_forward_matches_float64_reference(J, chunk_size):
 
 def test_fixture_prefill_then_decode_and_lengths():
     """lrnnx does not store S7's state in forward; ours continues its forward exactly."""
-    meta, arrays, state_dict = load_fixture("23_ltv_S7")
-    model = from_lrnnx(meta["model"], meta["kwargs"], state_dict)
-    x, y_ref = arrays["x"], arrays["y_forward"]
-    split = 7
-    y_head, cache = model(x[:, :split], return_cache=True)
+    meta, _, _, cache = check_prefill_then_decode("23_ltv_S7", split=7)
     chex.assert_shape(cache["lrnn_state"], (meta["B"], meta["kwargs"]["d_state"]))
-    y_tail, _ = run_steps(model, x[:, split:], cache=cache)
-    assert relative_error(np.concatenate([y_head, y_tail], 1), y_ref) < 1e-4
-    y_len = model(x, lengths=jnp.asarray([24, 10]))
-    assert relative_error(y_len[1, :10], y_ref[1, :10]) < 1e-4
-    assert np.all(np.asarray(y_len[1, 10:]) == 0)
 
 
 def test_initialisation_and_lrnnx_layout():
