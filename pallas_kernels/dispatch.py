@@ -1,24 +1,27 @@
-"""The switch between the Pallas kernels and their pure-JAX references.
+"""The switch between the Pallas kernels and their pure-JAX references, and the one kernel configuration.
 
-One frozen :class:`KernelConfig` holds every knob. A process-wide default is
-read by each op unless the caller passes ``config=``; :func:`set_config` and the
-context manager :func:`kernel_config` change it.
+One frozen :class:`KernelConfig` holds every kernel knob. It reaches the kernels and
+the drivers as a static (hashable) argument: every function of the library that
+runs a kernel takes ``config=`` (``model.step``, ``model.multi_step``,
+``generate``/``capture_graph``, the array-level ops), and a compiled program is keyed
+by the configuration it was traced under. When ``config`` is None, the convenience
+default (:func:`get_config`) is read at that call, outside any ``jax.jit`` of the
+library; :func:`set_config` and the context manager :func:`kernel_config` change that
+default and never clear JAX's caches, so no unrelated compiled function is traced
+again. (Inside a user's own ``jax.jit``, the default is read when that function is
+traced, like any Python value it closes over: pass ``config=`` to choose per call.)
 
 ``use_kernels``:
 
-* ``"auto"`` (default): the kernel on an NVIDIA GPU when it supports the
-  arguments, otherwise the reference (silently off-GPU, with a warning on a GPU);
-* ``"always"``: the kernel wherever the arguments are supported; off-GPU it runs
-  in Pallas interpret mode (how the CPU tests exercise the kernels);
+* ``"auto"`` (default): the kernel on an NVIDIA GPU where it supports the arguments
+  and where the cell (or op) declares it measured faster; otherwise the reference
+  (silently off-GPU, with a warning on a GPU when the kernel cannot take the arguments);
+* ``"always"``: the kernel wherever the arguments are supported; off-GPU it runs in
+  Pallas interpret mode (how the CPU tests exercise the kernels);
 * ``"never"``: always the reference.
 
-Unsupported arguments never reach a kernel: each op states why (its
+Unsupported arguments never reach a kernel: each op and driver states why (its
 ``unsupported_reason``) and takes the reference path ("fail closed").
-
-The switch is read when a function is traced. So that functions compiled
-earlier (``generate``'s rollout, a jitted ``step``) do not keep the old path,
-changing the default clears JAX's compilation caches. Passing ``config=`` (a
-hashable, static value) instead avoids the recompilation.
 """
 
 from __future__ import annotations
@@ -33,43 +36,49 @@ import jax
 import jax.numpy as jnp
 
 MODES = ("auto", "always", "never")
-BACKENDS = ("triton",)
+PRECISIONS = ("highest", "ieee", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Kernel selection and tuning, grouped in one hashable value.
+    """Kernel selection and tuning, every knob in one hashable value.
 
     Attributes:
       use_kernels: ``"auto"``, ``"always"`` or ``"never"`` (see the module docstring).
-      interpret: run kernels in Pallas interpret mode; None: only when not on a GPU.
-      backend: the Pallas GPU backend; ``"triton"`` (Mosaic GPU is not wired yet).
-      num_warps: warps per program of the Triton kernels.
+      interpret: run kernels in Pallas interpret mode; None: only when not on an NVIDIA GPU.
+      num_warps: warps per program of the Triton kernels (a power of two); None: each
+        kernel's default (4; the fused cell kernels pick by parameter size).
       block_elems: target number of state elements per program of
         ``selective_state_update`` (a power of two).
-      block_batch: batch rows per program of ``simplified_state_update``: 1 (float32
-        multiply-adds, one row per program) or a power of two >= 16 (tensor-core dots);
-        None: :func:`pallas_kernels.simplified.rows_per_program` decides by the batch.
+      block_batch: batch rows per program of ``simplified_state_update`` and of the fused
+        cell kernels: 1 (float32 multiply-adds, one row per program) or a power of two
+        >= 16 (tensor-core dots; cells that declare a block path); None: by the batch
+        (one row per program up to 256 rows, blocks of 16 above).
+      precision: the dots of the block paths on the GPU: ``"highest"`` (3-pass TF32,
+        float32 accuracy), ``"ieee"`` (float32 multiply-adds) or ``"fast"`` (1-pass TF32,
+        about 1e-3 relative per product: an explicit opt-in). One-row paths always use
+        float32 multiply-adds; interpret mode and the XLA drivers use ``HIGHEST``.
     """
 
     use_kernels: str = "auto"
     interpret: Optional[bool] = None
-    backend: str = "triton"
-    num_warps: int = 4
+    num_warps: Optional[int] = None
     block_elems: int = 2048
     block_batch: Optional[int] = None
+    precision: str = "highest"
 
     def __post_init__(self):
         if self.use_kernels not in MODES:
             raise ValueError(f"use_kernels must be one of {MODES}, got {self.use_kernels!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.interpret not in (None, True, False):
             raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
-        for name in ("num_warps", "block_elems"):
-            _check_power_of_two(name, getattr(self, name), 1)
+        if self.num_warps is not None:
+            _check_power_of_two("num_warps", self.num_warps, 1)
+        _check_power_of_two("block_elems", self.block_elems, 1)
         if self.block_batch is not None and self.block_batch != 1:
             _check_power_of_two("block_batch", self.block_batch, 16, "1 or ")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def _check_power_of_two(name, value, minimum, also=""):
@@ -81,20 +90,29 @@ _CONFIG = KernelConfig()
 
 
 def get_config() -> KernelConfig:
-    """The process-wide default configuration."""
+    """The convenience default, used where ``config=None`` is passed."""
     return _CONFIG
 
 
+def resolve(config: Optional[KernelConfig]) -> KernelConfig:
+    """``config``, or the default when None; a ``TypeError`` for anything else."""
+    if config is None:
+        return _CONFIG
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a pallas_kernels.KernelConfig or None, got {type(config).__name__}")
+    return config
+
+
 def set_config(config: Optional[KernelConfig] = None, **changes) -> KernelConfig:
-    """Replace the default (``config``, and/or field ``changes``); returns the previous one."""
+    """Replace the default (``config``, and/or field ``changes``); returns the previous one.
+
+    Clears no cache: programs compiled under the previous default stay valid, because
+    every program of the library is keyed by the configuration it was traced under.
+    """
     global _CONFIG
     previous = _CONFIG
-    base = previous if config is None else config
-    if not isinstance(base, KernelConfig):
-        raise TypeError(f"config must be a KernelConfig, got {type(base).__name__}")
+    base = previous if config is None else resolve(config)
     _CONFIG = dataclasses.replace(base, **changes)
-    if _CONFIG != previous:
-        jax.clear_caches()  # jitted functions traced under the old default must be retraced
     return previous
 
 
@@ -129,7 +147,7 @@ def interpret_mode(config: KernelConfig) -> bool:
 _WARNED: set[tuple[str, str]] = set()
 
 
-def choose_kernel(op: str, unsupported_reason: Optional[str], config: Optional[KernelConfig],
+def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConfig,
                   slower_reason: Optional[str] = None) -> bool:
     """Decide between the kernel (True) and the reference (False) for one call.
 
@@ -139,7 +157,6 @@ def choose_kernel(op: str, unsupported_reason: Optional[str], config: Optional[K
     ``slower_reason`` (None, or where the kernel was measured slower than the
     reference) keeps the reference under ``"auto"``, silently.
     """
-    config = get_config() if config is None else config
     if config.use_kernels == "never" or (config.use_kernels == "auto" and slower_reason is not None):
         return False
     wanted = config.use_kernels == "always" or on_nvidia_gpu()
@@ -173,10 +190,24 @@ def pallas_modules():
     return pl, plgpu
 
 
-def compiler_params(config: KernelConfig):
-    """Backend compiler parameters for ``pallas_call`` (the backend choice lives here)."""
+def compiler_params(config: KernelConfig, num_warps: Optional[int] = None):
+    """Triton compiler parameters for ``pallas_call``: ``config.num_warps``, else ``num_warps``, else 4."""
     _, plgpu = pallas_modules()
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
+    warps = config.num_warps or num_warps or 4
+    return plgpu.CompilerParams(num_warps=warps, num_stages=1)
+
+
+#: the dot algorithms of the block paths on the GPU, by ``KernelConfig.precision``
+GPU_PRECISION = {
+    "highest": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    "ieee": jax.lax.DotAlgorithmPreset.F32_F32_F32,
+    "fast": jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+}
+
+
+def dot_precision(config: KernelConfig):
+    """The precision of a block path's dots: ``HIGHEST`` in interpret mode, else :data:`GPU_PRECISION`."""
+    return jax.lax.Precision.HIGHEST if interpret_mode(config) else GPU_PRECISION[config.precision]
 
 
 def next_power_of_two(n: int) -> int:

@@ -1,22 +1,29 @@
-"""The arithmetic inside the kernel bodies, written once for real and complex states.
+"""The operations that lower in Pallas kernels, written once for the kernels, the cells and the references.
 
-These are the kernels' own versions of :mod:`lrnnx_jax.core.discretization`
-(which stays the single definition that models and references use). They use
-only elementwise operations that lower in Pallas kernels, take real arrays or
-:class:`~pallas_kernels.complex_lib.Planes`, and are tested against the core
-functions on random inputs (tests/test_pallas_kernel_math.py).
+Everything here is elementwise ``jnp``, a reduction, or a ``dot_general``, takes real
+arrays or :class:`~pallas_kernels.complex_lib.Planes`, and lowers inside a Pallas
+(Triton) kernel body as well as in XLA. The model cells are written with these
+functions only, so one step function serves the XLA drivers and the kernels.
+
+* :func:`discretize`: the kernels' versions of ``lrnnx_jax.core.discretization``
+  (which stays the single definition for the models' parallel paths; the two are
+  compared on random inputs in tests/test_pallas_kernel_math.py);
+* :func:`contract`: a vector (or a block of rows) contracted with a parameter tile;
+* activations: :func:`softplus`, :func:`silu`, :func:`sigmoid`, :func:`gelu` (with a
+  rational :func:`erf`, since ``lax.erf`` has no Triton lowering).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import complex_lib as cl
 
-#: discretizations the kernels implement: those of lrnnx_jax.core.discretization, and the
-#: gated transitions of RG-LRU (``rglru_coefficients``) and S7 (``s7_transition``)
-DISCRETIZATIONS = ("zoh", "async", "bilinear", "dirac", "mamba", "no_discretization", "rglru", "s7")
+#: the discretizations the kernels implement (those of lrnnx_jax.core.discretization)
+DISCRETIZATIONS = ("zoh", "async", "bilinear", "dirac", "mamba", "no_discretization")
 
 
 def discretize(name: str, A, delta, delta_A=None):
@@ -28,22 +35,12 @@ def discretize(name: str, A, delta, delta_A=None):
         mode, ``delta`` when None) real arrays broadcastable against it.
 
     Returns:
-      ``A_bar`` like ``A``; ``gamma`` real or ``Planes`` (for ``"dirac"``, ``"s7"``
-      and ``"no_discretization"`` the scalar 1.0).
-
-    ``"rglru"`` and ``"s7"`` are real-only: ``A`` is RG-LRU's ``a_log`` (``A_bar =
-    sigmoid(A)^delta``, ``gamma = sqrt(1 - A_bar^2)``), and S7 ignores ``A``
-    (``A_bar = 1 - 1/(delta^2 + 1/2)``, ``gamma = 1``).
+      ``A_bar`` like ``A``; ``gamma`` real or ``Planes`` (for ``"dirac"`` and
+      ``"no_discretization"`` the scalar 1.0).
     """
     step_A = delta if delta_A is None else delta_A
     if name == "no_discretization":
         return A, 1.0
-    if name == "rglru":  # A = a_log (real): A_bar = sigmoid(A)^delta, gamma = sqrt(1 - A_bar^2)
-        log_a_bar = -step_A * softplus(-A)
-        one_minus_sq = jnp.maximum(-jnp.expm1(2.0 * log_a_bar), jnp.finfo(jnp.float32).tiny)
-        return jnp.exp(log_a_bar), jnp.sqrt(one_minus_sq)
-    if name == "s7":  # A is ignored; delta carries S7's a_t
-        return 1.0 - 1.0 / (delta * delta + 0.5), 1.0
     if name == "bilinear":
         half = cl.scale(A, 0.5 * step_A)
         A_bar = cl.div(cl.add_real(half, 1.0), cl.add_real(cl.scale(half, -1.0), 1.0))
@@ -59,10 +56,55 @@ def discretize(name: str, A, delta, delta_A=None):
     raise ValueError(f"unknown discretization {name!r}; expected one of {sorted(DISCRETIZATIONS)}")
 
 
+def contract(v, W, axis: int, precision=None):
+    """``v`` contracted with the parameter tile ``W`` along ``W``'s ``axis``.
+
+    ``v`` is ``(K,)``, one row: multiply-adds and a reduction (exact float32, what a
+    one-row kernel program runs); or ``(R, K)``, a block of rows (the batch in the XLA
+    drivers, a block of rows in a kernel): a ``dot_general`` at ``precision``. The
+    result is ``W``'s shape without ``axis``, after ``R`` for a block. With a 2-D ``W``
+    this is ``v @ W.T`` for ``axis=1`` and ``v @ W`` for ``axis=0``.
+    """
+    if v.dtype != W.dtype:
+        common = jnp.promote_types(v.dtype, W.dtype)
+        v, W = v.astype(common), W.astype(common)
+    if v.ndim == 1:
+        shape = [1] * W.ndim
+        shape[axis] = v.shape[0]
+        return jnp.sum(W * v.reshape(shape), axis=axis)
+    return jax.lax.dot_general(v, W, (((v.ndim - 1,), (axis,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
+
+
 def softplus(x):
     """``log(1 + e^x)``, returning ``x`` above 20 (as lrnnx's kernels)."""
     return jnp.where(x <= 20.0, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))), x)
 
 
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
 def silu(x):
-    return x * jax.nn.sigmoid(x)
+    return x * sigmoid(x)
+
+
+def erf(x):
+    """``erf`` by a rational approximation (absolute error < 5e-7 in float32); ``lax.erf`` has no Triton lowering."""
+    x = jnp.clip(x, -4.0, 4.0)
+    x2 = x * x
+    p = -2.72614225801306e-10
+    for c in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04,
+              -2.95459980854025e-03, -1.60960333262415e-02):
+        p = p * x2 + c
+    q = -1.45660718464996e-05
+    for c in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
+        q = q * x2 + c
+    return x * p / q
+
+
+def gelu(x):
+    """Exact (erf) GELU, ``x/2 (1 + erf(x/sqrt 2))`` (float64 values use ``lax.erf``: they never enter a kernel)."""
+    if x.dtype == jnp.float64:
+        return jax.nn.gelu(x, approximate=False)
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))

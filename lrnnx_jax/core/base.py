@@ -2,16 +2,21 @@
 
 Public API (names as in PyTorch lrnnx):
 
-* ``model(x, integration_timesteps=None, lengths=None, *, return_cache=False)``:
-  ``x (B, L, H) -> y (B, L, H)``; with ``return_cache=True`` returns ``(y, cache)``,
-  the inference cache after the last valid step of each row, ready for ``step``.
+* ``model(x, integration_timesteps=None, lengths=None, *, cache=None, return_cache=False)``:
+  ``x (B, L, H) -> y (B, L, H)``, starting from ``cache`` (an inference cache; None: the
+  zero state); with ``return_cache=True`` returns ``(y, cache)``, the inference cache
+  after the last valid step of each row, ready for ``step`` or for the next forward
+  (chunked prefill).
 * ``model.allocate_inference_cache(batch_size, max_seqlen=1, dtype=None)``: a
   pytree (dict) of zero states.
 * ``model.step(x_t, cache, integration_timesteps=None) -> (y_t, new_cache)``:
   ``x_t, y_t (B, H)``. Pure: the cache is returned, never mutated.
+* ``model.multi_step(x, cache, integration_timesteps=None, *, return_states=False)``:
+  T given tokens in one call, optionally with the cache after every token.
 
-Subclasses implement ``_forward``, ``_step`` and ``allocate_inference_cache``
-and receive validated inputs in the compute dtype (float32, or float64 when the
+Subclasses implement ``_forward``, ``allocate_inference_cache`` and their step as a
+cell (``cell``, ``cell_state``, ``cell_cache``, ``cell_inputs``; see
+``pallas_kernels.cells``), which every step path runs, and receive validated inputs in the compute dtype (float32, or float64 when the
 input is float64). This base class does the validation, the ``lengths``
 masking and the dtype handling once for every model.
 
@@ -32,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from lrnnx_jax.core import validation
+from pallas_kernels import dispatch, drivers
 
 Cache = dict[str, Any]
 
@@ -85,16 +91,20 @@ class LRNN(nnx.Module):
     d_model: int
 
     # ---------------------------------------------------------------- public API
-    def __call__(self, x, integration_timesteps=None, lengths=None, *, return_cache: bool = False):
+    def __call__(self, x, integration_timesteps=None, lengths=None, *, cache: Optional[Cache] = None,
+                 return_cache: bool = False):
         x = validation.check_sequence(x, self.d_model)
         batch, length, _ = x.shape
         tau = self._check_timesteps(integration_timesteps, (batch, length))
         mask = validation.check_lengths(lengths, batch, length)
+        if cache is not None:
+            expected = jax.eval_shape(lambda: self.allocate_inference_cache(batch))
+            validation.check_cache(cache, expected, self.cache_batch_key)
         xc = x.astype(compute_dtype(x.dtype))
         if mask is not None:
             xc = jnp.where(mask[..., None], xc, 0)
         graphdef, state = nnx.split(self)
-        y, cache, rng_state = _jit_forward(graphdef, state, xc, tau, mask, lengths, return_cache)
+        y, cache, rng_state = _jit_forward(graphdef, state, xc, tau, mask, lengths, cache, return_cache)
         if rng_state is not None:
             nnx.update(self, rng_state)
         if mask is not None:
@@ -102,28 +112,93 @@ class LRNN(nnx.Module):
         y = y.astype(x.dtype)
         return (y, cache) if return_cache else y
 
-    def step(self, x_t, cache: Cache, integration_timesteps=None):
-        """One recurrence step: ``x_t (B, H) -> (y_t (B, H), new_cache)``."""
+    def step(self, x_t, cache: Cache, integration_timesteps=None, *, kernel_config=None):
+        """One recurrence step: ``x_t (B, H) -> (y_t (B, H), new_cache)``.
+
+        Runs the model's cell (:meth:`cell`) through ``pallas_kernels.drivers.step``: the one-step
+        fused kernel where ``kernel_config`` (a ``pallas_kernels.KernelConfig``; the default when None)
+        and the cell's policy select it, else the XLA driver.
+        """
         x_t = validation.check_token(x_t, self.d_model)
         validation.check_cache_batch(cache, x_t.shape[0], self.cache_batch_key)
         tau = self._check_timesteps(integration_timesteps, (x_t.shape[0],))
         graphdef, state = nnx.split(self)
-        y_t, new_cache, rng_state = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau)
+        y_t, new_cache, rng_state = _jit_step(graphdef, state, x_t.astype(compute_dtype(x_t.dtype)), cache, tau,
+                                              dispatch.resolve(kernel_config))
         if rng_state is not None:
             nnx.update(self, rng_state)
         return y_t.astype(x_t.dtype), new_cache
 
+    def multi_step(self, x, cache: Cache, integration_timesteps=None, *, return_states: bool = False, kernel_config=None):
+        """T given tokens from ``cache`` in one call: ``x (B, T, H) -> (y (B, T, H), cache after them)``.
+
+        Equal to T calls of :meth:`step`. With ``return_states=True`` it returns
+        ``(y, cache, states)``, where ``states`` is the cache after every token (each leaf with
+        the token axis after the batch, ``(B, T, ...)``): what speculative verification keeps
+        to accept a prefix. ``integration_timesteps``: ``(B, T)`` (event mode).
+        """
+        x = validation.check_sequence(x, self.d_model)
+        batch, length, _ = x.shape
+        validation.check_cache_batch(cache, batch, self.cache_batch_key)
+        tau = self._check_timesteps(integration_timesteps, (batch, length))
+        graphdef, state = nnx.split(self)
+        y, new_cache, states, rng_state = _jit_multi_step(graphdef, state, x.astype(compute_dtype(x.dtype)), cache, tau,
+                                                          bool(return_states), dispatch.resolve(kernel_config))
+        if rng_state is not None:
+            nnx.update(self, rng_state)
+        y = y.astype(x.dtype)
+        return (y, new_cache, states) if return_states else (y, new_cache)
+
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> Cache:
         raise NotImplementedError
 
-    # --------------------------------------------------------------- for models
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache: bool):
-        """``x (B, L, H)`` compute dtype -> ``(y (B, L, H), cache or None)``."""
+    def dropout_active(self) -> bool:
+        """Whether any ``nnx.Dropout`` of the model would drop (training mode with a nonzero rate)."""
+        return dropout_active(self)
+
+    # ------------------------------------------------------------- the cell
+    def cell(self):
+        """The model's step as a ``pallas_kernels.cells.Cell`` (parameters in the kernel layout and
+        one pure step function); the only definition of the model's recurrence step."""
         raise NotImplementedError
 
-    def _step(self, x_t, cache: Cache, integration_timesteps):
-        """``x_t (B, H)`` compute dtype, timesteps ``(B,)`` or None -> ``(y_t, cache)``."""
+    def cell_state(self, cache: Cache):
+        """The cell's state (a pytree of per-row arrays, compute dtype) from the inference cache."""
         raise NotImplementedError
+
+    def cell_cache(self, state, like: Cache) -> Cache:
+        """The inference cache (dtypes and shapes of ``like``) from the cell's state."""
+        raise NotImplementedError
+
+    def cell_inputs(self, shape: tuple, integration_timesteps=None) -> dict:
+        """The cell's per-token inputs for tokens of leading shape ``shape`` (``(B,)`` or ``(B, T)``):
+        from ``integration_timesteps`` (of that shape) in event mode; ``{}`` by default."""
+        return {}
+
+    # --------------------------------------------------------------- for models
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache: bool, cache: Optional[Cache]):
+        """``x (B, L, H)`` compute dtype -> ``(y (B, L, H), cache or None)``, starting from ``cache``
+        (None: the zero state)."""
+        raise NotImplementedError
+
+    def _step(self, x_t, cache: Cache, integration_timesteps, config):
+        """``x_t (B, H)`` compute dtype, timesteps ``(B,)`` or None -> ``(y_t, cache)`` through the cell."""
+        reason = f"{type(self).__name__} with active dropout (training mode)" if self.dropout_active() else None
+        y, state = drivers.step(self.cell(), self.cell_state(cache), x_t, self.cell_inputs(x_t.shape[:1], integration_timesteps),
+                                config, model_reason=reason)
+        return y, self.cell_cache(state, cache)
+
+    def _multi_step(self, x, cache: Cache, integration_timesteps, return_states: bool, config):
+        reason = f"{type(self).__name__} with active dropout (training mode)" if self.dropout_active() else None
+        y, state, states = drivers.multi_step(
+            self.cell(), self.cell_state(cache), x, self.cell_inputs(x.shape[:2], integration_timesteps), config,
+            return_states=return_states, model_reason=reason)
+        if states is not None:
+            stacked_like = jax.tree.map(lambda a: jnp.zeros((a.shape[0], x.shape[1], *a.shape[1:]), a.dtype), cache)
+            flat = lambda tree: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)  # noqa: E731
+            rows = self.cell_cache(flat(states), flat(stacked_like))
+            states = jax.tree.map(lambda a, like: a.reshape(like.shape), rows, stacked_like)
+        return y, self.cell_cache(state, cache), states
 
     def lrnnx_entries(self) -> dict[str, LrnnxEntry]:
         """The lrnnx ``state_dict`` layout of this model (see :mod:`lrnnx_jax.convert`)."""
@@ -149,17 +224,24 @@ class LRNN(nnx.Module):
 # arguments, never constants. Random state is returned (and written back) only when active
 # dropout drew from it, decided once per trace: otherwise None, and a call costs no write-back.
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_cache"))
-def _jit_forward(graphdef, state, x, integration_timesteps, mask, lengths, return_cache):
+def _jit_forward(graphdef, state, x, integration_timesteps, mask, lengths, cache, return_cache):
     model = nnx.merge(graphdef, state)
-    y, cache = model._forward(x, integration_timesteps, mask, lengths, return_cache)
+    y, cache = model._forward(x, integration_timesteps, mask, lengths, return_cache, cache)
     return y, cache, _drawn_random_state(model)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _jit_step(graphdef, state, x_t, cache, integration_timesteps):
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _jit_step(graphdef, state, x_t, cache, integration_timesteps, config):
     model = nnx.merge(graphdef, state)
-    y_t, cache = model._step(x_t, cache, integration_timesteps)
+    y_t, cache = model._step(x_t, cache, integration_timesteps, config)
     return y_t, cache, _drawn_random_state(model)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "return_states", "config"))
+def _jit_multi_step(graphdef, state, x, cache, integration_timesteps, return_states, config):
+    model = nnx.merge(graphdef, state)
+    y, cache, states = model._multi_step(x, cache, integration_timesteps, return_states, config)
+    return y, cache, states, _drawn_random_state(model)
 
 
 def _drawn_random_state(model):

@@ -61,6 +61,20 @@ def check_cache_batch(cache, batch_size: int, key: str):
         )
 
 
+def check_cache(cache, expected, key: str):
+    """Raise unless ``cache`` has the keys and shapes of ``expected`` (an abstract inference cache)."""
+    check_cache_batch(cache, jax.tree.leaves(expected[key])[0].shape[0] if key in expected else 0, key)
+    if sorted(cache) != sorted(expected):
+        raise ValueError(f"cache must have the keys {sorted(expected)} of allocate_inference_cache, got {sorted(cache)}")
+    for name in expected:
+        got, want = cache[name], expected[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"cache[{name!r}] must have shape {tuple(want.shape)} (allocate_inference_cache), "
+                             f"got {tuple(got.shape)}")
+        if jnp.iscomplexobj(want) != jnp.iscomplexobj(got) or not jnp.issubdtype(got.dtype, jnp.inexact):
+            raise TypeError(f"cache[{name!r}] must have a dtype like {want.dtype}, got {got.dtype}")
+
+
 def check_lengths(lengths, batch: int, length: int) -> Optional[jax.Array]:
     """Validate ``lengths (B,)`` integers in ``[0, L]`` and return the ``(B, L)`` validity mask."""
     if lengths is None:

@@ -42,7 +42,6 @@ from flax import nnx
 from lrnnx_jax.core import hippo, lti, validation
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
-from pallas_kernels import fused_generation
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 NPLR_MEASURES = ("legs", "legt", "fourier", "fout")
@@ -563,10 +562,8 @@ class S4Layer(LRNN):
         y, state = self._ssm_forward(u, mask, lengths, return_cache)
         return self._outputs(y, u, v), ({"lrnn_state": state} if return_cache else None)
 
-    def _step(self, x_t, cache, integration_timesteps):
-        """The block's step in one kernel launch on NVIDIA GPUs (``pallas_kernels.fused_generation.fused_step``),
-        else :meth:`_reference_step`."""
-        return fused_generation.fused_step(self, x_t, cache, integration_timesteps, reference=self._reference_step)
+    def _step(self, x_t, cache, integration_timesteps, config):  # WIP: replaced by the S4 block's cell
+        return self._reference_step(x_t, cache, integration_timesteps)
 
     def _reference_step(self, x_t, cache, integration_timesteps):
         """The pure-JAX step of the block: :meth:`_inputs`, :meth:`_ssm_step`, :meth:`_outputs`."""

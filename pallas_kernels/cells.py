@@ -1,0 +1,104 @@
+"""Cells: each model's recurrence step, written once, and the XLA drivers that run it.
+
+A model describes its single step as a :class:`Cell`:
+
+* ``params``: its parameters in the layout the kernels take (a dict pytree of real
+  arrays; complex values as :class:`~pallas_kernels.complex_lib.Planes`, built with
+  :func:`pallas_kernels.complex_lib.split`), unpadded;
+* ``step(params, state, x, inputs, precision) -> (y, new_state)``: one pure function
+  written only with operations that lower in Pallas (elementwise ``jnp``, reductions,
+  :func:`pallas_kernels.kernel_math.contract` and the activations of
+  :mod:`pallas_kernels.kernel_math`). ``x (..., H)``, ``state`` and ``inputs`` (dict
+  pytrees of per-row values) carry the same leading row axes: none for one row (a
+  kernel program), ``(R,)`` for a block of rows (the batch in the XLA drivers). The
+  contractions of a block run at ``precision``;
+* ``pad_values``: the value padded lanes of a parameter take in the kernels (0 unless
+  named: e.g. a nonzero ``A`` where a discretization divides by it);
+* ``blockable``: whether the kernel may give a program a block of rows (tensor-core dots);
+* ``policy``: a :class:`KernelPolicy`, where ``use_kernels="auto"`` runs the kernels.
+
+The model maps its inference cache to the cell's state and back, and turns
+``integration_timesteps`` (and, in training mode, dropout masks) into the per-token
+``inputs`` (the model protocol of ``lrnnx_jax.core.base.LRNN``: ``cell``,
+``cell_state``, ``cell_cache``, ``cell_inputs``).
+
+Every execution path is a driver over that one function and knows no model:
+
+* :func:`xla_step`: the batch as one block, in XLA (``model.step`` off-GPU);
+* :func:`xla_multi_step`: T given tokens from a state, every output and optionally every
+  state (``model.multi_step``, the base of speculative verification);
+* :func:`pallas_kernels.fused_generation.run_cell`: the fused Pallas rollout (closed loop
+  or given inputs), and with one step the one-step kernel of ``model.step``;
+* :mod:`pallas_kernels.drivers` chooses between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+#: the contractions of the XLA drivers (the batch as a block): float32 accuracy on every platform
+XLA_PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """Where ``use_kernels="auto"`` runs a cell's kernels on an NVIDIA GPU: data each cell declares.
+
+    Attributes:
+      rollout_max_batch: the fused rollout (``generate``) for batches up to this size;
+        None: every batch; 0: never (the compile-once XLA program was measured faster).
+      step_max_batch: the same for the one-step kernel of ``model.step`` and the
+        multi-token kernel of ``model.multi_step``.
+      evidence: the measurement behind these numbers (device, sizes, times).
+    """
+
+    rollout_max_batch: Optional[int] = None
+    step_max_batch: Optional[int] = None
+    evidence: str = ""
+
+    def slower_reason(self, path: str, batch: int) -> Optional[str]:
+        """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""
+        limit = self.rollout_max_batch if path == "rollout" else self.step_max_batch
+        if limit is None or batch <= limit:
+            return None
+        return f"batch {batch} above {limit} for the {path} kernel ({self.evidence})"
+
+
+class Cell(NamedTuple):
+    """One model's step; see the module docstring."""
+
+    step: Callable
+    params: Any
+    pad_values: dict = {}
+    blockable: bool = False
+    policy: KernelPolicy = KernelPolicy()
+
+
+def xla_step(cell: Cell, state, x, inputs):
+    """One step of the whole batch as one block: ``x (B, H)``, ``state``/``inputs`` per row ``(B, ...)``.
+
+    Returns ``(y (B, H), new_state)``.
+    """
+    return cell.step(cell.params, state, x, inputs, XLA_PRECISION)
+
+
+def xla_multi_step(cell: Cell, state, xs, inputs, return_states: bool = False):
+    """T given tokens from ``state``: ``xs (B, T, H)``, ``inputs`` per token ``(B, T, ...)``.
+
+    Returns ``(ys (B, T, H), final_state, states)``: ``states`` holds the state after
+    every token (each leaf ``(B, T, ...)``) when ``return_states``, else None.
+    """
+
+    def one(state, token):
+        x_t, inputs_t = token
+        y_t, state = xla_step(cell, state, x_t, inputs_t)
+        return state, (y_t, state if return_states else None)
+
+    time_major = lambda tree: jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), tree)  # noqa: E731
+    final, (ys, states) = jax.lax.scan(one, state, (jnp.moveaxis(xs, 1, 0), time_major(inputs)))
+    batch_major = lambda tree: jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), tree)  # noqa: E731
+    return jnp.moveaxis(ys, 0, 1), final, (batch_major(states) if return_states else None)
