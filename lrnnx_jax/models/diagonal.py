@@ -2,29 +2,69 @@
 
 A subclass provides its discrete system, its skip term and (when the cache keeps
 lrnnx's layout) the per-row shape of its state; the full-sequence forward (FFT or
-chunked scan), the step and the cache come from :mod:`lrnnx_jax.core.lti`.
+chunked scan) comes from :mod:`lrnnx_jax.core.lti`, and the step is the diagonal
+cell of this module (:func:`diagonal_step`), which every step path runs.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import jax.numpy as jnp
 
 from lrnnx_jax.core import lti
 from lrnnx_jax.core.base import LRNN
-from pallas_kernels import simplified
+from pallas_kernels import cells
+from pallas_kernels import complex_lib as cl
+from pallas_kernels import kernel_math as km
+
+#: H100 measurements (BENCHMARKS.md §3-4): the one-row state-update kernel of the diagonal models was
+#: 1.2-1.9x faster than the XLA step up to batch 256 and blocks of 16 rows 1.35x faster at 4096; the fused
+#: rollout was faster than the XLA program at B=1, 32, 256 and 4096 (LRU, LTV S5, Centaurus neck/pw/full)
+DIAGONAL_POLICY = cells.KernelPolicy(
+    evidence="diagonal cells: fused rollout and step kernels faster than XLA at B=1-4096 on an H100 (BENCHMARKS.md §3-4)")
+
+
+def diagonal_step(p, s, x, inputs, precision):
+    """The diagonal cell: ``h = A_bar h + B_bar x``, ``y = Re(C h) + skip(x)``.
+
+    ``p``: ``B`` ``(N, H)`` and ``CT`` (``C`` transposed) ``(N, H)``, real or ``Planes``;
+    ``a`` ``(N,)`` ``Planes`` unless ``inputs`` has a per-row (event-mode) ``a``; the skip
+    ``D`` ``(H,)`` (``y += D x``) or ``DT`` ``(H, H)`` (``y += x @ D``). State ``{"h": Planes (N,)}``.
+    """
+    a = inputs["a"] if "a" in inputs else p["a"]
+    B, CT = p["B"], p["CT"]
+    u = km.contract(x, cl.real(B), 1, precision)
+    if cl.is_planes(B):
+        u = cl.Planes(u, km.contract(x, B.im, 1, precision))
+    h = cl.add(cl.mul(a, s["h"]), u)
+    y = km.contract(h.re, cl.real(CT), 0, precision)
+    if cl.is_planes(CT):
+        y = y - km.contract(h.im, CT.im, 0, precision)
+    if "D" in p:
+        y = y + p["D"] * x
+    if "DT" in p:
+        y = y + km.contract(x, p["DT"], 1, precision)
+    return y, {"h": h}
+
+
+def _planes_or_real(z, dtype):
+    return cl.split(z, dtype) if jnp.iscomplexobj(z) else jnp.asarray(z, dtype)
 
 
 class DiagonalSSM(LRNN):
     """Base of LRU, S5 and Centaurus: ``h_t = A_bar h_{t-1} + B_bar x_t``, ``y_t = Re(C h_t) + skip(x_t)``.
 
     Subclasses set ``d_state``, ``method`` and ``chunk_size`` and implement
-    :meth:`discrete_system` and :meth:`skip`. The engine sees the state flat,
-    ``(B, S)``; the cache holds it as ``(B, *state_shape())``.
+    :meth:`discrete_system`, :meth:`skip` and :meth:`skip_params`. The engine sees the
+    state flat, ``(B, S)``; the cache holds it as ``(B, *state_shape())``.
     """
 
     d_state: int
     method: str
     chunk_size: int | None
+    #: where "auto" runs the kernels (measured; a subclass may narrow it)
+    kernel_policy: ClassVar[cells.KernelPolicy] = DIAGONAL_POLICY
 
     def discrete_system(self, integration_timesteps=None):
         """``(A_bar (N,) or (..., N) for timesteps of shape (...), B_bar (N, H), C (H, N))`` complex."""
@@ -34,27 +74,47 @@ class DiagonalSSM(LRNN):
         """The direct term, ``x (..., H) -> (..., H)``."""
         raise NotImplementedError
 
+    def skip_params(self) -> dict:
+        """The skip as cell parameters: ``{"D": (H,)}`` (``D x``), ``{"DT": (H, H)}`` (``x @ D``) or ``{}``."""
+        raise NotImplementedError
+
     def state_shape(self) -> tuple[int, ...]:
         """Per-row shape of the cache's ``lrnn_state``; ``(d_state,)`` unless a model keeps another layout."""
         return (self.d_state,)
 
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache, cache):
         A_bar, B_bar, C = self.discrete_system(integration_timesteps)
+        h0 = None if cache is None else cache["lrnn_state"].reshape(x.shape[0], -1)
         y, h = lti.diagonal_forward(
-            x, A_bar, B_bar, C, mask=mask, lengths=lengths, method=self.method,
+            x, A_bar, B_bar, C, h0=h0, mask=mask, lengths=lengths, method=self.method,
             chunk_size=self.chunk_size, return_state=return_cache,
         )
         return y + self.skip(x), (None if h is None else {"lrnn_state": h.reshape(h.shape[:1] + self.state_shape())})
 
-    def _step(self, x_t, cache, integration_timesteps):
-        """The update ``h = A_bar h + B_bar x`` and ``Re(C h)`` by ``pallas_kernels.simplified_state_update``
-        (its Pallas kernel on NVIDIA GPUs, else :func:`lrnnx_jax.core.lti.diagonal_step`)."""
-        A_bar, B_bar, C = self.discrete_system(integration_timesteps)
-        state = cache["lrnn_state"]
-        y, h = simplified.simplified_state_update(
-            state.reshape(state.shape[0], -1), x_t, A_bar, B_bar, C, discretization="no_discretization"
-        )
-        return y + self.skip(x_t), {"lrnn_state": h.reshape(state.shape).astype(state.dtype)}
+    # ------------------------------------------------------------------ the cell
+    def cell(self) -> cells.Cell:
+        # unit timesteps give the time-invariant A_bar (and one that the async discretization accepts;
+        # in event mode the per-token A_bar comes from cell_inputs)
+        A_bar, B_bar, C = self.discrete_system(jnp.ones(()) if self.supports_integration_timesteps else None)
+        dtype = jnp.promote_types(jnp.real(B_bar).dtype, jnp.float32)
+        params = {"a": cl.split(A_bar, dtype), "B": _planes_or_real(B_bar, dtype), "CT": _planes_or_real(C.T, dtype)}
+        params.update({k: jnp.asarray(v, dtype) for k, v in self.skip_params().items()})
+        return cells.Cell(diagonal_step, params, blockable=True, policy=self.kernel_policy)
+
+    def cell_state(self, cache):
+        h = cache["lrnn_state"]
+        return {"h": cl.split(h.reshape(h.shape[0], -1), jnp.promote_types(jnp.real(h).dtype, jnp.float32))}
+
+    def cell_cache(self, state, like):
+        ref = like["lrnn_state"]
+        return {"lrnn_state": cl.merge(state["h"], ref.dtype).reshape(ref.shape)}
+
+    def cell_inputs(self, shape, integration_timesteps=None):
+        """Event mode: the per-token ``A_bar`` (``shape + (N,)``) from the timesteps."""
+        if integration_timesteps is None:
+            return {}
+        A_bar = self.discrete_system(integration_timesteps)[0]
+        return {"a": cl.split(A_bar, jnp.promote_types(jnp.real(A_bar).dtype, jnp.float32))}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, *state_shape()) complex zeros}``."""

@@ -44,6 +44,7 @@ from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from lrnnx_jax.models.diagonal import DiagonalSSM
+from pallas_kernels import cells
 
 #: The discretizations Centaurus accepts ("mamba" is what lrnnx computes for every name).
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
@@ -120,6 +121,9 @@ class CentaurusBase(DiagonalSSM):
         """Centaurus has no direct term."""
         return jnp.zeros_like(x)
 
+    def skip_params(self):
+        return {}
+
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "log_delta", "B", "C")}
 
@@ -175,6 +179,9 @@ class CentaurusDWS(_MixedSubStates):
     """Depthwise-separable mode: one state per channel, ``B (H,)`` and ``C (H,)`` ones. Needs ``N == H``."""
 
     mode = "dws"
+    kernel_policy = cells.KernelPolicy(
+        rollout_max_batch=256,
+        evidence="CentaurusDWS on the fused block path: 783 us/step vs 52 us/step for the XLA program at B=4096 on an H100")
 
     def _check_sizes(self):
         if self.d_state != self.d_model:

@@ -77,6 +77,9 @@ class LRU(DiagonalSSM):
     def skip(self, x):
         return self.D[...] * x
 
+    def skip_params(self):
+        return {"D": self.D[...]}
+
     def lrnnx_entries(self):
         names = ("nu_log", "theta_log", "B_re", "B_im", "C_re", "C_im", "D", "gamma_log")
         return {name: lrnnx_entry(getattr(self, name)) for name in names}

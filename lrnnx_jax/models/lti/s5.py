@@ -27,6 +27,7 @@ from lrnnx_jax.core import lti
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+from pallas_kernels import cells
 
 
 class S5(DiagonalSSM):
@@ -43,6 +44,9 @@ class S5(DiagonalSSM):
     """
 
     supports_integration_timesteps = True
+    kernel_policy = cells.KernelPolicy(
+        rollout_max_batch=256,
+        evidence="LTI S5 on the fused block path: 302 us/step vs 39 us/step for the XLA program at B=4096 on an H100")
 
     def __init__(
         self,
@@ -94,6 +98,9 @@ class S5(DiagonalSSM):
 
     def skip(self, x):
         return x @ self.D[...]
+
+    def skip_params(self):
+        return {"DT": self.D[...].T}
 
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "B", "log_dt", "C", "D")}

@@ -140,5 +140,8 @@ class S5(DiagonalSSM):
     def skip(self, x):
         return self.D[...] * x
 
+    def skip_params(self):
+        return {"D": self.D[...]}
+
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "B", "C", "D", "log_dt")}
