@@ -4,35 +4,38 @@ The names mirror ``lrnnx.utils.generation``, so code written against lrnnx runs
 with only its import changed::
 
     graph = capture_graph(model, batch_size=32)        # compiles once, ahead of time
-    ys = generate(model, x0, 512, graph_cache=graph)   # (32, 512, H); never compiles
+    ys = generate(model, x0, 512, graph_cache=graph)   # (32, 512, H); compiles no generation program
 
 lrnnx captures one recurrent step as a CUDA graph and replays it from a Python
-loop, once per token. Here the whole generation is one XLA program:
+loop, once per token. Here the whole generation is one compiled program, a driver
+of the model's cell (``model.cell()``, the one definition of its step):
 
-* The program advances up to ``chunk_size`` steps: a ``lax.while_loop`` with a
-  dynamic trip count over blocks of ``block_size`` steps, each block a
-  ``lax.scan`` (static trip count) over the model's pure ``step``. ``generate``
-  calls it ``ceil(num_steps / chunk_size)`` times, handing the last output and
-  cache of one call to the next, so one compiled program serves any
-  ``num_steps`` (1 to 65,536 and beyond); the calls are dispatched
-  asynchronously, with no host sync between them.
-* The parameters are an argument of the program (the model's pytree leaves),
-  never constants baked into it: after an optimizer step the same program uses
-  the new weights.
-* Each call starts from the zero state of ``allocate_inference_cache`` (which
-  every model allocates as zeros), so nothing leaks between calls.
+* **The XLA program** (:func:`xla_program`) advances exactly ``num_valid <=
+  chunk_size`` steps: a ``lax.while_loop`` over whole blocks of ``block_size`` steps
+  (each a ``lax.scan`` with a static trip count), then the remainder as a binary
+  decomposition, one ``lax.cond``-guarded scan of 2^k steps for each bit of it. The
+  cost therefore follows the number of steps with no block granularity (one more
+  step costs about one step), and no surplus step is ever run. Its steps run
+  :func:`pallas_kernels.drivers.step` (the one-step kernel where the kernel
+  configuration and the cell's policy select it).
+* **The fused program** (:func:`pallas_kernels.fused_generation.fused_program`) runs
+  the whole chunk in one Pallas kernel; it is chosen where the kernel configuration
+  and the cell's :class:`~pallas_kernels.cells.KernelPolicy` select it
+  (:func:`pallas_kernels.fused_generation.use_fused_rollout`).
 
-The program is built by :func:`build_program`, the one dispatch point:
-``GenerationConfig.backend`` picks an entry of :data:`PROGRAM_BUILDERS`, the XLA
-program above (its steps run the state-update kernels where the switch selects them)
-or the fused Pallas kernel (:func:`pallas_kernels.fused_generation.fused_program`), and
-:func:`default_config` chooses between them with ``pallas_kernels``' switch.
+``generate`` calls the program ``ceil(num_steps / chunk_size)`` times, handing the
+last output and cache of one call to the next, so one compiled program serves any
+``num_steps``; the calls are dispatched asynchronously, with no host sync between
+them. The parameters are an argument of the program (the model's pytree leaves),
+never constants baked into it: after an optimizer step the same program uses the
+new weights. Each generation starts from the zero state of ``allocate_inference_cache``.
 
-Compilation: the program is compiled by ``jax.jit(...).lower(...).compile()``.
-Besides it, ``generate`` runs one small array-assembly program (concatenate the
-blocks, drop the surplus steps of the last block, move the batch axis first),
-which ``jax.jit`` compiles once per distinct ``num_steps`` and caches; its cost
-is a copy of the output. A call repeated with the same shapes compiles nothing.
+Compilation: :func:`capture_graph` compiles the program ahead of time. Besides it,
+``generate`` slices the program's fixed-size output buffer to ``(B, num_steps, H)``:
+an array of a new shape needs one small XLA program, so each distinct ``num_steps``
+compiles one slicing program once (milliseconds; a repeated ``num_steps`` compiles
+nothing). The kernel configuration (``kernel_config=``, a
+``pallas_kernels.KernelConfig``; the default when None) is part of every program's key.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import numpy as np
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import compute_dtype
 from pallas_kernels import dispatch as kernel_dispatch
+from pallas_kernels import drivers
 from pallas_kernels import fused_generation
 
 #: ``GenerationConfig.unroll`` on GPUs and TPUs (on an H100, 8 ran 1.2-5x faster per step than 1;
@@ -59,41 +63,33 @@ ACCELERATOR_UNROLL = 8
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """How the generation program is built (the tuning knobs, in one place).
+    """How the XLA generation program is built (its knobs, in one place; the kernel knobs are
+    ``pallas_kernels.KernelConfig``).
 
     Args:
       chunk_size: steps per program call; the program's output buffer is
         ``(chunk_size, B, H)``, and ``generate`` makes ``ceil(num_steps / chunk_size)`` calls.
-      block_size: steps per iteration of the program's dynamic loop, a ``lax.scan``
-        with a static trip count inside. A dynamic trip count costs a device-to-host
-        round trip per iteration on a GPU (unless XLA captures the loop in a command
-        buffer); a static one costs none. The last block of a call may run up to
-        ``block_size - 1`` surplus steps, which are dropped. It must divide
-        ``chunk_size``, or be at least ``chunk_size``: then the program is static and
-        every call runs ``chunk_size`` steps.
-      unroll: the ``unroll`` of that scan (steps per iteration of XLA's inner loop);
+      block_size: steps per iteration of the program's dynamic loop (a power of two), a
+        ``lax.scan`` with a static trip count inside; the remainder of a call runs as scans
+        of the powers of two below it. A dynamic trip count costs a device-to-host round
+        trip per iteration on a GPU (unless XLA captures the loop in a command buffer); a
+        static one costs none. Capped at the largest power of two <= ``chunk_size``.
+      unroll: the ``unroll`` of those scans (steps per iteration of XLA's inner loop);
         None: 8 on accelerators, where it saves loop overhead per step, and 1 on
         CPU, where it only lengthens compilation.
-      backend: which entry of :data:`PROGRAM_BUILDERS` builds the program.
     """
 
     chunk_size: int = 512
     block_size: int = 64
     unroll: Optional[int] = None
-    backend: str = "xla"
 
     def __post_init__(self):
         validation.check_positive_int(self.chunk_size, "chunk_size")
         validation.check_positive_int(self.block_size, "block_size")
         if self.unroll is not None:
             validation.check_positive_int(self.unroll, "unroll")
-        if self.block_size < self.chunk_size and self.chunk_size % self.block_size:
-            raise ValueError(
-                f"block_size must divide chunk_size or be at least chunk_size, got block_size={self.block_size} "
-                f"and chunk_size={self.chunk_size}"
-            )
-        if self.backend not in PROGRAM_BUILDERS:
-            raise ValueError(f"backend must be one of {sorted(PROGRAM_BUILDERS)}, got {self.backend!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 
     def resolved(self) -> "GenerationConfig":
         """This config with ``unroll=None`` replaced by the platform's default."""
@@ -101,15 +97,19 @@ class GenerationConfig:
             return self
         return dataclasses.replace(self, unroll=1 if jax.default_backend() == "cpu" else ACCELERATOR_UNROLL)
 
+    @property
+    def block(self) -> int:
+        """The block size in effect: ``block_size`` capped at the largest power of two <= ``chunk_size``."""
+        return min(self.block_size, 1 << (self.chunk_size.bit_length() - 1))
+
 
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
     """Everything a program builder needs; also the key of the compiled-program cache.
 
-    ``treedef`` and ``leaf_types`` describe the model as a pytree (structure,
-    static attributes, parameter shapes and dtypes). ``kernels`` is the
-    ``pallas_kernels`` configuration the program is traced under (the XLA program's
-    steps call the state-update ops, whose kernel-or-reference choice it decides).
+    ``treedef`` and ``leaf_types`` describe the model as a pytree (structure, static
+    attributes, parameter shapes and dtypes). ``kernels`` is the kernel configuration
+    the program is traced under, and ``fused`` whether it is the fused Pallas program.
     """
 
     treedef: Any
@@ -120,10 +120,15 @@ class ProgramSpec:
     event_mode: bool
     max_seqlen: int
     config: GenerationConfig
-    kernels: Any = None
+    kernels: kernel_dispatch.KernelConfig
+    fused: bool
 
     def __post_init__(self):
         object.__setattr__(self, "config", self.config.resolved())  # a concrete unroll, part of the key
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
 
 
 def xla_program(spec: ProgramSpec) -> Callable:
@@ -135,87 +140,71 @@ def xla_program(spec: ProgramSpec) -> Callable:
     * ``x (B, H)``: the input of the first step; ``cache``: the state before it;
     * ``taus (B, chunk_size)``: per-step ``integration_timesteps`` (event mode) or None;
     * ``num_valid``: int32 scalar in ``[1, chunk_size]``, the steps to run;
-    * ``ys (chunk_size, B, H)``: the outputs, time-major; rows ``>= num_valid`` are
-      unspecified (zeros, or surplus steps of the last block);
-    * ``x_next (B, H)``, ``cache``: the last output and the state after the last
-      step run, surplus steps included (only the last call of a generation is partial).
-
-    ``block_size`` is capped at ``chunk_size``; then the program is static.
+    * ``ys (chunk_size, B, H)``: the outputs, time-major; rows ``>= num_valid`` are zeros;
+    * ``x_next (B, H)``, ``cache``: the last output and the state after exactly ``num_valid`` steps.
     """
-    chunk, unroll = spec.config.chunk_size, spec.config.unroll
-    block = min(spec.config.block_size, chunk)
+    chunk, unroll, block = spec.config.chunk_size, spec.config.unroll, spec.config.block
+    dtype, kernels = spec.dtype, spec.kernels
 
     def generation_program(leaves, x, cache, taus, num_valid):
         model = jax.tree.unflatten(spec.treedef, leaves)
+        batch = x.shape[0]
+        cell = model.cell()
         taus = None if taus is None else jnp.moveaxis(taus, 1, 0)
 
         def one_step(carry, tau_t):
             x_t, state = carry
-            y_t, state = model.step(x_t, state, integration_timesteps=tau_t)
+            inputs = model.cell_inputs((batch,), tau_t)
+            y_t, state = drivers.step(cell, state, x_t.astype(compute_dtype(dtype)), inputs, kernels)
+            y_t = y_t.astype(dtype)
             return (y_t, state), y_t
 
-        def run_block(start, x_t, state):
-            tau_block = None if taus is None else jax.lax.dynamic_slice_in_dim(taus, start, block)
-            (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=block, unroll=unroll)
-            return y_block, x_t, state
+        def run(size, start, x_t, state, ys):
+            tau_block = None if taus is None else jax.lax.dynamic_slice_in_dim(taus, start, size)
+            (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=size, unroll=min(unroll, size))
+            return x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, start, axis=0)
 
-        if block == chunk:  # static: one block per call
-            return run_block(0, x, cache)
+        def whole_block(carry):
+            i, x_t, state, ys = carry
+            return (i + 1, *run(block, i * block, x_t, state, ys))
 
-        def loop_body(loop_state):
-            i, x_t, state, ys = loop_state
-            y_block, x_t, state = run_block(i * block, x_t, state)
-            return i + 1, x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, i * block, axis=0)
+        ys = jnp.zeros((chunk, *x.shape), dtype)
+        state = model.cell_state(cache)
+        _, x, state, ys = jax.lax.while_loop(lambda c: c[0] < num_valid // block, whole_block, (0, x, state, ys))
+        start, size = num_valid // block * block, block // 2
+        while size >= 1:  # the remainder (< block): one guarded scan per bit
+            def part(carry, size=size):
+                start, x_t, state, ys = carry
+                return (start + size, *run(size, start, x_t, state, ys))
 
-        num_blocks = (num_valid + block - 1) // block
-        ys = jnp.zeros((chunk,) + x.shape, x.dtype)
-        _, x, cache, ys = jax.lax.while_loop(lambda s: s[0] < num_blocks, loop_body, (jnp.int32(0), x, cache, ys))
-        return ys, x, cache
+            start, x, state, ys = jax.lax.cond(num_valid & size != 0, part, lambda c: c, (start, x, state, ys))
+            size //= 2
+        return ys, x, model.cell_cache(state, cache)
 
     return generation_program
 
 
-#: Program builders by ``GenerationConfig.backend``: the XLA program above, or the whole rollout in
-#: one Pallas kernel (:func:`pallas_kernels.fused_generation.fused_program`).
-PROGRAM_BUILDERS: dict[str, Callable[[ProgramSpec], Callable]] = {
-    "xla": xla_program, "fused": fused_generation.fused_program,
-}
-
 DEFAULT_CONFIG = GenerationConfig()
-
-
-@functools.lru_cache(maxsize=256)
-def _default_config_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, event_mode: bool,
-                                 kernels, on_gpu: bool) -> GenerationConfig:
-    """:func:`default_config` once per model structure and switch state (it walks the whole model)."""
-    model = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
-    return default_config(model, batch_size, dtype, event_mode)
-
-
-def default_config(model, batch_size: int, dtype, event_mode: bool) -> GenerationConfig:
-    """:data:`DEFAULT_CONFIG`, with the fused backend where ``pallas_kernels``' switch selects it.
-
-    The switch is the one of the state-update kernels (``pallas_kernels.set_config(use_kernels=...)``):
-    ``"auto"`` takes the fused kernel on NVIDIA GPUs for the models and sizes it supports and where it
-    was measured faster than the XLA program; ``"always"`` wherever it is supported (in Pallas
-    interpret mode off-GPU); ``"never"`` keeps the XLA program. Anything the kernel cannot take
-    (bf16, parameters too large for one program; see ``fused_generate_supported``) keeps the XLA
-    program, whose steps run the state-update kernels where the same switch selects them.
-    """
-    if fused_generation.use_fused_kernel(model, batch_size, event_mode, dtype):
-        return dataclasses.replace(DEFAULT_CONFIG, backend="fused")
-    return DEFAULT_CONFIG
 
 
 def build_program(spec: ProgramSpec) -> Callable:
     """The dispatch point: the pure function that :func:`capture_graph` compiles for ``spec``."""
-    return PROGRAM_BUILDERS[spec.config.backend](spec)
+    return fused_generation.fused_program(spec) if spec.fused else xla_program(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _fused_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, event_mode: bool,
+                        kernels: kernel_dispatch.KernelConfig, on_gpu: bool) -> bool:
+    """:func:`pallas_kernels.fused_generation.use_fused_rollout`, once per model structure and kernel configuration."""
+    model = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
+    return fused_generation.use_fused_rollout(model, batch_size, event_mode, dtype, kernels)
 
 
 @functools.partial(jax.jit, static_argnames="num_steps")
 def _assemble(blocks, num_steps: int):
     """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``."""
-    return jnp.moveaxis(jnp.concatenate(blocks, axis=0)[:num_steps], 0, 1)
+    ys = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
+    return jnp.moveaxis(ys[:num_steps], 0, 1)
 
 
 class CompiledGenerator:
@@ -283,25 +272,21 @@ def _leaf_types(leaves) -> tuple:
     return tuple(jax.typeof(leaf) for leaf in leaves)
 
 
-def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config=None) -> tuple[list, ProgramSpec]:
-    """``(leaves, spec)`` of ``model``, flattened once; ``config`` None: :func:`default_config`'s choice."""
+def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config) -> tuple[list, ProgramSpec]:
+    """``(leaves, spec)`` of ``model``, flattened once; the fused program where the kernel configuration selects it."""
+    if model.dropout_active():
+        raise ValueError(
+            f"{type(model).__name__} is in training mode (active dropout), and generation runs the model in eval mode; "
+            "call model.eval() before capture_graph or generate")
     leaves, treedef = jax.tree.flatten(model)
     leaf_types, dtype, event_mode = _leaf_types(leaves), jnp.dtype(dtype), bool(event_mode)
-    kernels = kernel_dispatch.get_config()
-    if config is None:
-        config = _default_config_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels,
-                                              kernel_dispatch.on_nvidia_gpu())
-    spec = ProgramSpec(
-        treedef=treedef,
-        leaf_types=leaf_types,
-        batch_size=batch_size,
-        d_model=model.d_model,
-        dtype=dtype,
-        event_mode=event_mode,
-        max_seqlen=max_seqlen,
-        config=config,
-        kernels=kernels,
-    )
+    kernels = kernel_dispatch.resolve(kernel_config)
+    config = DEFAULT_CONFIG if config is None else config
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a GenerationConfig or None, got {type(config).__name__}")
+    fused = _fused_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels, kernel_dispatch.on_nvidia_gpu())
+    spec = ProgramSpec(treedef=treedef, leaf_types=leaf_types, batch_size=batch_size, d_model=model.d_model, dtype=dtype,
+                       event_mode=event_mode, max_seqlen=max_seqlen, config=config, kernels=kernels, fused=fused)
     return leaves, spec
 
 
@@ -322,6 +307,7 @@ def capture_graph(
     dtype=None,
     *,
     config: Optional[GenerationConfig] = None,
+    kernel_config: Optional[kernel_dispatch.KernelConfig] = None,
 ) -> CompiledGenerator:
     """Compile the generation program of ``model`` ahead of time for one batch size.
 
@@ -332,8 +318,10 @@ def capture_graph(
       max_seqlen: passed to ``allocate_inference_cache``.
       event_mode: whether ``generate`` will receive ``integration_timesteps``.
       dtype: dtype of ``x`` and of the outputs (default float32).
-      config: a :class:`GenerationConfig` (chunk and block sizes, unroll, backend); by
-        default :func:`default_config` (the fused kernel where the switch selects it).
+      config: a :class:`GenerationConfig` (chunk and block sizes, unroll of the XLA program).
+      kernel_config: a ``pallas_kernels.KernelConfig`` (the default when None): whether the
+        fused Pallas program or the XLA program runs (with the cell's policy), and the kernels'
+        tuning.
 
     Returns:
       A :class:`CompiledGenerator` for ``generate(..., graph_cache=...)``. It serves
@@ -347,7 +335,7 @@ def capture_graph(
     _check_event_mode(model, event_mode)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     validation.check_float(np.zeros((), dtype), "dtype")
-    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config)
+    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config)
     return CompiledGenerator(spec)
 
 
@@ -395,6 +383,7 @@ def generate(
     integration_timesteps=None,
     *,
     config: Optional[GenerationConfig] = None,
+    kernel_config: Optional[kernel_dispatch.KernelConfig] = None,
 ):
     """Closed-loop generation from a fresh state: output t is the input of step t + 1.
 
@@ -408,12 +397,14 @@ def generate(
       integration_timesteps: event mode only; ``(B, 1)`` reused at every step (as in
         lrnnx) or ``(B, num_steps)``, a per-step schedule.
       config: a :class:`GenerationConfig`, only without ``graph_cache``.
+      kernel_config: a ``pallas_kernels.KernelConfig`` (the default when None), only without
+        ``graph_cache``.
 
     Returns:
       ``(B, num_steps, H)`` outputs, in ``x``'s dtype (the captured dtype with a ``graph_cache``).
     """
-    if graph_cache is not None and config is not None:
-        raise ValueError("config applies only without graph_cache; the graph_cache already fixes it")
+    if graph_cache is not None and (config is not None or kernel_config is not None):
+        raise ValueError("config and kernel_config apply only without graph_cache; the graph_cache already fixes them")
     d_model = model.d_model if graph_cache is None else graph_cache.d_model
     x = validation.check_token(x, d_model, name="x")
     num_steps = validation.check_positive_int(num_steps, "num_steps")
@@ -422,7 +413,7 @@ def generate(
         _check_event_mode(model, integration_timesteps is not None)
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
         event_mode = integration_timesteps is not None
-        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config)
+        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config, kernel_config)
         graph_cache = _cached_generator(spec)
     else:
         if batch_size != graph_cache.batch_size:
@@ -440,6 +431,8 @@ def generate(
                 "integration_timesteps given but graph_cache was captured without event_mode; "
                 f"re-capture with capture_graph(model, batch_size={batch_size}, event_mode=True)"
             )
+        if model.dropout_active():
+            raise ValueError(f"{type(model).__name__} is in training mode (active dropout); call model.eval() before generate")
         leaves, treedef = jax.tree.flatten(model)
         if treedef != graph_cache.spec.treedef or _leaf_types(leaves) != graph_cache.spec.leaf_types:
             raise ValueError(

@@ -260,7 +260,7 @@ def model_unsupported_reason(model, batch_size: int, event_mode: bool, dtype=Non
 def abstract_cell(model) -> Cell:
     """``model.cell()`` with abstract parameter arrays (shapes and dtypes only), cached per model structure."""
     leaves, treedef = jax.tree.flatten(model)
-    return _abstract_cell(treedef, tuple(jax.typeof(leaf) for leaf in leaves))
+    return _abstract_cell(treedef, tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves))
 
 
 @functools.lru_cache(maxsize=64)
@@ -272,7 +272,7 @@ def _abstract_cell(treedef, leaf_types):
         captured.append(cell)
         return cell.params
 
-    shapes = jax.eval_shape(params, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
+    shapes = jax.eval_shape(params, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaf_types])
     return captured[0]._replace(params=shapes)
 
 
