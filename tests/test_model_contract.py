@@ -1,6 +1,7 @@
 """The interface contract, checked for every configuration in tests/zoo.py.
 
-forward == step-by-step, prefill (``return_cache``) then decode, ``lengths``,
+forward == step-by-step, prefill (``return_cache``) then decode, the forward continued from
+a cache (chunked prefill, with ``lengths``), ``multi_step`` and its per-token states, ``lengths``,
 gradients against finite differences (float64), bf16 inputs, JAX/NNX
 transforms, and clear errors for bad input.
 """
@@ -81,6 +82,75 @@ def test_prefill_then_step_continues_the_sequence(entry):
         y_head, cache = model(x[:, :split], integration_timesteps=None if tau is None else tau[:, :split], return_cache=True)
         y_tail, _ = step_loop(model, x[:, split:], None if tau is None else tau[:, split:], cache)
         assert relative_error(np.concatenate([y_head, y_tail], 1), y_full) < entry.rtol, method
+
+
+def _rows(cache, rows):
+    return {k: v[rows] for k, v in cache.items()}
+
+
+def _assert_caches_close(ours, theirs, rtol=1e-4, atol=1e-5):
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        chex.assert_equal_shape([ours[key], theirs[key]])
+        np.testing.assert_allclose(np.asarray(ours[key]), np.asarray(theirs[key]), rtol=rtol, atol=atol, err_msg=key)
+
+
+@ENTRIES
+def test_forward_continues_from_a_cache(entry):
+    """model(x) == model(x[:, :a]) then model(x[:, a:], cache=...), for a random split a, every path (fft/scan),
+    also with lengths on the second part: each row as if continued alone, and the state after its last valid step."""
+    model = entry.build(seed=12)
+    length = 14
+    x, tau = make_inputs(entry, length=length, seed=12)
+    split = int(np.random.default_rng(entry.name.__len__()).integers(1, length - 1))
+    head = lambda a: None if a is None else a[:, :split]  # noqa: E731
+    tail = lambda a: None if a is None else a[:, split:]  # noqa: E731
+    for method in entry.methods or (None,):
+        if method is not None:
+            model.method = method
+        y_full, cache_full = model(x, integration_timesteps=tau, return_cache=True)
+        y_head, cache = model(x[:, :split], integration_timesteps=head(tau), return_cache=True)
+        y_tail, cache_end = model(x[:, split:], integration_timesteps=tail(tau), cache=cache, return_cache=True)
+        assert relative_error(np.concatenate([y_head, y_tail], 1), y_full) < entry.rtol, method
+        _assert_caches_close(cache_end, cache_full)
+        assert relative_error(model(x[:, split:], integration_timesteps=tail(tau), cache=cache), y_tail) < 1e-6
+
+        lengths = np.array([length - split, 2, 0])
+        x_garbage = np.array(x[:, split:])
+        for b, n in enumerate(lengths):
+            x_garbage[b, n:] = 1e4  # must not influence anything
+        y_len, cache_len = model(x_garbage, integration_timesteps=tail(tau), lengths=jnp.asarray(lengths), cache=cache,
+                                 return_cache=True)
+        for b, n in enumerate(lengths):
+            assert np.all(np.asarray(y_len[b, n:]) == 0)
+            if n:
+                tau_b = None if tau is None else tau[b : b + 1, split : split + n]
+                y_b, cache_b = model(x[b : b + 1, split : split + n], integration_timesteps=tau_b, cache=_rows(cache, slice(b, b + 1)),
+                                     return_cache=True)
+                assert relative_error(y_len[b, :n], y_b[0]) < 1e-5, (method, b)
+            else:
+                cache_b = _rows(cache, slice(b, b + 1))  # no valid step: the state it started from
+            _assert_caches_close(_rows(cache_len, slice(b, b + 1)), cache_b)
+
+
+@ENTRIES
+def test_multi_step_equals_the_forward_and_returns_every_state(entry):
+    model = entry.build(seed=13)
+    x, tau = make_inputs(entry, length=9, seed=13)
+    split = 4
+    y_full, cache_full = model(x, integration_timesteps=tau, return_cache=True)
+    _, cache = model(x[:, :split], integration_timesteps=None if tau is None else tau[:, :split], return_cache=True)
+    y, cache_end, states = model.multi_step(x[:, split:], cache, integration_timesteps=None if tau is None else tau[:, split:],
+                                            return_states=True)
+    chex.assert_shape(y, (3, 9 - split, H))
+    assert relative_error(y, y_full[:, split:]) < entry.rtol
+    _assert_caches_close(cache_end, cache_full)
+    for t in range(9 - split):  # the state after token t is the prefill's cache of the first split + t + 1 tokens
+        _, cache_t = model(x[:, : split + t + 1], integration_timesteps=None if tau is None else tau[:, : split + t + 1],
+                           return_cache=True)
+        _assert_caches_close({k: v[:, t] for k, v in states.items()}, cache_t)
+    y_only, cache_only = model.multi_step(x[:, split:], cache, integration_timesteps=None if tau is None else tau[:, split:])
+    np.testing.assert_allclose(np.asarray(y_only), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
 @ENTRIES
@@ -208,6 +278,15 @@ def test_bad_input_raises_clear_errors(entry):
         model.step(x[:, 0], cache, integration_timesteps=None if tau is None else tau[:, :1])
     with pytest.raises(ValueError, match=r"x_t must have shape \(B, H\)"):
         model.step(x, model.allocate_inference_cache(2))
+    with pytest.raises(ValueError, match="x_t has batch size 2 but the cache was allocated for batch size 3"):
+        model(x, integration_timesteps=tau, cache=cache)
+    good = model.allocate_inference_cache(2)
+    key = sorted(good)[0]
+    bad_shape = {**good, key: good[key][..., :1] if good[key].shape[-1] > 1 else jnp.concatenate([good[key]] * 2, -1)}
+    with pytest.raises(ValueError, match=rf"cache\['{key}'\] must have shape"):
+        model(x, integration_timesteps=tau, cache=bad_shape)
+    with pytest.raises(ValueError, match="cache must have the keys"):
+        model(x, integration_timesteps=tau, cache={**good, "extra": good[key]})
     if model.supports_integration_timesteps:
         tau = np.random.default_rng(1).uniform(0.1, 1.0, (2, 5)).astype(np.float32)
         for bad, message in ((-tau, "must be > 0"), (tau * 0, "must be > 0"), (tau * np.nan, "must be finite")):
