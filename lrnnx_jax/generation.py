@@ -31,10 +31,10 @@ never constants baked into it: after an optimizer step the same program uses the
 new weights. Each generation starts from the zero state of ``allocate_inference_cache``.
 
 Compilation: :func:`capture_graph` compiles the program ahead of time. Besides it,
-``generate`` slices the program's fixed-size output buffer to ``(B, num_steps, H)``:
-an array of a new shape needs one small XLA program, so each distinct ``num_steps``
-compiles one slicing program once (milliseconds; a repeated ``num_steps`` compiles
-nothing). The kernel configuration (``kernel_config=``, a
+``generate`` slices the program's fixed-size output buffers to ``(B, num_steps, H)``
+(:func:`assemble`): on the CPU with NumPy (no compilation); on an accelerator an array
+of a new shape needs an XLA program, so each distinct ``num_steps`` compiles one small
+slicing program once (a repeated ``num_steps`` compiles nothing). The kernel configuration (``kernel_config=``, a
 ``pallas_kernels.KernelConfig``; the default when None) is part of every program's key.
 """
 
@@ -200,9 +200,21 @@ def _fused_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, even
     return fused_generation.use_fused_rollout(model, batch_size, event_mode, dtype, kernels)
 
 
+def assemble(blocks, num_steps: int):
+    """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``.
+
+    An array of a new shape needs a new XLA program, so on an accelerator each distinct
+    ``num_steps`` compiles one small slicing program once. On the CPU, whose device memory
+    is host memory, the blocks are sliced by NumPy and put back: no compilation at all.
+    """
+    if all(device.platform == "cpu" for block in blocks for device in block.devices()):
+        ys = np.concatenate([np.asarray(block) for block in blocks], axis=0)[:num_steps]
+        return jax.device_put(np.ascontiguousarray(np.moveaxis(ys, 0, 1)), next(iter(blocks[0].devices())))
+    return _assemble(tuple(blocks), num_steps)
+
+
 @functools.partial(jax.jit, static_argnames="num_steps")
 def _assemble(blocks, num_steps: int):
-    """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``."""
     ys = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
     return jnp.moveaxis(ys[:num_steps], 0, 1)
 
@@ -265,7 +277,7 @@ class CompiledGenerator:
         for start, tau_chunk in zip(starts, tau_chunks):
             ys, x, cache = self.compiled(leaves, x, cache, tau_chunk, np.int32(min(chunk, num_steps - start)))
             blocks.append(ys)
-        return _assemble(tuple(blocks), num_steps)
+        return assemble(blocks, num_steps)
 
 
 def _leaf_types(leaves) -> tuple:

@@ -260,7 +260,7 @@ def model_unsupported_reason(model, batch_size: int, event_mode: bool, dtype=Non
 def abstract_cell(model) -> Cell:
     """``model.cell()`` with abstract parameter arrays (shapes and dtypes only), cached per model structure."""
     leaves, treedef = jax.tree.flatten(model)
-    return _abstract_cell(treedef, tuple((tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves))
+    return _abstract_cell(treedef, tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves))
 
 
 @functools.lru_cache(maxsize=64)
