@@ -19,7 +19,7 @@ ones, divided by the steps. For the fused kernel it also reports the bytes that 
 cross HBM (the outputs written, the streamed per-step inputs read, the state and
 parameters once per program) as a fraction of the device-to-device copy bandwidth
 measured in the same run (the number to read at B=4096). Where ``"auto"`` keeps the
-XLA program (``slower_than_xla``) the fused kernel is timed anyway and the note says
+XLA program (the cell's ``KernelPolicy``) the fused kernel is timed anyway and the note says
 so. ``--block-batch``, ``--num-warps`` and
 ``--precision`` add fused variants (tuning). Prints a Markdown table; ``--out`` writes
 every number as JSON. Needs only jax, flax and numpy.
@@ -87,7 +87,10 @@ MODELS = [
 ]
 
 
-def fused_runner(model, x0, tau, steps: int, config: fg.FusedConfig):
+NEVER = dispatch.KernelConfig(use_kernels="never")
+
+
+def fused_runner(model, x0, tau, steps: int, config: dispatch.KernelConfig):
     """The jitted fused rollout (whether or not ``"auto"`` would choose it)."""
     treedef = jax.tree.structure(model)
     leaves = jax.tree.leaves(model)
@@ -103,7 +106,7 @@ def fused_runner(model, x0, tau, steps: int, config: fg.FusedConfig):
 
 
 def xla_runner(model, x0, tau, steps: int):
-    graph = generation.capture_graph(model, x0.shape[0], event_mode=tau is not None)
+    graph = generation.capture_graph(model, x0.shape[0], event_mode=tau is not None, kernel_config=NEVER)
     return (lambda: generation.generate(model, x0, steps, graph_cache=graph, integration_timesteps=tau)), graph.compile_time_s
 
 
@@ -115,7 +118,7 @@ def loop_runner(model, x0, tau, steps: int):
 
     @jax.jit
     def step(leaves, x_t, cache, tau):
-        return jax.tree.unflatten(treedef, leaves).step(x_t, cache, integration_timesteps=tau)
+        return jax.tree.unflatten(treedef, leaves).step(x_t, cache, integration_timesteps=tau, kernel_config=NEVER)
 
     def run():
         cache, x_t, ys = cache0, x0, []
@@ -129,18 +132,19 @@ def loop_runner(model, x0, tau, steps: int):
     return run, time.perf_counter() - start
 
 
-def hbm_bytes(model, batch: int, steps: int, event: bool, config: fg.FusedConfig) -> int:
-    """Bytes the fused rollout must move through HBM: outputs, streamed inputs, state in/out, parameters per program."""
-    family = fg.family_of(model)
-    taus = jnp.ones((batch,), jnp.float32) if event else None  # (B, 1) timesteps: nothing streamed per step
-    params, state, streamed = jax.eval_shape(
-        lambda: (lambda c: (c.params, c.state, c.step_inputs))(family.cell(model, batch, taus, None)))
-    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree)) * 4
-    block = fg.effective_block_batch(family.name == "diagonal", batch, config)
-    return batch * steps * model.d_model * 4 + size(streamed) + 2 * size(state) + size(params) * -(-batch // block)
+def hbm_bytes(model, batch: int, steps: int, event: bool, config: dispatch.KernelConfig) -> int:
+    """Bytes the fused rollout must move through HBM: outputs, state in/out, parameters per program.
+
+    (Event-mode timesteps of shape (B, 1) are per-row inputs: nothing is streamed per step.)"""
+    cell = model.cell()
+    params = fg.padded_params(cell)
+    state = jax.eval_shape(lambda: model.cell_state(model.allocate_inference_cache(batch)))
+    size = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree)) * 4  # noqa: E731
+    block = fg.effective_block_batch(cell.blockable, batch, config)
+    return batch * steps * model.d_model * 4 + 2 * size(state) + size(params) * -(-batch // block)
 
 
-def fused_configs(args, blockable: bool) -> list[fg.FusedConfig]:
+def fused_configs(args, blockable: bool) -> list[dispatch.KernelConfig]:
     """Every combination of ``--block-batch``, ``--num-warps`` and ``--precision`` (0: automatic).
 
     Cells that only have the one-row path (not ``blockable``) skip the block variants and the precisions
@@ -152,7 +156,8 @@ def fused_configs(args, blockable: bool) -> list[fg.FusedConfig]:
             for precision in args.precision:
                 if not blockable and (block > 1 or precision != "highest"):
                     continue
-                configs.append(fg.FusedConfig(block_batch=block or None, num_warps=warps or None, precision=precision))
+                configs.append(dispatch.KernelConfig(use_kernels="always", block_batch=block or None,
+                                                     num_warps=warps or None, precision=precision))
     return list(dict.fromkeys(configs))
 
 
@@ -162,19 +167,19 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
     steps = args.steps
     base = dict(model=spec.name, batch=batch, steps=steps, lrnnx_us=spec.lrnnx_us if batch == 32 else None)
     rows = []
-    reason = fg.fused_generate_supported(model, batch, spec.event)
-    slower = fg.slower_than_xla(model, batch)
+    reason = fg.model_unsupported_reason(model, batch, spec.event)
+    slower = None if reason is not None else model.cell().policy.slower_reason("rollout", batch)
     xla_us = loop_us = None
-    with dispatch.kernel_config(use_kernels="never"):  # the XLA program and step, whatever generate dispatches to
-        if not args.no_xla:
-            run, _ = xla_runner(model, x0, tau, steps)
-            xla_us = 1e6 * median_seconds(run, args.warmup, args.repeats) / steps
-        if not args.no_loop and batch in args.loop_batches:
-            run, _ = loop_runner(model, x0, tau, steps)
-            loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
+    # the XLA program and step (use_kernels="never"), whatever generate would dispatch to
+    if not args.no_xla:
+        run, _ = xla_runner(model, x0, tau, steps)
+        xla_us = 1e6 * median_seconds(run, args.warmup, args.repeats) / steps
+    if not args.no_loop and batch in args.loop_batches:
+        run, _ = loop_runner(model, x0, tau, steps)
+        loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
     if reason is not None:
         return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
-    blockable = fg.family_of(model).cell(model, 1, None if tau is None else jnp.asarray(tau[:1, 0]), None).blockable
+    blockable = model.cell().blockable
     for config in fused_configs(args, blockable):
         try:
             run, compile_s = fused_runner(model, x0, tau, steps, config)
@@ -192,7 +197,7 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[di
     return rows
 
 
-def _variant(config: fg.FusedConfig) -> str:
+def _variant(config: dispatch.KernelConfig) -> str:
     parts = [f"block={config.block_batch}" if config.block_batch else "", f"warps={config.num_warps}" if config.num_warps else "",
              "" if config.precision == "highest" else config.precision]
     return " ".join(p for p in parts if p) or "auto"
@@ -226,7 +231,7 @@ def main(argv=None):
     parser.add_argument("--loop-batches", type=int, nargs="+", default=[32], help="batches at which the Python loop is timed")
     parser.add_argument("--block-batch", type=int, nargs="+", default=[0], help="fused variants: rows per program (0: auto)")
     parser.add_argument("--num-warps", type=int, nargs="+", default=[0], help="fused variants: warps per program (0: auto)")
-    parser.add_argument("--precision", nargs="+", default=["highest"], choices=fg.PRECISIONS,
+    parser.add_argument("--precision", nargs="+", default=["highest"], choices=dispatch.PRECISIONS,
                         help="fused variants: dot precision of the block path")
     parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
     parser.add_argument("--out", default=None, help="write every number as JSON to this file")

@@ -8,8 +8,9 @@ the state is donated), once with the kernel and once with the reference. It
 reports microseconds per step and the effective bandwidth (each input and the
 state read once, the state and the output written once) as a fraction of the
 device-to-device copy bandwidth measured in the same run. It also checks that
-the kernel updates the donated state in place, and times ``generate`` (B=32,
-H=128, 512 steps) of every model with and without kernels.
+the kernel updates the donated state in place, and times ``model.step`` of every
+model (H=128) on the XLA driver of its cell and on the one-step fused kernel: the
+measurement behind each cell's ``KernelPolicy.step_max_batch``.
 
 Needs only jax, flax and numpy; prints Markdown tables (and writes them to ``--out``).
 """
@@ -147,53 +148,52 @@ def in_place_table():
     return rows
 
 
-#: the generate variants: (column, use_kernels, GenerationConfig backend or None for the default choice)
-GENERATE_VARIANTS = [
-    ("XLA, pure-JAX step", "never", "xla"),
-    ("XLA + step kernels", "always", "xla"),
-    ("fused kernel", "always", "fused"),
-    ("default (auto)", "auto", None),
-]
-
-
-def generate_table(batch, steps, repeats):
-    """µs per generated step of every model: the XLA program with the pure-JAX step and with the
-    state-update kernels, the fused kernel, and what ``generate`` picks by default. Each model's
-    output gain is first halved until its closed loop stays bounded over the rollout
-    (``gpu_fused_selftest.bounded_model``), and the last column is the largest difference of any
-    variant from the pure-JAX program run at ``precision="highest"`` (relative to its largest output;
-    the timed pure-JAX program runs at XLA's default, TF32 on an H100)."""
+def time_model_step(model, batch: int, config, steps: int, repeats: int) -> float:
+    """Seconds per ``model.step`` of ``steps`` chained steps in one jitted program (cache donated)."""
     from flax import nnx
 
-    from lrnnx_jax.generation import GenerationConfig, default_config, generate
-    from pallas_kernels import fused_generation
-    from pallas_kernels.gpu_fused_selftest import bounded_model
+    graphdef, state = nnx.split(model)
 
-    head = " | ".join(f"{label} µs/step" for label, _, _ in GENERATE_VARIANTS)
-    rows = [f"| model | {head} | default picks | step kernels vs pure | max rel. difference |",
-            "|---|" + "---:|" * len(GENERATE_VARIANTS) + "---|---:|---:|"]
+    def chained(cache, x):
+        m = nnx.merge(graphdef, state)
+        for _ in range(steps):
+            x, cache = m.step(x, cache, kernel_config=config)
+        return cache, x
+
+    run = jax.jit(chained, donate_argnums=0)
+    x = jax.random.normal(jax.random.key(0), (batch, model.d_model)) * 0.1
+    holder = [model.allocate_inference_cache(batch)]
+
+    def once():
+        holder[0], y = run(holder[0], x)
+        return y
+
+    jax.block_until_ready(once())
+    return median_seconds(once, 0, repeats) / steps
+
+
+def model_step_table(batches, steps, repeats):
+    """µs per ``model.step`` of every model: the XLA driver of its cell (``use_kernels="never"``) and the
+    one-step fused kernel (``"always"``; models whose cell it cannot take say so), and what ``"auto"``
+    runs on this device by the cell's policy. This is the measurement behind each cell's ``step_max_batch``."""
+    from flax import nnx
+
+    from pallas_kernels import fused_generation
+
+    rows = ["| model | batch | XLA driver µs/step | one-step kernel µs/step | kernel speed-up | auto runs |",
+            "|---|---:|---:|---:|---:|---|"]
     for name, module, cls, kwargs in MODELS:
         model = getattr(importlib.import_module(module), cls)(**kwargs, rngs=nnx.Rngs(0))
-        x0 = jax.random.normal(jax.random.key(0), (batch, model.d_model)) * 0.1
-        with dispatch.kernel_config(use_kernels="never"):
-            base, _ = bounded_model(model, x0, steps, None)
-        times, outputs, picked = {}, {}, "-"
-        for label, mode, backend in GENERATE_VARIANTS:
-            with dispatch.kernel_config(use_kernels=mode):
-                if backend == "fused" and not fused_generation.use_fused_kernel(model, batch, False):
-                    times[label] = None
-                    continue
-                config = None if backend is None else GenerationConfig(backend=backend)
-                if backend is None:
-                    picked = default_config(model, batch, jnp.float32, False).backend
-                run = lambda: generate(model, x0, steps, config=config)  # noqa: E731
-                outputs[label] = np.asarray(jax.block_until_ready(run()))
-                times[label] = median_seconds(run, 1, repeats) / steps
-        diff = max(float(np.max(np.abs(y - base)) / max(np.max(np.abs(base)), 1e-30)) for y in outputs.values())
-        cells = " | ".join("n/a" if times[label] is None else f"{times[label] * 1e6:.2f}" for label, _, _ in GENERATE_VARIANTS)
-        ratio = times["XLA, pure-JAX step"] / times["XLA + step kernels"]
-        rows.append(f"| {name} | {cells} | {picked} | {ratio:.2f}x | {diff:.1e} |")
-        print(rows[-1], flush=True)
+        cell = model.cell()
+        for batch in batches:
+            t_xla = time_model_step(model, batch, REFERENCE, steps, repeats)
+            reason = fused_generation.unsupported_reason(cell, batch, jnp.float32)
+            t_kernel = None if reason is not None else time_model_step(model, batch, KERNEL, steps, repeats)
+            auto = "XLA" if reason is not None or cell.policy.slower_reason("step", batch) else "kernel"
+            kernel = reason if t_kernel is None else f"{t_kernel * 1e6:.2f}"
+            speedup = "" if t_kernel is None else f"{t_xla / t_kernel:.2f}x"
+            rows.append(f"| {name} | {batch} | {t_xla * 1e6:.2f} | {kernel} | {speedup} | {auto} |")
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -202,9 +202,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256, 4096])
     parser.add_argument("--steps", type=int, default=16, help="chained steps per timed program")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--generate-steps", type=int, default=512)
-    parser.add_argument("--skip-generate", action="store_true")
-    parser.add_argument("--skip-ops", action="store_true", help="only the generate table")
+    parser.add_argument("--skip-models", action="store_true", help="no model.step table")
+    parser.add_argument("--skip-ops", action="store_true", help="only the model.step table")
     parser.add_argument("--out", default=None, help="also write the tables (Markdown) here")
     args = parser.parse_args(argv)
 
@@ -220,9 +219,9 @@ def main(argv=None):
         print(lines[-2], flush=True)
         lines += op_table(args.batches, args.steps, args.repeats, bandwidth)
         lines += ["", "### In-place update (state donated)", ""] + in_place_table()
-    if not args.skip_generate:
-        lines += ["", f"### generate, B=32, H=128, {args.generate_steps} steps (median of 5)", ""]
-        lines += generate_table(32, args.generate_steps, 5)
+    if not args.skip_models:
+        lines += ["", f"### model.step, µs per step ({args.steps} chained steps per program, median of {args.repeats})", ""]
+        lines += model_step_table(args.batches, args.steps, args.repeats)
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:

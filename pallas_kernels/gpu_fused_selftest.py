@@ -2,14 +2,14 @@
 
 For each case of :data:`CASES` it builds the model, makes its closed loop bounded
 (:func:`bounded_model`), runs ``lrnnx_jax.generation.generate`` under
-``jax.default_matmul_precision("highest")`` and ``use_kernels="never"`` (the reference) and
+``jax.default_matmul_precision("highest")`` with ``use_kernels="never"`` (the reference) and
 :func:`~pallas_kernels.fused_generation.fused_generate`, and prints one table row:
 ``err = max|fused - ref| / max|ref|`` over all steps, the same over the last eighth
 of the steps (normalised by that part's own maximum), the growth ``max|ref| /
 max|ref[:, 0]|``, the tolerance and the result. It then checks the documented
 fallbacks (models and sizes the kernels do not take) and the generation-program
-builder (:func:`~pallas_kernels.fused_generation.fused_program`) across several
-program calls. Off-GPU the kernels run in interpret mode (slow: use ``--quick``
+program (:func:`~pallas_kernels.fused_generation.fused_program`, chosen by
+``capture_graph`` under ``use_kernels="always"``) across several program calls. Off-GPU the kernels run in interpret mode (slow: use ``--quick``
 and ``--steps``). Exits non-zero when a check fails.
 
 Needs only jax, flax and numpy. ``--out FILE`` writes every number as JSON. The
@@ -50,7 +50,7 @@ class Case:
     steps: int = 512
     #: None, "row" (timesteps (B, 1) reused every step) or "step" (a (B, steps) schedule)
     event: Optional[str] = None
-    config: fg.FusedConfig = fg.DEFAULT_CONFIG
+    config: dispatch.KernelConfig = dispatch.KernelConfig(use_kernels="always")
     tol: float = 1e-5
 
 
@@ -86,13 +86,13 @@ CASES = [
     Case("Mamba H=72 N=12 B=5", "ltv.Mamba", dict(d_model=72, d_state=12), batch=5),
     Case("LRU block 16, B=600", "lti.LRU", dict(d_model=H, d_state=N), batch=600),
     Case("S5 block 32, B=100", "lti.S5", dict(d_model=H, d_state=N, discretization="zoh"), batch=100,
-         config=fg.FusedConfig(block_batch=32)),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=32)),
     Case("ltv.S5 event/step block 16", "ltv.S5", dict(d_model=H, d_state=N), batch=64, event="step",
-         config=fg.FusedConfig(block_batch=16)),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=16)),
     Case("LRU block 16 precision=ieee", "lti.LRU", dict(d_model=H, d_state=N), batch=64,
-         config=fg.FusedConfig(block_batch=16, precision="ieee")),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=16, precision="ieee")),
     Case("LRU block 16 precision=fast (info)", "lti.LRU", dict(d_model=H, d_state=N), batch=64,
-         config=fg.FusedConfig(block_batch=16, precision="fast"), tol=float("inf")),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=16, precision="fast"), tol=float("inf")),
 ]
 
 #: models and sizes that must take the documented fallback
@@ -138,10 +138,13 @@ def scale_output(model, factor: float):
         param.set_value(param.get_value() * factor)
 
 
+NEVER = dispatch.KernelConfig(use_kernels="never")
+
+
 def reference(model, x0, steps, taus):
-    """The unfused ``generate`` at ``precision="highest"``, as float64 NumPy."""
+    """The unfused ``generate`` (the XLA program, ``use_kernels="never"``) at ``precision="highest"``, as float64 NumPy."""
     with jax.default_matmul_precision("highest"):
-        return np.asarray(generation.generate(model, x0, steps, integration_timesteps=taus), np.float64)
+        return np.asarray(generation.generate(model, x0, steps, integration_timesteps=taus, kernel_config=NEVER), np.float64)
 
 
 def bounded_model(model, x0, steps, taus, growth: float = 100.0, tries: int = 12):
@@ -164,7 +167,7 @@ def _rel(ours, ref) -> float:
 
 
 def path_of(case: Case, model) -> str:
-    block = fg.effective_block_batch(fg.family_of(model).name == "diagonal", case.batch, case.config)
+    block = fg.effective_block_batch(model.cell().blockable, case.batch, case.config)
     return "rows" if block == 1 else f"block {block} {case.config.precision}"
 
 
@@ -189,10 +192,10 @@ def fallback_checks(batch: int = 32) -> list[dict]:
     always = dispatch.KernelConfig(use_kernels="always")
     for name, lrnnx_name, kwargs in FALLBACKS:
         model = abstract_model(lrnnx_name, kwargs)
-        reason = fg.fused_generate_supported(model, batch, False)
+        reason = fg.model_unsupported_reason(model, batch, False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            chosen = fg.use_fused_kernel(model, batch, False, kernel_config=always)
+            chosen = fg.use_fused_rollout(model, batch, False, config=always)
         rows.append(dict(case=name, reason=reason, passed=reason is not None and not chosen))
     return rows
 
@@ -202,13 +205,10 @@ def program_check(seed: int = 0, steps: int = 300, chunk: int = 128) -> dict:
     case = Case("ltv.S5 event", "ltv.S5", dict(d_model=H, d_state=N), batch=8, steps=steps, event="step")
     model, x0, taus = build(case, seed)
     ref, _ = bounded_model(model, x0, steps, taus)
-    backend = "fused_selftest"
-    generation.PROGRAM_BUILDERS[backend] = fg.fused_program
-    try:
-        config = generation.GenerationConfig(chunk_size=chunk, block_size=chunk, backend=backend)
-        ys = np.asarray(generation.generate(model, x0, steps, integration_timesteps=taus, config=config), np.float64)
-    finally:
-        del generation.PROGRAM_BUILDERS[backend]
+    config = generation.GenerationConfig(chunk_size=chunk)
+    graph = generation.capture_graph(model, case.batch, event_mode=True, config=config, kernel_config=case.config)
+    assert graph.spec.fused
+    ys = np.asarray(generation.generate(model, x0, steps, graph_cache=graph, integration_timesteps=taus), np.float64)
     err = _rel(ys, ref)
     return dict(case=f"fused_program, {steps} steps in chunks of {chunk}", err=err, passed=err <= 1e-5)
 
@@ -216,14 +216,9 @@ def program_check(seed: int = 0, steps: int = 300, chunk: int = 128) -> dict:
 def run(cases, seed: int = 0, out=sys.stdout, with_fallbacks: bool = True, with_program: bool = True) -> tuple[bool, dict]:
     """Run the checks and print the tables; returns ``(all passed, results)``.
 
-    Runs under ``use_kernels="never"``: the reference ``generate`` is then the XLA
-    program whatever ``generate`` dispatches to (the fused kernel is called explicitly).
+    The reference ``generate`` runs the XLA program (``use_kernels="never"``); the fused
+    kernel is called explicitly with each case's configuration.
     """
-    with dispatch.kernel_config(use_kernels="never"):
-        return _run(cases, seed, out, with_fallbacks, with_program)
-
-
-def _run(cases, seed, out, with_fallbacks, with_program):
     device = jax.devices()[0]
     interpret = dispatch.interpret_mode(dispatch.KernelConfig())
     print(f"device: {getattr(device, 'device_kind', device)} ({jax.default_backend()}), interpret={interpret}, "
