@@ -37,9 +37,6 @@ REFERENCE = dispatch.KernelConfig(use_kernels="never")
 #: D=2048). The simplified op runs both of its paths: one row per program and blocks of 16 rows.
 OP_CONFIGS = [
     ("Mamba (selective, D=2048, N=16)", "selective", dict(dim=2048, dstate=16), {}),
-    ("RG-LRU (selective rglru, D=128)", "selective",
-     dict(dim=128, dstate=1, discretization="rglru", skip=False, gate=False, softplus=False), {}),
-    ("S7 (selective s7, N=64)", "selective", dict(dim=64, dstate=1, discretization="s7", skip=False, gate=False, softplus=False), {}),
     ("S5 (simplified zoh, P=64, H=128), 1 row/program", "simplified", dict(P=64, H_in=128, planes=True), dict(block_batch=1)),
     ("S5 (simplified zoh, P=64, H=128), 16 rows/program", "simplified", dict(P=64, H_in=128, planes=True), dict(block_batch=16)),
     ("LRU (simplified, P=64, H=128), 1 row/program", "simplified",

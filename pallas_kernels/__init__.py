@@ -1,19 +1,25 @@
-"""Pallas GPU kernels for the single-step state updates of lrnnx_jax models.
+"""Pallas GPU kernels of lrnnx_jax: the cells' drivers and two standalone state-update ops.
 
-Each op has one dispatch function that runs its Pallas kernel on NVIDIA GPUs and
-its pure-JAX reference elsewhere (see :mod:`pallas_kernels.dispatch`):
+* :mod:`pallas_kernels.cells`: each model writes its recurrence step once, as a
+  :class:`~pallas_kernels.cells.Cell` (parameters in the kernel layout and one pure step
+  function); :mod:`pallas_kernels.drivers` runs it: the XLA drivers (the batch as one
+  block; T given tokens) or :func:`pallas_kernels.fused_generation.run_cell`, the fused
+  Pallas kernel (the whole rollout of ``generate``, the one-step kernel of ``model.step``,
+  the multi-token kernel of ``model.multi_step``). The models' ``step`` methods run their
+  cells through these drivers; they do not call the ops below.
+* :func:`selective_state_update` (Mamba's signature: a real diagonal state, per-token
+  ``dt``, ``B``, ``C``) and :func:`simplified_state_update` (a diagonal complex SSM: S5,
+  LRU, S4D, Centaurus): array-level decode steps for users' own loops, each a Pallas kernel
+  with its pure-JAX reference.
+* :class:`KernelConfig` holds every kernel knob; :func:`get_config`, :func:`set_config` and
+  :func:`kernel_config` read and change the default used where ``config=None``
+  (:mod:`pallas_kernels.dispatch`).
 
-* :func:`selective_state_update`: Mamba (and RG-LRU, S7 as lrnnx maps them);
-* :func:`simplified_state_update`: the diagonal complex SSMs (S5, LRU, Centaurus);
-* :mod:`pallas_kernels.fused_generation`: the whole rollout of a layer in one kernel
-  (``generate``), and ``fused_step``, one step of the S4 / S4D block in one kernel.
-
-The models' ``step`` methods call these ops, so on NVIDIA GPUs ``model.step`` and
-``generate`` run the kernels wherever the switch selects them.
-
-Importing the package never needs a GPU or Pallas; kernels are built on first use.
+Importing the package never needs a GPU or Pallas (kernels are built on first use), and it
+imports nothing from ``lrnnx_jax``.
 """
 
+from pallas_kernels import cells, drivers
 from pallas_kernels.complex_lib import Planes
 from pallas_kernels.dispatch import KernelConfig, get_config, kernel_config, set_config
 from pallas_kernels.selective import selective_state_update
@@ -22,6 +28,8 @@ from pallas_kernels.simplified import simplified_state_update
 __all__ = [
     "KernelConfig",
     "Planes",
+    "cells",
+    "drivers",
     "get_config",
     "kernel_config",
     "selective_state_update",

@@ -75,7 +75,7 @@ class KernelConfig:
         if self.num_warps is not None:
             _check_power_of_two("num_warps", self.num_warps, 1)
         _check_power_of_two("block_elems", self.block_elems, 1)
-        if self.block_batch is not None and self.block_batch != 1:
+        if self.block_batch is not None and (isinstance(self.block_batch, bool) or self.block_batch != 1):
             _check_power_of_two("block_batch", self.block_batch, 16, "1 or ")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")

@@ -8,16 +8,12 @@ mamba's ``selective_state_update``)::
     state   = A_bar * state + gamma * B[b, g(h)] * x                 g(h) = h // (nheads / ngroups)
     out     = (sum_n state * C[b, g(h)] + D * x) * silu(z)
 
-Discretizations: ``"mamba"``, ``"zoh"``, ``"bilinear"``, ``"dirac"`` (the functions
-of :mod:`lrnnx_jax.core.discretization`; event mode passes ``delta_A``), and, as in
-lrnnx, the gated recurrences of RG-LRU and S7 with ``dstate = 1`` and ``B = C = 1``:
+Discretizations: ``"mamba"``, ``"zoh"``, ``"bilinear"``, ``"dirac"`` (event mode
+passes ``delta_A``), computed by :func:`pallas_kernels.kernel_math.discretize` in the
+kernel and in the reference alike (it is tested against ``lrnnx_jax.core.discretization``).
 
-* ``"rglru"``: ``A`` is RG-LRU's ``a_log``, ``dt`` is ``c * r_t`` and ``x`` is
-  ``i_t * x_t``; ``A_bar = sigmoid(a_log)^dt`` and ``gamma = sqrt(1 - A_bar^2)``
-  (:func:`lrnnx_jax.models.ltv.rglru.rglru_coefficients`);
-* ``"s7"``: ``dt`` is S7's ``a_t + base``, ``A`` is ignored, ``x`` is the drive
-  ``B_t^T x_t + beta_t``; ``A_bar = 1 - 1/(dt^2 + 1/2)`` and ``gamma = 1``
-  (:func:`lrnnx_jax.models.ltv.s7.s7_transition`).
+This is a standalone array-level op (with mamba's signature) for users' own decode
+loops; the models' steps do not call it: they run their cells (:mod:`pallas_kernels.cells`).
 
 :func:`selective_state_update` is the one dispatch point: the Pallas kernel
 (:func:`kernel`) or the pure-JAX :func:`reference`, as :mod:`pallas_kernels.dispatch`
@@ -33,42 +29,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from lrnnx_jax.core import discretization as disc
 from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 
 OP = "selective_state_update"
-CORE_DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
-DISCRETIZATIONS = CORE_DISCRETIZATIONS + ("rglru", "s7")
+DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _rglru(A, delta, integration_timesteps=None, *, delta_A=None):
-    from lrnnx_jax.models.ltv.rglru import rglru_coefficients
-
-    return rglru_coefficients(1.0, delta, 1.0, A, 1.0)
-
-
-def _s7(A, delta, integration_timesteps=None, *, delta_A=None):
-    from lrnnx_jax.models.ltv.s7 import s7_transition
-
-    return s7_transition(delta), 1.0
-
-
-def reference_discretization(name: str):
-    """The pure-JAX ``(A, delta, *, delta_A) -> (A_bar, gamma)`` of ``name`` (the single definitions)."""
-    if name == "rglru":
-        return _rglru
-    if name == "s7":
-        return _s7
-    return disc.get_discretization(name, CORE_DISCRETIZATIONS)
 
 
 def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, delta_A=None,
               discretization="mamba", state_batch_indices=None, pad_slot_id=-1):
     """Pure-JAX step on head-form arrays (see :func:`selective_state_update` for the shapes).
 
-    Computes in float32 (float64 for float64 inputs). Returns ``(out (batch, nheads, dim)
+    Computes in float32 (float64 for float64 inputs), with the discretizations of
+    :func:`pallas_kernels.kernel_math.discretize` (the kernel's). Returns ``(out (batch, nheads, dim)
     x.dtype, new_state like state)``.
     """
     f = jnp.promote_types(jnp.result_type(state, x, dt), jnp.float32)
@@ -80,7 +54,7 @@ def reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=F
     if dt_softplus:
         delta = jax.nn.softplus(delta)
     step_A = None if delta_A is None else delta_A.astype(f)[..., None]
-    A_bar, gamma = reference_discretization(discretization)(A.astype(f), delta[..., None], delta_A=step_A)
+    A_bar, gamma = km.discretize(discretization, A.astype(f), delta[..., None], step_A)
     B_h = jnp.repeat(B.astype(f), rep, axis=1)[:, :, None, :]
     C_h = jnp.repeat(C.astype(f), rep, axis=1)[:, :, None, :]
     xf = x.astype(f)
@@ -106,7 +80,7 @@ def kernel(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
     a power of two, ``BLOCK_D * BLOCK_N ~ config.block_elems``) and writes it back in
     place. Out-of-range lanes are masked.
     """
-    config = dispatch.get_config() if config is None else config
+    config = dispatch.resolve(config)
     pl, plgpu = dispatch.pallas_modules()
     slots, nheads, dim, dstate = state.shape
     batch = x.shape[0]
@@ -192,10 +166,10 @@ def unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A) -> Optiona
 def slower_than_reference(batch: int, state_batch_indices) -> Optional[str]:
     """Why ``"auto"`` keeps the reference although the kernel supports the call, or None.
 
-    Measured on an H100 (BENCHMARKS.md §3): without state slots the reference is one XLA fusion
-    that reads and writes the state once, as the kernel does, and it was as fast or faster from
-    batch 32 on (Mamba D=2048: kernel 0.89-0.97x; RG-LRU 0.68-0.77x); the kernel was faster at
-    batch 1 (1.08x, 1.27x) and with ``state_batch_indices``, where the reference gathers and
+    The op's own policy, measured on an H100 (BENCHMARKS.md §3): without state slots the
+    reference is one XLA fusion that reads and writes the state once, as the kernel does, and it
+    was as fast or faster from batch 32 on (Mamba D=2048: kernel 0.89-0.97x); the kernel was
+    faster at batch 1 (1.08x) and with ``state_batch_indices``, where the reference gathers and
     scatters the state (1.96x at batch 4096).
     """
     if state_batch_indices is None and batch > 1:
@@ -224,7 +198,8 @@ def selective_state_update(
       state_batch_indices: optional ``(batch,)`` integers: row ``b`` reads and writes
         state slot ``state_batch_indices[b]`` (distinct slots); rows equal to
         ``pad_slot_id`` are skipped (no write, zero output).
-      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the process default when None.
+      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the default (:func:`~pallas_kernels.dispatch.get_config`,
+        read at this call) when None. ``num_warps`` None: 4 warps per program.
 
     Returns:
       ``(out, new_state)``: ``out`` shaped like ``x`` in ``x.dtype``; ``new_state`` like ``state``.
@@ -232,9 +207,12 @@ def selective_state_update(
     state, x, dt, A, B, C, D, z, dt_bias, delta_A = _check(
         state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_batch_indices
     )
+    config = dispatch.resolve(config)
     reason = unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A)
     slower = slower_than_reference(x.shape[0], state_batch_indices)
-    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config, slower) else None
+    use_kernel = dispatch.choose_kernel(OP, reason, config, slower)
+    if not use_kernel:
+        config = None  # the reference: one compiled program whatever the configuration
     return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, delta_A=delta_A, discretization=discretization,
                  state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id, config=config)
 
@@ -286,11 +264,6 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, delta_A, discretization, state_
     for name, a in zip(("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "delta_A"), arrays):
         if a is not None and not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
-    if discretization in ("rglru", "s7"):
-        if dstate != 1:
-            raise ValueError(f"discretization={discretization!r} needs dstate=1 (the state is (slots, dim, 1)), got {dstate}")
-        if delta_A is not None:
-            raise ValueError(f"discretization={discretization!r} has no event mode; pass delta_A=None")
     dispatch.check_state_slots(state.shape[0], batch, state_batch_indices)
     return arrays
 

@@ -7,9 +7,13 @@ With the discretization fused in, for every batch row ``b``::
     out[b]  = kappa * Re(C state) + D * x[b]                  kappa = 2 with conj_sym, else 1
 
 ``discretization`` is ``"zoh"``, ``"bilinear"``, ``"dirac"``, ``"mamba"``, ``"async"`` (event
-ZOH) or ``"no_discretization"`` (``A`` and ``B`` are already ``A_bar`` and ``B_bar``,
-as in :func:`lrnnx_jax.core.lti.diagonal_step`, which this op replaces). Event
-mode scales the A-step of row ``b`` by ``integration_timesteps[b]``.
+ZOH) or ``"no_discretization"`` (``A`` and ``B`` are already ``A_bar`` and ``B_bar``).
+Event mode scales the A-step of row ``b`` by ``integration_timesteps[b]``. The kernel and
+the reference both discretize with :func:`pallas_kernels.kernel_math.discretize` (tested
+against ``lrnnx_jax.core.discretization``).
+
+This is a standalone array-level op for users' own decode loops; the models' steps do
+not call it: they run their cells (:mod:`pallas_kernels.cells`).
 
 Complex arrays live as :class:`~pallas_kernels.complex_lib.Planes` inside the
 kernel. The state may be passed as a complex array (converted at the boundary)
@@ -17,8 +21,7 @@ or as ``Planes``, which the kernel updates in place (``input_output_aliases``;
 donate them under ``jax.jit``).
 
 :func:`simplified_state_update` is the one dispatch point between :func:`kernel`
-(Pallas) and :func:`reference` (:mod:`lrnnx_jax.core.discretization` and
-:func:`lrnnx_jax.core.lti.diagonal_step`).
+(Pallas) and :func:`reference` (pure JAX, complex arithmetic).
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from lrnnx_jax.core import discretization as disc
-from lrnnx_jax.core import lti
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
@@ -41,26 +42,25 @@ DISCRETIZATIONS = ("zoh", "bilinear", "dirac", "mamba", "async", "no_discretizat
 CHUNK = 64
 #: largest number of (state chunk, feature chunk) pairs one program unrolls
 MAX_CHUNK_PAIRS = 16
-#: products on the GPU: 3-pass TF32 on the tensor cores keeps float32 accuracy (~2e-7 relative
-#: on an H100) and ran 4-15x faster there than IEEE float32 FMA dots; interpret mode uses HIGHEST
-GPU_DOT_PRECISION = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 #: by default one row per program up to this batch, blocks of rows above (:func:`rows_per_program`)
 ROW_PATH_MAX_BATCH = 256
 
 
 def _discrete(A, B, delta, integration_timesteps, discretization):
-    """``(A_bar, B_bar)`` by the single definitions of :mod:`lrnnx_jax.core.discretization`."""
+    """``(A_bar, B_bar)`` by :func:`pallas_kernels.kernel_math.discretize` (on complex arrays);
+    ``A_bar`` is ``(P,)``, or ``(batch, P)`` in event mode or for a per-row ``A``."""
     if discretization == "no_discretization":
         return A, B
-    tau = None if integration_timesteps is None else integration_timesteps[:, None]
-    A_bar, gamma = disc.get_discretization(discretization)(A, delta, tau)
-    return A_bar, gamma[:, None] * B
+    delta_A = None if integration_timesteps is None else delta * integration_timesteps[:, None]
+    A_bar, gamma = km.discretize(discretization, A, delta, delta_A)
+    return A_bar, jnp.broadcast_to(gamma, delta.shape)[:, None] * B
 
 
 def reference(state, x, A, B, C, delta=None, D=None, *, integration_timesteps=None, discretization="zoh",
               conj_sym=False, state_batch_indices=None, pad_slot_id=-1):
-    """Pure-JAX step (:func:`lrnnx_jax.core.lti.diagonal_step`); same contract as
-    :func:`simplified_state_update`. Computes in complex64 (complex128 for float64 inputs)."""
+    """Pure-JAX step; same contract as :func:`simplified_state_update`.
+
+    Computes in complex64 (complex128 for float64 inputs), contractions at ``HIGHEST``."""
     planes = cl.is_planes(state)
     h_all = cl.merge(state) if planes else state
     real = jnp.promote_types(jnp.result_type(x, jnp.real(h_all)), jnp.float32)
@@ -73,7 +73,8 @@ def reference(state, x, A, B, C, delta=None, D=None, *, integration_timesteps=No
     )
     kappa = 2.0 if conj_sym else 1.0
     xf = x.astype(real)
-    y, h = lti.diagonal_step(h_all[slot], xf, A_bar, B_bar, kappa * C.astype(ctype))
+    h = A_bar * h_all[slot] + jnp.einsum("bi,pi->bp", xf.astype(ctype), B_bar, precision="highest")
+    y = jnp.real(jnp.einsum("bp,op->bo", h, kappa * C.astype(ctype), precision="highest"))
     if D is not None:
         y = y + D.astype(real) * xf
     if state_batch_indices is None:
@@ -104,9 +105,11 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     ``B x`` and ``C state`` over chunks of :data:`CHUNK` lanes, and writes its state rows
     back in place. One row per program (``BLOCK_B = 1``, the default up to
     ``ROW_PATH_MAX_BATCH`` rows) uses float32 multiply-adds; blocks of rows use
-    float32-accurate tensor-core dots (:data:`GPU_DOT_PRECISION`).
+    tensor-core dots at :func:`pallas_kernels.dispatch.dot_precision` (``config.precision``:
+    3-pass TF32 by default, float32 accuracy, ~2e-7 relative on an H100 and 4-15x faster there
+    than IEEE float32 FMA dots; ``HIGHEST`` in interpret mode).
     """
-    config = dispatch.get_config() if config is None else config
+    config = dispatch.resolve(config)
     pl, plgpu = dispatch.pallas_modules()
     slots, P = state.shape
     batch, H_in = x.shape
@@ -132,7 +135,7 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     row_wise_A = A.ndim == 2
     kappa = 2.0 if conj_sym else 1.0
     f32 = jnp.float32
-    precision = jax.lax.Precision.HIGHEST if dispatch.interpret_mode(config) else GPU_DOT_PRECISION
+    precision = dispatch.dot_precision(config)
 
     def dot(a, b):  # a (m, k) . b (n, k) -> (m, n), float32 accumulation
         if block_b == 1:  # one row: float32 multiply-adds and a reduction (no tensor-core tile of one row)
@@ -271,7 +274,10 @@ def simplified_state_update(
       conj_sym: output ``2 Re(C state)`` (each state stands for a conjugate pair).
       state_batch_indices, pad_slot_id: as in
         :func:`~pallas_kernels.selective.selective_state_update`.
-      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the process default when None.
+      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the default (:func:`~pallas_kernels.dispatch.get_config`,
+        read at this call) when None. ``block_batch`` sets the rows per program
+        (:func:`rows_per_program`), ``precision`` the dots of blocks of rows, ``num_warps``
+        None: 4 warps per program.
 
     Returns:
       ``(out (batch, H_out) in x.dtype, new_state)`` with ``new_state`` in the form of ``state``.
@@ -281,8 +287,10 @@ def simplified_state_update(
     )
     options = dict(integration_timesteps=integration_timesteps, discretization=discretization, conj_sym=conj_sym,
                    state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
+    config = dispatch.resolve(config)
     reason = unsupported_reason(state, x, A, B, C, delta, D, integration_timesteps)
-    config = (dispatch.get_config() if config is None else config) if dispatch.choose_kernel(OP, reason, config) else None
+    if not dispatch.choose_kernel(OP, reason, config):
+        config = None  # the reference: one compiled program whatever the configuration
     return _step(state, x, A, B, C, delta, D, config=config, **options)
 
 

@@ -74,13 +74,13 @@ def relative_error(ours, theirs) -> float:
 
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _run_steps(graphdef, state, x, tau, cache):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _run_steps(graphdef, state, x, tau, cache, kernel_config):
     model = nnx.merge(graphdef, state)
 
     def body(c, inputs):
         x_t, tau_t = inputs
-        y_t, c = model.step(x_t, c, integration_timesteps=tau_t)
+        y_t, c = model.step(x_t, c, integration_timesteps=tau_t, kernel_config=kernel_config)
         return c, y_t
 
     taus = None if tau is None else jnp.moveaxis(tau, 1, 0)
@@ -88,8 +88,9 @@ def _run_steps(graphdef, state, x, tau, cache):
     return jnp.moveaxis(ys, 0, 1), cache
 
 
-def run_steps(model, x, integration_timesteps=None, cache=None):
-    """``model.step`` over ``x (B, L, H)`` from ``cache`` (fresh when None), in one jitted scan.
+def run_steps(model, x, integration_timesteps=None, cache=None, kernel_config=None):
+    """``model.step`` over ``x (B, L, H)`` from ``cache`` (fresh when None), in one jitted scan, with
+    ``kernel_config`` (a ``pallas_kernels.KernelConfig``; the default when None).
 
     Returns ``(y (B, L, H), final cache)``; ``integration_timesteps`` is ``(B, L)`` or None.
     """
@@ -97,7 +98,9 @@ def run_steps(model, x, integration_timesteps=None, cache=None):
         cache = model.allocate_inference_cache(x.shape[0], max_seqlen=x.shape[1])
     graphdef, state = nnx.split(model)
     tau = None if integration_timesteps is None else jnp.asarray(integration_timesteps)
-    return _run_steps(graphdef, state, jnp.asarray(x), tau, cache)
+    from pallas_kernels import dispatch
+
+    return _run_steps(graphdef, state, jnp.asarray(x), tau, cache, dispatch.resolve(kernel_config))
 
 
 @pytest.fixture

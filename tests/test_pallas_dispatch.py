@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,29 +29,82 @@ def _restore_default():
     dispatch.set_config(previous)
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(use_kernels="sometimes"), "use_kernels must be one of"),
-    (dict(backend="mosaic"), "backend must be one of"),
-    (dict(num_warps=3), "num_warps must be a power of two"),
-    (dict(block_elems=0), "block_elems must be a power of two"),
-    (dict(block_batch=8), "block_batch must be 1 or a power of two >= 16"),
-    (dict(interpret="yes"), "interpret must be None, True or False"),
+@pytest.mark.parametrize("field,value", [
+    ("use_kernels", "sometimes"),
+    ("interpret", "yes"),
+    ("num_warps", 3),
+    ("num_warps", 0),
+    ("block_elems", 0),
+    ("block_elems", 48),
+    ("block_elems", 64.0),
+    ("block_batch", 8),
+    ("block_batch", 0),
+    ("precision", "tf32"),
 ])
-def test_config_rejects_bad_values(changes, message):
-    with pytest.raises(ValueError, match=message):
-        dispatch.KernelConfig(**changes)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be .*got {re.escape(repr(value))}$"):
+        dispatch.KernelConfig(**{field: value})
+    with pytest.raises(ValueError, match=f"^{field} must be"):  # and through set_config, which keeps the default
+        dispatch.set_config(**{field: value})
+    assert dispatch.get_config() == dispatch.KernelConfig()
 
 
-def test_kernel_config_context_restores_and_retraces():
+def test_config_values_and_resolve():
+    config = dispatch.KernelConfig(use_kernels="never", interpret=True, num_warps=8, block_elems=256, block_batch=32,
+                                   precision="ieee")
+    assert hash(config) == hash(dataclasses.replace(config))  # a static (hashable) argument
+    assert dispatch.resolve(config) is config
+    assert dispatch.resolve(None) is dispatch.get_config()
+    with pytest.raises(TypeError, match="config must be a pallas_kernels.KernelConfig or None, got dict"):
+        dispatch.resolve({"use_kernels": "never"})
+    with pytest.raises(TypeError):
+        dispatch.KernelConfig(backend="triton")  # the field was removed
+    assert dispatch.compiler_params(dispatch.KernelConfig()).num_warps == 4  # None: the kernel default
+    assert dispatch.compiler_params(dispatch.KernelConfig(), num_warps=16).num_warps == 16
+    assert dispatch.compiler_params(config, num_warps=16).num_warps == 8
+    assert dispatch.dot_precision(config) == jax.lax.Precision.HIGHEST  # interpret mode
+    for precision, algorithm in dispatch.GPU_PRECISION.items():
+        assert dispatch.dot_precision(dispatch.KernelConfig(interpret=False, precision=precision)) == algorithm
+
+
+def test_set_config_and_the_context_manager():
+    previous = dispatch.set_config(use_kernels="never", num_warps=2)
+    assert previous == dispatch.KernelConfig()
+    assert dispatch.get_config() == dispatch.KernelConfig(use_kernels="never", num_warps=2)
+    with dispatch.kernel_config(dispatch.KernelConfig(precision="fast"), block_batch=16) as config:
+        assert dispatch.get_config() is config
+        assert config == dispatch.KernelConfig(precision="fast", block_batch=16)  # a given config replaces the default
+    assert dispatch.get_config() == dispatch.KernelConfig(use_kernels="never", num_warps=2)
+    with pytest.raises(RuntimeError), dispatch.kernel_config(use_kernels="always"):
+        raise RuntimeError  # restored on errors too
+    assert dispatch.get_config().use_kernels == "never"
+
+
+def test_changing_the_default_neither_retraces_nor_clears_caches():
     traces = []
-    double = jax.jit(lambda v: (traces.append(dispatch.get_config().use_kernels), 2 * v)[1])
+    double = jax.jit(lambda v: (traces.append(1), 2 * v)[1])
     double(jnp.ones(2))
-    with dispatch.kernel_config(use_kernels="never") as config:
-        assert config.use_kernels == "never" and dispatch.get_config() is config
+    arrays = selective_case(np.random.default_rng(0), batch=2, dim=4, dstate=3)
+    selective.selective_state_update(**arrays)  # the reference, compiled under the default
+    compiled = selective._step._cache_size()
+    dispatch.set_config(use_kernels="never", num_warps=8)
+    double(jnp.ones(2))
+    with dispatch.kernel_config(use_kernels="auto", precision="fast"):
         double(jnp.ones(2))
-    assert dispatch.get_config().use_kernels == "auto"
+        selective.selective_state_update(**arrays)  # the same reference program: not compiled again
+    dispatch.set_config(dispatch.KernelConfig())
     double(jnp.ones(2))
-    assert traces == ["auto", "never", "auto"]  # the switch reaches functions compiled before it changed
+    assert len(traces) == 1  # an unrelated jitted function is traced once
+    assert double._cache_size() == 1
+    assert selective._step._cache_size() == compiled
+
+
+def test_importing_pallas_kernels_loads_nothing_of_lrnnx_jax():
+    code = "import pallas_kernels, sys; print([m for m in sys.modules if m.startswith('lrnnx_jax')])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=pathlib.Path(__file__).resolve().parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_choose_kernel(monkeypatch):
@@ -97,3 +156,17 @@ def test_unsupported_arguments_fall_back_to_the_reference():
     op = functools.partial(simplified.simplified_state_update, **static)
     with pytest.warns(RuntimeWarning, match="chunk pairs"):
         assert not _uses_kernel(op, arrays, **always)
+
+
+def test_selective_keeps_its_own_measured_policy_on_a_gpu(monkeypatch):
+    """``"auto"`` on an NVIDIA GPU: the selective kernel at batch 1 or with state slots, else the reference
+    (``selective.slower_than_reference``); the simplified kernel wherever it supports the arguments."""
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
+    op = selective.selective_state_update
+    for batch, extra_slots, kernel in ((1, 0, True), (2, 0, False), (2, 1, True)):
+        arrays, static = _split_static(selective_case(np.random.default_rng(3), batch=batch, dim=4, dstate=3,
+                                                      extra_slots=extra_slots))
+        assert _uses_kernel(functools.partial(op, **static), arrays) == kernel, (batch, extra_slots)
+    assert "batch 2 without state_batch_indices" in selective.slower_than_reference(2, None)
+    arrays, static = _split_static(simplified_case(np.random.default_rng(4), batch=2, P=4, H_in=3))
+    assert _uses_kernel(functools.partial(simplified.simplified_state_update, **static), arrays)

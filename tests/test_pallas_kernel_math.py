@@ -1,4 +1,5 @@
-"""pallas_kernels.kernel_math: the kernels' discretizations against the single definitions.
+"""pallas_kernels.kernel_math: the kernels' discretizations against the single definitions, the
+contraction and the activations against float64.
 
 The core functions are evaluated in float64 (``enable_x64``); the in-kernel versions
 run in float32 on realistic steps, real and complex, with and without event mode.
@@ -11,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from scipy.special import erf as erf64
+
 from lrnnx_jax.core import discretization as disc
-from lrnnx_jax.models.ltv.rglru import rglru_coefficients
-from lrnnx_jax.models.ltv.s7 import s7_transition
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import kernel_math as km
 
@@ -55,25 +56,43 @@ def test_discretize_matches_core(name, complex_A, event):
     assert _relative(np.broadcast_to(np.asarray(cl.merge(k_gamma) if cl.is_planes(k_gamma) else k_gamma), A.shape), gamma) < 2e-6
 
 
-def test_gated_transitions_match_the_models():
-    rng = np.random.default_rng(1)
-    a_log = np.log(rng.uniform(0.9, 0.999, 128))
-    step = rng.uniform(0.5, 8.0, 128)
-    with jax.enable_x64(True):
-        A_bar, gamma = rglru_coefficients(1.0, jnp.asarray(step), 1.0, jnp.asarray(a_log), 1.0)
-        s7_bar = s7_transition(jnp.asarray(step - 4.0))
-    k_A_bar, k_gamma = km.discretize("rglru", jnp.asarray(a_log, jnp.float32), jnp.asarray(step, jnp.float32))
-    assert _relative(k_A_bar, A_bar) < 2e-6 and _relative(k_gamma, gamma) < 2e-6
-    k_s7, one = km.discretize("s7", None, jnp.asarray(step - 4.0, jnp.float32))
-    assert _relative(k_s7, s7_bar) < 2e-6 and one == 1.0
-
-
 def test_softplus_and_silu():
     x = jnp.linspace(-30.0, 30.0, 601)
     np.testing.assert_allclose(km.softplus(x), jax.nn.softplus(x), rtol=2e-6, atol=1e-12)
     np.testing.assert_allclose(km.silu(x), jax.nn.silu(x), rtol=2e-6, atol=1e-12)
 
 
+def test_erf_sigmoid_and_gelu_match_float64():
+    x = np.linspace(-9.0, 9.0, 1801)
+    x32 = jnp.asarray(x, jnp.float32)
+    assert np.max(np.abs(np.asarray(km.erf(x32), np.float64) - erf64(x))) < 5e-7
+    np.testing.assert_allclose(km.sigmoid(x32), 1 / (1 + np.exp(-x)), rtol=2e-6, atol=1e-12)
+    gelu = 0.5 * x * (1 + erf64(x / np.sqrt(2)))
+    assert np.max(np.abs(np.asarray(km.gelu(x32), np.float64) - gelu)) < 5e-6
+    with jax.enable_x64(True):  # float64 never enters a kernel: the exact GELU
+        np.testing.assert_allclose(km.gelu(jnp.asarray(x)), gelu, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_contract_one_row_and_a_block_match_float64(axis):
+    rng = np.random.default_rng(axis)
+    W = rng.standard_normal((5, 6, 7))
+    rows = rng.standard_normal((3, W.shape[axis]))
+    expected = np.tensordot(rows, W, axes=([1], [axis]))
+    W32 = jnp.asarray(W, jnp.float32)
+    block = km.contract(jnp.asarray(rows, jnp.float32), W32, axis, jax.lax.Precision.HIGHEST)
+    assert block.shape == (3,) + tuple(np.delete(W.shape, axis)) and block.dtype == jnp.float32
+    assert _relative(block, expected) < 2e-6
+    for r in range(3):  # one row (a kernel program): multiply-adds and a reduction
+        row = km.contract(jnp.asarray(rows[r], jnp.float32), W32, axis)
+        assert row.shape == block.shape[1:]
+        assert _relative(row, expected[r]) < 2e-6
+    with jax.enable_x64(True):  # mixed dtypes promote: float64 rows with float32 parameters
+        wide = km.contract(jnp.asarray(rows), W32, axis, jax.lax.Precision.HIGHEST)
+        assert wide.dtype == jnp.float64
+
+
 def test_unknown_name_raises():
-    with pytest.raises(ValueError, match="unknown discretization 'euler'"):
-        km.discretize("euler", jnp.ones(3), jnp.ones(3))
+    for name in ("euler", "rglru", "s7"):  # RG-LRU and S7 have their own cells, not discretization modes
+        with pytest.raises(ValueError, match=f"unknown discretization '{name}'"):
+            km.discretize(name, jnp.ones(3), jnp.ones(3))

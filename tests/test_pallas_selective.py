@@ -4,6 +4,7 @@ against the reference, bad inputs, and the in-place update."""
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,11 +46,6 @@ def numpy_step(kw):
             name = f["discretization"]
             if name == "bilinear":
                 A_bar, gamma = (1 + step_A * A / 2) / (1 - step_A * A / 2), delta / (1 - delta * A / 2)
-            elif name == "rglru":
-                A_bar = (1 / (1 + np.exp(-A))) ** delta
-                gamma = np.sqrt(1 - A_bar**2)
-            elif name == "s7":
-                A_bar, gamma = 1 - 1 / (delta**2 + 0.5) + 0 * A, 1.0
             else:
                 A_bar = np.exp(step_A * A)
                 gamma = {"mamba": delta, "zoh": np.expm1(delta * A) / A, "dirac": 1.0}[name]
@@ -71,8 +67,7 @@ REFERENCE_CASES = {
     "zoh-heads-event": dict(batch=3, nheads=4, ngroups=2, dim=6, dstate=7, discretization="zoh", event=True),
     "bilinear-slots": dict(batch=4, extra_slots=3, dim=9, dstate=4, discretization="bilinear"),
     "dirac-bare": dict(batch=2, dim=5, dstate=3, discretization="dirac", skip=False, gate=False, softplus=False),
-    "rglru": dict(batch=3, dim=13, dstate=1, discretization="rglru", skip=False, gate=False, softplus=False),
-    "s7-slots": dict(batch=3, extra_slots=2, dim=8, dstate=1, discretization="s7", skip=False, gate=False, softplus=False),
+    "mamba-dstate1-slots-heads": dict(batch=3, extra_slots=2, nheads=2, ngroups=2, dim=8, dstate=1, event=True),
 }
 
 
@@ -140,7 +135,9 @@ def _good(**changes):
     (dict(x=jnp.zeros((2, 2, 4), jnp.int32)), TypeError, "x must have a real floating dtype, got int32"),
     (dict(state=jnp.zeros((3, 2, 4, 3))), ValueError, "state has 3 rows but x has batch 2"),
     (dict(state_batch_indices=jnp.zeros((3,), jnp.int32)), ValueError, r"state_batch_indices must be integers of shape \(batch,\)"),
-    (dict(discretization="s7"), ValueError, "needs dstate=1"),
+    # RG-LRU and S7 run their own cells; their modes of this op were removed
+    (dict(discretization="rglru"), ValueError, "discretization must be one of"),
+    (dict(discretization="s7"), ValueError, "discretization must be one of"),
 ])
 def test_bad_inputs_raise(changes, error, message):
     with pytest.raises(error, match=message):
@@ -148,4 +145,31 @@ def test_bad_inputs_raise(changes, error, message):
 
 
 def test_every_discretization_has_a_reference_case():
+    assert set(DISCRETIZATIONS) == {"mamba", "zoh", "bilinear", "dirac"}
     assert {c.get("discretization", "mamba") for c in REFERENCE_CASES.values()} == set(DISCRETIZATIONS)
+
+
+def test_float64_reference_matches_numpy_closely():
+    """With float64 arrays the reference computes in float64 (the kernel takes only 16/32-bit arrays)."""
+    with jax.enable_x64(True):
+        kw = cases.selective_case(np.random.default_rng(4), batch=2, nheads=2, ngroups=1, dim=6, dstate=3,
+                                  discretization="zoh", event=True)
+        kw = {k: (v.astype(jnp.float64) if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating) else v)
+              for k, v in kw.items()}
+        out, state = selective_state_update(**kw, config=dispatch.KernelConfig(use_kernels="never"))
+        chex.assert_type([out, state], jnp.float64)
+        expected_out, expected_state = numpy_step(kw)
+        assert cases.relative_error(out, expected_out) < 1e-12
+        assert cases.relative_error(state, expected_state) < 1e-12
+
+
+def test_num_warps_and_block_elems_reach_the_kernel():
+    kw = cases.selective_case(np.random.default_rng(5), batch=2, dim=16, dstate=4)
+    text = str(jax.make_jaxpr(lambda: selective_state_update(**kw, config=KERNEL))())
+    assert "num_warps=4" in text  # the default (num_warps=None)
+    config = dispatch.KernelConfig(use_kernels="always", num_warps=8, block_elems=32)
+    text = str(jax.make_jaxpr(lambda: selective_state_update(**kw, config=config))())
+    assert "num_warps=8" in text
+    out, state = selective_state_update(**kw, config=config)
+    ref_out, ref_state = selective_state_update(**kw, config=dispatch.KernelConfig(use_kernels="never"))
+    assert cases.relative_error(out, ref_out) < 1e-5 and cases.relative_error(state, ref_state) < 1e-5

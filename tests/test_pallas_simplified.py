@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import re
+
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -142,3 +145,37 @@ def test_bad_inputs_raise(changes, error, message):
 
 def test_every_discretization_has_a_reference_case():
     assert {c.get("discretization", "zoh") for c in REFERENCE_CASES.values()} == set(DISCRETIZATIONS)
+
+
+@pytest.mark.parametrize("precision,algorithm", [("highest", "TF32_TF32_F32_X3"), ("ieee", "F32_F32_F32"),
+                                                 ("fast", "TF32_TF32_F32")])
+def test_block_dots_follow_the_configured_precision(precision, algorithm):
+    """Blocks of rows use ``dispatch.dot_precision(config)`` (traced for the GPU here, not run); one row
+    per program has no dots; interpret mode runs its dots at HIGHEST."""
+    kw = cases.simplified_case(np.random.default_rng(4), batch=3, P=8, H_in=4)
+
+    def precisions(**changes):
+        config = dispatch.KernelConfig(use_kernels="always", **changes)
+        text = str(jax.make_jaxpr(lambda: simplified_state_update(**kw, config=config))())
+        assert "pallas_call" in text and "num_warps=4" in text
+        return set(re.findall(r"precision=\(?([\w.]+)", text))
+
+    assert precisions(interpret=False, block_batch=16, precision=precision) == {algorithm}
+    assert precisions(interpret=False, block_batch=1, precision=precision) == set()
+    assert precisions(interpret=True, block_batch=16, precision=precision) == {"Precision.HIGHEST"}
+
+
+def test_float64_reference_matches_numpy_closely():
+    """With float64 inputs the reference computes in complex128 (the kernel takes only 32-bit arrays)."""
+    with jax.enable_x64(True):
+        kw = cases.simplified_case(np.random.default_rng(5), batch=3, P=5, H_in=4, discretization="bilinear",
+                                   event=True, conj_sym=True)
+        wide = {"state": jnp.complex128, "A": jnp.complex128, "B": jnp.complex128, "C": jnp.complex128,
+                "x": jnp.float64, "delta": jnp.float64, "D": jnp.float64, "integration_timesteps": jnp.float64}
+        kw = {k: (v.astype(wide[k]) if k in wide else v) for k, v in kw.items()}
+        out, state = simplified_state_update(**kw, config=REFERENCE)
+        chex.assert_type(out, jnp.float64)
+        chex.assert_type(state, jnp.complex128)
+        expected_out, expected_state = numpy_step(kw)
+        assert cases.relative_error(out, expected_out) < 1e-12
+        assert cases.relative_error(state, expected_state) < 1e-12

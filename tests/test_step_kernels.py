@@ -1,7 +1,8 @@
-"""``model.step`` on the Pallas state-update kernels against the pure-JAX step, for every model.
+"""``model.step`` and ``model.multi_step`` on the one-step / multi-token fused kernels against the XLA
+driver of the same cell, for every model.
 
 Every configuration of the zoo runs a few steps from a prefilled (nonzero) cache twice: with
-``use_kernels="never"`` (the pure-JAX step) and with ``use_kernels="always"`` (the kernels, in
+``use_kernels="never"`` (the XLA driver) and with ``use_kernels="always"`` (the kernels, in
 Pallas interpret mode on the CPU; the same test runs the real kernels on a GPU). The kernel
 path must really contain a ``pallas_call`` and take no fallback, and both paths must agree
 within 1e-5 relative in float32 (outputs and every cache entry). The comparisons run at
@@ -25,6 +26,8 @@ from zoo import ZOO, H
 
 BATCH, PREFILL, STEPS = 3, 5, 4
 TOL = 1e-5
+NEVER = dispatch.KernelConfig(use_kernels="never")
+ALWAYS = dispatch.KernelConfig(use_kernels="always")
 
 
 def _inputs(entry, seed):
@@ -54,44 +57,47 @@ def test_step_on_kernels_equals_pure_jax_step(entry):
     model = entry.build(seed=3)
     x_pre, tau_pre, x, tau = _inputs(entry, seed=11)
     _, cache = model(x_pre, tau_pre, return_cache=True)
-    with dispatch.kernel_config(use_kernels="never"):
-        y_ref, cache_ref = run_steps(model, x, tau, cache)
-    with dispatch.kernel_config(use_kernels="always"), warnings.catch_warnings():
+    y_ref, cache_ref = run_steps(model, x, tau, cache, kernel_config=NEVER)
+    with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to the reference would warn
         tau_t = None if tau is None else tau[:, 0]
-        jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c, tau_t))(x[:, 0], cache)
+        jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c, tau_t, kernel_config=ALWAYS))(x[:, 0], cache)
         assert _runs_a_kernel(jaxpr), f"{entry.name}: step did not run a kernel"
-        y_kernel, cache_kernel = run_steps(model, x, tau, cache)
+        y_kernel, cache_kernel = run_steps(model, x, tau, cache, kernel_config=ALWAYS)
+        y_multi, cache_multi = model.multi_step(x, cache, tau, kernel_config=ALWAYS)
     chex.assert_shape(y_kernel, (BATCH, STEPS, H))
     chex.assert_trees_all_equal_shapes_and_dtypes(cache_kernel, cache_ref)
+    chex.assert_trees_all_equal_shapes_and_dtypes(cache_multi, cache_ref)
     assert relative_error(y_kernel, y_ref) <= TOL
+    assert relative_error(y_multi, y_ref) <= TOL
     for key in cache_ref:
         assert relative_error(cache_kernel[key], cache_ref[key]) <= TOL, key
+        assert relative_error(cache_multi[key], cache_ref[key]) <= TOL, key
     assert np.max(np.abs(np.asarray(y_ref))) > 1e-3  # the comparison is not between zeros
 
 
 @pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("LRU", "Mamba", "S4D-bilinear-lin-c2-gate2")],
                          ids=lambda e: e.name)
 def test_default_step_follows_the_platform(entry):
-    """``"auto"`` (the default): off-GPU the pure-JAX step (no kernel in the program); on an NVIDIA GPU the
-    kernels, except the selective op above batch 1 without state slots (measured no faster there)."""
+    """``"auto"`` (the default): off-GPU the XLA driver (no kernel in the program); on an NVIDIA GPU the
+    kernels where the cell's policy declares them faster (Mamba's: batch 1 only)."""
     model = entry.build()
     cache = model.allocate_inference_cache(BATCH)
-    with dispatch.kernel_config(use_kernels="auto"):
-        jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(jnp.ones((BATCH, H)), cache)
+    auto = dispatch.KernelConfig(use_kernels="auto")
+    jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c, kernel_config=auto))(jnp.ones((BATCH, H)), cache)
     assert _runs_a_kernel(jaxpr) == (dispatch.on_nvidia_gpu() and entry.name != "Mamba")
 
 
 def test_float64_step_takes_the_reference():
-    """The kernels compute in float32: a float64 step keeps the pure-JAX reference, also under "always"."""
+    """The kernels compute in float32: a float64 step keeps the XLA driver, also under "always"."""
     entry = next(e for e in ZOO if e.name == "Mamba")
     with jax.enable_x64(True):
         model = entry.build()
         cache = model.allocate_inference_cache(BATCH, dtype=jnp.float64)
         x_t = jax.random.normal(jax.random.key(0), (BATCH, H), jnp.float64)
-        with dispatch.kernel_config(use_kernels="always"), warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(x_t, cache)
+            jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c, kernel_config=ALWAYS))(x_t, cache)
     assert not _runs_a_kernel(jaxpr)
     assert any("float64" in str(w.message) for w in caught)
 
@@ -108,46 +114,43 @@ def test_step_kernels_lower_to_triton(lower_for_h100, name):
     model = entry.build()
     cache = model.allocate_inference_cache(BATCH)
     tau = jnp.ones((BATCH,)) if entry.event else None
-    with dispatch.kernel_config(use_kernels="always", interpret=False):
-        lower_for_h100(lambda x_t, c: model.step(x_t, c, tau), jnp.ones((BATCH, H)), cache)
+    config = dispatch.KernelConfig(use_kernels="always", interpret=False)
+    lower_for_h100(lambda x_t, c: model.step(x_t, c, tau, kernel_config=config), jnp.ones((BATCH, H)), cache)
 
 
 def test_auto_on_a_gpu_takes_the_kernels_where_measured_faster(monkeypatch):
-    """``"auto"`` as on an NVIDIA GPU: the kernels, except where they were measured slower (the selective
-    op above batch 1 without state slots), which keep the pure-JAX step without a warning."""
-    from pallas_kernels import simplified
-
+    """``"auto"`` as on an NVIDIA GPU: the kernels, except where the cell's policy declares them measured
+    slower (Mamba above batch 1), which keep the XLA driver without a warning."""
     monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
-    jax.clear_caches()  # programs traced earlier for the CPU must be traced again
+    jax.clear_caches()  # programs traced earlier for the CPU must be traced again (the platform is not a key)
     lru, mamba, s4d = (next(e for e in ZOO if e.name == n).build() for n in ("LRU", "Mamba", "S4D-bilinear-lin-c2-gate2"))
-    large = simplified.ROW_PATH_MAX_BATCH + 1
-    with dispatch.kernel_config(use_kernels="auto"), warnings.catch_warnings():
+    auto = dispatch.KernelConfig(use_kernels="auto")
+    with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for model, batch, expected in ((lru, BATCH, True), (lru, large, True), (s4d, BATCH, True), (mamba, 1, True),
+        for model, batch, expected in ((lru, BATCH, True), (lru, 300, True), (s4d, BATCH, True), (mamba, 1, True),
                                        (mamba, BATCH, False)):
             cache = model.allocate_inference_cache(batch)
-            jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c))(jnp.ones((batch, H)), cache)
+            jaxpr = jax.make_jaxpr(lambda x_t, c: model.step(x_t, c, kernel_config=auto))(jnp.ones((batch, H)), cache)
             assert _runs_a_kernel(jaxpr) == expected, (type(model).__name__, batch)
 
 
 def test_dropout_model_steps_on_kernels_in_eval_mode_only(monkeypatch):
     """A block built with dropout: in eval mode the kernels (and generate) take it; in training mode the
-    kernel refuses it (it has no dropout) and the pure-JAX step draws a fresh mask at every step."""
+    kernel refuses it (it has no dropout) and the XLA driver draws a fresh mask at every step."""
     from lrnnx_jax.generation import generate
 
     monkeypatch.setattr(dispatch, "_WARNED", set())
     model = next(e for e in ZOO if e.name == "S4D-bilinear-lin-c2-gate2").build(dropout=0.3)
     x0 = jax.random.normal(jax.random.key(5), (BATCH, H), jnp.float32)
-    with dispatch.kernel_config(use_kernels="never"):
-        ref = generate(model, x0, 6)
-    with dispatch.kernel_config(use_kernels="always"), warnings.catch_warnings():
+    ref = generate(model, x0, 6, kernel_config=NEVER)
+    with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert relative_error(generate(model, x0, 6), ref) <= TOL
+        assert relative_error(generate(model, x0, 6, kernel_config=ALWAYS), ref) <= TOL
     model.train()
     cache = model.allocate_inference_cache(BATCH)
-    with dispatch.kernel_config(use_kernels="always"), pytest.warns(RuntimeWarning, match="active dropout"):
-        first, _ = model.step(x0, cache)
-    second, _ = model.step(x0, cache)
+    with pytest.warns(RuntimeWarning, match="active dropout"):
+        first, _ = model.step(x0, cache, kernel_config=ALWAYS)
+    second, _ = model.step(x0, cache, kernel_config=ALWAYS)
     assert relative_error(first, second) > 1e-3  # the random state advanced between the steps
 
 
@@ -159,13 +162,10 @@ def test_vmapped_step_on_kernels(lower_for_h100, name):
     model = next(e for e in ZOO if e.name == name).build()
     cache = jax.tree.map(lambda c: jnp.stack([c, c + 0.5]), model.allocate_inference_cache(BATCH))
     x = jax.random.normal(jax.random.key(2), (2, BATCH, H), jnp.float32)
-    step = jax.vmap(lambda x_t, c: model.step(x_t, c))
-    with dispatch.kernel_config(use_kernels="never"):
-        y_ref, cache_ref = step(x, cache)
-    with dispatch.kernel_config(use_kernels="always"):
-        y, new_cache = step(x, cache)
+    step = lambda config: jax.vmap(lambda x_t, c: model.step(x_t, c, kernel_config=config))  # noqa: E731
+    y_ref, cache_ref = step(NEVER)(x, cache)
+    y, new_cache = step(ALWAYS)(x, cache)
     assert relative_error(y, y_ref) <= TOL
     for key in cache_ref:
         assert relative_error(new_cache[key], cache_ref[key]) <= TOL, key
-    with dispatch.kernel_config(use_kernels="always", interpret=False):
-        lower_for_h100(step, x, cache)
+    lower_for_h100(step(dispatch.KernelConfig(use_kernels="always", interpret=False)), x, cache)

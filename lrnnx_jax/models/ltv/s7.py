@@ -15,6 +15,9 @@ as ``(h n)``). The state ``s (N,)`` is shared by all channels::
 
 The per-token ``B_t`` and ``C_t`` (``O(H N)`` numbers each) are projected inside the
 chunked scan, so memory is ``O(B * chunk * H * N)``, not ``O(B * L * H * N)``.
+
+The step is written once, as the cell :func:`s7_step` (:meth:`S7.cell`), which
+``step``, ``multi_step`` and the fused kernels of ``generate`` run.
 """
 
 from __future__ import annotations
@@ -28,16 +31,45 @@ from lrnnx_jax.core import hippo
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
-from pallas_kernels import selective
+from pallas_kernels import kernel_math as km
+from pallas_kernels.cells import Cell, KernelPolicy
 
 
 #: the parts of the ``x_proj`` output, in order
 PARTS = ("a", "B", "C", "d", "beta")
 
+#: where ``use_kernels="auto"`` runs S7's kernels on an NVIDIA GPU
+POLICY = KernelPolicy(
+    rollout_max_batch=512,
+    step_max_batch=1,
+    evidence="H100 (BENCHMARKS.md): the fused S7 rollout took 167 us/step against 68 for the XLA program at "
+             "B=4096, H=32, N=32, and was slower above batch 512; the one-step kernel was faster only at batch 1",
+)
+
 
 def s7_transition(a):
-    """``A_bar = 1 - 1 / (a^2 + 1/2)`` elementwise."""
-    return 1 - 1 / (a * a + 0.5)
+    """``A_bar = 1 - 1 / (a^2 + 1/2)`` elementwise (the single definition: the forward and the cell;
+    elementwise arithmetic only, so it lowers in Pallas kernels)."""
+    return 1.0 - 1.0 / (a * a + 0.5)
+
+
+def s7_step(params, state, u, inputs, precision):
+    """One S7 step (the cell of :meth:`S7.cell`): ``u (..., H)``, ``state["s"] (..., N)``.
+
+    ``...`` is no axis (one row: a kernel program) or the rows of a block. The per-token
+    ``B_t, C_t (..., H, N)`` are the contractions of ``x = W_in u`` with the 3-D blocks
+    ``WB, WC (H (input), H (channel), N)`` of ``x_proj``. Returns ``(out (..., H), {"s": (..., N)})``.
+    """
+    p, s = params, state["s"]
+    x = km.contract(u, p["Win"], 0, precision)
+    A_bar = s7_transition(km.contract(x, p["Wa"], 0, precision) + p["base"])
+    B_t = km.contract(x, p["WB"], 0, precision)
+    drive = jnp.sum(B_t * x[..., None], axis=-2) + km.contract(x, p["Wbeta"], 0, precision)
+    h = (A_bar * s + drive).astype(s.dtype)
+    C_t = km.contract(x, p["WC"], 0, precision)
+    y = jnp.sum(C_t * h[..., None, :], axis=-1) + km.contract(x, p["Wd"], 0, precision) * x
+    out = km.sigmoid(km.contract(km.gelu(y), p["Wg"], 0, precision)) * y + u
+    return out, {"s": h}
 
 
 class S7(LRNN):
@@ -52,7 +84,7 @@ class S7(LRNN):
       chunk_size: chunk of the scan (None: unchunked, 1: sequential).
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
-    The inference cache is ``{"lrnn_state": (B, N)}``.
+    The inference cache is ``{"lrnn_state": (B, N)}``; the cell's state ``{"s": (B, N)}``.
     """
 
     def __init__(
@@ -117,23 +149,53 @@ class S7(LRNN):
         """The gate and the residual: ``sigmoid(W_g GELU(y)) * y + u``."""
         return jax.nn.sigmoid(self.gate_proj(jax.nn.gelu(y, approximate=False))) * y + u
 
-    def _forward(self, u, integration_timesteps, mask, lengths, return_cache):
+    def _forward(self, u, integration_timesteps, mask, lengths, return_cache, cache):
         x = self.in_proj(u)
-        s0 = jnp.zeros((u.shape[0], self.d_state), x.dtype)
+        if cache is None:
+            s0 = jnp.zeros((u.shape[0], self.d_state), x.dtype)
+        else:
+            s0 = cache["lrnn_state"].astype(x.dtype)
         y, s = chunked_scan(self.coefficients, lambda s, x: self.readout(s, x), x, s0, mask, self.chunk_size)
-        return self.output(y, u), ({"lrnn_state": s} if return_cache else None)
+        if not return_cache:
+            return self.output(y, u), None
+        # the dtype of the given cache (as ``step`` returns it), else the compute dtype
+        return self.output(y, u), {"lrnn_state": s if cache is None else s.astype(cache["lrnn_state"].dtype)}
 
-    def _step(self, u_t, cache, integration_timesteps):
-        """The recurrence by ``pallas_kernels.selective_state_update`` in its ``"s7"`` mode (the state as
-        ``(B, N, 1)``, ``dt = a_t + base``, ``x`` the drive, ``B = C = 1``; the reference is :func:`s7_transition`)."""
-        x = self.in_proj(u_t)
-        state = cache["lrnn_state"]
-        ones = jnp.ones((x.shape[0], 1), x.dtype)
-        s, new_state = selective.selective_state_update(
-            state[..., None], self.drive(x), self._projection(x, "a"), jnp.zeros((self.d_state, 1), x.dtype),
-            ones, ones, discretization="s7",
-        )
-        return self.output(self.readout(s, x), u_t), {"lrnn_state": new_state[..., 0]}
+    # ------------------------------------------------------------- the cell
+    def cell(self) -> Cell:
+        """The S7 step as a :class:`pallas_kernels.cells.Cell` (see :func:`s7_step`).
+
+        The parameters hold ``2 H^2 N`` numbers of ``x_proj`` weights (the 3-D blocks ``WB``
+        and ``WC``), so the fused kernels take only small ``H, N``.
+        """
+        H, N = self.d_model, self.d_state
+
+        def value(param):
+            a = param[...]
+            return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+        W_x = value(self.x_proj.kernel)  # (H, N + 2 H N + H + N): a, B, C, d, beta, with B and C (h n) flattened
+        sizes = dict(zip(PARTS, (N, H * N, H * N, H, N)))
+        starts = {part: sum(list(sizes.values())[:i]) for i, part in enumerate(PARTS)}
+        W = {part: W_x[:, starts[part]:starts[part] + sizes[part]] for part in PARTS}
+        params = {
+            "Win": value(self.in_proj.kernel),
+            "Wa": W["a"],
+            "base": value(self.base_params),
+            "WB": W["B"].reshape(H, H, N),
+            "WC": W["C"].reshape(H, H, N),
+            "Wd": W["d"],
+            "Wbeta": W["beta"],
+            "Wg": value(self.gate_proj.kernel),
+        }
+        return Cell(s7_step, params, policy=POLICY)
+
+    def cell_state(self, cache):
+        s = cache["lrnn_state"]
+        return {"s": s.astype(jnp.promote_types(s.dtype, jnp.float32))}
+
+    def cell_cache(self, state, like):
+        return {"lrnn_state": state["s"].astype(like["lrnn_state"].dtype)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, N) zeros}``."""
