@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session, run through the device tool from the repository root, in two parts (each fits one call):
-#   scripts/gpu_session.sh checks   the tests on the real kernels (step kernels vs pure-JAX step for every model,
-#                                   lrnnx parity incl. generate, generation), both kernel self-tests
+# One GPU session, run through the device tool from the repository root, in parts (each fits one call):
+#   scripts/gpu_session.sh compare  benchmark_fused_generation before and after a change, in the same call: the
+#                                   tree at .before (carried; e.g. `git archive <commit> | tar -x -C .before`) and
+#                                   this one, every model at B=32, 128 and 4096 (fused kernel only)
+#   scripts/gpu_session.sh checks   the tests on the real kernels (one-step / multi-token kernels vs the XLA driver for
+#                                   every model, fused generation, lrnnx parity, generation), both kernel self-tests,
+#                                   the model.step table and the generate-vs-num_steps benchmark
 #   scripts/gpu_session.sh tests    only the tests of "checks"
-#   scripts/gpu_session.sh bench    the state-update benchmark (ops, launch floor, generate with/without kernels)
-#                                   and the fused-generation benchmark
 # Results go to $OUT. The parity tests need the fixtures: carry a copy in .fixtures (LRNNX_PARITY_FIXTURES).
 set -u
 export PYTHONUNBUFFERED=1
@@ -14,21 +16,25 @@ if [ -d .fixtures ]; then export LRNNX_PARITY_FIXTURES=$PWD/.fixtures; fi
 { nvidia-smi --query-gpu=name,driver_version --format=csv; python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
 gpu_tests() {
   # several pytest workers share the GPU: no preallocation of 75% of its memory per process
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 python -m pytest -q -p no:cacheprovider -n 4 \
-    tests/test_step_kernels.py tests/test_convert.py tests/test_generation.py > "$OUT/gpu_tests.txt" 2>&1
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python -m pytest -q -p no:cacheprovider -n 6 \
+    tests/test_step_kernels.py tests/test_pallas_fused_generation.py tests/test_convert.py tests/test_generation.py \
+    > "$OUT/gpu_tests.txt" 2>&1
 }
+compare_args="--batches 32 128 4096 --no-xla --no-loop --repeats 10 --warmup 2"
 case "${1:-checks}" in
+  compare)
+    (cd .before && timeout 270 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/before.json") > "$OUT/before.txt" 2>&1
+    timeout 270 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/after.json" > "$OUT/after.txt" 2>&1
+    ;;
   checks)
     gpu_tests
-    timeout 120 python -m pallas_kernels.gpu_selftest > "$OUT/state_update_selftest.txt" 2>&1
-    timeout 200 python -m pallas_kernels.gpu_fused_selftest --out "$OUT/fused_selftest.json" > "$OUT/fused_selftest.txt" 2>&1
+    timeout 60 python -m pallas_kernels.gpu_selftest > "$OUT/state_update_selftest.txt" 2>&1
+    timeout 120 python -m pallas_kernels.gpu_fused_selftest --out "$OUT/fused_selftest.json" > "$OUT/fused_selftest.txt" 2>&1
+    timeout 60 python -m benchmarks.benchmark_generate_steps --out "$OUT/generate_steps.json" > "$OUT/generate_steps.txt" 2>&1
+    timeout 90 python -m benchmarks.benchmark_state_update --skip-ops --batches 1 32 256 4096 --repeats 10 > "$OUT/model_step.txt" 2>&1
     ;;
   tests)
     gpu_tests
-    ;;
-  bench)
-    timeout 330 python -m benchmarks.benchmark_state_update --out "$OUT/state_update.md" > "$OUT/state_update.txt" 2>&1
-    timeout 240 python -m benchmarks.benchmark_fused_generation --quick --out "$OUT/fused_bench.json" > "$OUT/fused_bench.txt" 2>&1
     ;;
 esac
 tail -n 8 "$OUT"/*.txt
