@@ -1,6 +1,8 @@
 """Mamba (S6): a float64 NumPy reference of lrnnx's math for every discretization with and
-without event mode (forward, step and prefill), chunked vs unchunked vs sequential scans
-(values and gradients), the scan's memory, the initialisation, and constructor errors.
+without event mode (forward, step and prefill), the forward, ``step`` and ``multi_step`` from a
+prefill's cache (with ``lengths``), the cell on the fused kernels (interpret mode, and lowered
+to Triton), chunked vs unchunked vs sequential scans (values and gradients), the scan's memory,
+the initialisation, and constructor errors.
 
 The generic checks (lengths, finite-difference gradients, bf16, transforms, bad input) run on the
 Mamba entries of tests/zoo.py; the lrnnx fixtures 16-20 run in tests/test_convert.py.
@@ -17,9 +19,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import relative_error
+from conftest import relative_error, run_steps
 from lrnnx_jax.convert import load_lrnnx_state_dict
 from lrnnx_jax.models.ltv.mamba import DISCRETIZATIONS, Mamba, selective_scan
+from pallas_kernels import KernelConfig
+from pallas_kernels import fused_generation as fg
+
+#: the Pallas kernels in interpret mode (how they run on a CPU), and the XLA drivers
+INTERPRET = KernelConfig(use_kernels="always", interpret=True)
+NEVER = KernelConfig(use_kernels="never")
 
 
 # --------------------------------------------------------------------------- reference
@@ -159,6 +167,188 @@ def test_forward_step_and_prefill_match_float64_reference(discretization, event)
         # lrnnx's bilinear step (exp(delta_A A)) is far outside our tolerance: the test would catch it
         y_lrnnx_step, _, _ = reference_mamba(sd, x, tau, discretization, lrnnx_bilinear_step=True)
         assert relative_error(y_lrnnx_step, y_ref) > 1e-3
+
+
+# ------------------------------------------------------------ from a cache (shared)
+def _cols(a, columns):
+    return None if a is None else a[:, columns]
+
+
+def assert_caches_close(ours, theirs, err_msg=""):
+    assert set(ours) == set(theirs), err_msg
+    for key in theirs:
+        chex.assert_equal_shape([ours[key], theirs[key]])
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-6, err_msg=f"{err_msg} {key}")
+
+
+def check_forward_from_cache(model, x, tau, split, y_ref, tol=1e-5):
+    """Everything that continues from the cache of a prefill of ``x[:, :split]`` continues the sequence.
+
+    ``y_ref (B, L, H)`` is a float64 reference of the whole sequence. The forward of the tail from
+    the prefill's cache, ``step`` after ``step`` and ``multi_step`` (the XLA driver, with every
+    token's cache) must give the reference's tail and the full forward's caches; the tail with
+    ``lengths`` the cache after each row's last valid token (a zero length: the prefill's own).
+    Shared with tests/test_rglru.py. Returns the prefill's cache.
+    """
+    batch, length, _ = x.shape
+    y_full, cache_full = model(x, integration_timesteps=tau, return_cache=True)
+    assert relative_error(y_full, y_ref) < tol
+    y_head, cache = model(x[:, :split], integration_timesteps=_cols(tau, slice(None, split)), return_cache=True)
+    tail_x, tail_tau = x[:, split:], _cols(tau, slice(split, None))
+    y_tail, cache_tail = model(tail_x, integration_timesteps=tail_tau, cache=cache, return_cache=True)
+    assert relative_error(np.concatenate([y_head, y_tail], 1), y_ref) < tol
+    assert_caches_close(cache_tail, cache_full, "forward from the cache")
+    np.testing.assert_allclose(model(tail_x, integration_timesteps=tail_tau, cache=cache), y_tail, rtol=1e-6, atol=1e-7)
+
+    y_steps, cache_steps = run_steps(model, tail_x, tail_tau, cache)
+    assert relative_error(y_steps, y_ref[:, split:]) < tol
+    assert_caches_close(cache_steps, cache_full, "step")
+
+    y_multi, cache_multi, states = model.multi_step(tail_x, cache, tail_tau, return_states=True, kernel_config=NEVER)
+    assert relative_error(y_multi, y_ref[:, split:]) < tol
+    assert_caches_close(cache_multi, cache_full, "multi_step")
+    for key, value in states.items():
+        chex.assert_shape(value, (batch, length - split, *cache[key].shape[1:]))
+        assert value.dtype == cache[key].dtype
+    assert_caches_close(jax.tree.map(lambda a: a[:, -1], states), cache_multi, "the last of multi_step's states")
+    middle = (length - split) // 2  # the state after split + middle + 1 tokens
+    _, cache_middle = model(x[:, :split + middle + 1], integration_timesteps=_cols(tau, slice(None, split + middle + 1)),
+                            return_cache=True)
+    assert_caches_close(jax.tree.map(lambda a: a[:, middle], states), cache_middle, "a middle state of multi_step")
+
+    # the tail with lengths: row 0 whole, row 1 two tokens, the other rows none
+    lengths = np.zeros(batch, np.int32)
+    lengths[:2] = length - split, 2
+    y_len, cache_len = model(tail_x, integration_timesteps=tail_tau, lengths=jnp.asarray(lengths), cache=cache,
+                             return_cache=True)
+    assert relative_error(y_len[0], y_ref[0, split:]) < tol
+    assert relative_error(y_len[1, :2], y_ref[1, split:split + 2]) < tol
+    assert np.all(np.asarray(y_len[1, 2:]) == 0) and np.all(np.asarray(y_len[2:]) == 0)
+    _, cache_two = model(x[:, :split + 2], integration_timesteps=_cols(tau, slice(None, split + 2)), return_cache=True)
+    row = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    assert_caches_close(row(cache_len, 0), row(cache_full, 0), "lengths, whole row")
+    assert_caches_close(row(cache_len, 1), row(cache_two, 1), "lengths, two tokens")
+    for i in range(2, batch):
+        for key in cache:
+            np.testing.assert_array_equal(cache_len[key][i], cache[key][i])  # a zero length keeps the cache
+    return cache
+
+
+@pytest.mark.parametrize("discretization,event,split", [("zoh", True, 4), ("mamba", False, 7), ("bilinear", True, 1)])
+def test_forward_step_and_multi_step_from_a_cache_continue_the_reference(discretization, event, split):
+    model = Mamba(d_model=5, d_state=3, d_conv=3, bias=event, discretization=discretization, chunk_size=3,
+                  rngs=nnx.Rngs(3))
+    sd = random_state_dict(model, seed=31)
+    load_lrnnx_state_dict(model, sd)
+    rng = np.random.default_rng(32)
+    x = rng.standard_normal((3, 9, 5)).astype(np.float32)
+    tau = rng.uniform(0.05, 2.0, (3, 9)).astype(np.float32) if event else None
+    y_ref, conv_ref, h_ref = reference_mamba(sd, x, tau, discretization)
+    with jax.default_matmul_precision("highest"):
+        cache = check_forward_from_cache(model, x, tau, split, y_ref)
+    _, conv_head, h_head = reference_mamba(sd, x[:, :split], _cols(tau, slice(None, split)), discretization)
+    np.testing.assert_allclose(cache["conv_state"], conv_head, rtol=1e-5, atol=1e-6)
+    assert relative_error(cache["lrnn_state"], h_head) < 1e-5
+
+
+# ---------------------------------------------------------------------------- the cell
+@pytest.mark.parametrize("discretization,event", [("zoh", "step"), ("dirac", "row"), ("mamba", None)])
+def test_cell_on_the_fused_kernels_equals_multi_step_and_the_forward(discretization, event):
+    """The cell in one Pallas kernel (interpret mode; padded lanes: D=7, N=3, R=2, K=2) from a prefill's cache:
+    given tokens (the multi-token kernel), the closed loop and the one-step kernel of ``model.step``."""
+    model = Mamba(d_model=5, d_state=3, d_conv=2, expand=1.5, dt_rank=2, bias=event == "step",
+                  conv_bias=event != "step", discretization=discretization, rngs=nnx.Rngs(4))
+    load_lrnnx_state_dict(model, random_state_dict(model, seed=41))
+    rng = np.random.default_rng(42)
+    batch, length, split = 2, 6, 2
+    T = length - split
+    x = rng.standard_normal((batch, length, 5)).astype(np.float32)
+    tau = {"step": rng.uniform(0.05, 2.0, (batch, length)), "row": np.tile(rng.uniform(0.05, 2.0, (batch, 1)), length),
+           None: None}[event]
+    tau = None if tau is None else tau.astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        y_full = model(x, integration_timesteps=tau)
+    _, cache = model(x[:, :split], integration_timesteps=_cols(tau, slice(None, split)), return_cache=True)
+    tail_tau = _cols(tau, slice(split, None))
+    y_multi, cache_multi = model.multi_step(x[:, split:], cache, tail_tau, kernel_config=NEVER)
+
+    cell = model.cell()
+    assert fg.unsupported_reason(cell, batch, jnp.float32) is None
+    state = model.cell_state(cache)
+    if event == "row":  # a (B,) tau for every step, as generate passes it
+        row_inputs, step_inputs = model.cell_inputs((batch,), jnp.asarray(tau[:, 0])), {}
+    else:
+        row_inputs, step_inputs = {}, model.cell_inputs((batch, T), tail_tau)
+    ys, final = fg.run_cell(cell, state, x[:, split], T, row_inputs, step_inputs, config=INTERPRET, xs=x[:, split:])
+    assert relative_error(ys, y_multi) < 1e-5
+    assert relative_error(ys, y_full[:, split:]) < 1e-5
+    assert_caches_close(model.cell_cache(final, cache), cache_multi, "run_cell")
+    y_kernel, cache_kernel = model.multi_step(x[:, split:], cache, tail_tau, kernel_config=INTERPRET)
+    assert relative_error(y_kernel, y_multi) < 1e-5
+    assert_caches_close(cache_kernel, cache_multi, "multi_step on the kernel")
+
+    # one step: the one-step kernel and the XLA driver
+    tau_t = _cols(tau, split)
+    y_t, cache_t = model.step(x[:, split], cache, tau_t, kernel_config=INTERPRET)
+    y_ref_t, cache_ref_t = model.step(x[:, split], cache, tau_t, kernel_config=NEVER)
+    assert relative_error(y_t, y_ref_t) < 1e-5
+    assert_caches_close(cache_t, cache_ref_t, "step on the kernel")
+
+    if event != "step":  # the closed loop (each output the next input) against model.step
+        ys_loop, _ = fg.run_cell(cell, state, x[:, split], 3, row_inputs, config=INTERPRET)
+        x_t, c = x[:, split], cache
+        for t in range(3):
+            x_t, c = model.step(x_t, c, None if tau is None else tau[:, 0], kernel_config=NEVER)
+            assert relative_error(ys_loop[:, t], x_t) < 1e-5, t
+
+
+def test_cell_layout_dtypes_and_policy():
+    model = Mamba(d_model=4, d_state=2, bias=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cell = model.cell()
+    D, N, R, H = model.d_inner, model.d_state, model.dt_rank, model.d_model
+    shapes = {name: value.shape for name, value in cell.params.items()}
+    assert shapes == {
+        "Win_x": (D, H), "Win_z": (D, H), "Win_x_b": (D,), "Win_z_b": (D,), "conv_w0": (D,), "conv_w1": (D,),
+        "conv_w2": (D,), "conv_w3": (D,), "conv_b": (D,), "Wx_r": (R, D), "Wx_B": (N, D), "Wx_C": (N, D),
+        "Wdt": (R, D), "Wdt_b": (D,), "A": (D, N), "Dskip": (D,), "dtA": (D,), "Wout": (D, H), "Wout_b": (H,),
+    }
+    assert all(value.dtype == jnp.float32 for value in cell.params.values())
+    np.testing.assert_array_equal(cell.params["A"], -np.exp(np.asarray(model.A_log[...])))
+    np.testing.assert_allclose(cell.params["dtA"], jax.nn.softplus(np.asarray(model.dtA_proj.bias[...], np.float32)),
+                               rtol=1e-2)
+    assert cell.pad_values == {"A": -1.0} and not cell.blockable
+    # the padded lanes of A: a finite nonzero value, so that zoh's expm1(delta A) / A stays finite there
+    assert np.all(np.asarray(fg.padded_params(cell)["A"])[D:, :] == -1.0)
+    cache = model.allocate_inference_cache(3)
+    state = model.cell_state(cache)
+    assert set(state) == {"conv0", "conv1", "conv2", "conv3", "h"}
+    chex.assert_shape([state["conv0"], state["h"]], [(3, D), (3, D, N)])
+    assert_caches_close(model.cell_cache(state, cache), cache)
+    # measured slower than the XLA program: "auto" takes the rollout never, the step kernel at batch 1 only
+    assert cell.policy.slower_reason("rollout", 1) is not None and "H100" in cell.policy.evidence
+    assert cell.policy.slower_reason("step", 1) is None and cell.policy.slower_reason("step", 2) is not None
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_cell_lowers_to_triton(lower_for_h100):
+    """Interpret mode cannot see an operation without a Triton lowering; lowering for an H100 does."""
+    model = Mamba(d_model=5, d_state=3, d_conv=3, bias=True, discretization="zoh", rngs=nnx.Rngs(0))
+    leaves, treedef = jax.tree.flatten(model)
+    config = KernelConfig(use_kernels="always", interpret=False)
+
+    def given_tokens(leaves, xs, cache, taus):
+        m = jax.tree.unflatten(treedef, leaves)
+        return fg.run_cell(m.cell(), m.cell_state(cache), xs[:, 0], xs.shape[1],
+                           step_inputs=m.cell_inputs(taus.shape, taus), config=config, xs=xs)
+
+    def one_step(leaves, x, cache, tau):
+        m = jax.tree.unflatten(treedef, leaves)
+        return fg.run_cell(m.cell(), m.cell_state(cache), x, 1, m.cell_inputs(tau.shape, tau), config=config,
+                           one_row=True)
+
+    cache = model.allocate_inference_cache(2)
+    lower_for_h100(given_tokens, leaves, jnp.ones((2, 4, 5)), cache, jnp.ones((2, 4)))
+    lower_for_h100(one_step, leaves, jnp.ones((2, 5)), cache, jnp.ones((2,)))
 
 
 # ------------------------------------------------------------------- scan variants

@@ -1,6 +1,8 @@
 """RG-LRU: a float64 NumPy reference of the block, the ``a_init_range`` initialisation, prefill (raw
-pre-conv ``conv_state``) and ``lengths`` on the lrnnx fixture, the stable ``sqrt(1 - A_bar^2)``,
-forward == step on random configurations, errors."""
+pre-conv ``conv_state``) and ``lengths`` on the lrnnx fixture, the forward, ``step`` and ``multi_step``
+from a prefill's cache, the stable ``sqrt(1 - A_bar^2)`` in the forward and in the cell, the cell
+on the fused kernels (interpret mode, and lowered to Triton), forward == step on random
+configurations, errors."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from scipy.special import erf
 
 from conftest import check_prefill_then_decode, relative_error, run_steps
 from lrnnx_jax.models.ltv.rglru import RGLRU, rglru_coefficients
+from pallas_kernels import KernelConfig
+from pallas_kernels import fused_generation as fg
+from pallas_kernels.cells import xla_step
+from test_mamba import INTERPRET, NEVER, assert_caches_close, check_forward_from_cache
 
 
 def reference(w, u, c):
@@ -110,6 +116,110 @@ def test_input_scale_is_accurate_and_differentiable_near_one():
     grads = jax.grad(lambda al, rr: jnp.sum(rglru_coefficients(ones, rr, ones, al, 8.0)[1]), argnums=(0, 1))(a_log, r)
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("kwargs,split", [(dict(), 5), (dict(d_conv=3, expand=2, bias=True, conv_bias=False, chunk_size=4), 1)])
+def test_forward_step_and_multi_step_from_a_cache_continue_the_reference(kwargs, split):
+    model = RGLRU(5, **kwargs, rngs=nnx.Rngs(2))
+    u = np.random.default_rng(3).standard_normal((3, 10, 5)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        check_forward_from_cache(model, u, None, split, reference(lrnnx_weights(model), u, model.c))
+
+
+def _set_a_log(model, values):
+    model.a_log.set_value(jnp.asarray(values, jnp.float32).reshape(model.a_log[...].shape))
+
+
+def test_cell_transition_agrees_with_the_forward_near_one_and_far_from_it():
+    """The cell writes log_sigmoid(a_log) as -softplus(-a_log) (kernel_math); the forward uses rglru_coefficients:
+    both stay accurate where A_bar is within float32 rounding of 1 (a -> 1) and where it is tiny."""
+    model = RGLRU(4, expand=2, c=8.0, rngs=nnx.Rngs(5))
+    a_log = np.array([-30.0, -5.0, 0.5, 2.0, 8.0, 14.0, 30.0, 120.0])
+    _set_a_log(model, a_log)
+    u = np.random.default_rng(6).standard_normal((2, 7, 4)).astype(np.float32)
+    y, cache = model(u, return_cache=True)
+    y_steps, cache_steps = run_steps(model, u)
+    assert relative_error(y_steps, y) < 1e-5
+    assert_caches_close(cache_steps, cache)
+    assert relative_error(y, reference(lrnnx_weights(model), u, model.c)) < 2e-6
+    # the cell's one step against rglru_coefficients on the same conv output
+    cell = model.cell()
+    state = model.cell_state(cache)
+    _, new_state = xla_step(cell, state, jnp.asarray(u[:, 0]), {})
+    xc = sum(cell.params[f"conv_w{k}"] * new_state[f"conv{k}"] for k in range(model.d_conv)) + cell.params["conv_b"]
+    r, i = model.gates(xc)
+    A_bar, b = rglru_coefficients(xc, r, i, jnp.asarray(a_log, jnp.float32), model.c)
+    np.testing.assert_allclose(new_state["h"], A_bar * state["h"] + b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs", [dict(d_conv=2, expand=2, bias=True, conv_bias=False), dict(d_conv=3, c=3.0)])
+def test_cell_on_the_fused_kernels_equals_multi_step_and_the_forward(kwargs):
+    """The cell in one Pallas kernel (interpret mode; padded lanes: H=5, D=10 or 5) from a prefill's cache: given
+    tokens (the multi-token kernel), the closed loop and the one-step kernel of ``model.step``."""
+    model = RGLRU(5, **kwargs, rngs=nnx.Rngs(7))
+    rng = np.random.default_rng(8)
+    batch, length, split = 2, 6, 2
+    T = length - split
+    u = rng.standard_normal((batch, length, 5)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        y_full = model(u)
+    assert relative_error(y_full, reference(lrnnx_weights(model), u, model.c)) < 2e-6
+    _, cache = model(u[:, :split], return_cache=True)
+    y_multi, cache_multi = model.multi_step(u[:, split:], cache, kernel_config=NEVER)
+
+    cell = model.cell()
+    assert fg.unsupported_reason(cell, batch, jnp.float32) is None
+    state = model.cell_state(cache)
+    ys, final = fg.run_cell(cell, state, u[:, split], T, config=INTERPRET, xs=u[:, split:])
+    assert relative_error(ys, y_multi) < 1e-5
+    assert relative_error(ys, y_full[:, split:]) < 1e-5
+    assert_caches_close(model.cell_cache(final, cache), cache_multi, "run_cell")
+    y_kernel, cache_kernel = model.multi_step(u[:, split:], cache, kernel_config=INTERPRET)
+    assert relative_error(y_kernel, y_multi) < 1e-5
+    assert_caches_close(cache_kernel, cache_multi, "multi_step on the kernel")
+
+    y_t, cache_t = model.step(u[:, split], cache, kernel_config=INTERPRET)
+    y_ref_t, cache_ref_t = model.step(u[:, split], cache, kernel_config=NEVER)
+    assert relative_error(y_t, y_ref_t) < 1e-5
+    assert_caches_close(cache_t, cache_ref_t, "step on the kernel")
+
+    ys_loop, _ = fg.run_cell(cell, state, u[:, split], 3, config=INTERPRET)  # closed loop against model.step
+    x_t, c = u[:, split], cache
+    for t in range(3):
+        x_t, c = model.step(x_t, c, kernel_config=NEVER)
+        assert relative_error(ys_loop[:, t], x_t) < 1e-5, t
+
+
+def test_cell_layout_dtypes_and_policy():
+    model = RGLRU(4, d_conv=2, expand=2, bias=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cell = model.cell()
+    H, D = 4, 8
+    assert {name: value.shape for name, value in cell.params.items()} == {
+        "Wg": (H, D), "Wg_b": (D,), "Wi": (H, D), "Wi_b": (D,), "conv_w0": (D,), "conv_w1": (D,), "conv_b": (D,),
+        "Wr": (D, D), "Wr_b": (D,), "Wig": (D, D), "Wig_b": (D,), "a_log": (D,), "Wout": (D, H), "Wout_b": (H,),
+    }
+    assert all(value.dtype == jnp.float32 for value in cell.params.values())
+    assert cell.pad_values == {} and not cell.blockable
+    cache = model.allocate_inference_cache(3)
+    state = model.cell_state(cache)
+    assert set(state) == {"conv0", "conv1", "h"}
+    chex.assert_shape([state["conv1"], state["h"]], [(3, D), (3, D)])
+    assert_caches_close(model.cell_cache(state, cache), cache)
+    assert cell.policy.slower_reason("rollout", 1) is not None and "H100" in cell.policy.evidence
+    assert cell.policy.slower_reason("step", 1) is None and cell.policy.slower_reason("step", 32) is not None
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_cell_lowers_to_triton(lower_for_h100):
+    model = RGLRU(5, d_conv=3, expand=2, bias=True, rngs=nnx.Rngs(0))
+    leaves, treedef = jax.tree.flatten(model)
+    config = KernelConfig(use_kernels="always", interpret=False)
+
+    def given_tokens(leaves, xs, cache):
+        m = jax.tree.unflatten(treedef, leaves)
+        return fg.run_cell(m.cell(), m.cell_state(cache), xs[:, 0], xs.shape[1], config=config, xs=xs)
+
+    lower_for_h100(given_tokens, leaves, jnp.ones((2, 4, 5)), model.allocate_inference_cache(2))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -1,8 +1,9 @@
-"""S4 (DPLR): discretization, Cauchy/Woodbury kernel, both forward paths and the step, against float64 NumPy.
+"""S4 (DPLR): discretization, Cauchy/Woodbury kernel, both forward paths (from zero or a given state) and the
+step, against float64 NumPy.
 
 The references build the dense continuous matrix ``A = diag(Lambda) - P conj(P)^T`` over the
 conjugate-expanded state and discretize it with dense solves, independently of the
-Woodbury forms in lrnnx_jax.models.lti.s4.
+Woodbury forms in lrnnx_jax.models.lti.s4 (the step's factored ``O(N r)`` update included).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import load_fixture, relative_error
+from conftest import load_fixture, relative_error, run_steps
 from lrnnx_jax.convert import from_lrnnx
 from lrnnx_jax.core.discretization import bilinear
 from lrnnx_jax.models.lti import s4
+from test_s4_layer import numpy_block
 from zoo import ZOO
 
 
@@ -49,9 +51,10 @@ def numpy_system(params):
     return np.stack(dA), np.stack(dB), C
 
 
-def numpy_recurrence(dA, dB, C, u):
-    """``h_t = dA h_{t-1} + dB u_t``, ``y_t = Re(C h_t)``: ``u (B, L, H)`` -> ``(y (B, L, c, H), states (B, L, H, N))``."""
-    h = np.zeros((u.shape[0],) + dB.shape, np.complex128)  # (B, H, N)
+def numpy_recurrence(dA, dB, C, u, h0=None):
+    """``h_t = dA h_{t-1} + dB u_t`` from ``h0`` (zeros if None), ``y_t = Re(C h_t)``:
+    ``u (B, L, H)`` -> ``(y (B, L, c, H), states (B, L, H, N))``."""
+    h = np.zeros((u.shape[0],) + dB.shape, np.complex128) if h0 is None else np.asarray(h0, np.complex128)  # (B, H, N)
     ys, hs = [], []
     for t in range(u.shape[1]):
         h = np.einsum("hnm,bhm->bhn", dA, h) + dB * u[:, t, :, None]
@@ -95,28 +98,60 @@ def test_kernel_is_the_impulse_response(model):
     assert relative_error(K, reference) < 1e-11
 
 
+@pytest.mark.parametrize("from_state", [False, True], ids=["zero-state", "from-state"])
 @pytest.mark.parametrize("method", ["fft", "scan"])
-def test_forward_paths_and_step_match_the_recurrence(model, method):
+def test_forward_paths_match_the_recurrence(model, method, from_state):
+    """Both paths, from the zero state or a given (conjugate-symmetric) one, with lengths: outputs and final states."""
     rng = np.random.default_rng(1)
     u = rng.standard_normal((3, 13, 3))
     lengths = np.array([13, 5, 0])
     u[np.arange(13)[None, :] >= lengths[:, None]] = 0
+    h0 = None
+    if from_state:
+        half = rng.standard_normal((3, 3, 3)) + 1j * rng.standard_normal((3, 3, 3))
+        h0 = np.concatenate([half, np.conj(half)], -1)
     with jax.enable_x64(True):
         wide = float64_copy(model)
-        system = wide.discrete_system()
-        y, h = s4.dplr_forward(system, jnp.asarray(u), lengths=jnp.asarray(lengths), method=method, chunk_size=4, return_state=True)
-        state, steps = jnp.zeros((3, 3, 6), jnp.complex128), []
-        for t in range(13):
-            y_t, state = s4.dense_step(state, jnp.asarray(u[:, t]), system)
-            steps.append(y_t)
-        y_ref, h_ref = numpy_recurrence(*numpy_system(wide.ssm_params()), u)
+        y, h = s4.dplr_forward(wide.discrete_system(), jnp.asarray(u), lengths=jnp.asarray(lengths), method=method,
+                               chunk_size=4, return_state=True, h0=None if h0 is None else jnp.asarray(h0))
+        y_ref, h_ref = numpy_recurrence(*numpy_system(wide.ssm_params()), u, h0)
     chex.assert_shape(y, (3, 13, 2, 3))
     assert relative_error(y, y_ref) < 1e-10
-    assert relative_error(np.stack(steps, 1), y_ref) < 1e-10
-    expected = np.stack([h_ref[0, 12], h_ref[1, 4], np.zeros_like(h_ref[0, 0])])
+    expected = np.stack([h_ref[0, 12], h_ref[1, 4], np.zeros_like(h_ref[0, 0]) if h0 is None else h0[2]])
     np.testing.assert_allclose(h, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
     # the state is conjugate-symmetric: the output is real without taking Re
     np.testing.assert_allclose(h[..., 3:], np.conj(h[..., :3]), atol=1e-12)
+
+
+def test_step_is_the_dense_recurrence(model):
+    """``step`` and ``multi_step`` (the block's cell: the factored O(N r) DPLR update) in float64 equal the dense
+    recurrence ``h <- dA h + dB u`` with ``dA, dB`` from dense solves (and ``s4.dplr_bilinear`` equals them),
+    from a random state that is not conjugate-symmetric, and the block output built on it."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 5, 6))
+    h0 = rng.standard_normal((2, 3, 6)) + 1j * rng.standard_normal((2, 3, 6))
+    with jax.enable_x64(True):
+        wide = float64_copy(model)
+        dA, dB, C = numpy_system(wide.ssm_params())
+        system = wide.discrete_system()
+        cache = {"lrnn_state": jnp.asarray(h0)}
+        y_steps, c_steps = run_steps(wide, jnp.asarray(x), cache=cache)
+        y_multi, c_multi, per_token = wide.multi_step(jnp.asarray(x), cache, return_states=True)
+    np.testing.assert_allclose(system.dA, dA, rtol=0, atol=1e-12)  # the dense form of the factors (dplr_bilinear)
+    np.testing.assert_allclose(system.dB, dB, rtol=0, atol=1e-12)
+    chex.assert_type(c_steps["lrnn_state"], jnp.complex128)
+    u = x @ np.asarray(model.input_linear.kernel[...], np.float64) + np.asarray(model.input_linear.bias[...], np.float64)
+    h, states = h0, []
+    for t in range(5):
+        h = np.einsum("hnm,bhm->bhn", dA, h) + dB * u[:, t, :, None]
+        states.append(h)
+    states = np.stack(states, 1)
+    assert relative_error(per_token["lrnn_state"], states) < 1e-12
+    assert relative_error(c_steps["lrnn_state"], states[:, -1]) < 1e-12
+    assert relative_error(c_multi["lrnn_state"], states[:, -1]) < 1e-12
+    y_ref, _ = numpy_block(model, x, h0=h0, system=(dA, dB, C))
+    assert relative_error(y_steps, y_ref) < 1e-12
+    assert relative_error(y_multi, y_ref) < 1e-12
 
 
 def test_single_step_and_unchunked_scan(model):

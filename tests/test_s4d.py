@@ -1,4 +1,5 @@
-"""S4D: ZOH and bilinear discretizations and both forward paths against a float64 NumPy recurrence."""
+"""S4D: ZOH and bilinear discretizations and both forward paths (from the zero state or a given one) against a
+float64 NumPy recurrence. The block, its step and its cell on the kernels: tests/test_s4_layer.py."""
 
 from __future__ import annotations
 
@@ -30,14 +31,16 @@ def numpy_discretize(params, disc):
     return (1 + dtA / 2) / (1 - dtA / 2), B * np.asarray(params.dt) / (1 - dtA / 2), C
 
 
+@pytest.mark.parametrize("from_state", [False, True], ids=["zero-state", "from-state"])
 @pytest.mark.parametrize("disc", ["zoh", "bilinear"])
-def test_ssm_matches_the_recurrence(disc):
+def test_ssm_matches_the_recurrence(disc, from_state):
     model = next(e for e in ZOO if e.name == "S4D-bilinear-lin-c2-gate2").build(seed=0, disc=disc, init="legs", dt_max=0.8)
     rng = np.random.default_rng(0)
     u = rng.standard_normal((3, 9, 6))
     lengths = np.array([9, 4, 0])
     mask = np.arange(9)[None, :] < lengths[:, None]
     u[~mask] = 0
+    h0 = rng.standard_normal((3, 6, 3)) + 1j * rng.standard_normal((3, 6, 3)) if from_state else None
     with jax.enable_x64(True):
         wide = float64_copy(model)
         dA, dB, C = numpy_discretize(wide.ssm_params(), disc)
@@ -48,18 +51,18 @@ def test_ssm_matches_the_recurrence(disc):
         outs = {
             method: s4d.ssm_forward(
                 jnp.asarray(u), A_bar, B_bar, C2, mask=jnp.asarray(mask), lengths=jnp.asarray(lengths), method=method, chunk_size=4,
-                return_state=True,
+                return_state=True, h0=None if h0 is None else jnp.asarray(h0),
             )
             for method in ("fft", "scan")
         }
-    h = np.zeros((3, 6, 3), np.complex128)
+    h = np.zeros((3, 6, 3), np.complex128) if h0 is None else h0
     ys, states = [], []
     for t in range(9):
         h = dA * h + dB * u[:, t, :, None]
         states.append(h)
         ys.append(2 * np.einsum("chn,bhn->bch", C, h).real)  # lrnnx: 2 Re(sum_n C h)
     y_ref, states = np.stack(ys, 1), np.stack(states, 1)
-    expected = np.stack([states[0, 8], states[1, 3], np.zeros_like(states[0, 0])])
+    expected = np.stack([states[0, 8], states[1, 3], np.zeros_like(states[0, 0]) if h0 is None else h0[2]])
     for method, (y, state) in outs.items():
         chex.assert_shape(y, (3, 9, 2, 6))
         assert relative_error(np.asarray(y)[mask], y_ref[mask]) < 1e-12, method  # (the model zeroes the rest)

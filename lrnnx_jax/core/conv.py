@@ -5,6 +5,11 @@ and the inference ``conv_state (B, D, K)`` holds the last ``K`` raw (pre-conv)
 inputs, newest last. ::
 
     y[b, t, d] = bias[d] + sum_k weight[d, k] * x[b, t - K + 1 + k, d]
+
+:func:`causal_conv1d` and :func:`conv_state_after` serve the models' forward (from a zero
+history or from an inference cache); the ``conv_cell_*`` functions are the conv of the
+models' cells (``pallas_kernels.cells``): one step as elementwise operations over K
+separate history vectors, with the mappings from and to the ``conv_state`` cache.
 """
 
 from __future__ import annotations
@@ -50,8 +55,52 @@ def conv_state_after(x, K: int, lengths: Optional[jax.Array] = None, conv_state:
     return jnp.moveaxis(window, 1, 2)
 
 
-def causal_conv1d_step(x_t, conv_state, weight, bias=None):
-    """One step. ``x_t (B, D)``, ``conv_state (B, D, K)`` -> ``(y_t (B, D), new_conv_state)``."""
-    new_state = jnp.concatenate([conv_state[:, :, 1:], x_t[:, :, None].astype(conv_state.dtype)], axis=2)
-    y = jnp.sum(new_state.astype(x_t.dtype) * weight, axis=-1)
-    return (y if bias is None else y + bias), new_state
+# ----------------------------------------------------------------------------- the cell's conv
+# The step of a model's cell (``pallas_kernels.cells``) keeps the conv history as K separate per-row
+# vectors ``conv0..conv{K-1}`` (oldest first, ``conv{K-1}`` the newest raw input) and the taps as K
+# separate vectors ``conv_w0..conv_w{K-1}`` (and ``conv_b``), so that the step needs no slicing or
+# concatenation of values inside a Pallas kernel.
+
+
+def _wide(a):
+    """``a`` in the compute dtype of the kernels' parameters (float32, or float64 for float64 arrays)."""
+    return jnp.asarray(a, jnp.promote_types(jnp.asarray(a).dtype, jnp.float32))
+
+
+def conv_cell_params(weight, bias=None) -> dict:
+    """The cell parameters of the conv: ``{"conv_w{k}": weight[:, k] (D,)}`` and ``"conv_b"`` (when a bias)."""
+    params = {f"conv_w{k}": _wide(weight[:, k]) for k in range(weight.shape[1])}
+    if bias is not None:
+        params["conv_b"] = _wide(bias)
+    return params
+
+
+def conv_cell_state(conv_state, dtype=None) -> dict:
+    """``conv_state (B, D, K)`` (newest last) -> ``{"conv{k}": (B, D)}`` in ``dtype`` (default: the compute
+    dtype of ``conv_state``, its promotion with float32)."""
+    dtype = jnp.promote_types(conv_state.dtype, jnp.float32) if dtype is None else dtype
+    return {f"conv{k}": conv_state[..., k].astype(dtype) for k in range(conv_state.shape[-1])}
+
+
+def conv_cell_cache(state: dict, like):
+    """The ``(B, D, K)`` conv state (dtype of ``like``) from the cell state of :func:`conv_cell_state`."""
+    K = like.shape[-1]
+    return jnp.stack([state[f"conv{k}"] for k in range(K)], axis=-1).astype(like.dtype)
+
+
+def conv_taps(params: dict) -> int:
+    """K, the number of taps in cell parameters made by :func:`conv_cell_params`."""
+    return sum(1 for name in params if name.startswith("conv_w"))
+
+
+def conv_cell_step(params: dict, state: dict, x_in, K: int):
+    """One conv step inside a cell: ``x_in (..., D)`` enters the history.
+
+    Returns ``(y (..., D), {"conv0": ..., "conv{K-1}": x_in})``, ``y = conv_b + sum_k conv_w{k} * history_k``
+    over the history ``conv1..conv{K-1}, x_in`` (oldest first). Elementwise only: it lowers in Pallas.
+    """
+    history = [state[f"conv{k}"] for k in range(1, K)] + [x_in]
+    y = params["conv_b"] if "conv_b" in params else 0.0
+    for k in range(K):
+        y = y + params[f"conv_w{k}"] * history[k]
+    return y, {f"conv{k}": history[k] for k in range(K)}

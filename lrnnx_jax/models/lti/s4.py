@@ -18,8 +18,8 @@ giving ``A_bar`` and ``gamma``) plus a rank-``r`` Woodbury correction::
     dA = diag(A_bar) - (gamma P)^T W ((1 + A_bar)/2 Q)
     dB = gamma B - (gamma P / 2)^T W Q (gamma B)
 
-(:func:`dplr_factors`; the fused generation kernel steps with these factors in ``O(N r)``
-per channel instead of the dense ``dA``).
+(:func:`dplr_factors`; the step steps with these factors in ``O(N r)`` per channel
+instead of the dense ``dA``, see below).
 
 **Kernel** (``method="fft"``): ``K_l = Re(C dA^l dB)`` for ``l < L`` from the truncated
 generating function at the ``L``-th roots of unity ``w``::
@@ -36,8 +36,18 @@ matrix itself and ``C~`` is computed for the length at hand (``from_lrnnx`` conv
 **Scan** (``method="scan"``): the dense recurrence ``h_t = dA h_{t-1} + dB u_t``
 solved in chunks by a Kogge-Stone doubling scan (``log2(chunk)`` rounds
 ``h_t += dA^(2^k) h_{t-2^k}``) with the state carried across chunks; it does not use
-the kernel, so the two paths check each other. **Step**: the same dense recurrence
-(lrnnx's dense step mode). Cache: ``{"lrnn_state": (B, H', N) complex}``.
+the kernel, so the two paths check each other.
+
+**From a state** (a cache ``h0``, chunked prefill): the scan starts from ``h0``; the FFT
+path adds ``Re(C dA^(t+1) h0)`` to the outputs and ``dA^(ends) h0`` to the final state,
+with the sequence ``dA^k h0`` computed by doubling (:func:`power_sequence`, shared with
+:func:`state_kernel`).
+
+**Step** (``model.step``, ``model.multi_step``, the fused Pallas rollout): the block's cell
+(:meth:`S4Layer.cell`) with the factored DPLR update
+``h <- A_bar h - sum_s L_s (R_s . h) + dB u`` (:func:`dplr_step_system`), ``O(N r)`` per
+channel on every path: the same recurrence as the dense ``dA`` (lrnnx's dense step mode),
+never the ``N x N`` matrix. Cache: ``{"lrnn_state": (B, H', N) complex}``.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from lrnnx_jax.core import lti
 from lrnnx_jax.core.base import LrnnxEntry
 from lrnnx_jax.core.discretization import bilinear
 from lrnnx_jax.models.lti.s4_layer import S4Layer, SSMParams, as_real_view, conj_pairs
+from pallas_kernels.cells import KernelPolicy
 
 
 class DPLRSystem(NamedTuple):
@@ -119,14 +130,29 @@ def dplr_bilinear(A_bar, gamma, P, B):
     return dA, dB
 
 
+def _full_state(params: SSMParams):
+    """``(A_bar, gamma, P, B, C)`` over the full state: the half-state parameters expanded and
+    ``Lambda`` bilinear-discretized (``core.discretization.bilinear``)."""
+    dt = params.dt if params.dt.shape[-1] == 1 else conj_pairs(params.dt)
+    A_bar, gamma = bilinear(conj_pairs(params.A), dt)
+    return A_bar, gamma, conj_pairs(params.P), conj_pairs(params.B), conj_pairs(params.C)
+
+
 @jax.jit
 def dplr_system(params: SSMParams) -> DPLRSystem:
     """Expand the half-state parameters and discretize them (see the module docstring)."""
-    dt = params.dt if params.dt.shape[-1] == 1 else conj_pairs(params.dt)
-    A_bar, gamma = bilinear(conj_pairs(params.A), dt)
-    P, B = conj_pairs(params.P), conj_pairs(params.B)
+    A_bar, gamma, P, B, C = _full_state(params)
     dA, dB = dplr_bilinear(A_bar, gamma, P, B)
-    return DPLRSystem(A_bar, gamma, P, B, conj_pairs(params.C), dA, dB)
+    return DPLRSystem(A_bar, gamma, P, B, C, dA, dB)
+
+
+@jax.jit
+def dplr_step_system(params: SSMParams):
+    """The step's system, never the dense ``dA``: ``(A_bar, dB (H', N), C (c, H', N), left (r, H', N),
+    right (H', r, N))`` with ``dA = diag(A_bar) - left^T right`` per channel (:func:`dplr_factors`)."""
+    A_bar, gamma, P, B, C = _full_state(params)
+    left, right, dB = dplr_factors(A_bar, gamma, P, B)
+    return A_bar, dB, C, left, right
 
 
 def truncated_output(system: DPLRSystem, length: int):
@@ -170,20 +196,28 @@ def readout(h, C):
     return jnp.real(jnp.einsum("chn,...hn->...ch", C.astype(h.dtype), h, precision="highest"))
 
 
-@jax.jit
-def dense_step(h, u_t, system: DPLRSystem):
-    """One step ``h <- dA h + dB u_t``: ``h (B, H, N)``, ``u_t (B, H)`` -> ``(y_t (B, c, H), h)``."""
-    h = _matvec(system.dA, h) + inject(u_t, system.dB).astype(h.dtype)
-    return readout(h, system.C), h
+def power_sequence(dA, v, length: int):
+    """``dA^k v`` for ``k < length``: ``v (..., H, N)`` -> ``(length, ..., H, N)``, by doubling
+    (``log2(length)`` rounds, each applying ``dA^(2^j)`` to the whole sequence so far)."""
+    W, power = v[None], dA
+    while W.shape[0] < length:
+        W = jnp.concatenate([W, _matvec(power, W)])
+        if W.shape[0] < length:
+            power = _matmul(power, power)
+    return W[:length]
 
 
 def state_kernel(system: DPLRSystem, length: int):
     """``W_k = dA^k dB`` for ``k < length``, ``(length, H, N)``, by doubling."""
-    W, power = system.dB[None], system.dA
-    while W.shape[0] < length:
-        W = jnp.concatenate([W, _matvec(power, W)])
-        power = _matmul(power, power)
-    return W[:length]
+    return power_sequence(system.dA, system.dB, length)
+
+
+def initial_state_terms(system: DPLRSystem, h0, ends, length: int):
+    """What the state ``h0 (B, H, N)`` before the sequence adds: ``(Re(C dA^(t+1) h0) (B, length, c, H),
+    dA^(ends) h0 (B, H, N))``."""
+    powers = power_sequence(system.dA, h0, length + 1)  # (length + 1, B, H, N)
+    y = readout(jnp.moveaxis(powers[1:], 0, 1), system.C)
+    return y, powers[ends, jnp.arange(h0.shape[0])]
 
 
 def final_state(system: DPLRSystem, u, ends):
@@ -193,8 +227,9 @@ def final_state(system: DPLRSystem, u, ends):
     return jnp.einsum("khn,bkh->bhn", state_kernel(system, u.shape[1]), u_back.astype(system.dB.dtype), precision="highest")
 
 
-def dense_scan(system: DPLRSystem, u, ends, chunk_size):
-    """Scan path: ``u (B, L, H)`` -> ``(y (B, L, c, H), state after step ends - 1 (B, H, N))``.
+def dense_scan(system: DPLRSystem, u, ends, chunk_size, h0=None):
+    """Scan path: ``u (B, L, H)`` from ``h0 (B, H, N)`` (None: zeros) -> ``(y (B, L, c, H), state after
+    step ends - 1 (B, H, N))``.
 
     Chunks of ``chunk_size`` steps (None: one chunk) are solved by a doubling scan and
     chained by ``lax.scan``; the chunk body is rematerialised in the backward pass.
@@ -208,7 +243,9 @@ def dense_scan(system: DPLRSystem, u, ends, chunk_size):
     while span < chunk:
         powers.append(power)
         power, span = _matmul(power, power), 2 * span
-    zeros = jnp.zeros((batch, width, system.dB.shape[-1]), system.dB.dtype)
+    if h0 is None:
+        h0 = jnp.zeros((batch, width, system.dB.shape[-1]), system.dB.dtype)
+    h0 = h0.astype(system.dB.dtype)
 
     def body(carry, inputs):
         h_prev, h_end = carry
@@ -223,21 +260,27 @@ def dense_scan(system: DPLRSystem, u, ends, chunk_size):
         return (h[:, -1], h_end), readout(h, system.C)
 
     starts = jnp.arange(num_chunks) * chunk
-    (_, h_end), y = jax.lax.scan(jax.checkpoint(body), (zeros, zeros), (chunks, starts))
+    (_, h_end), y = jax.lax.scan(jax.checkpoint(body), (h0, h0), (chunks, starts))
     y = jnp.moveaxis(y, 0, 1).reshape(batch, num_chunks * chunk, *y.shape[3:])
     return y[:, :length], h_end
 
 
 @functools.partial(jax.jit, static_argnames=("method", "chunk_size", "return_state"))
-def dplr_forward(system: DPLRSystem, u, *, lengths=None, method="auto", chunk_size=None, return_state=False):
-    """Full sequence: ``u (B, L, H)`` (zero after ``lengths``) -> ``(y (B, L, c, H), state (B, H, N) or None)``."""
+def dplr_forward(system: DPLRSystem, u, *, lengths=None, method="auto", chunk_size=None, return_state=False, h0=None):
+    """Full sequence from the state ``h0 (B, H, N)`` (None: zeros): ``u (B, L, H)`` (zero after ``lengths``)
+    -> ``(y (B, L, c, H), state after each row's last valid step (B, H, N) or None)``."""
     batch, length, _ = u.shape
     ends = jnp.full((batch,), length) if lengths is None else lengths
     if lti.resolve_method(method, length, False) == "scan":
-        y, h = dense_scan(system, u, ends, chunk_size)
+        y, h = dense_scan(system, u, ends, chunk_size, h0)
         return y.astype(u.dtype), (h if return_state else None)
     y = fft_convolve(u, dplr_kernel(system, length))
-    return y.astype(u.dtype), (final_state(system, u, ends) if return_state else None)
+    h = final_state(system, u, ends) if return_state else None
+    if h0 is not None:
+        y_h0, h_h0 = initial_state_terms(system, h0.astype(system.dB.dtype), ends, length)
+        y = y + y_h0
+        h = None if h is None else h + h_h0
+    return y.astype(u.dtype), h
 
 
 def output_from_lrnnx(system: DPLRSystem, C_tilde, l_kernel: int):
@@ -256,6 +299,12 @@ class S4(S4Layer):
 
     low_rank = True
     lrnnx_ignored_entries = S4Layer.lrnnx_ignored_entries + ("layer.kernel.P",)
+    kernel_policy = KernelPolicy(
+        rollout_max_batch=None, step_max_batch=None,
+        evidence="H100, BENCHMARKS.md sections 3-4 (H=128, N=64, rank 1): the fused rollout 9.81 / 10.9 / 33.5 / 474 "
+                 "us per step against 21.1 / 28.8 / 72.4 / 870 us for the XLA program at B=1 / 32 / 256 / 4096, and "
+                 "the one-step kernel faster than the XLA step (25.5 against 27.1 us per generated step at B=32)",
+    )
 
     @property
     def state_size(self) -> int:
@@ -265,14 +314,17 @@ class S4(S4Layer):
         """See :func:`dplr_system`."""
         return dplr_system(self.ssm_params())
 
-    def _ssm_forward(self, u, mask, lengths, return_state):
+    def _ssm_forward(self, u, mask, lengths, return_state, h0=None):
         return dplr_forward(
             self.discrete_system(), u, lengths=lengths, method=self.method, chunk_size=self.chunk_size,
-            return_state=return_state,
+            return_state=return_state, h0=h0,
         )
 
-    def _ssm_step(self, state, u_t):
-        return dense_step(state, u_t, self.discrete_system())
+    def _ssm_cell_system(self):
+        """The factored DPLR system (:func:`dplr_step_system`): the ``rank`` pairs ``(L_s, R_s)``
+        of ``dA = diag(A_bar) - sum_s L_s R_s^T``, over the full state ``N``."""
+        A_bar, dB, C, left, right = dplr_step_system(self.ssm_params())
+        return A_bar, dB, C, list(zip(left, jnp.moveaxis(right, 1, 0)))
 
     def lrnnx_entries(self):
         entries = super().lrnnx_entries()

@@ -13,9 +13,24 @@ The block (lrnnx's ``S4`` / ``S4D`` modules, ``d_model = H``)::
 Every SSM (impulse response ``K_{c,h}``) is a
 single-input linear time-invariant system of the input channel ``h``: S4 uses the
 DPLR matrix ``A = Lambda - P P^*`` with the bilinear transform, S4D a diagonal
-``A`` with ZOH or bilinear. Subclasses supply the SSM (``_ssm_forward``,
-``_ssm_step``, ``state_size``); this module holds everything else, including the
-initialisations of lrnnx (``lrnnx.ops.s4_utils``), rewritten in NumPy/JAX:
+``A`` with ZOH or bilinear. Subclasses supply the SSM (``_ssm_forward`` from an
+initial state, ``_ssm_cell_system``, ``state_size``); this module holds everything
+else.
+
+**The step** is written once, as the block's cell (:meth:`S4Layer.cell`,
+:func:`block_step`; see ``pallas_kernels.cells``), which ``model.step``,
+``model.multi_step`` and the fused Pallas rollout all run. Its SSM update, per channel
+``h (S,)`` complex::
+
+    h <- A_bar h - sum_{s < r} L_s (R_s . h) + B_bar u      y[c] = Re(C[c] h)
+
+is S4's bilinear DPLR step in the ``O(N r)`` factored form of
+``lrnnx_jax.models.lti.s4.dplr_factors`` (``dA = diag(A_bar) - L^T R``, full state
+``S = N``), or S4D's diagonal step (``r = 0``, half state ``S = N/2``, the factor 2 in
+``C``). The block around it reads the flattened ``(c h)`` (or ``(h c)``) features
+through one parameter tile per channel, so the step needs no slicing or concatenation.
+
+Initialisations of lrnnx (``lrnnx.ops.s4_utils``), rewritten in NumPy/JAX:
 
 * HiPPO NPLR ``init="legs" | "legt" | "fourier"`` (diagonalised in float64),
 * direct DPLR / diagonal ``init="diag-<x>" | "dplr-<x>"`` with
@@ -42,6 +57,9 @@ from flax import nnx
 from lrnnx_jax.core import hippo, lti, validation
 from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+from pallas_kernels import complex_lib as cl
+from pallas_kernels import kernel_math as km
+from pallas_kernels.cells import Cell, KernelPolicy
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 NPLR_MEASURES = ("legs", "legt", "fourier", "fout")
@@ -326,6 +344,47 @@ def conj_pairs(z):
     return jnp.concatenate([z, jnp.conj(z)], axis=-1)
 
 
+# ----------------------------------------------------------------------- cell
+def _state_sum(z: cl.Planes) -> cl.Planes:
+    """``sum_n z[..., n]`` of complex ``z (..., H', S)`` over the state, kept as ``(..., H', 1)``."""
+    return cl.Planes(jnp.sum(z.re, axis=-1, keepdims=True), jnp.sum(z.im, axis=-1, keepdims=True))
+
+
+def block_step(params, state, x, inputs, precision, *, channels: int, rank: int, has_input_linear: bool,
+               gate: Optional[str], final_linear: bool):
+    """The S4/S4D block's step (the cell of :meth:`S4Layer.cell`): ``x (..., H) -> (y (..., H), state)``.
+
+    One row (``x (H,)``, ``state["h"] (H', S)``) or a block of rows (a leading ``(R,)``
+    on both). The SSM state ``h`` of every channel (:class:`~pallas_kernels.complex_lib.Planes`)
+    is updated as ``h <- a h - sum_{s < rank} L_s (R_s . h) + B u`` (``R_s . h`` summed
+    over the state): S4's factored DPLR step or S4D's diagonal one (``rank = 0``). The
+    SSM output of channel ``j`` is one block ``z_j (..., H')``; every linear map that
+    reads the flattened features holds one tile per block (``name{j}``), so nothing is
+    sliced or concatenated here. ``gate``: None, ``"blocks"`` (``W_o`` is the identity:
+    ``v`` split into blocks, ``Wv{j}``) or ``"full"`` (``G{j}`` map the blocks to one gate
+    vector). Without an output layer, ``O{j}`` are one-hot maps of the blocks to the
+    output features (exact). ``inputs["drop{j}"]`` (training mode): dropout masks of the blocks.
+    """
+    p = params
+    u = km.contract(x, p["Win"], 0, precision) + p["Win_b"] if has_input_linear else x
+    h = state["h"]
+    h_new = cl.add(cl.mul(p["a"], h), cl.mul(p["B"], u[..., None]))
+    for r in range(rank):
+        h_new = cl.sub(h_new, cl.mul(p[f"L{r}"], _state_sum(cl.mul(p[f"R{r}"], h))))
+    blocks = [km.gelu(jnp.sum(cl.real(cl.mul(p[f"C{j}"], h_new)), axis=-1) + p[f"D{j}"] * u) for j in range(channels)]
+    if gate == "full":
+        g = sum(km.contract(z, p[f"G{j}"], 0, precision) for j, z in enumerate(blocks)) + p["G_b"]
+        blocks = [g * km.gelu(km.contract(x, p["Wv0"], 0, precision) + p["Wv0_b"])]
+    elif gate == "blocks":
+        blocks = [z * km.gelu(km.contract(x, p[f"Wv{j}"], 0, precision) + p[f"Wv{j}_b"]) for j, z in enumerate(blocks)]
+    blocks = [km.gelu(z) for z in blocks]
+    if "drop0" in inputs:
+        blocks = [z * inputs[f"drop{j}"] for j, z in enumerate(blocks)]
+    out = sum(km.contract(z, p[f"O{j}"], 0, precision) for j, z in enumerate(blocks))
+    y = km.gelu(out + p["O_b"]) if final_linear else out
+    return y, {"h": h_new.astype(h.dtype)}
+
+
 # ---------------------------------------------------------------------- block
 class S4Layer(LRNN):
     """The S4/S4D block of lrnnx (see the module docstring); subclasses provide the SSM.
@@ -478,17 +537,23 @@ class S4Layer(LRNN):
         self.drop = nnx.Dropout(dropout, broadcast_dims=tied, deterministic=True, rngs=rngs) if dropout > 0 else None
 
     # ------------------------------------------------------------- SSM (hooks)
+    #: where ``use_kernels="auto"`` runs the block's kernels (see :meth:`cell`); each SSM declares its measurement
+    kernel_policy: ClassVar[KernelPolicy] = KernelPolicy()
+
     @property
     def state_size(self) -> int:
         """Size of the last axis of the cache's ``lrnn_state``."""
         raise NotImplementedError
 
-    def _ssm_forward(self, u, mask, lengths, return_state: bool):
-        """``u (B, L, H')`` -> ``(y (B, L, c, H'), state (B, H', state_size) or None)``."""
+    def _ssm_forward(self, u, mask, lengths, return_state: bool, h0=None):
+        """``u (B, L, H')`` from the state ``h0 (B, H', state_size)`` (None: zeros) ->
+        ``(y (B, L, c, H'), state (B, H', state_size) or None)``."""
         raise NotImplementedError
 
-    def _ssm_step(self, state, u_t):
-        """``state (B, H', state_size)``, ``u_t (B, H')`` -> ``(y_t (B, c, H'), new_state)``."""
+    def _ssm_cell_system(self):
+        """The discrete SSM of the cell: ``(A_bar, B_bar (H', S), C (c, H', S), low_rank)`` complex,
+        ``S = state_size``, with ``low_rank`` a list of the ``(L_s, R_s) (H', S)`` pairs of
+        ``dA = diag(A_bar) - sum_s L_s R_s^T`` (empty for a diagonal SSM)."""
         raise NotImplementedError
 
     # -------------------------------------------------------------- parameters
@@ -517,19 +582,21 @@ class S4Layer(LRNN):
         return entries
 
     # ------------------------------------------------------------------- block
-    def __call__(self, x, integration_timesteps=None, lengths=None, *, return_cache: bool = False):
+    def __call__(self, x, integration_timesteps=None, lengths=None, *, cache=None, return_cache: bool = False):
         """``x (B, H, L)`` if ``transposed`` else ``(B, L, H)``; the output has the same layout.
 
-        lrnnx returns ``(y, state)``; this returns ``y`` (or ``(y, cache)`` with ``return_cache``).
+        Starts from ``cache`` (an inference cache, e.g. of an earlier chunk; None: the zero
+        state). lrnnx returns ``(y, state)``; this returns ``y`` (or ``(y, cache)`` with ``return_cache``).
         """
         if not self.transposed:
-            return super().__call__(x, integration_timesteps, lengths, return_cache=return_cache)
+            return super().__call__(x, integration_timesteps, lengths, cache=cache, return_cache=return_cache)
         x = x if hasattr(x, "shape") else jnp.asarray(x)
         if x.ndim != 3 or x.shape[1] != self.d_model:
             raise ValueError(
                 f"x must have shape (B, H, L) with H={self.d_model} (transposed=True), got shape {tuple(x.shape)}"
             )
-        out = super().__call__(jnp.swapaxes(x, 1, 2), integration_timesteps, lengths, return_cache=return_cache)
+        out = super().__call__(jnp.swapaxes(x, 1, 2), integration_timesteps, lengths, cache=cache,
+                               return_cache=return_cache)
         if return_cache:
             return jnp.swapaxes(out[0], 1, 2), out[1]
         return jnp.swapaxes(out, 1, 2)
@@ -557,19 +624,102 @@ class S4Layer(LRNN):
             y = jax.nn.gelu(self.output_linear(y), approximate=False)
         return y
 
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache, cache=None):
         u, v = self._inputs(x, mask)
-        y, state = self._ssm_forward(u, mask, lengths, return_cache)
+        h0 = None if cache is None else cache["lrnn_state"]
+        y, state = self._ssm_forward(u, mask, lengths, return_cache, h0)
+        if return_cache and h0 is not None:
+            state = state.astype(h0.dtype)  # the cache keeps its format
         return self._outputs(y, u, v), ({"lrnn_state": state} if return_cache else None)
 
-    def _step(self, x_t, cache, integration_timesteps, config):  # WIP: replaced by the S4 block's cell
-        return self._reference_step(x_t, cache, integration_timesteps)
+    # -------------------------------------------------------------------- cell
+    def _channel_features(self) -> list:
+        """Indices (NumPy) of each channel's ``H'`` SSM features in the flattened ``(c h)`` (or, with
+        ``swap_channels``, ``(h c)``) vector."""
+        c, Hs = self.channels, self.d_inner
+        return [np.arange(Hs) * c + j if self.swap_channels else j * Hs + np.arange(Hs) for j in range(c)]
 
-    def _reference_step(self, x_t, cache, integration_timesteps):
-        """The pure-JAX step of the block: :meth:`_inputs`, :meth:`_ssm_step`, :meth:`_outputs`."""
-        u, v = self._inputs(x_t[:, None])
-        y, state = self._ssm_step(cache["lrnn_state"], u[:, 0])
-        return self._outputs(y[:, None], u, v)[:, 0], {"lrnn_state": state}
+    def _feature_blocks(self) -> list:
+        """Indices of the features of each output block of :func:`block_step` in the vector that the
+        dropout and the output layer see: one block per channel, or one block of ``H * gate``
+        features behind an output gate."""
+        if self.output_gate is not None:
+            return [np.arange(self.output_gate.out_features)]
+        return self._channel_features()
+
+    def cell(self) -> Cell:
+        """The block's step as a ``pallas_kernels.cells.Cell``: :func:`block_step` and its parameters.
+
+        Parameters (complex ones as ``Planes``; ``S`` the SSM state of :meth:`_ssm_cell_system`):
+        ``a``, ``B`` (H', S); ``L{s}``, ``R{s}`` (H', S) for each low-rank term; per channel
+        ``C{j}`` (H', S) and ``D{j}`` (H',); ``Win`` (H, H'), ``Win_b`` (bottleneck); the gate
+        (``G{j}`` (H', H*gate), ``G_b``, ``Wv0`` (H, H*gate), ``Wv0_b``; or ``Wv{j}`` (H, H'),
+        ``Wv{j}_b``); ``O{j}`` (block width, H), ``O_b`` (the output layer's rows of each
+        block, or one-hot maps without an output layer). Not ``blockable``: the kernels run one
+        row per program, the configuration measured (``kernel_policy``); the step itself also
+        takes a block of rows (the XLA drivers run the batch as one).
+        """
+        A_bar, B_bar, C, low_rank = self._ssm_cell_system()
+        ssm_dtype = jnp.real(A_bar).dtype
+
+        def real(a):
+            return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+        p: dict = {"a": cl.split(A_bar, ssm_dtype), "B": cl.split(B_bar, ssm_dtype)}
+        for r, (left, right) in enumerate(low_rank):
+            p[f"L{r}"], p[f"R{r}"] = cl.split(left, ssm_dtype), cl.split(right, ssm_dtype)
+        D = real(self.D[...])
+        for j in range(self.channels):
+            p[f"C{j}"] = cl.split(C[j], ssm_dtype)
+            p[f"D{j}"] = D[j]
+        if self.input_linear is not None:
+            p["Win"], p["Win_b"] = real(self.input_linear.kernel[...]), real(self.input_linear.bias[...])
+        index = self._feature_blocks()
+        gate = None
+        if self.input_gate is not None:
+            W_v, b_v = real(self.input_gate.kernel[...]), real(self.input_gate.bias[...])
+            if self.output_gate is not None:
+                gate = "full"
+                W_o = real(self.output_gate.kernel[...])
+                for j, i in enumerate(self._channel_features()):
+                    p[f"G{j}"] = W_o[i]
+                p["G_b"] = real(self.output_gate.bias[...])
+                p["Wv0"], p["Wv0_b"] = W_v, b_v
+            else:
+                gate = "blocks"
+                for j, i in enumerate(index):
+                    p[f"Wv{j}"], p[f"Wv{j}_b"] = W_v[:, i], b_v[i]
+        if self.output_linear is not None:
+            W_out = real(self.output_linear.kernel[...])
+            p["O_b"] = real(self.output_linear.bias[...])
+        else:  # the flattened features are the output: a one-hot map (exact)
+            W_out = jnp.eye(sum(len(i) for i in index), self.d_model, dtype=D.dtype)
+        for j, i in enumerate(index):
+            p[f"O{j}"] = W_out[i]
+        step = functools.partial(block_step, channels=self.channels, rank=len(low_rank),
+                                 has_input_linear=self.input_linear is not None, gate=gate,
+                                 final_linear=self.output_linear is not None)
+        return Cell(step, p, policy=self.kernel_policy)
+
+    def cell_state(self, cache):
+        """``{"h": Planes (B, H', state_size)}`` of ``cache["lrnn_state"]``."""
+        h = cache["lrnn_state"]
+        return {"h": cl.split(h, jnp.promote_types(jnp.real(h).dtype, jnp.float32))}
+
+    def cell_cache(self, state, like):
+        return {"lrnn_state": cl.merge(state["h"], like["lrnn_state"].dtype)}
+
+    def cell_inputs(self, shape, integration_timesteps=None):
+        """``{}``; in training mode with active dropout, a fresh dropout mask of each block
+        (``drop{j}``, ``shape + (block width,)``) from the model's rngs: with ``tie_dropout``
+        one mask per row for the ``T`` tokens of a ``(B, T)`` call (a fresh one every call)."""
+        if not self.dropout_active():
+            return {}
+        index = self._feature_blocks()
+        width = sum(len(i) for i in index)
+        tokens = shape[1] if len(shape) > 1 else 1
+        mask = self.drop(jnp.ones((shape[0], tokens, width), self.D[...].dtype)).reshape(*shape, width)
+        return {f"drop{j}": mask[..., i] for j, i in enumerate(index)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, H', state_size) complex zeros}``."""

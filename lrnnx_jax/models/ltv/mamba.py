@@ -23,9 +23,15 @@ the state-sized tensors ``A_bar`` and ``gamma B u`` (B, C, D, N) exist one chunk
 of ``C`` steps at a time and are contracted with ``C_t`` inside the chunk, so the
 memory of a training step grows as ``B * L * (D + N)`` (the per-token inputs)
 plus ``B * (L / C) * D * N`` (the chunk boundaries), not as ``B * L * D * N``
-(benchmarks/benchmark_scan_memory.py). The single step is
-:func:`pallas_kernels.selective_state_update`: its Pallas kernel on NVIDIA GPUs,
-else its pure-JAX reference, which uses the same discretization functions.
+(benchmarks/benchmark_scan_memory.py). The forward starts from an inference cache
+when given one (the conv history and ``h``), so a prompt can be prefilled in chunks.
+
+The single step is written once, as the cell :func:`mamba_cell_step` (see
+:mod:`pallas_kernels.cells`): ``model.step``, ``model.multi_step`` and the fused
+rollout of ``generate`` all run it, in XLA or in a Pallas kernel. It uses the
+kernels' discretizations (:func:`pallas_kernels.kernel_math.discretize`, compared
+with :mod:`lrnnx_jax.core.discretization` in the tests) and the conv step of
+:func:`lrnnx_jax.core.conv.conv_cell_step`.
 """
 
 from __future__ import annotations
@@ -41,13 +47,24 @@ from flax import nnx
 
 from lrnnx_jax.core import conv
 from lrnnx_jax.core import discretization as disc
-from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
-from pallas_kernels import selective
+from pallas_kernels import kernel_math as km
+from pallas_kernels.cells import Cell, KernelPolicy
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 DT_INITS = ("random", "constant")
+
+#: where ``use_kernels="auto"`` runs Mamba's cell kernels (measured on an H100, BENCHMARKS.md sections 3 and 4)
+POLICY = KernelPolicy(
+    rollout_max_batch=0,
+    step_max_batch=1,
+    evidence=("Mamba on an H100 (H=128, d_state=16, 512 steps): the fused rollout took 28.8 / 30.9 / 155 / 2,460 "
+              "us per step against 9.61 / 16.6 / 20.2 / 119 for the compile-once XLA program at B=1 / 32 / 256 / 4096; "
+              "the one-step kernel (D=2048, N=16) was faster than the XLA step only at batch 1 (8.54 vs 9.23 us; "
+              "12.3 vs 11.0 at B=32, 464 vs 426 at B=4096)"),
+)
 
 
 def event_step(tau, dtA_bias):
@@ -112,6 +129,46 @@ def selective_scan(inputs, A, dtA_bias, D, h0, mask=None, *, discretization: str
         lambda h, chunk: selective_readout(h, chunk, D),
         inputs, h0, mask, chunk_size,
     )
+
+
+def _bias(params, name):
+    return params[name] if name in params else 0.0
+
+
+def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str):
+    """One step of the Mamba block, the model's cell (:mod:`pallas_kernels.cells`).
+
+    ``x (..., H)`` with the leading row axes of ``state`` (``conv0..conv{K-1}`` ``(..., D)``,
+    ``h`` ``(..., D, N)``) and ``inputs`` (``tau`` ``(...)`` in event mode); ``params`` as
+    :meth:`Mamba.cell` builds them. Returns ``(y (..., H), new_state)``. Only operations that
+    lower in Pallas: the contractions by :func:`pallas_kernels.kernel_math.contract`.
+    """
+    p = params
+    x_in = km.contract(x, p["Win_x"], 1, precision) + _bias(p, "Win_x_b")
+    z = km.contract(x, p["Win_z"], 1, precision) + _bias(p, "Win_z_b")
+    pre, history = conv.conv_cell_step(p, state, x_in, conv.conv_taps(p))
+    u = km.silu(pre)
+    r = km.contract(u, p["Wx_r"], 1, precision)
+    B_t = km.contract(u, p["Wx_B"], 1, precision)
+    C_t = km.contract(u, p["Wx_C"], 1, precision)
+    delta = km.softplus(km.contract(r, p["Wdt"], 0, precision) + p["Wdt_b"])
+    delta_A = None
+    if "tau" in inputs:  # event mode: the A-step tau * softplus(b_A)
+        delta_A = (inputs["tau"][..., None] * p["dtA"])[..., None]
+    A_bar, gamma = km.discretize(discretization, p["A"], delta[..., None], delta_A)
+    h = A_bar * state["h"] + gamma * B_t[..., None, :] * u[..., None]
+    y = (jnp.sum(h * C_t[..., None, :], axis=-1) + p["Dskip"] * u) * km.silu(z)
+    out = km.contract(y, p["Wout"], 0, precision) + _bias(p, "Wout_b")
+    return out, {**history, "h": h}
+
+
+#: one step function per discretization (stable identities)
+_CELL_STEPS = {name: functools.partial(mamba_cell_step, discretization=name) for name in DISCRETIZATIONS}
+
+
+def _wide(a):
+    """``a`` in the cell's parameter dtype: float32 (float64 for float64 parameters)."""
+    return jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
 
 
 def _resolve_dt_rank(dt_rank, d_model: int) -> int:
@@ -234,32 +291,64 @@ class Mamba(LRNN):
         return -jnp.exp(self.A_log[...])
 
     # ------------------------------------------------------------------- model
-    def _forward(self, x, integration_timesteps, mask, lengths, return_cache):
+    def _forward(self, x, integration_timesteps, mask, lengths, return_cache, cache=None):
         x_in, z = self._split_in_proj(x)
-        u = jax.nn.silu(conv.causal_conv1d(x_in, self.conv_weight[...], self._conv_bias()))
+        conv_state = None if cache is None else cache["conv_state"]
+        u = jax.nn.silu(conv.causal_conv1d(x_in, self.conv_weight[...], self._conv_bias(), conv_state=conv_state))
         inputs = self._ssm_inputs(u, z, integration_timesteps)
-        h0 = jnp.zeros((x.shape[0], self.d_inner, self.d_state), x.dtype)
+        if cache is None:
+            h0 = jnp.zeros((x.shape[0], self.d_inner, self.d_state), x.dtype)
+        else:
+            h0 = cache["lrnn_state"].astype(x.dtype)
         y, h_last = selective_scan(
             inputs, self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask,
             discretization=self.discretization, chunk_size=self.chunk_size,
         )
-        cache = None
+        new_cache = None
         if return_cache:
-            cache = {"conv_state": conv.conv_state_after(x_in, self.d_conv, lengths), "lrnn_state": h_last}
-        return self.out_proj(y), cache
+            new_cache = {"conv_state": conv.conv_state_after(x_in, self.d_conv, lengths, conv_state=conv_state),
+                         "lrnn_state": h_last}
+        return self.out_proj(y), new_cache
 
-    def _step(self, x_t, cache, integration_timesteps):
-        x_in, z = self._split_in_proj(x_t)
-        pre, conv_state = conv.causal_conv1d_step(x_in, cache["conv_state"], self.conv_weight[...], self._conv_bias())
-        inputs = self._ssm_inputs(jax.nn.silu(pre), z, integration_timesteps)
-        delta_A = None
-        if integration_timesteps is not None:
-            delta_A = event_step(inputs["tau"], self.dtA_proj.bias[...])
-        y, h = selective.selective_state_update(
-            cache["lrnn_state"], inputs["u"], inputs["delta"], self._A(), inputs["B"], inputs["C"], D=self.D[...],
-            z=inputs["z"], delta_A=delta_A, discretization=self.discretization,
-        )
-        return self.out_proj(y), {"conv_state": conv_state, "lrnn_state": h}
+    # ---------------------------------------------------------------- the cell
+    def cell(self) -> Cell:
+        """The block's step (:func:`mamba_cell_step`) and its parameters in the kernel layout:
+        the projections as separate tiles (``Win_x``/``Win_z`` ``(D, H)``, ``Wx_r`` ``(R, D)``,
+        ``Wx_B``/``Wx_C`` ``(N, D)``, ``Wdt`` ``(R, D)``, ``Wout`` ``(D, H)``), the conv taps,
+        ``A (D, N)`` (padded lanes -1: zoh divides by A), ``Dskip`` and ``dtA = softplus(b_A)``."""
+        D, N, R = self.d_inner, self.d_state, self.dt_rank
+        W_in = self.in_proj.kernel[...]
+        p = {"Win_x": _wide(W_in[:, :D].T), "Win_z": _wide(W_in[:, D:].T)}
+        if self.in_proj.bias is not None:
+            b = self.in_proj.bias[...]
+            p["Win_x_b"], p["Win_z_b"] = _wide(b[:D]), _wide(b[D:])
+        p.update(conv.conv_cell_params(self.conv_weight[...], self._conv_bias()))
+        W_x = self.x_proj.kernel[...]
+        p["Wx_r"], p["Wx_B"], p["Wx_C"] = _wide(W_x[:, :R].T), _wide(W_x[:, R:R + N].T), _wide(W_x[:, R + N:].T)
+        p["Wdt"], p["Wdt_b"] = _wide(self.dt_proj.kernel[...]), _wide(self.dt_proj.bias[...])
+        p["A"] = _wide(self._A())
+        p["Dskip"] = _wide(self.D[...])
+        p["dtA"] = _wide(jax.nn.softplus(self.dtA_proj.bias[...]))  # as event_step computes it
+        p["Wout"] = _wide(self.out_proj.kernel[...])
+        if self.out_proj.bias is not None:
+            p["Wout_b"] = _wide(self.out_proj.bias[...])
+        return Cell(_CELL_STEPS[self.discretization], p, pad_values={"A": -1.0}, blockable=False, policy=POLICY)
+
+    def cell_state(self, cache):
+        """``{"conv0".."conv{K-1}": (B, D), "h": (B, D, N)}`` from the cache, in the compute dtype."""
+        dtype = compute_dtype(cache["lrnn_state"].dtype)
+        return {**conv.conv_cell_state(cache["conv_state"], dtype), "h": cache["lrnn_state"].astype(dtype)}
+
+    def cell_cache(self, state, like):
+        return {"conv_state": conv.conv_cell_cache(state, like["conv_state"]),
+                "lrnn_state": state["h"].astype(like["lrnn_state"].dtype)}
+
+    def cell_inputs(self, shape, integration_timesteps=None):
+        """Event mode: ``{"tau": (*shape,)}``; otherwise no per-token inputs."""
+        if integration_timesteps is None:
+            return {}
+        tau = jnp.asarray(integration_timesteps)
+        return {"tau": tau.astype(compute_dtype(tau.dtype)).reshape(shape)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, N)}`` zeros."""

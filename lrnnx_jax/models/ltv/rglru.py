@@ -10,12 +10,19 @@ For the block input ``u_t`` (H,), with ``D = expand * H`` channels::
     out_t   = W_out(g_t * h_t)
 
 ``log A_bar_t = c r_t log_sigmoid(a_log)`` and ``sqrt(1 - A_bar^2)`` is computed as
-``sqrt(-expm1(2 log A_bar))``, accurate when ``A_bar`` is close to 1. RG-LRU has no
-event mode.
+``sqrt(-expm1(2 log A_bar))``, accurate when ``A_bar`` is close to 1
+(:func:`rglru_transition`). RG-LRU has no event mode.
+
+The forward runs :func:`lrnnx_jax.core.scan.chunked_scan` on :func:`rglru_coefficients`,
+from a zero state or from an inference cache (the conv history and ``h``). The single
+step is written once, as the cell :func:`rglru_cell_step` (see :mod:`pallas_kernels.cells`):
+``model.step``, ``model.multi_step`` and the fused rollout of ``generate`` all run it, in
+XLA or in a Pallas kernel; it shares :func:`rglru_transition` with the forward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -23,10 +30,33 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrnnx_jax.core import conv
-from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
-from pallas_kernels import selective
+from pallas_kernels import kernel_math as km
+from pallas_kernels.cells import Cell, KernelPolicy
+
+#: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H100, BENCHMARKS.md sections 3 and 4)
+POLICY = KernelPolicy(
+    rollout_max_batch=0,
+    step_max_batch=1,
+    evidence=("RG-LRU on an H100 (H=128, 512 steps): the fused rollout took 11.7 us per step against 11.9 for the "
+              "compile-once XLA program at B=32, and 869 against 42.8 at B=4096; the one-step kernel (D=128) was "
+              "faster than the XLA step only at batch 1 (5.91 vs 7.48 us; 9.80 vs 7.57 at B=32)"),
+)
+
+
+def rglru_transition(log_a, cr):
+    """``(A_bar, sqrt(1 - A_bar^2))`` for ``A_bar = a^(c r) = exp(c r log a)``, elementwise.
+
+    ``log a = log_sigmoid(a_log) <= 0``; ``cr = c r``. ``1 - A_bar^2 = -expm1(2 log A_bar)``
+    stays accurate when ``A_bar`` is close to 1, and its floor at the smallest normal number
+    keeps ``sqrt``'s gradient finite when it underflows. Elementwise ``jnp`` only: the
+    forward (:func:`rglru_coefficients`) and the cell step (:func:`rglru_cell_step`) share it.
+    """
+    log_a_bar = cr * log_a
+    one_minus_sq = jnp.maximum(-jnp.expm1(2 * log_a_bar), jnp.finfo(log_a_bar.dtype).tiny)
+    return jnp.exp(log_a_bar), jnp.sqrt(one_minus_sq)
 
 
 def rglru_coefficients(x, r, i, a_log, c):
@@ -39,10 +69,43 @@ def rglru_coefficients(x, r, i, a_log, c):
     Returns:
       ``(A_bar, b)``, each ``(..., D)``: ``A_bar = a^(c r)``, ``b = sqrt(1 - A_bar^2) i x``.
     """
-    log_a_bar = c * r * jax.nn.log_sigmoid(a_log)
-    # -expm1(2 log A_bar) = 1 - A_bar^2 > 0; the floor keeps sqrt's gradient finite when it underflows.
-    one_minus_sq = jnp.maximum(-jnp.expm1(2 * log_a_bar), jnp.finfo(log_a_bar.dtype).tiny)
-    return jnp.exp(log_a_bar), jnp.sqrt(one_minus_sq) * (i * x)
+    a_bar, gamma = rglru_transition(jax.nn.log_sigmoid(a_log), c * r)
+    return a_bar, gamma * (i * x)
+
+
+def _bias(params, name):
+    return params[name] if name in params else 0.0
+
+
+def rglru_cell_step(params, state, x, inputs, precision, *, c: float):
+    """One step of the RG-LRU block, the model's cell (:mod:`pallas_kernels.cells`).
+
+    ``x (..., H)`` with the leading row axes of ``state`` (``conv0..conv{K-1}`` and ``h``,
+    each ``(..., D)``); ``params`` as :meth:`RGLRU.cell` builds them; ``inputs`` unused (no
+    event mode). Returns ``(y (..., H), new_state)``. Only operations that lower in Pallas:
+    ``log_sigmoid(a_log) = -softplus(-a_log)`` by :func:`pallas_kernels.kernel_math.softplus`.
+    """
+    p = params
+    g = km.gelu(km.contract(x, p["Wg"], 0, precision) + _bias(p, "Wg_b"))
+    x_in = km.contract(x, p["Wi"], 0, precision) + _bias(p, "Wi_b")
+    xc, history = conv.conv_cell_step(p, state, x_in, conv.conv_taps(p))
+    r = km.sigmoid(km.contract(xc, p["Wr"], 0, precision) + p["Wr_b"])
+    i = km.sigmoid(km.contract(xc, p["Wig"], 0, precision) + p["Wig_b"])
+    A_bar, gamma = rglru_transition(-km.softplus(-p["a_log"]), c * r)
+    h = A_bar * state["h"] + gamma * (i * xc)
+    out = km.contract(g * h, p["Wout"], 0, precision) + _bias(p, "Wout_b")
+    return out, {**history, "h": h}
+
+
+def _wide(a):
+    """``a`` in the cell's parameter dtype: float32 (float64 for float64 parameters)."""
+    return jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _cell_step(c: float):
+    """:func:`rglru_cell_step` for the gate scale ``c`` (one function per value)."""
+    return functools.partial(rglru_cell_step, c=c)
 
 
 class RGLRU(LRNN):
@@ -124,26 +187,47 @@ class RGLRU(LRNN):
         """``W_out(GELU(W_gate u) * y)`` with ``y = h`` summed over its size-1 state axis."""
         return self.out_proj(jax.nn.gelu(self.gate_proj(u), approximate=False) * jnp.sum(h, -1))
 
-    def _forward(self, u, integration_timesteps, mask, lengths, return_cache):
+    def _forward(self, u, integration_timesteps, mask, lengths, return_cache, cache=None):
         raw = self.in_proj(u)
-        x = conv.causal_conv1d(raw, self.conv_weight[...], self._conv_bias())
-        h0 = jnp.zeros((u.shape[0], self.d_inner, 1), x.dtype)
+        conv_state = None if cache is None else cache["conv_state"]
+        x = conv.causal_conv1d(raw, self.conv_weight[...], self._conv_bias(), conv_state=conv_state)
+        if cache is None:
+            h0 = jnp.zeros((u.shape[0], self.d_inner, 1), x.dtype)
+        else:
+            h0 = cache["lrnn_state"].astype(x.dtype)
         h, h_last = chunked_scan(self.coefficients, lambda h, x: h, x, h0, mask, self.chunk_size)
-        cache = None
+        new_cache = None
         if return_cache:
-            cache = {"conv_state": conv.conv_state_after(raw, self.d_conv, lengths), "lrnn_state": h_last}
-        return self.output(h, u), cache
+            new_cache = {"conv_state": conv.conv_state_after(raw, self.d_conv, lengths, conv_state=conv_state),
+                         "lrnn_state": h_last}
+        return self.output(h, u), new_cache
 
-    def _step(self, u_t, cache, integration_timesteps):
-        """The recurrence by ``pallas_kernels.selective_state_update`` in its ``"rglru"`` mode (``dstate = 1``,
-        ``dt = c r``, ``x = i x``, ``B = C = 1``; the reference is :func:`rglru_coefficients`)."""
-        x, conv_state = conv.causal_conv1d_step(self.in_proj(u_t), cache["conv_state"], self.conv_weight[...], self._conv_bias())
-        r, i = self.gates(x)
-        ones = jnp.ones((x.shape[0], 1), x.dtype)
-        h, new_state = selective.selective_state_update(
-            cache["lrnn_state"], i * x, self.c * r, self.a_log[...], ones, ones, discretization="rglru"
-        )
-        return self.output(h[..., None], u_t), {"conv_state": conv_state, "lrnn_state": new_state}
+    # ---------------------------------------------------------------- the cell
+    def cell(self) -> Cell:
+        """The block's step (:func:`rglru_cell_step`) and its parameters in the kernel layout: the
+        projection kernels ``(in, out)`` (``Wg``, ``Wi`` ``(H, D)``; ``Wr``, ``Wig`` ``(D, D)``;
+        ``Wout`` ``(D, H)``) and their biases, the conv taps and ``a_log (D,)``."""
+        p = {}
+        for name, linear in (("Wg", self.gate_proj), ("Wi", self.in_proj)):
+            p[name] = _wide(linear.kernel[...])
+            if linear.bias is not None:
+                p[name + "_b"] = _wide(linear.bias[...])
+        p.update(conv.conv_cell_params(self.conv_weight[...], self._conv_bias()))
+        for name, linear in (("Wr", self.recurrent_gate_proj), ("Wig", self.input_gate_proj), ("Wout", self.out_proj)):
+            p[name] = _wide(linear.kernel[...])
+            if linear.bias is not None:
+                p[name + "_b"] = _wide(linear.bias[...])
+        p["a_log"] = _wide(self.a_log[...][:, 0])
+        return Cell(_cell_step(self.c), p, blockable=False, policy=POLICY)
+
+    def cell_state(self, cache):
+        """``{"conv0".."conv{K-1}": (B, D), "h": (B, D)}`` from the cache, in the compute dtype."""
+        dtype = compute_dtype(cache["lrnn_state"].dtype)
+        return {**conv.conv_cell_state(cache["conv_state"], dtype), "h": cache["lrnn_state"][..., 0].astype(dtype)}
+
+    def cell_cache(self, state, like):
+        return {"conv_state": conv.conv_cell_cache(state, like["conv_state"]),
+                "lrnn_state": state["h"][..., None].astype(like["lrnn_state"].dtype)}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, 1)}`` zeros."""
