@@ -1,7 +1,8 @@
 """The dispatch point of the cell drivers: the Pallas kernel or the XLA driver, for one step or T tokens.
 
 :func:`step` runs ``model.step``'s cell: the one-step fused kernel
-(:func:`pallas_kernels.fused_generation.run_cell` with one step, one row per program)
+(:func:`pallas_kernels.fused_generation.run_cell` with one step: one row per program, or blocks of
+rows for large batches of cells that declare a block path)
 or :func:`pallas_kernels.cells.xla_step` (the batch as one block).
 :func:`multi_step` runs T given tokens: the fused kernel with given inputs, or
 :func:`pallas_kernels.cells.xla_multi_step`, which also returns every token's state.
@@ -35,7 +36,7 @@ def step(cell: cells.Cell, state, x, inputs, config: dispatch.KernelConfig, mode
     Returns ``(y (B, H), new_state)``.
     """
     if _use_kernel(STEP_OP, cell, x.shape[0], x.dtype, config, model_reason):
-        ys, state = fg.run_cell(cell, state, x, 1, inputs, config=config, one_row=True)
+        ys, state = fg.run_cell(cell, state, x, 1, inputs, config=config)
         return ys[:, 0], state
     return cells.xla_step(cell, state, x, inputs)
 

@@ -114,7 +114,7 @@ def split_hoisted(param_sizes: list, num_warps: int) -> tuple[list, list]:
 
 
 def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs=None, *,
-             config: dispatch.KernelConfig, xs=None, time_major: bool = False, num_valid=None, one_row: bool = False):
+             config: dispatch.KernelConfig, xs=None, time_major: bool = False, num_valid=None):
     """Run ``num_steps`` steps of ``cell`` in one ``pallas_call``.
 
     Args:
@@ -130,7 +130,6 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
       time_major: outputs ``(T, B, H)`` instead of ``(B, T, H)``.
       num_valid: optional int32 scalar <= T: only that many steps run (the rest of
         the output is unspecified) and the state is the one after them.
-      one_row: one row per program whatever the batch.
 
     Returns:
       ``(ys, state)``: the outputs (float32) and the final state (per-row arrays as ``state``).
@@ -138,7 +137,7 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
     pl, plgpu = dispatch.pallas_modules()
     batch, H = x0.shape
     Hp = lanes(H)
-    block = 1 if one_row else effective_block_batch(cell.blockable, batch, config)
+    block = effective_block_batch(cell.blockable, batch, config)
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
     precision = dispatch.dot_precision(config)
