@@ -343,12 +343,27 @@ def test_cell_lowers_to_triton(lower_for_h100):
 
     def one_step(leaves, x, cache, tau):
         m = jax.tree.unflatten(treedef, leaves)
-        return fg.run_cell(m.cell(), m.cell_state(cache), x, 1, m.cell_inputs(tau.shape, tau), config=config,
-                           one_row=True)
+        return fg.run_cell(m.cell(), m.cell_state(cache), x, 1, m.cell_inputs(tau.shape, tau), config=config)
 
     cache = model.allocate_inference_cache(2)
     lower_for_h100(given_tokens, leaves, jnp.ones((2, 4, 5)), cache, jnp.ones((2, 4)))
     lower_for_h100(one_step, leaves, jnp.ones((2, 5)), cache, jnp.ones((2,)))
+
+
+def test_float64_tokens_with_a_float32_cache_keep_the_cache_dtype():
+    """The cell's state keeps the cache's dtype: float64 tokens from a float32 cache give a float32 cache (the
+    state rounded to float32 after every token) and float64 outputs close to those from a float64 cache."""
+    with jax.enable_x64(True):
+        model = Mamba(d_model=4, d_state=2, d_conv=2, rngs=nnx.Rngs(0))
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)))
+        tau = jnp.full((2, 3), 0.5)
+        y32, cache32, states = model.multi_step(x, model.allocate_inference_cache(2), tau, return_states=True)
+        y64, cache64 = model.multi_step(x, model.allocate_inference_cache(2, dtype=jnp.float64), tau)
+        assert y32.dtype == y64.dtype == jnp.float64
+        for key in cache32:
+            assert cache32[key].dtype == states[key].dtype == jnp.float32 and cache64[key].dtype == jnp.float64
+            np.testing.assert_allclose(cache32[key], cache64[key], rtol=1e-6, atol=1e-7)
+        assert relative_error(y32, y64) < 1e-6
 
 
 # ------------------------------------------------------------------- scan variants

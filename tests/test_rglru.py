@@ -248,3 +248,18 @@ def test_bad_arguments_raise_clear_errors():
         RGLRU(4, d_conv=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="RGLRU has no event mode"):
         RGLRU(4, rngs=nnx.Rngs(0))(np.zeros((1, 3, 4), np.float32), integration_timesteps=np.ones((1, 3), np.float32))
+
+
+def test_float64_tokens_with_a_float32_cache_keep_the_cache_dtype():
+    """The cell's state keeps the cache's dtype: float64 tokens from a float32 cache give a float32 cache (the
+    state rounded to float32 after every token) and float64 outputs close to those from a float64 cache."""
+    with jax.enable_x64(True):
+        model = RGLRU(4, d_conv=2, rngs=nnx.Rngs(0))
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)))
+        y32, cache32, states = model.multi_step(x, model.allocate_inference_cache(2), return_states=True)
+        y64, cache64 = model.multi_step(x, model.allocate_inference_cache(2, dtype=jnp.float64))
+        assert y32.dtype == y64.dtype == jnp.float64
+        for key in cache32:
+            assert cache32[key].dtype == states[key].dtype == jnp.float32 and cache64[key].dtype == jnp.float64
+            np.testing.assert_allclose(cache32[key], cache64[key], rtol=1e-6, atol=1e-7)
+        assert relative_error(y32, y64) < 1e-6

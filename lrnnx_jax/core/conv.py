@@ -97,9 +97,10 @@ def conv_cell_step(params: dict, state: dict, x_in, K: int):
     """One conv step inside a cell: ``x_in (..., D)`` enters the history.
 
     Returns ``(y (..., D), {"conv0": ..., "conv{K-1}": x_in})``, ``y = conv_b + sum_k conv_w{k} * history_k``
-    over the history ``conv1..conv{K-1}, x_in`` (oldest first). Elementwise only: it lowers in Pallas.
+    over the history ``conv1..conv{K-1}, x_in`` (oldest first); ``x_in`` enters in the state's dtype, so the
+    new state has the dtypes of ``state``. Elementwise only: it lowers in Pallas.
     """
-    history = [state[f"conv{k}"] for k in range(1, K)] + [x_in]
+    history = [state[f"conv{k}"] for k in range(1, K)] + [x_in.astype(state[f"conv{K - 1}"].dtype)]
     y = params["conv_b"] if "conv_b" in params else 0.0
     for k in range(K):
         y = y + params[f"conv_w{k}"] * history[k]

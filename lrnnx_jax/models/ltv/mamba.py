@@ -156,7 +156,7 @@ def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str)
     if "tau" in inputs:  # event mode: the A-step tau * softplus(b_A)
         delta_A = (inputs["tau"][..., None] * p["dtA"])[..., None]
     A_bar, gamma = km.discretize(discretization, p["A"], delta[..., None], delta_A)
-    h = A_bar * state["h"] + gamma * B_t[..., None, :] * u[..., None]
+    h = (A_bar * state["h"] + gamma * B_t[..., None, :] * u[..., None]).astype(state["h"].dtype)  # keeps its dtype
     y = (jnp.sum(h * C_t[..., None, :], axis=-1) + p["Dskip"] * u) * km.silu(z)
     out = km.contract(y, p["Wout"], 0, precision) + _bias(p, "Wout_b")
     return out, {**history, "h": h}

@@ -92,7 +92,7 @@ def rglru_cell_step(params, state, x, inputs, precision, *, c: float):
     r = km.sigmoid(km.contract(xc, p["Wr"], 0, precision) + p["Wr_b"])
     i = km.sigmoid(km.contract(xc, p["Wig"], 0, precision) + p["Wig_b"])
     A_bar, gamma = rglru_transition(-km.softplus(-p["a_log"]), c * r)
-    h = A_bar * state["h"] + gamma * (i * xc)
+    h = (A_bar * state["h"] + gamma * (i * xc)).astype(state["h"].dtype)  # the state keeps its dtype
     out = km.contract(g * h, p["Wout"], 0, precision) + _bias(p, "Wout_b")
     return out, {**history, "h": h}
 
