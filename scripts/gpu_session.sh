@@ -20,11 +20,11 @@ gpu_tests() {
     tests/test_step_kernels.py tests/test_pallas_fused_generation.py tests/test_convert.py tests/test_generation.py \
     > "$OUT/gpu_tests.txt" 2>&1
 }
-compare_args="--batches 32 128 4096 --no-xla --no-loop --repeats 10 --warmup 2"
+compare_args="--batches 32 128 4096 --no-loop --repeats 5 --warmup 1"
 case "${1:-checks}" in
   compare)
-    (cd .before && timeout 270 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/before.json") > "$OUT/before.txt" 2>&1
-    timeout 270 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/after.json" > "$OUT/after.txt" 2>&1
+    (cd .before && timeout 285 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/before.json") > "$OUT/before.txt" 2>&1
+    timeout 285 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/after.json" > "$OUT/after.txt" 2>&1
     ;;
   checks)
     gpu_tests
