@@ -16,22 +16,22 @@ if [ -d .fixtures ]; then export LRNNX_PARITY_FIXTURES=$PWD/.fixtures; fi
 { nvidia-smi --query-gpu=name,driver_version --format=csv; python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
 gpu_tests() {
   # several pytest workers share the GPU: no preallocation of 75% of its memory per process
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python -m pytest -q -p no:cacheprovider -n 6 \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 230 python -m pytest -q -p no:cacheprovider -n 6 \
     tests/test_step_kernels.py tests/test_pallas_fused_generation.py tests/test_convert.py tests/test_generation.py \
     > "$OUT/gpu_tests.txt" 2>&1
 }
-compare_args="--batches 32 128 4096 --no-loop --repeats 5 --warmup 1"
+compare_args="--batches 32 128 4096 --no-loop --repeats 3 --warmup 1"
 case "${1:-checks}" in
   compare)
-    (cd .before && timeout 285 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/before.json") > "$OUT/before.txt" 2>&1
-    timeout 285 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/after.json" > "$OUT/after.txt" 2>&1
+    (cd .before && timeout 260 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/before.json") > "$OUT/before.txt" 2>&1
+    timeout 260 python -m benchmarks.benchmark_fused_generation $compare_args --out "$OUT/after.json" > "$OUT/after.txt" 2>&1
     ;;
   checks)
     gpu_tests
     timeout 60 python -m pallas_kernels.gpu_selftest > "$OUT/state_update_selftest.txt" 2>&1
-    timeout 120 python -m pallas_kernels.gpu_fused_selftest --out "$OUT/fused_selftest.json" > "$OUT/fused_selftest.txt" 2>&1
-    timeout 60 python -m benchmarks.benchmark_generate_steps --out "$OUT/generate_steps.json" > "$OUT/generate_steps.txt" 2>&1
-    timeout 90 python -m benchmarks.benchmark_state_update --skip-ops --batches 1 32 256 4096 --repeats 10 > "$OUT/model_step.txt" 2>&1
+    timeout 90 python -m pallas_kernels.gpu_fused_selftest --quick --out "$OUT/fused_selftest.json" > "$OUT/fused_selftest.txt" 2>&1
+    timeout 50 python -m benchmarks.benchmark_generate_steps --models LRU,Mamba --out "$OUT/generate_steps.json" > "$OUT/generate_steps.txt" 2>&1
+    timeout 90 python -m benchmarks.benchmark_state_update --skip-ops --batches 1 32 4096 --repeats 10 > "$OUT/model_step.txt" 2>&1
     ;;
   tests)
     gpu_tests
