@@ -371,10 +371,10 @@ def fused_program(spec) -> Callable:
     """
     chunk = spec.chunk_size
 
-    def program(leaves, x, cache, taus, num_valid):
+    def fused_generation_program(leaves, x, cache, taus, num_valid):
         model = jax.tree.unflatten(spec.treedef, leaves)
         ys, cache = model_rollout(model, x, cache, taus, chunk, spec.kernels, num_valid=num_valid, time_major=True)
         x_next = jax.lax.dynamic_index_in_dim(ys, num_valid - 1, axis=0, keepdims=False)
         return ys, x_next, cache
 
-    return program
+    return fused_generation_program

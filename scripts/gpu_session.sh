@@ -7,6 +7,7 @@
 #                                   every model, fused generation, lrnnx parity, generation), both kernel self-tests,
 #                                   the model.step table and the generate-vs-num_steps benchmark
 #   scripts/gpu_session.sh tests    only the tests of "checks"
+#   scripts/gpu_session.sh recheck  the tests, and the comparison of "compare" again, 20 repeats, for chosen models
 # Results go to $OUT. The parity tests need the fixtures: carry a copy in .fixtures (LRNNX_PARITY_FIXTURES).
 set -u
 export PYTHONUNBUFFERED=1
@@ -35,6 +36,12 @@ case "${1:-checks}" in
     ;;
   tests)
     gpu_tests
+    ;;
+  recheck)  # the tests, then the fused comparison again with more repeats for the models whose first run was noisy
+    gpu_tests
+    args="--models LRU,S5,S5-event,ltv.S5-event,CentaurusPWNeck,S4,S7-small --batches 32 128 --no-xla --no-loop --repeats 20 --warmup 3"
+    (cd .before && timeout 110 python -m benchmarks.benchmark_fused_generation $args --out "$OUT/before2.json") > "$OUT/before2.txt" 2>&1
+    timeout 110 python -m benchmarks.benchmark_fused_generation $args --out "$OUT/after2.json" > "$OUT/after2.txt" 2>&1
     ;;
 esac
 tail -n 8 "$OUT"/*.txt

@@ -24,6 +24,7 @@ from flax import nnx
 from conftest import relative_error
 from lrnnx_jax import generation
 from lrnnx_jax.generation import GenerationConfig, capture_graph, generate
+from pallas_kernels import KernelConfig
 from zoo import ZOO, H
 
 ENTRIES = pytest.mark.parametrize("entry", ZOO, ids=[e.name for e in ZOO])
@@ -32,6 +33,8 @@ EVENT_ENTRY = next(e for e in ZOO if e.event)
 #: small chunks and blocks, so that a few steps cross every boundary (7 steps = a call of
 #: two blocks, then a call of one block and the one-step remainder)
 SMALL = GenerationConfig(chunk_size=4, block_size=2, unroll=1)
+#: the XLA program whatever the platform (on an NVIDIA GPU "auto" picks the fused program for most models)
+NEVER = KernelConfig(use_kernels="never")
 
 
 class _Collect(logging.Handler):
@@ -98,7 +101,7 @@ def test_generate_equals_step_loop(entry):
 def test_one_compilation_across_steps_seeds_and_parameters():
     model = LRU_ENTRY.build(seed=1)
     with compile_log() as captured:
-        graph = capture_graph(model, batch_size=2, config=SMALL)
+        graph = capture_graph(model, batch_size=2, config=SMALL, kernel_config=NEVER)
     assert captured == ["generation_program"]
     optimizer = nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.Param)
 
@@ -145,7 +148,9 @@ def _backend_compile_seconds():
 
 
 def test_new_step_counts_cost_little_compilation_and_repeats_none():
-    """After capture_graph, five new step counts spend < 0.2 s in backend compilation; repeated ones none."""
+    """After capture_graph, new step counts compile nothing on the CPU (< 0.2 s in all, to allow for
+    unrelated work) and repeated ones nothing anywhere. (On an accelerator each new count compiles one
+    slicing program; see BENCHMARKS.md for the H200's cost.)"""
     model = LRU_ENTRY.build(seed=21)
     graph = capture_graph(model, batch_size=2, config=GenerationConfig(chunk_size=64, block_size=8))
     x0, _ = inputs(2, seed=21)
@@ -153,7 +158,8 @@ def test_new_step_counts_cost_little_compilation_and_repeats_none():
     try:
         for num_steps in (1, 7, 64, 65, 200):
             generate(model, x0, num_steps, graph_cache=graph).block_until_ready()
-        assert seconds[0] < 0.2, seconds[0]
+        if jax.default_backend() == "cpu":
+            assert seconds[0] < 0.2, seconds[0]
         before = seconds[0]
         for num_steps in (7, 200, 1):
             generate(model, x0, num_steps, graph_cache=graph).block_until_ready()
@@ -168,7 +174,7 @@ def test_the_program_runs_exactly_num_valid_steps(entry):
     blocks, then one guarded scan per bit of the remainder), for every count up to the chunk."""
     model = entry.build(seed=22)
     config = GenerationConfig(chunk_size=11, block_size=4, unroll=1)
-    graph = capture_graph(model, batch_size=2, event_mode=entry.event, config=config)
+    graph = capture_graph(model, batch_size=2, event_mode=entry.event, config=config, kernel_config=NEVER)
     x0, tau = inputs(2, seed=22, event=entry.event, num_steps=11)
     leaves = jax.tree.leaves(model)
     cache = model.allocate_inference_cache(2)
@@ -209,18 +215,18 @@ def test_generate_without_graph_compiles_once_per_structure_and_batch():
     x0, _ = inputs(2, seed=6)
     config = GenerationConfig(chunk_size=8, block_size=4)
     with compile_log() as compiled:
-        first = generate(model, x0, 11, config=config)
-        second = generate(model, x0 + 1, 11, config=config)
-        generate(model, x0, 3, config=config)
+        first = generate(model, x0, 11, config=config, kernel_config=NEVER)
+        second = generate(model, x0 + 1, 11, config=config, kernel_config=NEVER)
+        generate(model, x0, 3, config=config, kernel_config=NEVER)
     assert compiled.count("generation_program") == 1
     assert relative_error(first, step_loop(model, x0, 11)) < 1e-5
     assert relative_error(second, step_loop(model, x0 + 1, 11)) < 1e-5
     model.D[...] = model.D[...] * 0.5  # new parameter values, same structure
     with compile_log() as compiled:
-        generate(model, x0, 11, config=config).block_until_ready()
+        generate(model, x0, 11, config=config, kernel_config=NEVER).block_until_ready()
     assert compiled == []
     with compile_log() as compiled:
-        generate(model, np.concatenate([x0, x0]), 11, config=config)  # another batch size
+        generate(model, np.concatenate([x0, x0]), 11, config=config, kernel_config=NEVER)  # another batch size
     assert compiled.count("generation_program") == 1
 
 
@@ -290,7 +296,7 @@ def test_build_program_is_the_dispatch_point(monkeypatch):
 
     monkeypatch.setattr(generation, "build_program", probe)
     model = LRU_ENTRY.build(seed=7)
-    graph = capture_graph(model, 2, config=GenerationConfig(chunk_size=4, block_size=2, unroll=1))
+    graph = capture_graph(model, 2, config=GenerationConfig(chunk_size=4, block_size=2, unroll=1), kernel_config=NEVER)
     assert len(built) == 1 and not built[0].fused
     assert built[0].batch_size == 2 and built[0].d_model == H
     x0, _ = inputs(2, seed=12)

@@ -18,11 +18,14 @@ from pallas_kernels import cells
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import kernel_math as km
 
-#: H100 measurements (BENCHMARKS.md §3-4): the one-row state-update kernel of the diagonal models was
-#: 1.2-1.9x faster than the XLA step up to batch 256 and blocks of 16 rows 1.35x faster at 4096; the fused
-#: rollout was faster than the XLA program at B=1, 32, 256 and 4096 (LRU, LTV S5, Centaurus neck/pw/full)
+#: H200 measurements (BENCHMARKS.md §4): the fused rollout is faster than the XLA program at every measured batch
+#: (LRU, Centaurus neck/pw), the one-step kernel faster than the XLA driver of the cell only at batch 1
 DIAGONAL_POLICY = cells.KernelPolicy(
-    evidence="diagonal cells: fused rollout and step kernels faster than XLA at B=1-4096 on an H100 (BENCHMARKS.md §3-4)")
+    rollout_max_batch=None, step_max_batch=1,
+    evidence="H200 (H=128, N=64): fused rollout 1.4-2.0 us/step against 7.9-11.6 for the XLA program at B=32 and 128, "
+             "15-18 against 24-30 at B=4096 (LRU, Centaurus neck/pw); one-step kernel against the XLA step: LRU 10.0 vs "
+             "17.1 us at B=1, 30.6 vs 19.9 at B=32, 54.5 vs 35.3 at B=4096; Centaurus neck 9.0 vs 10.2 at B=1, 20.6 vs "
+             "12.7 at B=32")
 
 
 def diagonal_step(p, s, x, inputs, precision):

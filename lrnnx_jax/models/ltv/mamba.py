@@ -59,11 +59,10 @@ DT_INITS = ("random", "constant")
 #: where ``use_kernels="auto"`` runs Mamba's cell kernels (measured on an H100, BENCHMARKS.md sections 3 and 4)
 POLICY = KernelPolicy(
     rollout_max_batch=0,
-    step_max_batch=1,
-    evidence=("Mamba on an H100 (H=128, d_state=16, 512 steps): the fused rollout took 28.8 / 30.9 / 155 / 2,460 "
-              "us per step against 9.61 / 16.6 / 20.2 / 119 for the compile-once XLA program at B=1 / 32 / 256 / 4096; "
-              "the one-step kernel (D=2048, N=16) was faster than the XLA step only at batch 1 (8.54 vs 9.23 us; "
-              "12.3 vs 11.0 at B=32, 464 vs 426 at B=4096)"),
+    step_max_batch=0,
+    evidence=("H200 (H=128, d_state=16, 512 steps): the fused rollout took 31.6 / 66.7 / 1,910 us per step against "
+              "20.9 / 21.0 / 116 for the compile-once XLA program at B=32 / 128 / 4096; the one-step kernel against "
+              "the XLA step: 30.9 vs 16.9 us at B=1, 33.4 vs 27.6 at B=32, 943 vs 130 at B=4096"),
 )
 
 

@@ -39,10 +39,10 @@ from pallas_kernels.cells import Cell, KernelPolicy
 #: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H100, BENCHMARKS.md sections 3 and 4)
 POLICY = KernelPolicy(
     rollout_max_batch=0,
-    step_max_batch=1,
-    evidence=("RG-LRU on an H100 (H=128, 512 steps): the fused rollout took 11.7 us per step against 11.9 for the "
-              "compile-once XLA program at B=32, and 869 against 42.8 at B=4096; the one-step kernel (D=128) was "
-              "faster than the XLA step only at batch 1 (5.91 vs 7.48 us; 9.80 vs 7.57 at B=32)"),
+    step_max_batch=0,
+    evidence=("H200 (H=128, 512 steps): the fused rollout took 12.3 / 22.5 / 675 us per step against 13.4 / 17.1 / "
+              "44.6 for the compile-once XLA program at B=32 / 128 / 4096 (no faster at B=32, slower above); the "
+              "one-step kernel against the XLA step: 14.7 vs 13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept)"),
 )
 
 

@@ -30,6 +30,7 @@ from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core import hippo, lti
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
+from pallas_kernels import cells
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from lrnnx_jax.core.validation import check_positive_int
 
@@ -89,6 +90,11 @@ class S5(DiagonalSSM):
     """
 
     supports_integration_timesteps = True
+    kernel_policy = cells.KernelPolicy(
+        rollout_max_batch=None, step_max_batch=32,
+        evidence="H200 (H=128, P=64): fused rollout 1.6-2.8 us/step against 11.5-13.9 for the XLA program at B=32 and "
+                 "128, 15.6 against 29-34 at B=4096; one-step kernel against the XLA step 9.5 vs 15.5 us at B=1, 10.9 vs "
+                 "26.3 at B=32, 47.9 vs 47.0 at B=4096")
 
     def __init__(
         self,
