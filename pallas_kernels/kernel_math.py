@@ -69,9 +69,10 @@ def contract(v, W, axis: int, precision=None):
         common = jnp.promote_types(v.dtype, W.dtype)
         v, W = v.astype(common), W.astype(common)
     if v.ndim == 1:
-        shape = [1] * W.ndim
-        shape[axis] = v.shape[0]
-        return jnp.sum(W * v.reshape(shape), axis=axis)
+        # expand_dims, not reshape: in a Triton kernel a reshape is a tt.reshape, which may move the
+        # vector through shared memory; expanded unit axes are free
+        other_axes = tuple(d for d in range(W.ndim) if d != axis % W.ndim)
+        return jnp.sum(W * jnp.expand_dims(v, other_axes), axis=axis)
     return jax.lax.dot_general(v, W, (((v.ndim - 1,), (axis,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
 
