@@ -63,11 +63,13 @@ def s7_step(params, state, u, inputs, precision):
     """
     p, s = params, state["s"]
     x = km.contract(u, p["Win"], 0, precision)
-    A_bar = s7_transition(km.contract(x, p["Wa"], 0, precision) + p["base"])
+    # B_t and C_t first: the order of the pre-cells kernel, measured faster on an H200 (it sets the
+    # live ranges of the large per-token tiles in the kernel)
     B_t = km.contract(x, p["WB"], 0, precision)
+    C_t = km.contract(x, p["WC"], 0, precision)
+    A_bar = s7_transition(km.contract(x, p["Wa"], 0, precision) + p["base"])
     drive = jnp.sum(B_t * x[..., None], axis=-2) + km.contract(x, p["Wbeta"], 0, precision)
     h = (A_bar * s + drive).astype(s.dtype)
-    C_t = km.contract(x, p["WC"], 0, precision)
     y = jnp.sum(C_t * h[..., None, :], axis=-1) + km.contract(x, p["Wd"], 0, precision) * x
     out = km.sigmoid(km.contract(km.gelu(y), p["Wg"], 0, precision)) * y + u
     return out, {"s": h}
