@@ -325,8 +325,9 @@ def test_cell_layout_dtypes_and_policy():
     chex.assert_shape([state["conv0"], state["h"]], [(3, D), (3, D, N)])
     assert_caches_close(model.cell_cache(state, cache), cache)
     # measured slower than the XLA program: "auto" takes the rollout never, the step kernel at batch 1 only
-    assert cell.policy.slower_reason("rollout", 1) is not None and "H100" in cell.policy.evidence
-    assert cell.policy.slower_reason("step", 1) is None and cell.policy.slower_reason("step", 2) is not None
+    # measured on an H200: the XLA program and the XLA step faster at every batch
+    assert cell.policy.slower_reason("rollout", 1) is not None and "H200" in cell.policy.evidence
+    assert cell.policy.slower_reason("step", 1) is not None
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -205,8 +205,9 @@ def test_cell_layout_dtypes_and_policy():
     assert set(state) == {"conv0", "conv1", "h"}
     chex.assert_shape([state["conv1"], state["h"]], [(3, D), (3, D)])
     assert_caches_close(model.cell_cache(state, cache), cache)
-    assert cell.policy.slower_reason("rollout", 1) is not None and "H100" in cell.policy.evidence
-    assert cell.policy.slower_reason("step", 1) is None and cell.policy.slower_reason("step", 32) is not None
+    # measured on an H200: the XLA program faster, the one-step kernel mixed (XLA kept)
+    assert cell.policy.slower_reason("rollout", 1) is not None and "H200" in cell.policy.evidence
+    assert cell.policy.slower_reason("step", 1) is not None
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -206,7 +206,7 @@ def test_cell_one_row_equals_the_block():
     model, x, _ = _model_and_inputs(ZOO_S7[1], seed=14, batch=3, length=2)
     cell = model.cell()
     chex.assert_trees_all_equal_dtypes(cell.params, {k: jnp.zeros((), jnp.float32) for k in cell.params})
-    assert cell.policy.rollout_max_batch == 512 and cell.policy.step_max_batch == 1
+    assert cell.policy.rollout_max_batch == 512 and cell.policy.step_max_batch == 0
     s = jnp.asarray(np.random.default_rng(14).standard_normal((3, model.d_state)), jnp.float32)
     y_block, state_block = cells.xla_step(cell, {"s": s}, jnp.asarray(x[:, 0]), {})
     for b in range(3):
