@@ -11,7 +11,9 @@ A model describes its single step as a :class:`Cell`:
   :mod:`pallas_kernels.kernel_math`). ``x (..., H)``, ``state`` and ``inputs`` (dict
   pytrees of per-row values) carry the same leading row axes: none for one row (a
   kernel program), ``(R,)`` for a block of rows (the batch in the XLA drivers). The
-  contractions of a block run at ``precision``;
+  contractions of a block run at ``precision`` (the XLA drivers pass
+  :class:`~pallas_kernels.kernel_math.Precisions`: :func:`~pallas_kernels.kernel_math.contract` for
+  the SSM's own contractions, :func:`~pallas_kernels.kernel_math.project` for dense projections);
 * ``pad_values``: the value padded lanes of a parameter take in the kernels (0 unless
   named: e.g. a nonzero ``A`` where a discretization divides by it);
 * ``blockable``: whether the kernel may give a program a block of rows (tensor-core dots);
@@ -40,8 +42,12 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-#: the contractions of the XLA drivers (the batch as a block): float32 accuracy on every platform
-XLA_PRECISION = jax.lax.Precision.HIGHEST
+from pallas_kernels import kernel_math as km
+
+#: the dots of the XLA drivers (the batch as a block): the SSM's contractions at float32 accuracy on every
+#: platform, the dense projections at JAX's default matmul precision (as in the models' forwards; TF32 on
+#: NVIDIA GPUs unless ``jax.default_matmul_precision`` says otherwise)
+XLA_PRECISION = km.Precisions(state=jax.lax.Precision.HIGHEST, projection=None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@ functions only, so one step function serves the XLA drivers and the kernels.
 * :func:`discretize`: the kernels' versions of ``lrnnx_jax.core.discretization``
   (which stays the single definition for the models' parallel paths; the two are
   compared on random inputs in tests/test_pallas_kernel_math.py);
-* :func:`contract`: a vector (or a block of rows) contracted with a parameter tile;
+* :func:`contract` and :func:`project`: a vector (or a block of rows) contracted with a parameter
+  tile, for the SSM's own contractions and for the dense projections around it (:class:`Precisions`);
 * activations: :func:`softplus`, :func:`silu`, :func:`sigmoid`, :func:`gelu` (with a
   rational :func:`erf`, since ``lax.erf`` has no Triton lowering).
 """
@@ -16,6 +17,7 @@ functions only, so one step function serves the XLA drivers and the kernels.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +58,27 @@ def discretize(name: str, A, delta, delta_A=None):
     raise ValueError(f"unknown discretization {name!r}; expected one of {sorted(DISCRETIZATIONS)}")
 
 
+class Precisions(NamedTuple):
+    """The dot precisions of a block of rows in the XLA drivers: ``state`` for the SSM's own contractions
+    (:func:`contract`; ``HIGHEST``), ``projection`` for the dense projections around it (:func:`project`;
+    None: JAX's default matmul precision, as the models' forwards). A kernel passes one precision for both."""
+
+    state: Any
+    projection: Any
+
+
 def contract(v, W, axis: int, precision=None):
-    """``v`` contracted with the parameter tile ``W`` along ``W``'s ``axis``.
+    """``v`` contracted with the parameter tile ``W`` along ``W``'s ``axis`` (an SSM contraction).
 
     ``v`` is ``(K,)``, one row: multiply-adds and a reduction (exact float32, what a
     one-row kernel program runs); or ``(R, K)``, a block of rows (the batch in the XLA
-    drivers, a block of rows in a kernel): a ``dot_general`` at ``precision``. The
-    result is ``W``'s shape without ``axis``, after ``R`` for a block. With a 2-D ``W``
-    this is ``v @ W.T`` for ``axis=1`` and ``v @ W`` for ``axis=0``.
+    drivers, a block of rows in a kernel): a ``dot_general`` at ``precision`` (a
+    :class:`Precisions` gives its ``state``). The result is ``W``'s shape without ``axis``,
+    after ``R`` for a block. With a 2-D ``W`` this is ``v @ W.T`` for ``axis=1`` and ``v @ W``
+    for ``axis=0``.
     """
+    if isinstance(precision, Precisions):
+        precision = precision.state
     if v.dtype != W.dtype:
         common = jnp.promote_types(v.dtype, W.dtype)
         v, W = v.astype(common), W.astype(common)
@@ -75,6 +89,12 @@ def contract(v, W, axis: int, precision=None):
         return jnp.sum(W * jnp.expand_dims(v, other_axes), axis=axis)
     return jax.lax.dot_general(v, W, (((v.ndim - 1,), (axis,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
+
+
+def project(v, W, axis: int, precision=None):
+    """:func:`contract` for a dense projection (a linear layer around the SSM): at ``precision.projection``
+    when ``precision`` is :class:`Precisions` (JAX's default matmul precision in the XLA drivers)."""
+    return contract(v, W, axis, precision.projection if isinstance(precision, Precisions) else precision)
 
 
 def softplus(x):

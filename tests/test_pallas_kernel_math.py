@@ -96,3 +96,24 @@ def test_unknown_name_raises():
     for name in ("euler", "rglru", "s7"):  # RG-LRU and S7 have their own cells, not discretization modes
         with pytest.raises(ValueError, match=f"unknown discretization '{name}'"):
             km.discretize(name, jnp.ones(3), jnp.ones(3))
+
+
+def test_xla_drivers_contract_at_highest_and_project_at_the_default_precision():
+    """A block of rows under :class:`Precisions`: the SSM's contractions at ``state`` (HIGHEST), the dense
+    projections at ``projection`` (None: JAX's default, as the forwards' linear layers); one row has no dot."""
+    precisions = km.Precisions(state=jax.lax.Precision.HIGHEST, projection=None)
+    rng = np.random.default_rng(40)
+    V = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
+    W = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+
+    def dot_precisions(fn, v):
+        jaxpr = jax.make_jaxpr(lambda v, W: fn(v, W, 0, precisions))(v, W)
+        return [eqn.params["precision"] for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+
+    assert dot_precisions(km.contract, V) == [(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)]
+    assert dot_precisions(km.project, V) == [None]
+    assert dot_precisions(km.project, V[0]) == [] and dot_precisions(km.contract, V[0]) == []
+    expected = np.asarray(V, np.float64) @ np.asarray(W, np.float64)
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(km.project(V, W, 0, precisions), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(km.contract(V, W, 0, precisions), expected, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,7 @@ def diagonal_step(p, s, x, inputs, precision):
     if "D" in p:
         y = y + p["D"] * x
     if "DT" in p:
-        y = y + km.contract(x, p["DT"], 1, precision)
+        y = y + km.project(x, p["DT"], 1, precision)
     return y, {"h": h}
 
 

@@ -366,21 +366,23 @@ def block_step(params, state, x, inputs, precision, *, channels: int, rank: int,
     output features (exact). ``inputs["drop{j}"]`` (training mode): dropout masks of the blocks.
     """
     p = params
-    u = km.contract(x, p["Win"], 0, precision) + p["Win_b"] if has_input_linear else x
+    u = km.project(x, p["Win"], 0, precision) + p["Win_b"] if has_input_linear else x
     h = state["h"]
     h_new = cl.add(cl.mul(p["a"], h), cl.mul(p["B"], u[..., None]))
     for r in range(rank):
         h_new = cl.sub(h_new, cl.mul(p[f"L{r}"], _state_sum(cl.mul(p[f"R{r}"], h))))
     blocks = [km.gelu(jnp.sum(cl.real(cl.mul(p[f"C{j}"], h_new)), axis=-1) + p[f"D{j}"] * u) for j in range(channels)]
     if gate == "full":
-        g = sum(km.contract(z, p[f"G{j}"], 0, precision) for j, z in enumerate(blocks)) + p["G_b"]
-        blocks = [g * km.gelu(km.contract(x, p["Wv0"], 0, precision) + p["Wv0_b"])]
+        g = sum(km.project(z, p[f"G{j}"], 0, precision) for j, z in enumerate(blocks)) + p["G_b"]
+        blocks = [g * km.gelu(km.project(x, p["Wv0"], 0, precision) + p["Wv0_b"])]
     elif gate == "blocks":
-        blocks = [z * km.gelu(km.contract(x, p[f"Wv{j}"], 0, precision) + p[f"Wv{j}_b"]) for j, z in enumerate(blocks)]
+        blocks = [z * km.gelu(km.project(x, p[f"Wv{j}"], 0, precision) + p[f"Wv{j}_b"]) for j, z in enumerate(blocks)]
     blocks = [km.gelu(z) for z in blocks]
     if "drop0" in inputs:
         blocks = [z * inputs[f"drop{j}"] for j, z in enumerate(blocks)]
-    out = sum(km.contract(z, p[f"O{j}"], 0, precision) for j, z in enumerate(blocks))
+    # the output layer is a dense projection; the one-hot maps (no output layer) must stay exact
+    output = km.project if final_linear else km.contract
+    out = sum(output(z, p[f"O{j}"], 0, precision) for j, z in enumerate(blocks))
     y = km.gelu(out + p["O_b"]) if final_linear else out
     return y, {"h": h_new.astype(h.dtype)}
 

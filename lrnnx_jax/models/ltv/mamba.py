@@ -143,21 +143,21 @@ def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str)
     lower in Pallas: the contractions by :func:`pallas_kernels.kernel_math.contract`.
     """
     p = params
-    x_in = km.contract(x, p["Win_x"], 1, precision) + _bias(p, "Win_x_b")
-    z = km.contract(x, p["Win_z"], 1, precision) + _bias(p, "Win_z_b")
+    x_in = km.project(x, p["Win_x"], 1, precision) + _bias(p, "Win_x_b")
+    z = km.project(x, p["Win_z"], 1, precision) + _bias(p, "Win_z_b")
     pre, history = conv.conv_cell_step(p, state, x_in, conv.conv_taps(p))
     u = km.silu(pre)
-    r = km.contract(u, p["Wx_r"], 1, precision)
-    B_t = km.contract(u, p["Wx_B"], 1, precision)
-    C_t = km.contract(u, p["Wx_C"], 1, precision)
-    delta = km.softplus(km.contract(r, p["Wdt"], 0, precision) + p["Wdt_b"])
+    r = km.project(u, p["Wx_r"], 1, precision)
+    B_t = km.project(u, p["Wx_B"], 1, precision)
+    C_t = km.project(u, p["Wx_C"], 1, precision)
+    delta = km.softplus(km.project(r, p["Wdt"], 0, precision) + p["Wdt_b"])
     delta_A = None
     if "tau" in inputs:  # event mode: the A-step tau * softplus(b_A)
         delta_A = (inputs["tau"][..., None] * p["dtA"])[..., None]
     A_bar, gamma = km.discretize(discretization, p["A"], delta[..., None], delta_A)
     h = (A_bar * state["h"] + gamma * B_t[..., None, :] * u[..., None]).astype(state["h"].dtype)  # keeps its dtype
     y = (jnp.sum(h * C_t[..., None, :], axis=-1) + p["Dskip"] * u) * km.silu(z)
-    out = km.contract(y, p["Wout"], 0, precision) + _bias(p, "Wout_b")
+    out = km.project(y, p["Wout"], 0, precision) + _bias(p, "Wout_b")
     return out, {**history, "h": h}
 
 

@@ -86,14 +86,14 @@ def rglru_cell_step(params, state, x, inputs, precision, *, c: float):
     ``log_sigmoid(a_log) = -softplus(-a_log)`` by :func:`pallas_kernels.kernel_math.softplus`.
     """
     p = params
-    g = km.gelu(km.contract(x, p["Wg"], 0, precision) + _bias(p, "Wg_b"))
-    x_in = km.contract(x, p["Wi"], 0, precision) + _bias(p, "Wi_b")
+    g = km.gelu(km.project(x, p["Wg"], 0, precision) + _bias(p, "Wg_b"))
+    x_in = km.project(x, p["Wi"], 0, precision) + _bias(p, "Wi_b")
     xc, history = conv.conv_cell_step(p, state, x_in, conv.conv_taps(p))
-    r = km.sigmoid(km.contract(xc, p["Wr"], 0, precision) + p["Wr_b"])
-    i = km.sigmoid(km.contract(xc, p["Wig"], 0, precision) + p["Wig_b"])
+    r = km.sigmoid(km.project(xc, p["Wr"], 0, precision) + p["Wr_b"])
+    i = km.sigmoid(km.project(xc, p["Wig"], 0, precision) + p["Wig_b"])
     A_bar, gamma = rglru_transition(-km.softplus(-p["a_log"]), c * r)
     h = (A_bar * state["h"] + gamma * (i * xc)).astype(state["h"].dtype)  # the state keeps its dtype
-    out = km.contract(g * h, p["Wout"], 0, precision) + _bias(p, "Wout_b")
+    out = km.project(g * h, p["Wout"], 0, precision) + _bias(p, "Wout_b")
     return out, {**history, "h": h}
 
 
