@@ -1,4 +1,5 @@
-"""Load PyTorch lrnnx checkpoints: ``from_lrnnx(model_name, kwargs, state_dict)``.
+"""Load PyTorch checkpoints: lrnnx's (``from_lrnnx(model_name, kwargs, state_dict)``) and ``mamba_ssm``'s
+(``from_mamba_ssm("Mamba2", kwargs, state_dict)``).
 
 torch is not needed: ``state_dict`` maps lrnnx's entry names to NumPy arrays
 (``{k: v.numpy() for k, v in module.state_dict().items()}`` on the PyTorch side).
@@ -43,8 +44,13 @@ def load_lrnnx_state_dict(model, state_dict: Mapping[str, Any]):
     Raises:
       ValueError: naming every missing, unexpected or wrongly shaped entry.
     """
-    entries = model.lrnnx_entries()
-    ignored = set(model.lrnnx_ignored_entries)
+    return load_entries(model, model.lrnnx_entries(), model.lrnnx_ignored_entries, state_dict)
+
+
+def load_entries(model, entries, ignored, state_dict: Mapping[str, Any]):
+    """Check ``state_dict`` against a layout (``name -> LrnnxEntry``; ``ignored`` names are accepted and
+    skipped), reporting every missing, unexpected or wrongly shaped entry at once, then load it into ``model``."""
+    ignored = set(ignored)
     arrays = {name: np.asarray(value) for name, value in state_dict.items()}
     missing = sorted(set(entries) - set(arrays))
     unexpected = sorted(set(arrays) - set(entries) - ignored)
@@ -92,3 +98,30 @@ def from_lrnnx(model_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[s
         kwargs = translate(kwargs)
     model = cls(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(0))
     return load_lrnnx_state_dict(model, state_dict)
+
+
+#: ``mamba_ssm`` module names -> (module, class) of the lrnnx_jax implementation.
+MAMBA_SSM_MODELS: dict[str, tuple[str, str]] = {
+    "Mamba2": ("lrnnx_jax.models.ltv.mamba2", "Mamba2"),
+}
+
+
+def from_mamba_ssm(model_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, Any], *,
+                   rngs: nnx.Rngs | None = None):
+    """Build the lrnnx_jax twin of a ``mamba_ssm`` layer and load its ``state_dict``.
+
+    Args:
+      model_name: ``"Mamba2"`` (``mamba_ssm.modules.mamba2.Mamba2``).
+      kwargs: its constructor keyword arguments.
+      state_dict: ``mamba_ssm``'s entry names (``in_proj.weight``, ``conv1d.weight``, ``conv1d.bias``,
+        ``dt_bias``, ``A_log``, ``D``, ``norm.weight``, ``out_proj.weight``, ...) -> arrays.
+      rngs: used only for construction (every parameter is then overwritten).
+
+    Raises:
+      ValueError: for an unknown name, or naming every missing, unexpected or wrongly shaped entry.
+    """
+    if model_name not in MAMBA_SSM_MODELS:
+        raise ValueError(f"unknown mamba_ssm model {model_name!r}; expected one of {sorted(MAMBA_SSM_MODELS)}")
+    module, name = MAMBA_SSM_MODELS[model_name]
+    model = getattr(importlib.import_module(module), name)(**dict(kwargs), rngs=rngs if rngs is not None else nnx.Rngs(0))
+    return load_entries(model, model.mamba_ssm_entries(), (), state_dict)

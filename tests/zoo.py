@@ -60,6 +60,10 @@ ZOO: list[ZooEntry] = [
     ZooEntry("Mamba-zoh-k2-e1.5-bias-r2-c4", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=3, d_conv=2, expand=1.5, dt_rank=2, bias=True, conv_bias=False, discretization="zoh", chunk_size=4, dt_min=0.05, dt_max=0.5)),
     ZooEntry("Mamba-dirac-event", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, discretization="dirac", dt_min=0.05, dt_max=0.5), event=True, grad_check=False),
     ZooEntry("Mamba-bilinear-event-c4", "lrnnx_jax.models.ltv.mamba", "Mamba", dict(d_model=H, d_state=4, discretization="bilinear", chunk_size=4, dt_min=0.1, dt_max=1.0), event=True),
+    # Mamba-2 (mamba_ssm's layer; lrnnx has none): 3 heads of 4 channels, one group; and 3 groups with biases,
+    # a skip per channel and the norm before the gate. tests/test_mamba2.py checks it against float64 NumPy.
+    ZooEntry("Mamba2", "lrnnx_jax.models.ltv.mamba2", "Mamba2", dict(d_model=H, d_state=4, headdim=4, d_conv=3, chunk_size=4, dt_min=0.05, dt_max=0.5)),
+    ZooEntry("Mamba2-g3-bias-hdim-normfirst", "lrnnx_jax.models.ltv.mamba2", "Mamba2", dict(d_model=H, d_state=4, headdim=4, ngroups=3, bias=True, D_has_hdim=True, norm_before_gate=True, chunk_size=None, dt_min=0.05, dt_max=0.5), grad_check=False),
     # S4 / S4D: dt up to 0.5 so that the bilinear dynamics matter within a few steps; the default configurations
     # (legs, one channel, no gate) are the fixtures 05-07, and tests/test_s4*.py cover the rest.
     ZooEntry("S4-legt-r2-c2-gate-bottleneck", "lrnnx_jax.models.lti.s4", "S4", dict(d_model=H, d_state=6, rank=2, init="legt", channels=2, gate=2, bottleneck=2, dt_tie=False, transposed=False, chunk_size=4, dt_min=0.01, dt_max=0.5), methods=("fft", "scan")),

@@ -68,8 +68,9 @@ def _wide(a):
 
 
 def conv_cell_params(weight, bias=None) -> dict:
-    """The cell parameters of the conv: ``{"conv_w{k}": weight[:, k] (D,)}`` and ``"conv_b"`` (when a bias)."""
-    params = {f"conv_w{k}": _wide(weight[:, k]) for k in range(weight.shape[1])}
+    """The cell parameters of the conv: ``{"conv_w{k}": weight[..., k] (D...)}`` and ``"conv_b"`` (when a bias);
+    ``weight (D..., K)`` with any channel shape ``D...`` (``bias`` of that shape)."""
+    params = {f"conv_w{k}": _wide(weight[..., k]) for k in range(weight.shape[-1])}
     if bias is not None:
         params["conv_b"] = _wide(bias)
     return params
