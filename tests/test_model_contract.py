@@ -297,3 +297,54 @@ def test_bad_input_raises_clear_errors(entry):
     else:
         with pytest.raises(ValueError, match="does not use integration_timesteps"):
             model(x, integration_timesteps=np.ones((2, 5), np.float32))
+
+
+VERIFIED = [e for e in ZOO if e.name in ("LRU", "S5-async-event", "Mamba", "Mamba-bilinear-event-c4", "RGLRU-e2-k2-bias",
+                                         "Mamba2", "S4-legt-r2-c2-gate-bottleneck", "S7-J1")]
+
+
+@pytest.mark.parametrize("entry", VERIFIED, ids=[e.name for e in VERIFIED])
+def test_verify_step_equals_steps_over_exactly_the_accepted_tokens(entry):
+    """Ten verify_step calls of 4 drafted tokens with random acceptance: every call's outputs and the committed
+    state equal plain ``step`` over exactly the accepted tokens (the drafts of a call run from the state after
+    the previous calls' accepted prefixes)."""
+    model = entry.build(seed=14)
+    rng = np.random.default_rng(14)
+    batch, T = 3, 4
+    cache = model.allocate_verify_cache(batch, T)
+    committed = model.allocate_inference_cache(batch)
+    previous, previous_tau, accepted = None, None, None
+    for call in range(10):
+        x = rng.standard_normal((batch, T, H)).astype(np.float32)
+        tau = rng.uniform(0.05, 1.5, (batch, T)).astype(np.float32) if entry.event else None
+        if previous is not None:  # commit each row's accepted prefix of the previous call, one step at a time
+            rows = []
+            for b in range(batch):
+                row = _rows(committed, slice(b, b + 1))
+                for t in range(int(accepted[b])):
+                    _, row = model.step(previous[b : b + 1, t], row,
+                                        None if previous_tau is None else previous_tau[b : b + 1, t])
+                rows.append(row)
+            committed = {k: jnp.concatenate([r[k] for r in rows]) for k in committed}
+        y, cache = model.verify_step(x, cache, None if accepted is None else jnp.asarray(accepted), tau)
+        chex.assert_shape(y, (batch, T, H))
+        expected, _ = step_loop(model, x, tau, committed)
+        assert relative_error(y, expected) < 1e-4, call
+        _assert_caches_close(cache["checkpoint"], committed)
+        previous, previous_tau, accepted = x, tau, rng.integers(0, T + 1, batch)
+
+
+def test_verify_step_errors():
+    model = next(e for e in ZOO if e.name == "Mamba").build()
+    cache = model.allocate_verify_cache(2, 3)
+    x = np.zeros((2, 3, H), np.float32)
+    with pytest.raises(ValueError, match=r"num_accepted must lie in \[0, L=3\], got min 0 and max 4"):
+        model.verify_step(x, cache, jnp.asarray([0, 4]))
+    with pytest.raises(ValueError, match=r"num_accepted must have shape \(B,\) = \(2,\)"):
+        model.verify_step(x, cache, jnp.asarray([1, 1, 1]))
+    with pytest.raises(ValueError, match=r"x_tokens must have the shape of the verify cache's tokens \(2, 3, 6\)"):
+        model.verify_step(np.zeros((2, 4, H), np.float32), cache)
+    with pytest.raises(TypeError, match="cache must be the dict from allocate_verify_cache"):
+        model.verify_step(x, model.allocate_inference_cache(2))
+    with pytest.raises(ValueError, match="num_tokens must be a positive integer"):
+        model.allocate_verify_cache(2, 0)

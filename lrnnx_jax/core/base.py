@@ -152,6 +152,57 @@ class LRNN(nnx.Module):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> Cache:
         raise NotImplementedError
 
+    def allocate_verify_cache(self, batch_size: int, num_tokens: int, dtype=None) -> Cache:
+        """The cache of :meth:`verify_step` for calls of ``num_tokens`` tokens: ``{"checkpoint"`` (an inference
+        cache, the committed state), ``"old_x" (B, T, H)`` (the previous call's tokens, zeros at first), and in
+        event mode ``"old_tau" (B, T)``}."""
+        num_tokens = validation.check_positive_int(num_tokens, "num_tokens")
+        cache = {"checkpoint": self.allocate_inference_cache(batch_size, dtype=dtype),
+                 "old_x": jnp.zeros((batch_size, num_tokens, self.d_model), compute_dtype(dtype or jnp.float32))}
+        if self.supports_integration_timesteps:
+            cache["old_tau"] = jnp.ones((batch_size, num_tokens), compute_dtype(dtype or jnp.float32))
+        return cache
+
+    def verify_step(self, x_tokens, cache: Cache, num_accepted=None, integration_timesteps=None, *, kernel_config=None):
+        """Speculative verification: T drafted tokens in one call, of which a later call accepts a prefix.
+
+        The cache (:meth:`allocate_verify_cache`) holds a checkpoint (the committed state) and the previous
+        call's tokens. A call first replays the ``num_accepted`` accepted tokens of the previous call onto the
+        checkpoint (the parallel forward from the cache, with ``lengths=num_accepted``: the conv states too)
+        and commits the result as the new checkpoint; then it runs the new tokens from it with
+        :meth:`multi_step` and keeps them for the next call's replay. The new tokens are not committed.
+
+        Args:
+          x_tokens: ``(B, T, H)``, T as allocated.
+          cache: from :meth:`allocate_verify_cache` or the previous call.
+          num_accepted: ``(B,)`` integers in ``[0, T]``: how many tokens of the previous call were accepted
+            (None: none, as at the first call).
+          integration_timesteps: ``(B, T)`` (event mode).
+
+        Returns:
+          ``(y (B, T, H), new_cache)``: ``y[:, t]`` is the output after the committed state and tokens ``0..t``.
+        """
+        x_tokens = validation.check_sequence(x_tokens, self.d_model, name="x_tokens")
+        batch, length, _ = x_tokens.shape
+        if not isinstance(cache, dict) or "checkpoint" not in cache or "old_x" not in cache:
+            raise TypeError("cache must be the dict from allocate_verify_cache (keys 'checkpoint', 'old_x')")
+        if tuple(cache["old_x"].shape) != (batch, length, self.d_model):
+            raise ValueError(f"x_tokens must have the shape of the verify cache's tokens {tuple(cache['old_x'].shape)}, "
+                             f"got {tuple(x_tokens.shape)}; call allocate_verify_cache(batch_size={batch}, num_tokens={length})")
+        validation.check_cache_batch(cache["checkpoint"], batch, self.cache_batch_key)
+        if num_accepted is None:
+            num_accepted = jnp.zeros((batch,), jnp.int32)
+        accepted = validation.check_lengths(num_accepted, batch, length, name="num_accepted")
+        tau = self._check_timesteps(integration_timesteps, (batch, length))
+        old_tau = cache.get("old_tau") if tau is not None else None
+        graphdef, state = nnx.split(self)
+        y, new_cache, rng_state = _jit_verify(graphdef, state, x_tokens.astype(compute_dtype(x_tokens.dtype)), cache,
+                                              accepted, jnp.asarray(num_accepted), tau, old_tau,
+                                              dispatch.resolve(kernel_config))
+        if rng_state is not None:
+            nnx.update(self, rng_state)
+        return y.astype(x_tokens.dtype), new_cache
+
     def dropout_active(self) -> bool:
         """Whether any ``nnx.Dropout`` of the model would drop (training mode with a nonzero rate)."""
         return dropout_active(self)
@@ -242,6 +293,21 @@ def _jit_multi_step(graphdef, state, x, cache, integration_timesteps, return_sta
     model = nnx.merge(graphdef, state)
     y, cache, states = model._multi_step(x, cache, integration_timesteps, return_states, config)
     return y, cache, states, _drawn_random_state(model)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _jit_verify(graphdef, state, x, cache, accepted, num_accepted, tau, old_tau, config):
+    """:meth:`LRNN.verify_step` in one program: the replay (the forward from the checkpoint over the accepted
+    tokens), then the new tokens (``_multi_step``) from the replayed state."""
+    model = nnx.merge(graphdef, state)
+    old_x = jnp.where(accepted[..., None], cache["old_x"].astype(x.dtype), 0)
+    _, replayed = model._forward(old_x, old_tau, accepted, num_accepted, True, cache["checkpoint"])
+    replayed = jax.tree.map(lambda new, old: new.astype(old.dtype), replayed, cache["checkpoint"])
+    y, _, _ = model._multi_step(x, replayed, tau, False, config)
+    new_cache = {"checkpoint": replayed, "old_x": x.astype(cache["old_x"].dtype)}
+    if "old_tau" in cache:
+        new_cache["old_tau"] = cache["old_tau"] if tau is None else tau.astype(cache["old_tau"].dtype)
+    return y, new_cache, _drawn_random_state(model)
 
 
 def _drawn_random_state(model):

@@ -75,20 +75,20 @@ def check_cache(cache, expected, key: str):
             raise TypeError(f"cache[{name!r}] must have a dtype like {want.dtype}, got {got.dtype}")
 
 
-def check_lengths(lengths, batch: int, length: int) -> Optional[jax.Array]:
+def check_lengths(lengths, batch: int, length: int, name: str = "lengths") -> Optional[jax.Array]:
     """Validate ``lengths (B,)`` integers in ``[0, L]`` and return the ``(B, L)`` validity mask."""
     if lengths is None:
         return None
     if not hasattr(lengths, "shape"):
         lengths = jnp.asarray(lengths)
     if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+        raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
     if is_concrete(lengths):
         values = np.asarray(lengths)
         if values.min(initial=0) < 0 or values.max(initial=0) > length:
-            raise ValueError(f"lengths must lie in [0, L={length}], got min {values.min()} and max {values.max()}")
+            raise ValueError(f"{name} must lie in [0, L={length}], got min {values.min()} and max {values.max()}")
     return jnp.arange(length)[None, :] < lengths[:, None]
 
 
