@@ -27,6 +27,15 @@ FIXTURE_DIR = pathlib.Path(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every CPU executable holds a few memory maps, and a
+    pytest worker compiles thousands of programs: without this a long worker nears the kernel's limit of 65,530
+    maps per process (vm.max_map_count), where XLA's compiler crashes with a segmentation fault."""
+    yield
+    jax.clear_caches()
+
+
 def fixture_names(prefix: str = "") -> list[str]:
     """Stems of the parity fixtures (empty when ../shared/fixtures is absent)."""
     if not FIXTURE_DIR.is_dir():
