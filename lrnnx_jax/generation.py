@@ -290,12 +290,16 @@ def _leaf_types(leaves) -> tuple:
     return tuple(jax.typeof(leaf) for leaf in leaves)
 
 
-def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config) -> tuple[list, ProgramSpec]:
-    """``(leaves, spec)`` of ``model``, flattened once; the fused program where the kernel configuration selects it."""
+def _check_eval_mode(model):
     if model.dropout_active():
         raise ValueError(
             f"{type(model).__name__} is in training mode (active dropout), and generation runs the model in eval mode; "
             "call model.eval() before capture_graph or generate")
+
+
+def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config) -> tuple[list, ProgramSpec]:
+    """``(leaves, spec)`` of ``model``, flattened once; the fused program where the kernel configuration selects it."""
+    _check_eval_mode(model)
     leaves, treedef = jax.tree.flatten(model)
     leaf_types, dtype, event_mode = _leaf_types(leaves), jnp.dtype(dtype), bool(event_mode)
     kernels = kernel_dispatch.resolve(kernel_config)
@@ -449,8 +453,7 @@ def generate(
                 "integration_timesteps given but graph_cache was captured without event_mode; "
                 f"re-capture with capture_graph(model, batch_size={batch_size}, event_mode=True)"
             )
-        if model.dropout_active():
-            raise ValueError(f"{type(model).__name__} is in training mode (active dropout); call model.eval() before generate")
+        _check_eval_mode(model)
         leaves, treedef = jax.tree.flatten(model)
         if treedef != graph_cache.spec.treedef or _leaf_types(leaves) != graph_cache.spec.leaf_types:
             raise ValueError(

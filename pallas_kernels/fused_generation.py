@@ -250,8 +250,9 @@ def model_unsupported_reason(model, batch_size: int, event_mode: bool, dtype=Non
     name = type(model).__name__
     if event_mode and not getattr(model, "supports_integration_timesteps", False):
         return f"event mode on {name}, which has no integration_timesteps"
-    if model.dropout_active():
-        return f"{name} with active dropout (in training mode; the kernels run the model in eval mode)"
+    refusal = model.kernel_refusal()  # the model protocol (lrnnx_jax.core.base.LRNN): e.g. active dropout
+    if refusal is not None:
+        return refusal
     reason = unsupported_reason(abstract_cell(model), batch_size, dtype)
     return None if reason is None else f"{name}: {reason}"
 

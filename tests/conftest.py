@@ -37,6 +37,14 @@ def _release_compiled_programs():
     jax.clear_caches()
 
 
+@pytest.fixture
+def float32_matmuls():
+    """Dense matmuls at float32 accuracy, for tests comparing the kernels (float32 multiply-adds) with XLA: on a GPU,
+    XLA's default float32 matmul is TF32 (about 1e-3 relative)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def fixture_names(prefix: str = "") -> list[str]:
     """Stems of the parity fixtures (empty when ../shared/fixtures is absent)."""
     if not FIXTURE_DIR.is_dir():

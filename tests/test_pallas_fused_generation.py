@@ -75,12 +75,7 @@ def _fresh_warnings():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    """The XLA references' dense projections at float32 accuracy: on a GPU, XLA's default float32 matmul is TF32
-    (about 1e-3 relative), while the kernels compute in float32."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # the XLA references' projections in float32 on GPUs too
 
 
 def build(name, seed=0):

@@ -46,10 +46,7 @@ def _runs_a_kernel(jaxpr) -> bool:
     return "pallas_call" in str(jaxpr)
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)

@@ -78,6 +78,12 @@ def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def in_compute_dtype(a):
+    """``a`` as an array of :func:`compute_dtype` of its dtype (a cell's parameters: float32, or float64)."""
+    a = jnp.asarray(a)
+    return a.astype(compute_dtype(a.dtype))
+
+
 class LRNN(nnx.Module):
     """Base class of all models. See the module docstring for the contract."""
 
@@ -232,18 +238,22 @@ class LRNN(nnx.Module):
         (None: the zero state)."""
         raise NotImplementedError
 
+    def kernel_refusal(self) -> Optional[str]:
+        """Why the cell kernels cannot run this model as it is, or None: active dropout (they run it in eval mode)."""
+        if self.dropout_active():
+            return f"{type(self).__name__} with active dropout (in training mode; the kernels run the model in eval mode)"
+        return None
+
     def _step(self, x_t, cache: Cache, integration_timesteps, config):
         """``x_t (B, H)`` compute dtype, timesteps ``(B,)`` or None -> ``(y_t, cache)`` through the cell."""
-        reason = f"{type(self).__name__} with active dropout (training mode)" if self.dropout_active() else None
         y, state = drivers.step(self.cell(), self.cell_state(cache), x_t, self.cell_inputs(x_t.shape[:1], integration_timesteps),
-                                config, model_reason=reason)
+                                config, model_reason=self.kernel_refusal())
         return y, self.cell_cache(state, cache)
 
     def _multi_step(self, x, cache: Cache, integration_timesteps, return_states: bool, config):
-        reason = f"{type(self).__name__} with active dropout (training mode)" if self.dropout_active() else None
         y, state, states = drivers.multi_step(
             self.cell(), self.cell_state(cache), x, self.cell_inputs(x.shape[:2], integration_timesteps), config,
-            return_states=return_states, model_reason=reason)
+            return_states=return_states, model_reason=self.kernel_refusal())
         if states is not None:
             stacked_like = jax.tree.map(lambda a: jnp.zeros((a.shape[0], x.shape[1], *a.shape[1:]), a.dtype), cache)
             flat = lambda tree: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)  # noqa: E731

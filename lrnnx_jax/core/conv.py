@@ -19,6 +19,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from lrnnx_jax.core.base import compute_dtype, in_compute_dtype
+
 
 def causal_conv1d(x, weight, bias=None, conv_state: Optional[jax.Array] = None):
     """Full-sequence causal depthwise conv.
@@ -62,24 +64,19 @@ def conv_state_after(x, K: int, lengths: Optional[jax.Array] = None, conv_state:
 # concatenation of values inside a Pallas kernel.
 
 
-def _wide(a):
-    """``a`` in the compute dtype of the kernels' parameters (float32, or float64 for float64 arrays)."""
-    return jnp.asarray(a, jnp.promote_types(jnp.asarray(a).dtype, jnp.float32))
-
-
 def conv_cell_params(weight, bias=None) -> dict:
     """The cell parameters of the conv: ``{"conv_w{k}": weight[..., k] (D...)}`` and ``"conv_b"`` (when a bias);
     ``weight (D..., K)`` with any channel shape ``D...`` (``bias`` of that shape)."""
-    params = {f"conv_w{k}": _wide(weight[..., k]) for k in range(weight.shape[-1])}
+    params = {f"conv_w{k}": in_compute_dtype(weight[..., k]) for k in range(weight.shape[-1])}
     if bias is not None:
-        params["conv_b"] = _wide(bias)
+        params["conv_b"] = in_compute_dtype(bias)
     return params
 
 
 def conv_cell_state(conv_state, dtype=None) -> dict:
     """``conv_state (B, D, K)`` (newest last) -> ``{"conv{k}": (B, D)}`` in ``dtype`` (default: the compute
     dtype of ``conv_state``, its promotion with float32)."""
-    dtype = jnp.promote_types(conv_state.dtype, jnp.float32) if dtype is None else dtype
+    dtype = compute_dtype(conv_state.dtype) if dtype is None else dtype
     return {f"conv{k}": conv_state[..., k].astype(dtype) for k in range(conv_state.shape[-1])}
 
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from lrnnx_jax.core import lti
-from lrnnx_jax.core.base import LRNN
+from lrnnx_jax.core.base import LRNN, compute_dtype
 from pallas_kernels import cells
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import kernel_math as km
@@ -99,14 +99,14 @@ class DiagonalSSM(LRNN):
         # unit timesteps give the time-invariant A_bar (and one that the async discretization accepts;
         # in event mode the per-token A_bar comes from cell_inputs)
         A_bar, B_bar, C = self.discrete_system(jnp.ones(()) if self.supports_integration_timesteps else None)
-        dtype = jnp.promote_types(jnp.real(B_bar).dtype, jnp.float32)
+        dtype = compute_dtype(jnp.real(B_bar).dtype)
         params = {"a": cl.split(A_bar, dtype), "B": _planes_or_real(B_bar, dtype), "CT": _planes_or_real(C.T, dtype)}
         params.update({k: jnp.asarray(v, dtype) for k, v in self.skip_params().items()})
         return cells.Cell(diagonal_step, params, blockable=True, policy=self.kernel_policy)
 
     def cell_state(self, cache):
         h = cache["lrnn_state"]
-        return {"h": cl.split(h.reshape(h.shape[0], -1), jnp.promote_types(jnp.real(h).dtype, jnp.float32))}
+        return {"h": cl.split(h.reshape(h.shape[0], -1), compute_dtype(jnp.real(h).dtype))}
 
     def cell_cache(self, state, like):
         ref = like["lrnn_state"]
@@ -117,7 +117,7 @@ class DiagonalSSM(LRNN):
         if integration_timesteps is None:
             return {}
         A_bar = self.discrete_system(integration_timesteps)[0]
-        return {"a": cl.split(A_bar, jnp.promote_types(jnp.real(A_bar).dtype, jnp.float32))}
+        return {"a": cl.split(A_bar, compute_dtype(jnp.real(A_bar).dtype))}
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, *state_shape()) complex zeros}``."""

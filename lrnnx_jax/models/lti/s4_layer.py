@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from lrnnx_jax.core import hippo, lti, validation
-from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, compute_dtype, in_compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import kernel_math as km
@@ -664,36 +664,33 @@ class S4Layer(LRNN):
         A_bar, B_bar, C, low_rank = self._ssm_cell_system()
         ssm_dtype = jnp.real(A_bar).dtype
 
-        def real(a):
-            return a.astype(jnp.promote_types(a.dtype, jnp.float32))
-
         p: dict = {"a": cl.split(A_bar, ssm_dtype), "B": cl.split(B_bar, ssm_dtype)}
         for r, (left, right) in enumerate(low_rank):
             p[f"L{r}"], p[f"R{r}"] = cl.split(left, ssm_dtype), cl.split(right, ssm_dtype)
-        D = real(self.D[...])
+        D = in_compute_dtype(self.D[...])
         for j in range(self.channels):
             p[f"C{j}"] = cl.split(C[j], ssm_dtype)
             p[f"D{j}"] = D[j]
         if self.input_linear is not None:
-            p["Win"], p["Win_b"] = real(self.input_linear.kernel[...]), real(self.input_linear.bias[...])
+            p["Win"], p["Win_b"] = in_compute_dtype(self.input_linear.kernel[...]), in_compute_dtype(self.input_linear.bias[...])
         index = self._feature_blocks()
         gate = None
         if self.input_gate is not None:
-            W_v, b_v = real(self.input_gate.kernel[...]), real(self.input_gate.bias[...])
+            W_v, b_v = in_compute_dtype(self.input_gate.kernel[...]), in_compute_dtype(self.input_gate.bias[...])
             if self.output_gate is not None:
                 gate = "full"
-                W_o = real(self.output_gate.kernel[...])
+                W_o = in_compute_dtype(self.output_gate.kernel[...])
                 for j, i in enumerate(self._channel_features()):
                     p[f"G{j}"] = W_o[i]
-                p["G_b"] = real(self.output_gate.bias[...])
+                p["G_b"] = in_compute_dtype(self.output_gate.bias[...])
                 p["Wv0"], p["Wv0_b"] = W_v, b_v
             else:
                 gate = "blocks"
                 for j, i in enumerate(index):
                     p[f"Wv{j}"], p[f"Wv{j}_b"] = W_v[:, i], b_v[i]
         if self.output_linear is not None:
-            W_out = real(self.output_linear.kernel[...])
-            p["O_b"] = real(self.output_linear.bias[...])
+            W_out = in_compute_dtype(self.output_linear.kernel[...])
+            p["O_b"] = in_compute_dtype(self.output_linear.bias[...])
         else:  # the flattened features are the output: a one-hot map (exact)
             W_out = jnp.eye(sum(len(i) for i in index), self.d_model, dtype=D.dtype)
         for j, i in enumerate(index):
@@ -706,7 +703,7 @@ class S4Layer(LRNN):
     def cell_state(self, cache):
         """``{"h": Planes (B, H', state_size)}`` of ``cache["lrnn_state"]``."""
         h = cache["lrnn_state"]
-        return {"h": cl.split(h, jnp.promote_types(jnp.real(h).dtype, jnp.float32))}
+        return {"h": cl.split(h, compute_dtype(jnp.real(h).dtype))}
 
     def cell_cache(self, state, like):
         return {"lrnn_state": cl.merge(state["h"], like["lrnn_state"].dtype)}

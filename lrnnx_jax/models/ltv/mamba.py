@@ -47,7 +47,7 @@ from flax import nnx
 
 from lrnnx_jax.core import conv
 from lrnnx_jax.core import discretization as disc
-from lrnnx_jax.core.base import LRNN, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
 from pallas_kernels import kernel_math as km
@@ -56,7 +56,7 @@ from pallas_kernels.cells import Cell, KernelPolicy
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 DT_INITS = ("random", "constant")
 
-#: where ``use_kernels="auto"`` runs Mamba's cell kernels (measured on an H100, BENCHMARKS.md sections 3 and 4)
+#: where ``use_kernels="auto"`` runs Mamba's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
     rollout_max_batch=0,
     step_max_batch=0,
@@ -165,9 +165,6 @@ def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str)
 _CELL_STEPS = {name: functools.partial(mamba_cell_step, discretization=name) for name in DISCRETIZATIONS}
 
 
-def _wide(a):
-    """``a`` in the cell's parameter dtype: float32 (float64 for float64 parameters)."""
-    return jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
 
 
 def _resolve_dt_rank(dt_rank, d_model: int) -> int:
@@ -317,20 +314,20 @@ class Mamba(LRNN):
         ``A (D, N)`` (padded lanes -1: zoh divides by A), ``Dskip`` and ``dtA = softplus(b_A)``."""
         D, N, R = self.d_inner, self.d_state, self.dt_rank
         W_in = self.in_proj.kernel[...]
-        p = {"Win_x": _wide(W_in[:, :D].T), "Win_z": _wide(W_in[:, D:].T)}
+        p = {"Win_x": in_compute_dtype(W_in[:, :D].T), "Win_z": in_compute_dtype(W_in[:, D:].T)}
         if self.in_proj.bias is not None:
             b = self.in_proj.bias[...]
-            p["Win_x_b"], p["Win_z_b"] = _wide(b[:D]), _wide(b[D:])
+            p["Win_x_b"], p["Win_z_b"] = in_compute_dtype(b[:D]), in_compute_dtype(b[D:])
         p.update(conv.conv_cell_params(self.conv_weight[...], self._conv_bias()))
         W_x = self.x_proj.kernel[...]
-        p["Wx_r"], p["Wx_B"], p["Wx_C"] = _wide(W_x[:, :R].T), _wide(W_x[:, R:R + N].T), _wide(W_x[:, R + N:].T)
-        p["Wdt"], p["Wdt_b"] = _wide(self.dt_proj.kernel[...]), _wide(self.dt_proj.bias[...])
-        p["A"] = _wide(self._A())
-        p["Dskip"] = _wide(self.D[...])
-        p["dtA"] = _wide(jax.nn.softplus(self.dtA_proj.bias[...]))  # as event_step computes it
-        p["Wout"] = _wide(self.out_proj.kernel[...])
+        p["Wx_r"], p["Wx_B"], p["Wx_C"] = in_compute_dtype(W_x[:, :R].T), in_compute_dtype(W_x[:, R:R + N].T), in_compute_dtype(W_x[:, R + N:].T)
+        p["Wdt"], p["Wdt_b"] = in_compute_dtype(self.dt_proj.kernel[...]), in_compute_dtype(self.dt_proj.bias[...])
+        p["A"] = in_compute_dtype(self._A())
+        p["Dskip"] = in_compute_dtype(self.D[...])
+        p["dtA"] = in_compute_dtype(jax.nn.softplus(self.dtA_proj.bias[...]))  # as event_step computes it
+        p["Wout"] = in_compute_dtype(self.out_proj.kernel[...])
         if self.out_proj.bias is not None:
-            p["Wout_b"] = _wide(self.out_proj.bias[...])
+            p["Wout_b"] = in_compute_dtype(self.out_proj.bias[...])
         return Cell(_CELL_STEPS[self.discretization], p, pad_values={"A": -1.0}, blockable=False, policy=POLICY)
 
     def cell_state(self, cache):

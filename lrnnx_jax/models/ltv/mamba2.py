@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from lrnnx_jax.core import conv
-from lrnnx_jax.core.base import LRNN, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
 from pallas_kernels import kernel_math as km
@@ -105,8 +105,6 @@ def mamba2_cell_step(params, state, u, inputs, precision, *, K: int, channels_pe
     return out, {"conv_x": conv_x, "conv_B": conv_B, "conv_C": conv_C, "h": h}
 
 
-def _wide(a):
-    return jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
 
 
 class Mamba2(LRNN):
@@ -279,12 +277,12 @@ class Mamba2(LRNN):
         ``(D, H)``, ``WB``/``WC`` ``(G, N, H)``, ``Wdt`` ``(nheads, H)``, ``Wout`` ``(D, H)``, the three
         convs' taps, and the per-channel ``A``, ``Dskip`` with the one-hot head and group maps."""
         D, G, N, nheads = self.d_inner, self.ngroups, self.d_state, self.nheads
-        W_in = _wide(self.in_proj.kernel[...]).T  # (2D + 2GN + nheads, H)
+        W_in = in_compute_dtype(self.in_proj.kernel[...]).T  # (2D + 2GN + nheads, H)
         parts = np.cumsum([0, D, D, G * N, G * N, nheads])
         Wz, Wx, WB, WC, Wdt = (W_in[a:b] for a, b in zip(parts[:-1], parts[1:]))
         p = {"Wz": Wz, "Wx": Wx, "WB": WB.reshape(G, N, -1), "WC": WC.reshape(G, N, -1), "Wdt": Wdt}
         if self.in_proj.bias is not None:
-            b = _wide(self.in_proj.bias[...])
+            b = in_compute_dtype(self.in_proj.bias[...])
             bz, bx, bB, bC, bdt = (b[a:c] for a, c in zip(parts[:-1], parts[1:]))
             p.update({"Wz_b": bz, "Wx_b": bx, "WB_b": bB.reshape(G, N), "WC_b": bC.reshape(G, N), "Wdt_b": bdt})
         w, cb = self.conv_weight[...], self._conv_bias()
@@ -293,16 +291,16 @@ class Mamba2(LRNN):
         p["conv_B"] = conv.conv_cell_params(split(w, 0), split(cb, 0))
         p["conv_C"] = conv.conv_cell_params(split(w, 1), split(cb, 1))
         dtype = W_in.dtype
-        p["dt_bias"] = _wide(self.dt_bias[...])
-        p["A"] = _wide(self._per_channel(-jnp.exp(self.A_log[...])))
-        p["Dskip"] = _wide(self._skip())
+        p["dt_bias"] = in_compute_dtype(self.dt_bias[...])
+        p["A"] = in_compute_dtype(self._per_channel(-jnp.exp(self.A_log[...])))
+        p["Dskip"] = in_compute_dtype(self._skip())
         p["E_head"] = jax.nn.one_hot(jnp.arange(D) // self.headdim, nheads, dtype=dtype)
         p["E_group"] = jax.nn.one_hot(jnp.arange(D) // (D // G), G, dtype=dtype)
         if self.norm_weight is not None:
-            p["norm"] = _wide(self.norm_weight[...])
-        p["Wout"] = _wide(self.out_proj.kernel[...])
+            p["norm"] = in_compute_dtype(self.norm_weight[...])
+        p["Wout"] = in_compute_dtype(self.out_proj.kernel[...])
         if self.out_proj.bias is not None:
-            p["Wout_b"] = _wide(self.out_proj.bias[...])
+            p["Wout_b"] = in_compute_dtype(self.out_proj.bias[...])
         step = functools.partial(mamba2_cell_step, K=self.d_conv, channels_per_group=D // G, eps=self.eps,
                                  norm_before_gate=self.norm_before_gate, rmsnorm=self.rmsnorm, dt_limit=self.dt_limit)
         return Cell(step, p, blockable=False, policy=POLICY)

@@ -30,13 +30,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrnnx_jax.core import conv
-from lrnnx_jax.core.base import LRNN, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
-#: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H100, BENCHMARKS.md sections 3 and 4)
+#: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
     rollout_max_batch=0,
     step_max_batch=0,
@@ -97,9 +97,6 @@ def rglru_cell_step(params, state, x, inputs, precision, *, c: float):
     return out, {**history, "h": h}
 
 
-def _wide(a):
-    """``a`` in the cell's parameter dtype: float32 (float64 for float64 parameters)."""
-    return jnp.asarray(a, jnp.promote_types(a.dtype, jnp.float32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,15 +206,15 @@ class RGLRU(LRNN):
         ``Wout`` ``(D, H)``) and their biases, the conv taps and ``a_log (D,)``."""
         p = {}
         for name, linear in (("Wg", self.gate_proj), ("Wi", self.in_proj)):
-            p[name] = _wide(linear.kernel[...])
+            p[name] = in_compute_dtype(linear.kernel[...])
             if linear.bias is not None:
-                p[name + "_b"] = _wide(linear.bias[...])
+                p[name + "_b"] = in_compute_dtype(linear.bias[...])
         p.update(conv.conv_cell_params(self.conv_weight[...], self._conv_bias()))
         for name, linear in (("Wr", self.recurrent_gate_proj), ("Wig", self.input_gate_proj), ("Wout", self.out_proj)):
-            p[name] = _wide(linear.kernel[...])
+            p[name] = in_compute_dtype(linear.kernel[...])
             if linear.bias is not None:
-                p[name + "_b"] = _wide(linear.bias[...])
-        p["a_log"] = _wide(self.a_log[...][:, 0])
+                p[name + "_b"] = in_compute_dtype(linear.bias[...])
+        p["a_log"] = in_compute_dtype(self.a_log[...][:, 0])
         return Cell(_cell_step(self.c), p, blockable=False, policy=POLICY)
 
     def cell_state(self, cache):

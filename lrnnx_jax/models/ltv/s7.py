@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from lrnnx_jax.core import hippo
-from lrnnx_jax.core.base import LRNN, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, compute_dtype, in_compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
 from pallas_kernels import kernel_math as km
@@ -173,29 +173,25 @@ class S7(LRNN):
         """
         H, N = self.d_model, self.d_state
 
-        def value(param):
-            a = param[...]
-            return a.astype(jnp.promote_types(a.dtype, jnp.float32))
-
-        W_x = value(self.x_proj.kernel)  # (H, N + 2 H N + H + N): a, B, C, d, beta, with B and C (h n) flattened
+        W_x = in_compute_dtype(self.x_proj.kernel[...])  # (H, N + 2 H N + H + N): a, B, C, d, beta, with B and C (h n) flattened
         sizes = dict(zip(PARTS, (N, H * N, H * N, H, N)))
         starts = {part: sum(list(sizes.values())[:i]) for i, part in enumerate(PARTS)}
         W = {part: W_x[:, starts[part]:starts[part] + sizes[part]] for part in PARTS}
         params = {
-            "Win": value(self.in_proj.kernel),
+            "Win": in_compute_dtype(self.in_proj.kernel[...]),
             "Wa": W["a"],
-            "base": value(self.base_params),
+            "base": in_compute_dtype(self.base_params[...]),
             "WB": W["B"].reshape(H, H, N),
             "WC": W["C"].reshape(H, H, N),
             "Wd": W["d"],
             "Wbeta": W["beta"],
-            "Wg": value(self.gate_proj.kernel),
+            "Wg": in_compute_dtype(self.gate_proj.kernel[...]),
         }
         return Cell(s7_step, params, policy=POLICY)
 
     def cell_state(self, cache):
         s = cache["lrnn_state"]
-        return {"s": s.astype(jnp.promote_types(s.dtype, jnp.float32))}
+        return {"s": s.astype(compute_dtype(s.dtype))}
 
     def cell_cache(self, state, like):
         return {"lrnn_state": state["s"].astype(like["lrnn_state"].dtype)}
