@@ -11,6 +11,9 @@
   ``dt``, ``B``, ``C``) and :func:`simplified_state_update` (a diagonal complex SSM: S5,
   LRU, S4D, Centaurus): array-level decode steps for users' own loops, each a Pallas kernel
   with its pure-JAX reference.
+* :func:`checkpointing_ssu`: the multi-token verify step of speculative decoding (FlashInfer's
+  checkpointed replay: replay the accepted drafts onto a checkpoint, run the new drafts, commit
+  the replayed state), a Pallas kernel with its pure-JAX reference.
 * :class:`KernelConfig` holds every kernel knob; :func:`get_config`, :func:`set_config` and
   :func:`kernel_config` read and change the default used where ``config=None``
   (:mod:`pallas_kernels.dispatch`).
@@ -20,6 +23,7 @@ imports nothing from ``lrnnx_jax``.
 """
 
 from pallas_kernels import cells, drivers
+from pallas_kernels.checkpointing_ssu import SSUCaches, checkpointing_ssu
 from pallas_kernels.complex_lib import Planes
 from pallas_kernels.dispatch import KernelConfig, get_config, kernel_config, set_config
 from pallas_kernels.selective import selective_state_update
@@ -28,7 +32,9 @@ from pallas_kernels.simplified import simplified_state_update
 __all__ = [
     "KernelConfig",
     "Planes",
+    "SSUCaches",
     "cells",
+    "checkpointing_ssu",
     "drivers",
     "get_config",
     "kernel_config",
