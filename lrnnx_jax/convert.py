@@ -27,6 +27,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "ltv.Mamba": ("lrnnx_jax.models.ltv.mamba", "Mamba"),
     "ltv.RGLRU": ("lrnnx_jax.models.ltv.rglru", "RGLRU"),
     "ltv.S7": ("lrnnx_jax.models.ltv.s7", "S7"),
+    "LRNNLMHeadModel": ("lrnnx_jax.architectures.language_model", "LRNNLMHeadModel"),
 }
 
 

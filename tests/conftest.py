@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import os
 import pathlib
 import shutil
+import sys
 
 # The CPU suite is dominated by XLA compile time: compile without LLVM's expensive optimisation
 # passes (numerics are unchanged; IEEE semantics hold at every level). Not on GPU machines.
@@ -35,6 +37,20 @@ def _release_compiled_programs():
     compiler late in a worker (the likely cause: the per-process limit of 65,530 maps, vm.max_map_count)."""
     yield
     jax.clear_caches()
+
+
+#: a test that runs longer than this is stuck (the slowest take ~20 s on 2 CPU cores): its worker prints every
+#: thread's traceback and exits, so that pytest-xdist reports the test as crashed instead of the suite hanging
+TEST_WATCHDOG_SECONDS = 600
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    faulthandler.dump_traceback_later(TEST_WATCHDOG_SECONDS, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

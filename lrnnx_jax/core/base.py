@@ -106,15 +106,11 @@ class LRNN(nnx.Module):
         if cache is not None:
             expected = jax.eval_shape(lambda: self.allocate_inference_cache(batch))
             validation.check_cache(cache, expected, self.cache_batch_key)
-        xc = x.astype(compute_dtype(x.dtype))
-        if mask is not None:
-            xc = jnp.where(mask[..., None], xc, 0)
         graphdef, state = nnx.split(self)
-        y, cache, rng_state = _jit_forward(graphdef, state, xc, tau, mask, lengths, cache, return_cache)
+        y, cache, rng_state = _jit_forward(graphdef, state, x.astype(compute_dtype(x.dtype)), tau, mask, lengths, cache,
+                                           return_cache)
         if rng_state is not None:
             nnx.update(self, rng_state)
-        if mask is not None:
-            y = jnp.where(mask[..., None], y, 0)
         y = y.astype(x.dtype)
         return (y, cache) if return_cache else y
 
@@ -198,12 +194,12 @@ class LRNN(nnx.Module):
         validation.check_cache_batch(cache["checkpoint"], batch, self.cache_batch_key)
         if num_accepted is None:
             num_accepted = jnp.zeros((batch,), jnp.int32)
-        accepted = validation.check_lengths(num_accepted, batch, length, name="num_accepted")
+        validation.check_lengths(num_accepted, batch, length, name="num_accepted")
         tau = self._check_timesteps(integration_timesteps, (batch, length))
         old_tau = cache.get("old_tau") if tau is not None else None
         graphdef, state = nnx.split(self)
         y, new_cache, rng_state = _jit_verify(graphdef, state, x_tokens.astype(compute_dtype(x_tokens.dtype)), cache,
-                                              accepted, jnp.asarray(num_accepted), tau, old_tau,
+                                              jnp.asarray(num_accepted, jnp.int32), tau, old_tau,
                                               dispatch.resolve(kernel_config))
         if rng_state is not None:
             nnx.update(self, rng_state)
@@ -237,6 +233,31 @@ class LRNN(nnx.Module):
         """``x (B, L, H)`` compute dtype -> ``(y (B, L, H), cache or None)``, starting from ``cache``
         (None: the zero state)."""
         raise NotImplementedError
+
+    def masked_forward(self, x, integration_timesteps, mask, lengths, return_cache: bool, cache: Optional[Cache]):
+        """:meth:`_forward` with the ``lengths`` masking of ``__call__`` (inputs and outputs zero at and after a
+        row's length), for validated compute-dtype inputs; what ``__call__`` and the programs that run a model
+        inside their own (the language model) call. ``mask (B, L)`` is ``lengths``' mask or None."""
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, 0)
+        y, cache = self._forward(x, integration_timesteps, mask, lengths, return_cache, cache)
+        if mask is not None:
+            y = jnp.where(mask[..., None], y, 0)
+        return y, cache
+
+    def verify(self, x, cache: Cache, num_accepted, tau, old_tau, config):
+        """:meth:`verify_step` on validated compute-dtype inputs (``num_accepted (B,)`` int32): the replay (the
+        forward from the checkpoint over the accepted tokens), then the new tokens (``_multi_step``) from the
+        replayed state. Returns ``(y (B, T, H), new_cache)``."""
+        accepted = jnp.arange(cache["old_x"].shape[1]) < num_accepted[:, None]
+        old_x = cache["old_x"].astype(x.dtype)
+        _, replayed = self.masked_forward(old_x, old_tau, accepted, num_accepted, True, cache["checkpoint"])
+        replayed = jax.tree.map(lambda new, old: new.astype(old.dtype), replayed, cache["checkpoint"])
+        y, _, _ = self._multi_step(x, replayed, tau, False, config)
+        new_cache = {"checkpoint": replayed, "old_x": x.astype(cache["old_x"].dtype)}
+        if "old_tau" in cache:
+            new_cache["old_tau"] = cache["old_tau"] if tau is None else tau.astype(cache["old_tau"].dtype)
+        return y, new_cache
 
     def kernel_refusal(self) -> Optional[str]:
         """Why the cell kernels cannot run this model as it is, or None: active dropout (they run it in eval mode)."""
@@ -287,7 +308,7 @@ class LRNN(nnx.Module):
 @functools.partial(jax.jit, static_argnames=("graphdef", "return_cache"))
 def _jit_forward(graphdef, state, x, integration_timesteps, mask, lengths, cache, return_cache):
     model = nnx.merge(graphdef, state)
-    y, cache = model._forward(x, integration_timesteps, mask, lengths, return_cache, cache)
+    y, cache = model.masked_forward(x, integration_timesteps, mask, lengths, return_cache, cache)
     return y, cache, _drawn_random_state(model)
 
 
@@ -306,17 +327,9 @@ def _jit_multi_step(graphdef, state, x, cache, integration_timesteps, return_sta
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _jit_verify(graphdef, state, x, cache, accepted, num_accepted, tau, old_tau, config):
-    """:meth:`LRNN.verify_step` in one program: the replay (the forward from the checkpoint over the accepted
-    tokens), then the new tokens (``_multi_step``) from the replayed state."""
+def _jit_verify(graphdef, state, x, cache, num_accepted, tau, old_tau, config):
     model = nnx.merge(graphdef, state)
-    old_x = jnp.where(accepted[..., None], cache["old_x"].astype(x.dtype), 0)
-    _, replayed = model._forward(old_x, old_tau, accepted, num_accepted, True, cache["checkpoint"])
-    replayed = jax.tree.map(lambda new, old: new.astype(old.dtype), replayed, cache["checkpoint"])
-    y, _, _ = model._multi_step(x, replayed, tau, False, config)
-    new_cache = {"checkpoint": replayed, "old_x": x.astype(cache["old_x"].dtype)}
-    if "old_tau" in cache:
-        new_cache["old_tau"] = cache["old_tau"] if tau is None else tau.astype(cache["old_tau"].dtype)
+    y, new_cache = model.verify(x, cache, num_accepted, tau, old_tau, config)
     return y, new_cache, _drawn_random_state(model)
 
 
