@@ -240,7 +240,7 @@ def replay_closed_form(h, old_x, old_B, old_dt, old_cumAdt, A, K):
     if not per_channel:
         coeff = jnp.where(on, jnp.exp(since) * old_dt, 0.0)  # (b, H, Tc)
         carried = jnp.einsum("bhj,bjhp,bjhn->bhpn", coeff, old_x, old_B, precision=hi)
-        return jnp.exp(A * total)[..., None, None] * h + carried
+        return jnp.exp(total)[..., None, None] * h + carried  # cum holds A.delta
     decay = jnp.exp(A[None, :, :, None, :] * since[..., None])  # (b, H, P, Tc, N)
     weight = jnp.where(on, old_dt * jnp.moveaxis(old_x, 1, -1), 0.0)  # (b, H, P, Tc)
     carried = jnp.sum(decay * weight[..., None] * jnp.moveaxis(old_B, 1, 2)[:, :, None], axis=-2)
