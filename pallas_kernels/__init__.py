@@ -13,7 +13,9 @@
   with its pure-JAX reference.
 * :func:`checkpointing_ssu`: the multi-token verify step of speculative decoding (FlashInfer's
   checkpointed replay: replay the accepted drafts onto a checkpoint, run the new drafts, commit
-  the replayed state), a Pallas kernel with its pure-JAX reference.
+  the replayed state), a Pallas kernel with its pure-JAX reference. The package attribute is the
+  function; its module (``reference``, ``kernel``, the shared math) is reached with
+  ``from pallas_kernels.checkpointing_ssu import ...``.
 * :class:`KernelConfig` holds every kernel knob; :func:`get_config`, :func:`set_config` and
   :func:`kernel_config` read and change the default used where ``config=None``
   (:mod:`pallas_kernels.dispatch`).

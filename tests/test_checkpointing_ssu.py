@@ -275,6 +275,7 @@ def test_float64_runs_the_reference_and_matches_numpy():
 def test_kernel_matches_reference_over_calls(per_channel):
     rng = np.random.default_rng(3)
     kw = make_case(rng, per_channel=per_channel, slots="padded")
+    kw["prev_num_accepted_tokens"] = jnp.asarray([0, 1, 2, 3, 4, 2], jnp.int32)  # every K in [0, Tc] (6 slots)
     kw_k = kw_r = kw
     for call in range(3):
         got = checkpointing_ssu(**kw_k, config=KERNEL)
@@ -290,6 +291,18 @@ def test_kernel_matches_reference_over_calls(per_channel):
         kw_k = accept_randomly(step_rng, kw_k, got[1])
         step_rng = np.random.default_rng(100 + call)
         kw_r = accept_randomly(step_rng, kw_r, want[1])
+
+
+def test_kernel_matches_reference_in_bfloat16():
+    """A bfloat16 state, caches and inputs (A, D, dt_bias, old_dt and old_cumAdt stay float32). Both compute in
+    float32 from the same bfloat16 values and round their results to bfloat16 (2^-8 relative): 1e-2 leaves room
+    for one rounding step on either side."""
+    kw = make_case(np.random.default_rng(12), per_channel=False, slots="padded")
+    kw.update({k: kw[k].astype(jnp.bfloat16) for k in ("state", "old_x", "old_B", "x", "dt", "B", "C", "z")})
+    got = checkpointing_ssu(**kw, config=KERNEL)
+    chex.assert_type([got[0], got[1].state, got[1].old_x, got[1].old_B], jnp.bfloat16)
+    chex.assert_type([got[1].old_dt, got[1].old_cumAdt], jnp.float32)
+    assert_close(got, checkpointing_ssu(**kw, config=REFERENCE), 1e-2)
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
@@ -399,7 +412,11 @@ def test_8bit_state_round_to_nearest(dtype):
     state is the float32 one within half a quantization step (int8: scale / 2; float8: 2^-4 relative, or half
     the subnormal step 2^-10 in units of the scale), plus float32 rounding of the scale. Kernel and reference
     may differ by one step where float32 rounding puts a value on the other side of a rounding boundary."""
-    kw = make_case(np.random.default_rng(6), state_dtype=dtype, slots="padded")
+    rng = np.random.default_rng(6)
+    kw = make_case(rng, state_dtype=dtype, slots="padded")
+    if dtype == F8:  # also the bare options: no D, z or dt_bias, steps used as is
+        kw.update(D=None, z=None, dt_bias=None, dt_softplus=False,
+                  dt=jnp.asarray(np.exp(rng.uniform(np.log(1e-3), np.log(0.1), kw["dt"].shape)), jnp.float32))
     got = checkpointing_ssu(**kw, config=KERNEL)
     want = checkpointing_ssu(**kw, config=REFERENCE)
     chex.assert_type([got[1].state, want[1].state], dtype)
