@@ -583,7 +583,8 @@ def checkpointing_ssu(
       dt_softplus: apply softplus to ``dt + dt_bias``.
       state_batch_indices: optional ``(batch,)`` integers, distinct slots or ``pad_slot_id``.
       state_scale: ``(S, nheads, dim)`` float32, with (and only with) an 8-bit state.
-      rand_seed: a JAX PRNG key: stochastic rounding of an 8-bit state (ignored otherwise).
+      rand_seed: a JAX PRNG key: stochastic rounding of an 8-bit state (ignored otherwise). The noise is a
+        function of the key and the element's position only: pass a fresh key to every call.
       cu_seqlens: ``(N+1,)`` integers: the packed layout of ``N`` sequences.
       max_seqlen: the longest ``T_i`` (static); default: from concrete ``cu_seqlens``, else ``T``.
         Used only with ``cu_seqlens``.
