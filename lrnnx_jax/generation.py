@@ -465,3 +465,7 @@ def generate(
     if integration_timesteps is not None:
         taus = _check_timesteps(integration_timesteps, batch_size, num_steps, dtype)
     return graph_cache.rollout(leaves, _as_input(x, dtype), taus, num_steps)
+
+
+# Token generation for the language model (lrnnx_jax.decoding), under the generation namespace users import.
+from lrnnx_jax.decoding import GenerationStats, Speculative, generate_tokens  # noqa: E402

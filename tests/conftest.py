@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import contextlib
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 
@@ -157,3 +160,26 @@ def lower_for_h100(monkeypatch):
         return text
 
     return lower
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.names: list[str] = []
+
+    def emit(self, record):
+        match = re.search(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage())
+        if match:
+            self.names.append(match.group(1))
+
+
+@contextlib.contextmanager
+def compile_log():
+    """Collect the names of the programs XLA compiles inside the block."""
+    handler, logger = _Collect(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield handler.names
+    finally:
+        logger.removeHandler(handler)

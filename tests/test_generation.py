@@ -9,8 +9,6 @@ included, so the counts below see everything that compiles.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 
 import chex
@@ -21,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import relative_error
+from conftest import compile_log, relative_error
 from lrnnx_jax import generation
 from lrnnx_jax.generation import GenerationConfig, capture_graph, generate
 from pallas_kernels import KernelConfig
@@ -35,29 +33,6 @@ EVENT_ENTRY = next(e for e in ZOO if e.event)
 SMALL = GenerationConfig(chunk_size=4, block_size=2, unroll=1)
 #: the XLA program whatever the platform (on an NVIDIA GPU "auto" picks the fused program for most models)
 NEVER = KernelConfig(use_kernels="never")
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.names: list[str] = []
-
-    def emit(self, record):
-        match = re.search(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage())
-        if match:
-            self.names.append(match.group(1))
-
-
-@contextlib.contextmanager
-def compile_log():
-    """Collect the names of the programs XLA compiles inside the block."""
-    handler, logger = _Collect(), logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            yield handler.names
-    finally:
-        logger.removeHandler(handler)
 
 
 def step_loop(model, x0, num_steps, tau=None):
