@@ -171,6 +171,40 @@ def test_cell_on_the_fused_kernel(name):
     assert relative_error(ys, np.stack(closed, 1)) < 5e-5  # float32 rounding, fed back through 8 closed-loop steps
 
 
+@pytest.mark.parametrize("name", ["groups3-bias-hdim-skip", "no-rmsnorm-dt-limit"])
+def test_verify_step_runs_the_checkpointed_ssu_and_matches_numpy(name):
+    """Three verify_step calls of 3 drafts with random acceptance, on the SSU kernel (interpret mode) and on its
+    reference: the drafts' outputs equal float64 NumPy stepped from the state after exactly the accepted tokens
+    (float32 arithmetic over a few steps: 1e-5). A dt_limit clamp (which the op does not apply) takes the generic
+    replay instead."""
+    model = build(name, seed=9)
+    sd = mamba_ssm_state_dict(model)
+    rng = np.random.default_rng(9)
+    batch, T = 3, 3
+    assert ("old_xBC" in model.allocate_verify_cache(batch, T)) == (name != "no-rmsnorm-dt-limit")
+    for config in (KernelConfig(use_kernels="always"), KernelConfig(use_kernels="never")):
+        cache, accepted = model.allocate_verify_cache(batch, T), None
+        conv_state, ssm_state = None, None
+        previous = None
+        for call in range(3):
+            x = rng.standard_normal((batch, T, H)).astype(np.float32)
+            if previous is not None:  # commit each row's accepted prefix in NumPy
+                rows = [numpy_mamba2(sd, model, previous[b : b + 1, : accepted[b]], conv_state[b : b + 1], ssm_state[b : b + 1])
+                        if accepted[b] else (None, conv_state[b : b + 1], ssm_state[b : b + 1]) for b in range(batch)]
+                conv_state = np.concatenate([r[1] for r in rows])
+                ssm_state = np.concatenate([r[2] for r in rows])
+            y, cache = model.verify_step(x, cache, None if accepted is None else jnp.asarray(accepted, jnp.int32),
+                                         kernel_config=config)
+            expected, _, _ = numpy_mamba2(sd, model, x, conv_state, ssm_state)
+            assert relative_error(y, expected) < 1e-5, (config.use_kernels, call)
+            if ssm_state is not None:
+                assert relative_error(cache["checkpoint"]["lrnn_state"], ssm_state) < 1e-5
+            previous, accepted = x, rng.integers(0, T + 1, batch)
+            if conv_state is None:
+                conv_state = np.zeros((batch, model.conv_dim, model.d_conv))
+                ssm_state = np.zeros((batch, model.nheads, model.headdim, model.d_state))
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
     (dict(headdim=5), ValueError, r"d_inner = expand \* d_model = 12 must be a multiple of headdim=5"),
     (dict(ngroups=2), ValueError, r"ngroups=2 must divide nheads = d_inner / headdim = 3"),

@@ -300,7 +300,7 @@ def test_bad_input_raises_clear_errors(entry):
 
 
 VERIFIED = [e for e in ZOO if e.name in ("LRU", "S5-async-event", "Mamba", "Mamba-bilinear-event-c4", "RGLRU-e2-k2-bias",
-                                         "Mamba2", "S4-legt-r2-c2-gate-bottleneck", "S7-J1")]
+                                         "Mamba2", "Mamba2-g3-bias-hdim-normfirst", "S4-legt-r2-c2-gate-bottleneck", "S7-J1")]
 
 
 @pytest.mark.parametrize("entry", VERIFIED, ids=[e.name for e in VERIFIED])
@@ -342,7 +342,7 @@ def test_verify_step_errors():
         model.verify_step(x, cache, jnp.asarray([0, 4]))
     with pytest.raises(ValueError, match=r"num_accepted must have shape \(B,\) = \(2,\)"):
         model.verify_step(x, cache, jnp.asarray([1, 1, 1]))
-    with pytest.raises(ValueError, match=r"x_tokens must have the shape of the verify cache's tokens \(2, 3, 6\)"):
+    with pytest.raises(ValueError, match=r"x_tokens must have the verify cache's \(B, T\) = \(2, 3\), got \(2, 4\)"):
         model.verify_step(np.zeros((2, 4, H), np.float32), cache)
     with pytest.raises(TypeError, match="cache must be the dict from allocate_verify_cache"):
         model.verify_step(x, model.allocate_inference_cache(2))

@@ -318,8 +318,7 @@ class LRNNLMHeadModel(nnx.Module):
             if block.is_attention:
                 out[i] = cache[i]
             else:
-                batch = jax.tree.leaves(cache[i])[0].shape[0]
-                out[i] = {"checkpoint": cache[i], "old_x": jnp.zeros((batch, num_tokens, self.d_model), jnp.float32)}
+                out[i] = block.mixer.verify_cache_from(cache[i], num_tokens)
         return out
 
     def step(self, ids, cache: dict, *, kernel_config=None):
@@ -403,7 +402,7 @@ class LRNNLMHeadModel(nnx.Module):
                                      "allocate it with a larger max_seqlen")
             else:
                 old_x = cache[i]["old_x"]
-                if tuple(old_x.shape) != (batch, num_tokens, self.d_model):
+                if tuple(old_x.shape[:2]) != (batch, num_tokens):
                     raise ValueError(f"ids must have the shape (B, T) = {tuple(old_x.shape[:2])} of the verify cache, got "
                                      f"{(batch, num_tokens)}; build the cache with num_tokens={num_tokens}")
 
@@ -416,13 +415,18 @@ class LRNNLMHeadModel(nnx.Module):
         return tuple(ignored)
 
     def lrnnx_entries(self) -> dict[str, LrnnxEntry]:
-        """lrnnx's ``state_dict`` layout (``backbone.embedding.weight``, ``backbone.layers.<i>.{norm,mixer.*,norm2,
-        mlp.*}``, ``backbone.norm_f.weight``, ``lm_head.weight`` when untied)."""
+        """lrnnx's ``state_dict`` layout (see :meth:`checkpoint_entries`)."""
+        return self.checkpoint_entries()
+
+    def checkpoint_entries(self, mixer_entries=lambda mixer: mixer.lrnnx_entries()) -> dict[str, LrnnxEntry]:
+        """The ``state_dict`` layout of lrnnx's and mamba_ssm's LM (``backbone.embedding.weight``,
+        ``backbone.layers.<i>.{norm,mixer.*,norm2,mlp.*}``, ``backbone.norm_f.weight``, ``lm_head.weight`` when
+        untied), with each mixer's own names from ``mixer_entries(mixer)`` (lrnnx's by default)."""
         entries = {"backbone.embedding.weight": lrnnx_entry(self.embedding.embedding)}
         for i, block in enumerate(self.layers):
             prefix = f"backbone.layers.{i}"
             entries.update(norm_entries(f"{prefix}.norm", block.norm))
-            entries.update({f"{prefix}.mixer.{k}": v for k, v in block.mixer.lrnnx_entries().items()})
+            entries.update({f"{prefix}.mixer.{k}": v for k, v in mixer_entries(block.mixer).items()})
             if block.mlp is not None:
                 entries.update(norm_entries(f"{prefix}.norm2", block.norm2))
                 entries.update({f"{prefix}.mlp.{k}": v for k, v in block.mlp.lrnnx_entries().items()})

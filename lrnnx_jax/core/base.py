@@ -155,14 +155,20 @@ class LRNN(nnx.Module):
         raise NotImplementedError
 
     def allocate_verify_cache(self, batch_size: int, num_tokens: int, dtype=None) -> Cache:
-        """The cache of :meth:`verify_step` for calls of ``num_tokens`` tokens: ``{"checkpoint"`` (an inference
-        cache, the committed state), ``"old_x" (B, T, H)`` (the previous call's tokens, zeros at first), and in
-        event mode ``"old_tau" (B, T)``}."""
+        """The cache of :meth:`verify_step` for calls of ``num_tokens`` tokens, from the zero state
+        (:meth:`verify_cache_from`)."""
+        return self.verify_cache_from(self.allocate_inference_cache(batch_size, dtype=dtype), num_tokens, dtype)
+
+    def verify_cache_from(self, checkpoint: Cache, num_tokens: int, dtype=None) -> Cache:
+        """The verify cache that continues an inference cache (after a prefill): ``{"checkpoint"`` (the committed
+        state), ``"old_x" (B, T, H)`` (the previous call's tokens, zeros at first), and in event mode
+        ``"old_tau" (B, T)``}. Models whose verification keeps other per-token caches override it (Mamba-2)."""
         num_tokens = validation.check_positive_int(num_tokens, "num_tokens")
-        cache = {"checkpoint": self.allocate_inference_cache(batch_size, dtype=dtype),
-                 "old_x": jnp.zeros((batch_size, num_tokens, self.d_model), compute_dtype(dtype or jnp.float32))}
+        batch = jax.tree.leaves(checkpoint)[0].shape[0]
+        real = compute_dtype(dtype or jnp.float32)
+        cache = {"checkpoint": checkpoint, "old_x": jnp.zeros((batch, num_tokens, self.d_model), real)}
         if self.supports_integration_timesteps:
-            cache["old_tau"] = jnp.ones((batch_size, num_tokens), compute_dtype(dtype or jnp.float32))
+            cache["old_tau"] = jnp.ones((batch, num_tokens), real)
         return cache
 
     def verify_step(self, x_tokens, cache: Cache, num_accepted=None, integration_timesteps=None, *, kernel_config=None):
@@ -188,9 +194,9 @@ class LRNN(nnx.Module):
         batch, length, _ = x_tokens.shape
         if not isinstance(cache, dict) or "checkpoint" not in cache or "old_x" not in cache:
             raise TypeError("cache must be the dict from allocate_verify_cache (keys 'checkpoint', 'old_x')")
-        if tuple(cache["old_x"].shape) != (batch, length, self.d_model):
-            raise ValueError(f"x_tokens must have the shape of the verify cache's tokens {tuple(cache['old_x'].shape)}, "
-                             f"got {tuple(x_tokens.shape)}; call allocate_verify_cache(batch_size={batch}, num_tokens={length})")
+        if tuple(cache["old_x"].shape[:2]) != (batch, length):
+            raise ValueError(f"x_tokens must have the verify cache's (B, T) = {tuple(cache['old_x'].shape[:2])}, got "
+                             f"{tuple(x_tokens.shape[:2])}; call allocate_verify_cache(batch_size={batch}, num_tokens={length})")
         validation.check_cache_batch(cache["checkpoint"], batch, self.cache_batch_key)
         if num_accepted is None:
             num_accepted = jnp.zeros((batch,), jnp.int32)
