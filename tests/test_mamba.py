@@ -492,3 +492,40 @@ def test_bad_integration_timesteps_raise_in_forward_and_step():
         model.step(x[:, 0], cache, integration_timesteps=tau)
     with pytest.raises(ValueError, match="integration_timesteps must be > 0"):
         model.step(x[:, 0], cache, integration_timesteps=-tau[:, :1])
+
+
+def test_verify_step_on_the_checkpointed_ssu_kernel_and_its_layouts():
+    """The "mamba" discretization verifies through the checkpointed SSU (per-channel variant): its Pallas kernel
+    (interpret mode) equals the op's reference over three calls with random acceptance, and both equal plain
+    step over the accepted tokens; event mode needs (and gets, with checkpointed_ssu=False) the generic cache."""
+    model = Mamba(d_model=6, d_state=4, d_conv=3, dt_min=0.05, dt_max=0.5, rngs=nnx.Rngs(21))
+    rng = np.random.default_rng(21)
+    batch, T = 2, 3
+    assert "old_conv_in" in model.allocate_verify_cache(batch, T)
+    caches = {mode: model.allocate_verify_cache(batch, T) for mode in ("always", "never")}
+    committed, accepted, previous = model.allocate_inference_cache(batch), None, None
+    for call in range(3):
+        x = rng.standard_normal((batch, T, 6)).astype(np.float32)
+        if previous is not None:
+            rows = []
+            for b in range(batch):
+                row = jax.tree.map(lambda a: a[b : b + 1], committed)
+                for t in range(int(accepted[b])):
+                    _, row = model.step(previous[b : b + 1, t], row)
+                rows.append(row)
+            committed = jax.tree.map(lambda *r: jnp.concatenate(r), *rows)
+        expected, _ = run_steps(model, x, cache=committed)
+        for mode in caches:
+            y, caches[mode] = model.verify_step(x, caches[mode], None if accepted is None else jnp.asarray(accepted),
+                                                kernel_config=KernelConfig(use_kernels=mode))
+            assert relative_error(y, expected) < 1e-5, (mode, call)
+            np.testing.assert_allclose(caches[mode]["checkpoint"]["lrnn_state"], committed["lrnn_state"], rtol=1e-5, atol=1e-6)
+        previous, accepted = x, jnp.asarray(rng.integers(0, T + 1, batch), jnp.int32)
+    tau = np.ones((batch, T), np.float32)
+    with pytest.raises(ValueError, match=r"event mode\) need the generic verify cache"):
+        model.verify_step(x, caches["never"], accepted, integration_timesteps=tau)
+    generic = model.allocate_verify_cache(batch, T, checkpointed_ssu=False)
+    assert "old_tau" in generic and "old_conv_in" not in generic
+    model.verify_step(x, generic, None, integration_timesteps=tau)
+    with pytest.raises(ValueError, match="checkpointed_ssu=True needs discretization='mamba'"):
+        Mamba(d_model=6, d_state=4, discretization="zoh", rngs=nnx.Rngs(0)).allocate_verify_cache(2, 3, checkpointed_ssu=True)

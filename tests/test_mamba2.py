@@ -181,7 +181,7 @@ def test_verify_step_runs_the_checkpointed_ssu_and_matches_numpy(name):
     sd = mamba_ssm_state_dict(model)
     rng = np.random.default_rng(9)
     batch, T = 3, 3
-    assert ("old_xBC" in model.allocate_verify_cache(batch, T)) == (name != "no-rmsnorm-dt-limit")
+    assert ("old_conv_in" in model.allocate_verify_cache(batch, T)) == (name != "no-rmsnorm-dt-limit")
     for config in (KernelConfig(use_kernels="always"), KernelConfig(use_kernels="never")):
         cache, accepted = model.allocate_verify_cache(batch, T), None
         conv_state, ssm_state = None, None

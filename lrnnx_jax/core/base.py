@@ -154,10 +154,10 @@ class LRNN(nnx.Module):
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> Cache:
         raise NotImplementedError
 
-    def allocate_verify_cache(self, batch_size: int, num_tokens: int, dtype=None) -> Cache:
+    def allocate_verify_cache(self, batch_size: int, num_tokens: int, dtype=None, **layout) -> Cache:
         """The cache of :meth:`verify_step` for calls of ``num_tokens`` tokens, from the zero state
-        (:meth:`verify_cache_from`)."""
-        return self.verify_cache_from(self.allocate_inference_cache(batch_size, dtype=dtype), num_tokens, dtype)
+        (:meth:`verify_cache_from`, which receives ``layout``: Mamba's ``checkpointed_ssu``)."""
+        return self.verify_cache_from(self.allocate_inference_cache(batch_size, dtype=dtype), num_tokens, dtype, **layout)
 
     def verify_cache_from(self, checkpoint: Cache, num_tokens: int, dtype=None) -> Cache:
         """The verify cache that continues an inference cache (after a prefill): ``{"checkpoint"`` (the committed

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrnnx_jax.core import conv
+from lrnnx_jax.core import conv, speculative
 from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
@@ -354,6 +354,41 @@ class Mamba(LRNN):
             "lrnn_state": jnp.zeros((batch_size, self.d_inner, self.d_state), state_dtype),
         }
 
+    # ------------------------------------------------------- speculative verification
+    def verify_cache_from(self, checkpoint, num_tokens: int, dtype=None, *, checkpointed_ssu: Optional[bool] = None):
+        """The verify cache. With ``checkpointed_ssu`` (default: for the ``"mamba"`` discretization, which the op
+        computes) the checkpointed SSU's (:mod:`lrnnx_jax.core.speculative`, the op's per-channel variant:
+        one head of ``d_inner`` channels); else the generic one, which event mode (``integration_timesteps``)
+        and the other discretizations need."""
+        if checkpointed_ssu is None:
+            checkpointed_ssu = self.discretization == "mamba"
+        if not checkpointed_ssu:
+            return super().verify_cache_from(checkpoint, num_tokens, dtype)
+        if self.discretization != "mamba":
+            raise ValueError(f"checkpointed_ssu=True needs discretization='mamba' (the op's exp(dt A)), got {self.discretization!r}")
+        return speculative.ssu_verify_cache(checkpoint, check_positive_int(num_tokens, "num_tokens"), self.d_inner, 1,
+                                            self.d_inner, 1, self.d_state, True, dtype)
+
+    def verify(self, x, cache, num_accepted, tau, old_tau, config):
+        """T drafted tokens through the checkpointed SSU when the cache is the SSU's (see :meth:`verify_cache_from`)."""
+        if "old_conv_in" not in cache:
+            return super().verify(x, cache, num_accepted, tau, old_tau, config)
+        if tau is not None:
+            raise ValueError("integration_timesteps (event mode) need the generic verify cache: build it with "
+                             "allocate_verify_cache(..., checkpointed_ssu=False)")
+        batch, T = x.shape[:2]
+        x_in, z = self._split_in_proj(x)
+        conv_state, u = speculative.replay_conv(cache, num_accepted, x_in, self.conv_weight[...], self._conv_bias())
+        u = jax.nn.silu(u)
+        r, B_t, C_t = jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        f = x.dtype
+        per_channel = lambda a: a.reshape(batch, T, 1, self.d_inner)  # noqa: E731  (one head of d_inner channels)
+        y, new_cache = speculative.run_ssu(
+            cache, num_accepted, conv_state, x_in, per_channel(u), per_channel(r @ self.dt_proj.kernel[...].astype(f)),
+            self._A()[None].astype(f), B_t[:, :, None], C_t[:, :, None], D=self.D[...][None].astype(f), z=per_channel(z),
+            dt_bias=self.dt_proj.bias[...][None].astype(f), config=config)
+        return self.out_proj(y.reshape(batch, T, self.d_inner)), new_cache
+
     def lrnnx_entries(self):
         entries = {
             **lrnnx_linear_entries("in_proj", self.in_proj),
@@ -368,3 +403,9 @@ class Mamba(LRNN):
         if self.conv_bias is not None:
             entries["conv1d.bias"] = lrnnx_entry(self.conv_bias)
         return entries
+
+    def mamba_ssm_entries(self):
+        """``mamba_ssm``'s Mamba-1 layout (``mamba_ssm.modules.mamba_simple.Mamba``): lrnnx's without ``dtA_proj``,
+        which ``mamba_ssm`` does not have. ``dtA_proj`` acts only in event mode (``integration_timesteps``), so a
+        loaded model keeps its initialisation there and computes ``mamba_ssm``'s function otherwise."""
+        return {name: entry for name, entry in self.lrnnx_entries().items() if not name.startswith("dtA_proj.")}

@@ -33,12 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lrnnx_jax.core import conv
+from lrnnx_jax.core import conv, speculative
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import chunked_scan
 from lrnnx_jax.core.validation import check_positive_int
 from pallas_kernels import kernel_math as km
-from pallas_kernels.checkpointing_ssu import checkpointing_ssu
 from pallas_kernels.cells import Cell, KernelPolicy
 
 #: not measured on a GPU yet: "auto" keeps the XLA paths (``use_kernels="always"`` runs the kernels)
@@ -345,52 +344,30 @@ class Mamba2(LRNN):
         return self.dt_limit == (0.0, float("inf"))
 
     def verify_cache_from(self, checkpoint, num_tokens: int, dtype=None):
-        """The verify cache of the checkpointed SSU: the checkpoint (the committed inference cache), the previous
-        call's raw conv inputs ``old_xBC (B, T, D + 2GN)`` (to replay the conv history), and the op's caches
-        ``old_x (B, T, nheads, headdim)``, ``old_B (B, 2, T, G, N)``, ``old_dt``/``old_cumAdt (B, 2, nheads, T)``
-        and ``cache_buf_idx (B,)`` (see :func:`pallas_kernels.checkpointing_ssu`)."""
+        """The verify cache of the checkpointed SSU (:mod:`lrnnx_jax.core.speculative`), or the generic one with a
+        ``dt_limit`` clamp."""
         if not self.verifies_with_ssu:
             return super().verify_cache_from(checkpoint, num_tokens, dtype)
-        T = check_positive_int(num_tokens, "num_tokens")
-        batch = checkpoint["lrnn_state"].shape[0]
-        f = compute_dtype(dtype or jnp.float32)
-        return {"checkpoint": checkpoint,
-                "old_xBC": jnp.zeros((batch, T, self.conv_dim), f),
-                "old_x": jnp.zeros((batch, T, self.nheads, self.headdim), f),
-                "old_B": jnp.zeros((batch, 2, T, self.ngroups, self.d_state), f),
-                "old_dt": jnp.zeros((batch, 2, self.nheads, T), f),
-                "old_cumAdt": jnp.zeros((batch, 2, self.nheads, T), f),
-                "cache_buf_idx": jnp.zeros((batch,), jnp.int32)}
+        return speculative.ssu_verify_cache(checkpoint, check_positive_int(num_tokens, "num_tokens"), self.conv_dim,
+                                            self.nheads, self.headdim, self.ngroups, self.d_state, False, dtype)
 
     def verify(self, u, cache, num_accepted, tau, old_tau, config):
-        """T drafted tokens through the checkpointed SSU: the conv history is replayed over the accepted raw
-        inputs, the new tokens' ``x, B, C, dt`` are computed from it, and :func:`pallas_kernels.checkpointing_ssu`
-        replays the SSM state and runs the drafts in one op."""
-        if "old_xBC" not in cache:
+        """T drafted tokens through the checkpointed SSU (:mod:`lrnnx_jax.core.speculative`)."""
+        if "old_conv_in" not in cache:
             return super().verify(u, cache, num_accepted, tau, old_tau, config)
         batch, T = u.shape[:2]
         D, G, N = self.d_inner, self.ngroups, self.d_state
-        checkpoint = cache["checkpoint"]
-        conv_state = conv.conv_state_after(cache["old_xBC"].astype(u.dtype), self.d_conv, num_accepted,
-                                           conv_state=checkpoint["conv_state"])
         z, xBC_raw, dt = self._split_in_proj(u)
-        xBC = jax.nn.silu(conv.causal_conv1d(xBC_raw, self.conv_weight[...], self._conv_bias(), conv_state=conv_state))
-        x, B, C = jnp.split(xBC, [D, D + G * N], axis=-1)
-        state = checkpoint["lrnn_state"]
-        y, ssu = checkpointing_ssu(
-            state.astype(u.dtype), cache["old_x"].astype(u.dtype), cache["old_B"].astype(u.dtype),
-            cache["old_dt"].astype(u.dtype), cache["old_cumAdt"].astype(u.dtype), cache["cache_buf_idx"], num_accepted,
-            x.reshape(batch, T, self.nheads, self.headdim), dt, -jnp.exp(self.A_log[...]).astype(u.dtype),
-            B.reshape(batch, T, G, N), C.reshape(batch, T, G, N), D=None if self.D_has_hdim else self.D[...].astype(u.dtype),
-            dt_bias=self.dt_bias[...].astype(u.dtype), dt_softplus=True, config=config)
+        conv_state, xBC = speculative.replay_conv(cache, num_accepted, xBC_raw, self.conv_weight[...], self._conv_bias())
+        x, B, C = jnp.split(jax.nn.silu(xBC), [D, D + G * N], axis=-1)
+        f = u.dtype
+        y, new_cache = speculative.run_ssu(
+            cache, num_accepted, conv_state, xBC_raw, x.reshape(batch, T, self.nheads, self.headdim), dt,
+            -jnp.exp(self.A_log[...]).astype(f), B.reshape(batch, T, G, N), C.reshape(batch, T, G, N),
+            D=None if self.D_has_hdim else self.D[...].astype(f), z=None, dt_bias=self.dt_bias[...].astype(f), config=config)
         y = y.reshape(batch, T, D)
         if self.D_has_hdim:
             y = y + self.D[...] * x
-        new_cache = {"checkpoint": {"conv_state": conv_state.astype(checkpoint["conv_state"].dtype),
-                                    "lrnn_state": ssu.state.astype(state.dtype)},
-                     "old_xBC": xBC_raw.astype(cache["old_xBC"].dtype)}
-        for name in ("old_x", "old_B", "old_dt", "old_cumAdt", "cache_buf_idx"):
-            new_cache[name] = getattr(ssu, name).astype(cache[name].dtype)
         return self.out_proj(self._norm(y, z)), new_cache
 
     def mamba_ssm_entries(self):
