@@ -201,8 +201,8 @@ def test_logits_match_float64_numpy(name):
 
 
 def test_layers_mixer_kwargs_and_sources():
-    """The layer types and mixer arguments follow create_block, with mamba_ssm's d_state defaults; the config is
-    also read from a config.json (file or directory) and from a MambaConfig dataclass."""
+    """The layer types and mixer arguments follow create_block, with mamba_ssm's d_state defaults (16 for Mamba-1,
+    128 for Mamba-2) and its other Mamba-1 defaults."""
     kwargs = mamba_ssm_lm_kwargs(CONFIGS["hybrid-mamba1-attn-mlp-untied"])
     assert kwargs["mixer_types"] == ["Mamba", "attn", "Mamba", "attn"]
     assert kwargs["mixer_kwargs"]["Mamba"]["d_state"] == 4 and "layer" not in kwargs["mixer_kwargs"]["Mamba"]
@@ -215,6 +215,7 @@ def test_layers_mixer_kwargs_and_sources():
 
 
 def test_config_from_json_path_and_dataclass(tmp_path):
+    """The config read from a config.json (its path or its directory) or a MambaConfig-like dataclass."""
     config = CONFIGS["mamba2-untied-layernorm"]
     sd = mamba_ssm_state_dict(config, 3)
     (tmp_path / "config.json").write_text(json.dumps({**config, "fused_add_norm": True}))
@@ -261,6 +262,7 @@ def test_errors_name_every_problem():
     (dict(attn_layer_idx=[1], attn_cfg={"causal": True}), r"attn_cfg must give num_heads for the attention layers \[1\]"),
     (dict(attn_layer_idx=[3], attn_cfg={"num_heads": 2}), r"attn_layer_idx \[3\] are not layer indices in \[0, n_layer=3\)"),
     (dict(norm_epsilon=1e-6), r"unknown MambaConfig fields \['norm_epsilon'\]"),
+    (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 2, "d_conv": 4}), r"d_conv=4: the causal conv over q, k, v"),
 ])
 def test_bad_configs_are_refused(change, message):
     config = {**CONFIGS["mamba1-tied"], **change}
