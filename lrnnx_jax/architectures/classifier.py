@@ -161,6 +161,20 @@ def resolve_lrnn_cls(lrnn_cls):
     return lrnn_cls
 
 
+def _keyword_names(factory) -> set[str]:
+    """The keyword arguments ``factory`` names, following ``**kwargs`` up a class's bases (S4D passes them on)."""
+    names: set[str] = set()
+    for owner in (inspect.getmro(factory) if inspect.isclass(factory) else (factory,)):
+        try:
+            parameters = inspect.signature(owner.__init__ if inspect.isclass(owner) else owner).parameters
+        except (TypeError, ValueError):
+            break
+        names |= {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return names
+
+
 def build_lrnn(lrnn_cls, d_model: int, d_state: int, lrnn_params: Optional[Mapping[str, Any]], rngs: nnx.Rngs) -> LRNN:
     """``lrnn_cls(d_model=d_model, d_state=d_state (if it takes it), **lrnn_params, rngs=rngs)``.
 
@@ -172,10 +186,7 @@ def build_lrnn(lrnn_cls, d_model: int, d_state: int, lrnn_params: Optional[Mappi
     kwargs = dict(lrnn_params or {})
     if "d_model" in kwargs or "rngs" in kwargs:
         raise TypeError(f"lrnn_params must not contain d_model or rngs (the classifier passes them), got {sorted(kwargs)}")
-    try:
-        parameters = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters
-    except (TypeError, ValueError):
-        parameters = {}
+    parameters = _keyword_names(factory)
     if "d_state" in parameters:
         kwargs.setdefault("d_state", d_state)
     if "transposed" in parameters:
@@ -196,7 +207,7 @@ class ClassifierBlock(nnx.Module):
     pools the sequence and applies the head.
 
     Args (lrnnx's): ``d_model``, ``d_state``, ``lrnn_cls`` (a name or class; built by :func:`build_lrnn` with
-    ``**lrnn_params``), ``num_classes`` / ``output_dim`` (the head's width when ``is_final``), ``pooling`` (final),
+    ``lrnn_params``), ``num_classes`` / ``output_dim`` (the head's width when ``is_final``), ``pooling`` (final),
     ``dropout``, ``intermediate_pooling``, ``pooling_factor``, ``is_final``.
 
     ``__call__(x, integration_timesteps=None, lengths=None)`` on validated compute-dtype arrays returns the
@@ -205,7 +216,7 @@ class ClassifierBlock(nnx.Module):
 
     def __init__(self, d_model: int, d_state: int, lrnn_cls, num_classes: int = 0, output_dim: int = 1,
                  pooling: str = "last", dropout: float = 0.1, intermediate_pooling: str = "none", pooling_factor: int = 2,
-                 is_final: bool = False, *, rngs: nnx.Rngs, **lrnn_params):
+                 is_final: bool = False, lrnn_params: Optional[Mapping[str, Any]] = None, *, rngs: nnx.Rngs):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {list(POOLINGS)}")
         if intermediate_pooling not in INTERMEDIATE_POOLINGS:
@@ -316,7 +327,7 @@ class Classifier(nnx.Module):
         def block(index, is_final):
             return ClassifierBlock(d_model, d_state, classes[index], num_classes=num_classes, output_dim=output_dim,
                                    pooling=pooling, dropout=dropout, intermediate_pooling=poolings[index],
-                                   pooling_factor=factors[index], is_final=is_final, rngs=rngs, **(params[index] or {}))
+                                   pooling_factor=factors[index], is_final=is_final, lrnn_params=params[index], rngs=rngs)
 
         self.blocks = nnx.List([block(index, False) for index in range(n_layers - 1)])
         self.final_block = block(n_layers - 1, True)

@@ -37,6 +37,11 @@ def check_ids(ids, num_embeddings: int, name: str, layout: str = "(B, L)", ndim:
     return ids
 
 
+def lookup(embed: nnx.Embed, ids):
+    """Rows ``ids`` of the table, in the table's dtype (``nnx.Embed`` casts to the dtype fixed at construction)."""
+    return jnp.take(embed.embedding[...], ids, axis=0)
+
+
 class PositionEmbedding(nnx.Module):
     """A learned absolute position embedding: ``positions (...)`` int -> ``(..., embedding_dim)``."""
 
@@ -49,7 +54,7 @@ class PositionEmbedding(nnx.Module):
     def __call__(self, positions):
         positions = jnp.asarray(positions)
         check_ids(positions, self.max_position_embeddings, "positions", "(...)", positions.ndim)
-        return self.position_embedding(positions)
+        return lookup(self.position_embedding, positions)
 
 
 class TokenEmbedding(nnx.Module):
@@ -91,7 +96,7 @@ class TokenEmbedding(nnx.Module):
     def __call__(self, token_ids):
         """``token_ids (B, L)`` int -> ``(B, L, embedding_dim)``."""
         token_ids = check_ids(token_ids, self.vocab_size, "token_ids")
-        embeddings = self.token_embedding(token_ids)
+        embeddings = lookup(self.token_embedding, token_ids)
         if self.padding_idx is not None:
             # the padding row keeps its value and gets no gradient
             embeddings = jnp.where((token_ids == self.padding_idx)[..., None], jax.lax.stop_gradient(embeddings), embeddings)
