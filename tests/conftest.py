@@ -15,9 +15,14 @@ import sys
 
 # The CPU suite is dominated by XLA compile time: compile without LLVM's expensive optimisation
 # passes (numerics are unchanged; IEEE semantics hold at every level). Not on GPU machines.
+# Single-threaded Eigen and FFT: XLA's CPU FFT thunk runs ducc's multi-threaded FFT from inside XLA's
+# intra-op pool, and on a 2-core machine two FFTs running at once can wait on each other for ever
+# (seen: a pytest worker hung in FftThunk -> ducc0 latch::wait with both pool threads blocked, which
+# is how CI ran out of its 90 minutes). pytest-xdist already keeps every core busy.
 if shutil.which("nvidia-smi") is None:
     os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
+        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+         "--xla_cpu_multi_thread_eigen=false"]
     ).strip()
 
 import jax
