@@ -166,11 +166,12 @@ def prompt_lookup_drafts(context, length, num_drafts: int, ngram_size: int):
 
 def _kv_free(cache, model):
     """The cache without the attention layers' key/value buffers (what a per-step snapshot needs)."""
-    return {i: ({"length": c["length"]} if model.layers[i].is_attention else c) for i, c in cache.items()}
+    return {i: ({k: v for k, v in c.items() if k not in ("k", "v")} if model.layers[i].is_attention else c)
+            for i, c in cache.items()}
 
 
 def _with_kv(small, full, model):
-    return {i: ({**full[i], "length": small[i]["length"]} if model.layers[i].is_attention else small[i]) for i in full}
+    return {i: ({**full[i], **small[i]} if model.layers[i].is_attention else small[i]) for i in full}
 
 
 def _pick_rows(stacked, index):

@@ -33,7 +33,7 @@ MAMBA1_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias
 MAMBA2_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, D_has_hdim=False, rmsnorm=True,
                        norm_before_gate=False, dt_limit=(0.0, math.inf), bias=False, conv_bias=True)
 MHA_DEFAULTS = dict(num_heads_kv=None, head_dim=None, mlp_dim=0, qkv_proj_bias=True, out_proj_bias=True, causal=False,
-                    rotary_emb_dim=0, rotary_emb_interleaved=False)
+                    rotary_emb_dim=0, rotary_emb_interleaved=False, d_conv=0)
 CONFIG_DEFAULTS = dict(d_intermediate=0, ssm_cfg={}, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
                        pad_vocab_size_multiple=8, tie_embeddings=True)
 
@@ -49,7 +49,7 @@ CONFIGS = {
     "hybrid-mamba1-attn-mlp-untied": dict(
         d_model=D_MODEL, n_layer=4, vocab_size=VOCAB, d_intermediate=20, tie_embeddings=False,
         ssm_cfg=dict(d_state=4, expand=1.5, dt_rank=3, bias=True, conv_bias=False), attn_layer_idx=[1, 3],
-        attn_cfg=dict(num_heads=4, num_heads_kv=2, rotary_emb_dim=2, causal=True, out_proj_bias=False)),
+        attn_cfg=dict(num_heads=4, num_heads_kv=2, rotary_emb_dim=2, causal=True, out_proj_bias=False, d_conv=4)),
     "hybrid-mamba2-attn-mlp-tied": dict(
         d_model=D_MODEL, n_layer=3, vocab_size=VOCAB, d_intermediate=16,
         ssm_cfg=dict(layer="Mamba2", d_state=4, headdim=4, norm_before_gate=True, D_has_hdim=True),
@@ -113,6 +113,8 @@ def mamba_ssm_state_dict(config, seed):
                 m["in_proj.bias"] = vector(qkv + attn.mlp_dim)
             if attn.out_proj_bias:
                 m["out_proj.bias"] = vector(H)
+            if attn.d_conv:
+                m["conv1d.weight"], m["conv1d.bias"] = weight(qkv, 1, attn.d_conv), vector(qkv)
         elif layer == "Mamba1":
             D, N, R, K = ssm.d_inner, ssm.d_state, ssm.dt_rank, ssm.d_conv
             m = {"in_proj.weight": weight(2 * D, H), "conv1d.weight": weight(D, 1, K), "x_proj.weight": weight(R + 2 * N, D),
@@ -168,7 +170,8 @@ def numpy_lm(config, sd, ids):
             hidden = numpy_mha(x, m["in_proj.weight"], m.get("in_proj.bias", zeros(m["in_proj.weight"].shape[0])),
                                m["out_proj.weight"], m.get("out_proj.bias", zeros(m["out_proj.weight"].shape[0])),
                                attn.num_heads, attn.num_heads_kv, attn.head_dim, attn.rotary_emb_dim,
-                               attn.rotary_emb_interleaved, attn.mlp_dim, attn.causal)
+                               attn.rotary_emb_interleaved, attn.mlp_dim, attn.causal, m.get("conv1d.weight"),
+                               m.get("conv1d.bias"))
         elif layer == "Mamba1":
             hidden = reference_mamba(m, x, None, "mamba")[0]  # exp(delta A), delta B u, D skip, SiLU(z) gate
         else:
@@ -262,7 +265,6 @@ def test_errors_name_every_problem():
     (dict(attn_layer_idx=[1], attn_cfg={"causal": True}), r"attn_cfg must give num_heads for the attention layers \[1\]"),
     (dict(attn_layer_idx=[3], attn_cfg={"num_heads": 2}), r"attn_layer_idx \[3\] are not layer indices in \[0, n_layer=3\)"),
     (dict(norm_epsilon=1e-6), r"unknown MambaConfig fields \['norm_epsilon'\]"),
-    (dict(attn_layer_idx=[0], attn_cfg={"num_heads": 2, "d_conv": 4}), r"d_conv=4: the causal conv over q, k, v"),
 ])
 def test_bad_configs_are_refused(change, message):
     config = {**CONFIGS["mamba1-tied"], **change}

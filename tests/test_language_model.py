@@ -34,7 +34,7 @@ MIXER_KWARGS = {
     "Mamba2": dict(headdim=4, d_conv=3, chunk_size=4, dt_min=0.05, dt_max=0.5),
     "RGLRU": dict(d_conv=2),
     "S7": dict(J=2),
-    "attn": dict(num_heads=4, num_heads_kv=2, causal=True, rotary_emb_dim=2),
+    "attn": dict(num_heads=4, num_heads_kv=2, causal=True, rotary_emb_dim=2, d_conv=3),
 }
 STACKS = {name: [name, "attn"] if name != "attn" else ["attn", "LRU"] for name in MIXER_KWARGS}
 STACK_IDS = pytest.mark.parametrize("mixer", list(STACKS))
@@ -81,13 +81,20 @@ def test_forward_matches_lrnnx_logits(name):
 # ---------------------------------------------------------------------------------- attention vs float64 NumPy
 
 
-def numpy_mha(x, w_in, b_in, w_out, b_out, heads, heads_kv, head_dim, rotary_dim, interleaved, mlp_dim, causal):
-    """Independent float64 reference: torch-layout weights, rotary by explicit rotation matrices, GQA by
-    repeating key/value heads, softmax attention."""
+def numpy_mha(x, w_in, b_in, w_out, b_out, heads, heads_kv, head_dim, rotary_dim, interleaved, mlp_dim, causal,
+              conv_w=None, conv_b=None):
+    """Independent float64 reference: torch-layout weights, the optional causal depthwise conv over q, k, v
+    (``conv_w (qkv_dim, 1, K)``, ``conv_b``), rotary by explicit rotation matrices, GQA by repeating key/value
+    heads, softmax attention."""
     x = x.astype(np.float64)
     B, L, _ = x.shape
     proj = x @ w_in.T + b_in
     qkv_dim = head_dim * (heads + 2 * heads_kv)
+    if conv_w is not None:
+        K = conv_w.shape[-1]
+        padded = np.concatenate([np.zeros((B, K - 1, qkv_dim)), proj[..., :qkv_dim]], 1)
+        conved = sum(padded[:, k : k + L] * conv_w[:, 0, k] for k in range(K)) + conv_b
+        proj = np.concatenate([conved, proj[..., qkv_dim:]], -1)
     q = proj[..., : heads * head_dim].reshape(B, L, heads, head_dim)
     k = proj[..., heads * head_dim : (heads + heads_kv) * head_dim].reshape(B, L, heads_kv, head_dim)
     v = proj[..., (heads + heads_kv) * head_dim : qkv_dim].reshape(B, L, heads_kv, head_dim)
@@ -118,12 +125,12 @@ def numpy_mha(x, w_in, b_in, w_out, b_out, heads, heads_kv, head_dim, rotary_dim
     return context @ w_out.T + b_out
 
 
-@pytest.mark.parametrize("heads_kv,rotary,interleaved,mlp_dim,causal", [
-    (4, 0, False, 0, True), (2, 4, False, 0, True), (1, 6, True, 200, True), (2, 4, False, 0, False)])
-def test_attention_matches_numpy_float64(heads_kv, rotary, interleaved, mlp_dim, causal):
+@pytest.mark.parametrize("heads_kv,rotary,interleaved,mlp_dim,causal,d_conv", [
+    (4, 0, False, 0, True, 0), (2, 4, False, 0, True, 3), (1, 6, True, 200, True, 0), (2, 4, False, 0, False, 0)])
+def test_attention_matches_numpy_float64(heads_kv, rotary, interleaved, mlp_dim, causal, d_conv):
     rng = np.random.default_rng(3)
     mha = MHA(16, 4, heads_kv, head_dim=6, mlp_dim=mlp_dim, causal=causal, rotary_emb_dim=rotary,
-              rotary_emb_interleaved=interleaved, rngs=nnx.Rngs(3))
+              rotary_emb_interleaved=interleaved, d_conv=d_conv, rngs=nnx.Rngs(3))
     for linear in (mha.in_proj, mha.out_proj):  # nonzero biases
         linear.bias.set_value(jnp.asarray(rng.standard_normal(linear.bias.get_value().shape), jnp.float32))
     x = rng.standard_normal((2, 7, 16)).astype(np.float32)
@@ -131,7 +138,9 @@ def test_attention_matches_numpy_float64(heads_kv, rotary, interleaved, mlp_dim,
         y, _ = mha(jnp.asarray(x))
     params = [np.asarray(a, np.float64) for a in (mha.in_proj.kernel.get_value().T, mha.in_proj.bias.get_value(),
                                                    mha.out_proj.kernel.get_value().T, mha.out_proj.bias.get_value())]
-    expected = numpy_mha(x, *params, 4, heads_kv, 6, rotary, interleaved, mha.mlp_dim, causal)
+    conv = {} if not d_conv else dict(conv_w=np.asarray(mha.conv_weight.get_value(), np.float64)[:, None, :],
+                                      conv_b=np.asarray(mha.conv_bias.get_value(), np.float64))
+    expected = numpy_mha(x, *params, 4, heads_kv, 6, rotary, interleaved, mha.mlp_dim, causal, **conv)
     assert mha.mlp_dim == (256 if mlp_dim else 0)
     assert relative_error(y, expected) < 2e-6  # float32 arithmetic over sums of ~20 terms
 
@@ -250,5 +259,5 @@ def test_bad_input_is_refused_clearly():
     noncausal(jnp.zeros((1, 3), jnp.int32))  # the forward works; decoding is refused
     with pytest.raises(ValueError, match="causal=False"):
         noncausal.allocate_inference_cache(1, 4)
-    with pytest.raises(ValueError, match="d_conv=2: the causal conv over q, k, v"):
-        MHA(8, 2, d_conv=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"d_conv must be an integer >= 0, got -1"):
+        MHA(8, 2, d_conv=-1, rngs=nnx.Rngs(0))

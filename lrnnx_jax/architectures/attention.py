@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrnnx_jax.core import validation
-from lrnnx_jax.core.base import LrnnxEntry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core import conv
+from lrnnx_jax.core.base import LrnnxEntry, lrnnx_entry, lrnnx_linear_entries, torch_linear
 
 KVCache = dict
 
@@ -88,7 +89,7 @@ def write_kv(cache: KVCache, k, v, num_valid=None) -> KVCache:
     positions = cache["length"][:, None] + jnp.arange(length)
     rows = jnp.arange(batch)[:, None]
     grow = length if num_valid is None else num_valid
-    return {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
+    return {**cache, "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
             "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"),
             "length": cache["length"] + jnp.asarray(grow, jnp.int32)}
 
@@ -101,7 +102,10 @@ class MHA(nnx.Module):
     width ``mlp_dim`` rounded up to 256, whose output is concatenated before ``out_proj``). ``causal=False`` (lrnnx's
     default) attends to the whole sequence and cannot decode: :meth:`step` and any cache refuse it.
 
-    mamba_ssm's ``d_conv`` (a causal conv over q, k, v) is not implemented: ``d_conv > 0`` raises.
+    With ``d_conv > 0`` (mamba_ssm's option) a causal depthwise conv of ``d_conv`` taps (with a bias, no
+    activation) runs over the projected q, k, v before the heads are split; its history of raw projections is
+    part of the KV cache (``"conv_state" (B, qkv_dim, d_conv)``), and the verify cache also keeps the previous
+    call's raw projections (``"old_qkv" (B, T, qkv_dim)``) to replay it.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_heads_kv: Optional[int] = None, head_dim: Optional[int] = None,
@@ -120,8 +124,9 @@ class MHA(nnx.Module):
                 raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads} when head_dim is None")
             head_dim = embed_dim // num_heads
         self.head_dim = validation.check_positive_int(head_dim, "head_dim")
-        if d_conv:
-            raise ValueError(f"d_conv={d_conv}: the causal conv over q, k, v of mamba_ssm's MHA is not implemented (use 0)")
+        if d_conv < 0 or int(d_conv) != d_conv:
+            raise ValueError(f"d_conv must be an integer >= 0, got {d_conv!r}")
+        self.d_conv = int(d_conv)
         if rotary_emb_dim < 0 or rotary_emb_dim % 2 or rotary_emb_dim > self.head_dim:
             raise ValueError(f"rotary_emb_dim must be an even number in [0, head_dim={self.head_dim}], got {rotary_emb_dim}")
         if mlp_dim < 0:
@@ -136,6 +141,12 @@ class MHA(nnx.Module):
                                     param_dtype=param_dtype)
         self.out_proj = torch_linear(self.head_dim * self.num_heads + self.mlp_dim // 2, embed_dim, use_bias=out_proj_bias,
                                      rngs=rngs, param_dtype=param_dtype)
+        if self.d_conv:  # torch Conv1d(groups=channels) init: fan_in = d_conv
+            bound = 1 / math.sqrt(self.d_conv)
+            self.conv_weight = nnx.Param(jax.random.uniform(rngs.params(), (self.qkv_dim, self.d_conv), param_dtype, -bound, bound))
+            self.conv_bias = nnx.Param(jax.random.uniform(rngs.params(), (self.qkv_dim,), param_dtype, -bound, bound))
+        else:
+            self.conv_weight = self.conv_bias = None
 
     # ---------------------------------------------------------------- cache
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> KVCache:
@@ -143,7 +154,35 @@ class MHA(nnx.Module):
         self.require_causal("allocate_inference_cache")
         shape = (batch_size, validation.check_positive_int(max_seqlen, "max_seqlen"), self.num_heads_kv, self.head_dim)
         dtype = jnp.float32 if dtype is None else dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((batch_size,), jnp.int32)}
+        cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((batch_size,), jnp.int32)}
+        if self.d_conv:
+            cache["conv_state"] = jnp.zeros((batch_size, self.qkv_dim, self.d_conv), dtype)
+        return cache
+
+    def verify_cache_from(self, cache: KVCache, num_tokens: int) -> KVCache:
+        """The verify cache continuing ``cache``: ``length`` counts committed tokens only, ``"pending" (B,)`` the
+        previous call's tokens written past it (0 at first); with ``d_conv`` it also keeps their raw projections
+        (``"old_qkv"``, zeros at first)."""
+        batch = cache["k"].shape[0]
+        out = {**cache, "pending": jnp.zeros((batch,), jnp.int32)}
+        if self.d_conv:
+            out["old_qkv"] = jnp.zeros((batch, num_tokens, self.qkv_dim), cache["conv_state"].dtype)
+        return out
+
+    def verify(self, x, cache: KVCache, num_accepted, precision=None):
+        """T drafted tokens ``x (B, T, embed_dim)`` after committing ``num_accepted (B,)`` tokens of the previous
+        call: the length (and the conv history, over the accepted raw projections) move forward; the new
+        tokens' keys are written past it, uncommitted. Returns ``(y (B, T, embed_dim), new verify cache)``."""
+        committed = {name: value for name, value in cache.items() if name not in ("old_qkv", "pending")}
+        committed["length"] = cache["length"] + num_accepted
+        if self.d_conv:
+            committed["conv_state"] = conv.conv_state_after(cache["old_qkv"].astype(x.dtype), self.d_conv, num_accepted,
+                                                            conv_state=cache["conv_state"]).astype(cache["conv_state"].dtype)
+        y, new_cache, raw_qkv = self.attend(x, committed, jnp.zeros_like(num_accepted), precision)
+        new_cache["pending"] = jnp.full_like(cache["pending"], x.shape[1])
+        if self.d_conv:
+            new_cache["old_qkv"] = raw_qkv.astype(cache["old_qkv"].dtype)
+        return y, new_cache
 
     def require_causal(self, what: str):
         if not self.causal:
@@ -155,13 +194,24 @@ class MHA(nnx.Module):
         """``x (B, L, embed_dim)`` -> ``(y (B, L, embed_dim), new cache or None)``.
 
         Without a cache: attention within ``x`` (causal or not). With one: the tokens continue the cached
-        sequence (positions ``length + t``), their keys and values are written, and ``length`` grows by
-        ``num_valid (B,)`` (all L when None); the same code serves the prefill, ``step`` (L = 1) and the
-        multi-token verification.
+        sequence (positions ``length + t``), their keys and values are written, and ``length`` (and the conv
+        history) advance by ``num_valid (B,)`` (all L when None); the same code serves the prefill, ``step``
+        (L = 1) and the multi-token verification.
         """
+        y, cache, _ = self.attend(x, cache, num_valid, precision)
+        return y, cache
+
+    def attend(self, x, cache: Optional[KVCache], num_valid, precision):
+        """:meth:`__call__`, also returning the raw (pre-conv) q, k, v projections ``(B, L, qkv_dim)``."""
         batch, length, _ = x.shape
         projected = self.in_proj(x)
-        qkv, mlp = projected[..., : self.qkv_dim], projected[..., self.qkv_dim :]
+        raw_qkv, mlp = projected[..., : self.qkv_dim], projected[..., self.qkv_dim :]
+        qkv = raw_qkv
+        if self.d_conv:
+            conv_state = None if cache is None else cache["conv_state"]
+            qkv = conv.causal_conv1d(raw_qkv, self.conv_weight[...], self.conv_bias[...], conv_state=conv_state)
+            if cache is not None:
+                cache = {**cache, "conv_state": conv.conv_state_after(raw_qkv, self.d_conv, num_valid, conv_state).astype(conv_state.dtype)}
         q_end, k_end = self.num_heads * self.head_dim, (self.num_heads + self.num_heads_kv) * self.head_dim
         q = qkv[..., :q_end].reshape(batch, length, self.num_heads, self.head_dim)
         k = qkv[..., q_end:k_end].reshape(batch, length, self.num_heads_kv, self.head_dim)
@@ -184,8 +234,12 @@ class MHA(nnx.Module):
         if self.mlp_dim:
             up, gate = mlp[..., : self.mlp_dim // 2], mlp[..., self.mlp_dim // 2 :]
             context = jnp.concatenate([context, up * jax.nn.silu(gate)], axis=-1)
-        return self.out_proj(context), cache
+        return self.out_proj(context), cache, raw_qkv
 
     def lrnnx_entries(self) -> dict[str, LrnnxEntry]:
-        return {**lrnnx_linear_entries("in_proj", self.in_proj), **lrnnx_linear_entries("out_proj", self.out_proj)}
+        entries = {**lrnnx_linear_entries("in_proj", self.in_proj), **lrnnx_linear_entries("out_proj", self.out_proj)}
+        if self.d_conv:
+            entries["conv1d.weight"] = lrnnx_entry(self.conv_weight, shape=(self.qkv_dim, 1, self.d_conv))
+            entries["conv1d.bias"] = lrnnx_entry(self.conv_bias)
+        return entries
 

@@ -269,8 +269,7 @@ class LRNNLMHeadModel(nnx.Module):
         for index, block in enumerate(self.layers):
             def run_mixer(x, block=block, layer_cache=verify_cache[index]):
                 if block.is_attention:
-                    committed = {**layer_cache, "length": layer_cache["length"] + num_accepted}
-                    return block.mixer(x, committed, num_valid=jnp.zeros_like(num_accepted))
+                    return block.mixer.verify(x, layer_cache, num_accepted)
                 return block.mixer.verify(x, layer_cache, num_accepted, None, None, config)
 
             hidden, residual, new_cache[index] = block.run(hidden, residual, run_mixer)
@@ -315,10 +314,7 @@ class LRNNLMHeadModel(nnx.Module):
         num_tokens = validation.check_positive_int(num_tokens, "num_tokens")
         out = {}
         for i, block in enumerate(self.layers):
-            if block.is_attention:
-                out[i] = cache[i]
-            else:
-                out[i] = block.mixer.verify_cache_from(cache[i], num_tokens)
+            out[i] = block.mixer.verify_cache_from(cache[i], num_tokens)
         return out
 
     def step(self, ids, cache: dict, *, kernel_config=None):
@@ -387,7 +383,8 @@ class LRNNLMHeadModel(nnx.Module):
                                      f"{needed} are needed; allocate it with a larger max_seqlen")
 
     def _is_verify_cache(self, cache) -> bool:
-        return isinstance(cache, dict) and any(isinstance(c, dict) and "checkpoint" in c for c in cache.values())
+        return isinstance(cache, dict) and any(isinstance(c, dict) and ("checkpoint" in c or "pending" in c)
+                                               for c in cache.values())
 
     def _check_verify_cache(self, cache, batch: int, num_tokens: int):
         if not isinstance(cache, dict) or set(cache) != set(range(self.n_layer)):
