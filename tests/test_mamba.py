@@ -469,7 +469,7 @@ def test_parameters_have_lrnnx_names_shapes_and_initialisation():
         (dict(dt_min=0.2, dt_max=0.1), r"need 0 < dt_min <= dt_max, got dt_min=0.2, dt_max=0.1"),
         (dict(expand=0), r"expand must be a positive number"),
         (dict(d_state=0), r"d_state must be a positive integer, got 0"),
-        (dict(chunk_size=0), r"chunk_size must be a positive integer, got 0"),
+        (dict(chunk_size=0), r"chunk_size must be a positive integer or None, got 0"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, message):

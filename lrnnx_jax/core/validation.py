@@ -1,22 +1,104 @@
 """Argument checks shared by every model, generation and conversion.
 
 Shape and dtype checks always run (shapes are static under ``jit``). Value
-checks (negative or NaN timesteps, lengths out of range) run whenever the values
-are concrete, i.e. outside ``jit``; inside a traced function they cannot raise.
+checks (negative or NaN timesteps, lengths out of range, token ids out of range)
+raise ``ValueError`` whenever the values are concrete, i.e. outside ``jit``. Inside
+a traced function (``jit``, ``grad``, ``vmap``, ``scan``) they are skipped, unless the
+function runs under :func:`checked`: then each becomes a ``checkify.check`` with the
+same message, which :func:`checked` raises as that ``ValueError`` after the call.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import checkify
+
+#: True while :func:`checked` traces its function. A jit-cache-sensitive context
+#: (``jax.make_user_context``): every ``jax.jit`` (the user's and the models' own,
+#: ``core.base._jit_forward`` ...) traces again under it instead of reusing a program
+#: traced without the checks, and the programs traced with them are never reused outside.
+_TRACED_CHECKS = jax.make_user_context(default_value=False)
 
 
 def is_concrete(x) -> bool:
     """True when ``x`` holds values (not a tracer), so value checks can run."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def traced_checks_enabled() -> bool:
+    """Whether value checks on traced values are emitted (``checkify.check``): only under :func:`checked`."""
+    return bool(_TRACED_CHECKS.value)
+
+
+def _traced_check(ok, message: str, *values):
+    """Under :func:`checked`, ``checkify.check(ok, message, *values)`` (``{}`` in ``message`` formats ``values``
+    at run time); elsewhere nothing, because an unfunctionalized ``checkify.check`` cannot be traced."""
+    if traced_checks_enabled():
+        checkify.check(ok, message, *values)
+
+
+def checked(fn: Callable) -> Callable:
+    """``fn`` with every value check of the library enforced inside ``jit`` too.
+
+    ``fn`` is any function of models and arrays, jitted (``jax.jit``, ``nnx.jit``) or not. Outside
+    ``jit`` the checks below raise ``ValueError`` as soon as they meet bad values; inside a traced
+    function they are skipped (the values are unknown while tracing). ``checked(fn)`` runs ``fn``
+    under ``jax.experimental.checkify`` with the checks traced as ``checkify.check``: the call returns
+    ``fn``'s result, or raises the same ``ValueError``, with the same message naming the argument, as the
+    check raises outside ``jit``. The checks:
+
+    * ``lengths`` of a forward (models, ``LRUUnet``, the language model): integers in ``[0, L]``;
+    * ``num_accepted`` of ``verify_step`` (models and the language model): integers in ``[0, T]``;
+    * ``integration_timesteps`` (event mode): finite, then ``> 0``;
+    * token ids of the language model (``input_ids``, ``ids``): in ``[0, padded_vocab_size)``.
+
+    When several checks fail, the first one in program order is raised. ``checked`` must be the
+    outermost transformation: ``checked(jax.jit(f))``, not ``jax.jit(checked(f))``; a ``checked``
+    function called inside another one simply runs (its checks are raised by the outer one). Under
+    ``checked`` every ``jit`` traces and compiles again, once per shape (the checked programs are cached
+    apart from the plain ones, which stay check-free and as fast as before).
+    """
+    def pure(graphdef, state):
+        args, kwargs = nnx.merge(graphdef, state)  # the models rebuilt at this trace level, so nnx.jit can update them
+        out = fn(*args, **kwargs)
+        return out, nnx.state(_stateful_nodes((args, kwargs)))
+
+    # one program (jit): the models' variables then live at the trace level of nnx.jit's write-back
+    checkified = checkify.checkify(jax.jit(pure), errors=checkify.user_checks)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if traced_checks_enabled():  # inside an outer checked(): its checkify functionalizes our checks
+            return fn(*args, **kwargs)
+        graphdef, state = nnx.split((args, kwargs))
+        with _TRACED_CHECKS(True):
+            err, (out, new_state) = checkified(graphdef, state)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(err)):
+            raise TypeError("checked(fn) must be the outermost transformation: call checked(jax.jit(fn)), "
+                            "not jax.jit(checked(fn)) (nor grad or vmap of it)")
+        exception = err.get_exception()
+        if exception is not None:
+            if hasattr(exception, "fmt_string"):  # a failed checkify.check: its message, without "(`check` failed)"
+                message = exception.fmt_string.format(*exception.args, **exception.kwargs)
+            else:
+                message = str(exception)
+            raise ValueError(message)
+        nnx.update(_stateful_nodes((args, kwargs)), new_state)  # what fn changed in the models (as nnx.jit does)
+        return out
+
+    return run
+
+
+def _stateful_nodes(tree) -> list:
+    """The NNX objects (models, optimizers, variables) in ``tree``, in a fixed order."""
+    stateful = lambda x: isinstance(x, (nnx.Pytree, nnx.Variable))  # noqa: E731
+    return [leaf for leaf in jax.tree.leaves(tree, is_leaf=stateful) if stateful(leaf)]
 
 
 def check_float(x, name: str):
@@ -85,10 +167,13 @@ def check_lengths(lengths, batch: int, length: int, name: str = "lengths") -> Op
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
+    message = f"{name} must lie in [0, L={length}], got min {{}} and max {{}}"
     if is_concrete(lengths):
         values = np.asarray(lengths)
         if values.min(initial=0) < 0 or values.max(initial=0) > length:
-            raise ValueError(f"{name} must lie in [0, L={length}], got min {values.min()} and max {values.max()}")
+            raise ValueError(message.format(values.min(), values.max()))
+    elif lengths.size:
+        _traced_check(jnp.all((lengths >= 0) & (lengths <= length)), message, jnp.min(lengths), jnp.max(lengths))
     return jnp.arange(length)[None, :] < lengths[:, None]
 
 
@@ -105,13 +190,30 @@ def check_timesteps(integration_timesteps, shape: tuple[int, ...], name: str = "
     if tuple(tau.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tau.shape)}")
     check_float(tau, name)
+    not_finite = f"{name} must be finite, got NaN or inf"
+    not_positive = f"{name} must be > 0 (time between events), got min {{}}"
     if is_concrete(tau):
         values = np.asarray(tau, dtype=np.float64)
         if not np.all(np.isfinite(values)):
-            raise ValueError(f"{name} must be finite, got NaN or inf")
+            raise ValueError(not_finite)
         if np.any(values <= 0):
-            raise ValueError(f"{name} must be > 0 (time between events), got min {values.min()}")
+            raise ValueError(not_positive.format(np.asarray(tau).min()))  # the min in tau's dtype, as traced
+    elif tau.size:
+        _traced_check(jnp.all(jnp.isfinite(tau)), not_finite)
+        _traced_check(jnp.all(tau > 0), not_positive, jnp.min(tau))
     return tau
+
+
+def check_id_values(ids, num_ids: int, name: str):
+    """Raise ``ValueError`` unless the integer ``ids`` lie in ``[0, num_ids)`` (token ids, positions); a traced
+    check under :func:`checked`. Shapes and dtypes are the caller's to check."""
+    message = f"{name} must lie in [0, {num_ids}), got min {{}} and max {{}}"
+    if is_concrete(ids):
+        values = np.asarray(ids)
+        if values.size and (values.min() < 0 or values.max() >= num_ids):
+            raise ValueError(message.format(values.min(), values.max()))
+    elif ids.size:
+        _traced_check(jnp.all((ids >= 0) & (ids < num_ids)), message, jnp.min(ids), jnp.max(ids))
 
 
 def reject_timesteps(integration_timesteps, model_name: str):
@@ -123,7 +225,23 @@ def reject_timesteps(integration_timesteps, model_name: str):
         )
 
 
-def check_positive_int(value, name: str):
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is an integer >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_chunk_size(chunk_size, name: str = "chunk_size") -> Optional[int]:
+    """A scan's ``chunk_size``: a positive integer, or None (one chunk, the unchunked scan)."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def check_cache_size(batch_size, max_seqlen) -> tuple[int, int]:
+    """The arguments of ``allocate_inference_cache``: ``batch_size`` and ``max_seqlen`` positive integers
+    (as :func:`lrnnx_jax.generation.capture_graph` requires them)."""
+    return check_positive_int(batch_size, "batch_size"), check_positive_int(max_seqlen, "max_seqlen")

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from lrnnx_jax.core import lti
+from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import LRNN, compute_dtype
 from pallas_kernels import cells
 from pallas_kernels import complex_lib as cl
@@ -121,4 +121,5 @@ class DiagonalSSM(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, *state_shape()) complex zeros}``."""
+        batch_size, _ = validation.check_cache_size(batch_size, max_seqlen)
         return {"lrnn_state": jnp.zeros((batch_size,) + self.state_shape(), self._state_dtype(dtype, True))}

@@ -60,7 +60,7 @@ class CentaurusBase(DiagonalSSM):
       discretization: one of :data:`DISCRETIZATIONS`; ``"mamba"`` (``A_bar = exp(delta A)``,
         ``B_bar = delta B``) is what lrnnx computes whatever it is told.
       method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``.
-      chunk_size: chunk of the scan path.
+      chunk_size: chunk of the scan path (None: one chunk).
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
     Parameters: ``A (N, M)`` complex, initialised to ``-0.5 + i pi m / M`` on every row;
@@ -78,7 +78,7 @@ class CentaurusBase(DiagonalSSM):
         discretization: str = "mamba",
         *,
         method: str = "auto",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         rngs: nnx.Rngs,
     ):
         self.d_model = validation.check_positive_int(d_model, "d_model")
@@ -88,7 +88,7 @@ class CentaurusBase(DiagonalSSM):
         disc.get_discretization(discretization, allowed=DISCRETIZATIONS)
         lti.resolve_method(method, 1, False)
         self.discretization = discretization
-        self.method, self.chunk_size = method, chunk_size
+        self.method, self.chunk_size = method, validation.check_chunk_size(chunk_size)
         phases = jnp.arange(sub_state_dim, dtype=jnp.float32) * math.pi / sub_state_dim
         A = jnp.broadcast_to(jax.lax.complex(jnp.full_like(phases, -0.5), phases), (d_state, sub_state_dim))
         self.A = nnx.Param(A.astype(jnp.complex64))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lrnnx_jax.core import lti
+from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
@@ -31,7 +31,7 @@ class LRU(DiagonalSSM):
       r_min, r_max: the eigenvalue moduli are drawn uniformly on the ring ``r_min <= |lambda| <= r_max``.
       max_phase: eigenvalue phases are drawn uniformly in ``[0, max_phase]``.
       method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``.
-      chunk_size: chunk of the scan path.
+      chunk_size: chunk of the scan path (None: one chunk).
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
     """
 
@@ -44,9 +44,12 @@ class LRU(DiagonalSSM):
         max_phase: float = 2 * math.pi,
         *,
         method: str = "auto",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         rngs: nnx.Rngs,
     ):
+        d_model = validation.check_positive_int(d_model, "d_model")
+        d_state = validation.check_positive_int(d_state, "d_state")
+        chunk_size = validation.check_chunk_size(chunk_size)
         if not 0 <= r_min < r_max <= 1:
             raise ValueError(f"need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
         lti.resolve_method(method, 1, False)

@@ -414,7 +414,7 @@ class S4Layer(LRNN):
       is_real: real-valued A, B, C.
       lr, wd, verbose: accepted for compatibility; optimiser settings live outside the model.
       method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``.
-      chunk_size: chunk of the scan path.
+      chunk_size: chunk of the scan path (None: one chunk).
       rngs: ``nnx.Rngs``.
       **layer_args: ``swap_channels`` (flatten ``(h c)`` instead of ``(c h)``), ``drop_kernel``
         (only 0), and the init arguments ``B_clip`` (NPLR inits) or ``real_random``,
@@ -464,7 +464,8 @@ class S4Layer(LRNN):
         d_model = validation.check_positive_int(d_model, "d_model")
         channels = validation.check_positive_int(channels, "channels")
         rank = validation.check_positive_int(rank, "rank")
-        if d_state % 2 or d_state < 2:
+        d_state = validation.check_positive_int(d_state, "d_state")
+        if d_state % 2:
             raise ValueError(f"d_state must be a positive even number (N/2 conjugate pairs), got {d_state!r}")
         inner = d_model if bottleneck is None else d_model // validation.check_positive_int(bottleneck, "bottleneck")
         if inner < 1:
@@ -506,7 +507,7 @@ class S4Layer(LRNN):
         self.bottleneck, self.gate, self.transposed, self.l_max = bottleneck, gate, transposed, l_max
         self.swap_channels, self.is_real, self.dt_fast = swap_channels, is_real, dt_fast
         self.dt_transform, self.real_transform, self.imag_transform = dt_transform, real_transform, imag_transform
-        self.method, self.chunk_size = method, chunk_size
+        self.method, self.chunk_size = method, validation.check_chunk_size(chunk_size)
 
         k = jax.random.split(rngs.params(), 3)
         A, P, B, V = ssm_init(k[0], init, d_state, rank, n_ssm, layer_args)
@@ -722,4 +723,5 @@ class S4Layer(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, H', state_size) complex zeros}``."""
+        batch_size, _ = validation.check_cache_size(batch_size, max_seqlen)
         return {"lrnn_state": jnp.zeros((batch_size, self.d_inner, self.state_size), self._state_dtype(dtype, True))}

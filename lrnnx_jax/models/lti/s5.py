@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lrnnx_jax.core import discretization as disc
-from lrnnx_jax.core import lti
+from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
@@ -40,7 +40,7 @@ class S5(DiagonalSSM):
         integration_timesteps) or ``"no_discretization"``.
       conj_sym: output ``2 Re(C h)`` (conjugate-symmetric state).
       method: full-sequence path for time-invariant input, ``"auto"``, ``"fft"`` or ``"scan"``.
-      chunk_size: chunk of the scan path.
+      chunk_size: chunk of the scan path (None: one chunk).
     """
 
     supports_integration_timesteps = True
@@ -60,13 +60,16 @@ class S5(DiagonalSSM):
         hid_dim: int | None = None,
         state_dim: int | None = None,
         method: str = "auto",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         rngs: nnx.Rngs,
     ):
         d_model = d_model if d_model is not None else hid_dim
         d_state = d_state if d_state is not None else state_dim
         if d_model is None or d_state is None:
             raise TypeError("S5 needs d_model (or hid_dim) and d_state (or state_dim)")
+        d_model = validation.check_positive_int(d_model, "d_model" if hid_dim is None else "hid_dim")
+        d_state = validation.check_positive_int(d_state, "d_state" if state_dim is None else "state_dim")
+        chunk_size = validation.check_chunk_size(chunk_size)
         if discretization is None:
             raise TypeError(f"S5 needs a discretization, one of {sorted(disc.DISCRETIZATIONS)}")
         self.discretize = disc.get_discretization(discretization)

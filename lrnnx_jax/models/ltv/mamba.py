@@ -49,7 +49,7 @@ from lrnnx_jax.core import conv, speculative
 from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
-from lrnnx_jax.core.validation import check_positive_int
+from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -240,9 +240,7 @@ class Mamba(LRNN):
             raise ValueError(f"dt_init must be one of {list(DT_INITS)}, got {dt_init!r}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        if chunk_size is not None:
-            check_positive_int(chunk_size, "chunk_size")
-        self.expand, self.discretization, self.chunk_size = expand, discretization, chunk_size
+        self.expand, self.discretization, self.chunk_size = expand, discretization, check_chunk_size(chunk_size)
         self.layer_idx = layer_idx
         param_dtype = dtype or jnp.float32
 
@@ -348,6 +346,7 @@ class Mamba(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, N)}`` zeros."""
+        batch_size, _ = check_cache_size(batch_size, max_seqlen)
         state_dtype = self._state_dtype(dtype, False)
         return {
             "conv_state": jnp.zeros((batch_size, self.d_inner, self.d_conv), state_dtype),

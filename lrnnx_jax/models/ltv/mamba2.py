@@ -36,7 +36,7 @@ from flax import nnx
 from lrnnx_jax.core import conv, speculative
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import chunked_scan
-from lrnnx_jax.core.validation import check_positive_int
+from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -195,8 +195,7 @@ class Mamba2(LRNN):
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if not 0 <= dt_limit[0] < dt_limit[1]:
             raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {tuple(dt_limit)}")
-        if chunk_size is not None:
-            check_positive_int(chunk_size, "chunk_size")
+        chunk_size = check_chunk_size(chunk_size)
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = bool(D_has_hdim), bool(rmsnorm), bool(norm_before_gate)
         self.dt_limit, self.chunk_size, self.layer_idx, self.eps = (float(dt_limit[0]), float(dt_limit[1])), chunk_size, layer_idx, 1e-5
         param_dtype = dtype or jnp.float32
@@ -330,6 +329,7 @@ class Mamba2(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D + 2GN, d_conv), "lrnn_state": (batch_size, nheads, headdim, N)}`` zeros."""
+        batch_size, _ = check_cache_size(batch_size, max_seqlen)
         state_dtype = self._state_dtype(dtype, False)
         return {
             "conv_state": jnp.zeros((batch_size, self.conv_dim, self.d_conv), state_dtype),

@@ -32,7 +32,7 @@ from flax import nnx
 from lrnnx_jax.core import conv
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
-from lrnnx_jax.core.validation import check_positive_int
+from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -152,7 +152,7 @@ class RGLRU(LRNN):
         if not c > 0:
             raise ValueError(f"c must be > 0, got {c}")
         D = self.d_inner = self.expand * H
-        self.c, self.chunk_size = float(c), chunk_size
+        self.c, self.chunk_size = float(c), check_chunk_size(chunk_size)
         param_dtype = dtype or jnp.float32
         self.gate_proj = torch_linear(H, D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
         self.in_proj = torch_linear(H, D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
@@ -228,6 +228,7 @@ class RGLRU(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"conv_state": (batch_size, D, d_conv), "lrnn_state": (batch_size, D, 1)}`` zeros."""
+        batch_size, _ = check_cache_size(batch_size, max_seqlen)
         state_dtype = self._state_dtype(dtype, False)
         return {
             "conv_state": jnp.zeros((batch_size, self.d_inner, self.d_conv), state_dtype),

@@ -32,7 +32,7 @@ from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from pallas_kernels import cells
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
-from lrnnx_jax.core.validation import check_positive_int
+from lrnnx_jax.core.validation import check_chunk_size, check_positive_int
 
 DISCRETIZATIONS = ("zoh", "bilinear", "dirac")
 
@@ -122,7 +122,7 @@ class S5(DiagonalSSM):
             raise ValueError(f"step_rescale must be > 0, got {step_rescale}")
         lti.resolve_method(method, 1, False)
         self.discretization, self.conj_sym, self.step_rescale = discretization, bool(conj_sym), float(step_rescale)
-        self.method, self.chunk_size = method, chunk_size
+        self.method, self.chunk_size = method, check_chunk_size(chunk_size)
         params = s5_init(rngs.params(), d_model, d_state, self.conj_sym, dt_min, dt_max, dtype or jnp.float32)
         self.A = nnx.Param(params["A"])
         self.B = nnx.Param(params["B"])

@@ -30,7 +30,7 @@ from flax import nnx
 from lrnnx_jax.core import hippo
 from lrnnx_jax.core.base import LRNN, compute_dtype, in_compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
-from lrnnx_jax.core.validation import check_positive_int
+from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -108,7 +108,7 @@ class S7(LRNN):
         J = check_positive_int(J, "J")
         if N % J:
             raise ValueError(f"d_state must be divisible by J (the number of HiPPO blocks), got d_state={N}, J={J}")
-        self.J, self.chunk_size = J, chunk_size
+        self.J, self.chunk_size = J, check_chunk_size(chunk_size)
         param_dtype = dtype or jnp.float32
         self.in_proj = torch_linear(H, H, use_bias=False, rngs=rngs, param_dtype=param_dtype)
         self.x_proj = nnx.Linear(
@@ -198,6 +198,7 @@ class S7(LRNN):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None):
         """``{"lrnn_state": (batch_size, N) zeros}``."""
+        batch_size, _ = check_cache_size(batch_size, max_seqlen)
         return {"lrnn_state": jnp.zeros((batch_size, self.d_state), self._state_dtype(dtype, False))}
 
     def lrnnx_entries(self):
