@@ -362,10 +362,7 @@ class LRNNLMHeadModel(nnx.Module):
             raise ValueError(f"{name} must have shape {layout}, got {tuple(ids.shape)}")
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"{name} must be integer token ids, got dtype {ids.dtype}")
-        if validation.is_concrete(ids) and ids.size:
-            values = np.asarray(ids)
-            if values.min() < 0 or values.max() >= self.padded_vocab_size:
-                raise ValueError(f"{name} must lie in [0, {self.padded_vocab_size}), got min {values.min()} and max {values.max()}")
+        validation.check_id_values(ids, self.padded_vocab_size, name)  # traced under lrnnx_jax.checked
         return ids.astype(jnp.int32)
 
     def _check_cache(self, cache, batch: int, needed: int):
