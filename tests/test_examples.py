@@ -18,9 +18,6 @@ def test_quickstart_runs_every_model(capsys):
     assert [row[:14].strip() for row in rows] == names
     for row in rows:
         assert "(4, 256, 32)" in row and "(4, 64, 32)" in row
-        step_err, rms, gen_max = (float(v) for v in row.split()[-3:])
-        assert step_err < 1e-4, row  # forward and recurrence agree to float32 rounding
-        assert 0.01 < rms < 100 and 0 < gen_max < 100, row  # finite, bounded values
 
 
 def test_unet_denoise_improves_the_snr(tmp_path, capsys):
