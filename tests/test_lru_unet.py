@@ -192,6 +192,15 @@ def test_decoder_delay_of_r_minus_1_is_the_least_causal_one():
         assert lookahead(1) == 2  # lrnnx's causal=True at r = 4
         assert lookahead(2) == 1
         assert lookahead(lru_unet.causal_delay(4, True)) == 0
+        # the whole network with lrnnx's delay at its default factors [4, 2]: the output at t = 4j + 1 moves with
+        # the input at 4j + 3 (the NumPy reference with lrnnx's delay); with ours it does not
+        model, x = shared(True, (4, 2)), rng.standard_normal((1, 3, 16))
+        moved = x.copy()
+        moved[:, :, 7] += 1.0
+        for shift, changes in ((lambda r: 1, True), (None, False)):
+            change = np.abs(np_unet(model, moved, shift) - np_unet(model, x, shift))[0].max(0)
+            assert (change[5] > 1e-6 * change.max()) == changes
+            assert np.all(change[:5] == 0)
     assert lru_unet.causal_delay(4, False) == 0
 
 
