@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -209,8 +210,22 @@ def assemble(blocks, num_steps: int):
     """
     if all(device.platform == "cpu" for block in blocks for device in block.devices()):
         ys = np.concatenate([np.asarray(block) for block in blocks], axis=0)[:num_steps]
+        report_nonfinite(np.all(np.isfinite(ys)))
         return jax.device_put(np.ascontiguousarray(np.moveaxis(ys, 0, 1)), next(iter(blocks[0].devices())))
     return _assemble(tuple(blocks), num_steps)
+
+
+_NONFINITE_REPORTED = []
+
+
+def report_nonfinite(all_finite) -> None:
+    """Warn (once per process) that a generation produced inf or NaN: a model fed its own outputs is a closed
+    loop, and an untrained (or unstable) one can diverge."""
+    if not bool(all_finite) and not _NONFINITE_REPORTED:
+        _NONFINITE_REPORTED.append(True)
+        warnings.warn("generate produced non-finite values (inf or NaN): the closed loop of this model, fed its own "
+                      "outputs, diverges (common for untrained models; scale the seed input down or check the model's "
+                      "stability). This warning is shown once.", RuntimeWarning, stacklevel=2)
 
 
 #: the slicing program is a copy: XLA's optimisation passes only cost compile time (on an H200, 5 new step
@@ -222,7 +237,9 @@ SLICING_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disab
 @functools.partial(jax.jit, static_argnames="num_steps", compiler_options=SLICING_COMPILER_OPTIONS)
 def _assemble(blocks, num_steps: int):
     ys = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
-    return jnp.moveaxis(ys[:num_steps], 0, 1)
+    ys = ys[:num_steps]
+    jax.debug.callback(report_nonfinite, jnp.all(jnp.isfinite(ys)))  # on the host when it runs: no sync here
+    return jnp.moveaxis(ys, 0, 1)
 
 
 class CompiledGenerator:
@@ -408,6 +425,10 @@ def generate(
     kernel_config: Optional[kernel_dispatch.KernelConfig] = None,
 ):
     """Closed-loop generation from a fresh state: output t is the input of step t + 1.
+
+    A model fed its own outputs is a closed loop: an untrained or unstable one can diverge to inf or NaN (a
+    random layer's gain above one grows geometrically; S7's input-dependent terms grow faster). ``generate``
+    warns once per process when its output is not finite.
 
     Args:
       model: any lrnnx_jax model.

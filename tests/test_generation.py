@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -379,3 +381,19 @@ def test_fused_fallbacks_keep_the_xla_program(monkeypatch):
     assert _fused(_zoo("S5-zoh").build(), 32)
     assert not _fused(_zoo("CentaurusDWS").build(), 4096)
     assert _fused(_zoo("CentaurusNeck").build(), 4096)
+
+
+def test_generate_warns_once_when_the_closed_loop_diverges(monkeypatch):
+    """A closed loop with gain 10 (the skip D) overflows float32 within 40 steps: generate warns, once."""
+    monkeypatch.setattr(generation, "_NONFINITE_REPORTED", [])
+    model = LRU_ENTRY.build(seed=3)
+    x0 = np.random.default_rng(3).standard_normal((2, H)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finite rollout warns nothing
+        assert np.all(np.isfinite(np.asarray(generate(model, x0, 16))))
+    model.D.set_value(jnp.full_like(model.D.get_value(), 10.0))
+    with pytest.warns(RuntimeWarning, match="generate produced non-finite values"):
+        generate(model, x0, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, x0, 64)  # shown once

@@ -331,6 +331,9 @@ class Classifier(nnx.Module):
 
         self.blocks = nnx.List([block(index, False) for index in range(n_layers - 1)])
         self.final_block = block(n_layers - 1, True)
+        # A weak-typed parameter (``jnp.full`` of a Python float, as LTI S5's B) turns strong at the first optimizer
+        # update, and so does its optimizer state at the second: a jitted training step would compile three times.
+        nnx.update(self, jax.tree.map(lambda a: jnp.asarray(a, dtype=a.dtype), nnx.state(self, nnx.Param)))
 
     @property
     def layers(self) -> list[ClassifierBlock]:
