@@ -145,7 +145,7 @@ def test_matches_numpy_float64(config):
     with jax.enable_x64(True):
         to_float64(model)
         xj = jnp.asarray(x)
-        for lengths in (None, LENGTHS):
+        for lengths in ((None, LENGTHS) if config == "LRU-stride-last-regression" else (LENGTHS,)):
             out = model(xj, lengths=None if lengths is None else jnp.asarray(lengths),
                         integration_timesteps=None if tau is None else jnp.asarray(tau))
             chex.assert_shape(out, (B, model.num_outputs))
@@ -235,9 +235,8 @@ def test_gradients_match_finite_differences():
 
 
 def test_jit_and_a_training_step():
-    config = "LRU-S5-mean-max-lists"
-    model = build(seed=13, **CONFIGS[config])
-    x, _ = inputs(config, seed=14)
+    model = build(seed=13, lrnn_cls="LRU", n_layers=1, intermediate_pooling="mean", pooling="mean", num_classes=4)
+    x, _ = inputs("LRU-S5-mean-max-lists", seed=14)
     x, lengths = jnp.asarray(x), jnp.asarray(LENGTHS)
     eager = model(x, lengths=lengths)
     forward = nnx.jit(lambda m, xx, ll: m(xx, lengths=ll))
@@ -279,6 +278,8 @@ def test_structure_shapes_and_every_zoo_model():
     assert model.final_block.output_proj.kernel.get_value().shape == (H, 5)
     override = build(lrnn_cls="LRU", n_layers=1, lrnn_params=dict(d_state=7))
     assert override.final_block.lrnn.d_state == 7
+    # no weak-typed parameter (LTI S5's B is one): an optimizer update would change the types and recompile
+    assert not any(a.weak_type for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
     small = build(lrnn_cls="LRU", n_layers=1, num_classes=3)
     out = small(jnp.zeros((2, 4, IN), jnp.bfloat16))
