@@ -178,6 +178,10 @@ def test_pooling_sums_timesteps_per_window_and_recomputes_lengths():
     pooled, t2, l2 = SequencePooling("mean", stride=2)(x, lengths, tau)
     np.testing.assert_allclose(t2, tm)
     np.testing.assert_array_equal(l2, lm)
+    # masked max: a window past a row's end (all -inf inside) gives 0 and finite gradients
+    short = jnp.asarray([5, 1])
+    grad = jax.grad(lambda a: jnp.sum(final_pool(intermediate_pool(a, None, short, "max", 2)[0], -(-short // 2), "max")))(x)
+    np.testing.assert_array_equal(grad[:, :, 0], [[0, 0, 0, 0, 1], [1, 0, 0, 0, 0]])
 
 
 def test_padding_beyond_lengths_does_not_change_the_result():
