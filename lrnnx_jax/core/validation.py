@@ -58,11 +58,15 @@ def checked(fn: Callable) -> Callable:
     * ``integration_timesteps`` (event mode): finite, then ``> 0``;
     * token ids of the language model (``input_ids``, ``ids``): in ``[0, padded_vocab_size)``.
 
-    When several checks fail, the first one in program order is raised. ``checked`` must be the
-    outermost transformation: ``checked(jax.jit(f))``, not ``jax.jit(checked(f))``; a ``checked``
-    function called inside another one simply runs (its checks are raised by the outer one). Under
-    ``checked`` every ``jit`` traces and compiles again, once per shape (the checked programs are cached
-    apart from the plain ones, which stay check-free and as fast as before).
+    When several checks fail, the first one in program order is raised (under ``vmap``, the min and max
+    are those of the failing row). ``checked`` must be the outermost transformation: ``checked(jax.jit(f))``,
+    not ``jax.jit(checked(f))``; a ``checked`` function called inside another one simply runs (its checks
+    are raised by the outer one). ``fn`` runs as one compiled program whose NNX objects (models, optimizers)
+    are updated in place afterwards, as ``nnx.jit`` does, and only when no check failed.
+
+    Build ``checked(fn)`` once and call it many times: each ``checked(fn)`` compiles its own program, and
+    under it every ``jit`` inside traces again, once per shape. The checked programs are cached apart from
+    the plain ones (the flag is part of JAX's jit cache key), which stay check-free and as fast as before.
     """
     def pure(graphdef, state):
         args, kwargs = nnx.merge(graphdef, state)  # the models rebuilt at this trace level, so nnx.jit can update them
