@@ -8,12 +8,12 @@
 #                                   the model.step table and the generate-vs-num_steps benchmark
 #   scripts/gpu_session.sh tests    only the tests of "checks"
 #   scripts/gpu_session.sh recheck  the tests, and the comparison of "compare" again, 20 repeats, for chosen models
-# Results go to $OUT. The parity tests need the fixtures: carry a copy in .fixtures (LRNNX_PARITY_FIXTURES).
+# Results go to $OUT. The parity tests need the fixtures: carry a copy of ../shared/fixtures in .fixtures (LRNNX_FIXTURES).
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-if [ -d .fixtures ]; then export LRNNX_PARITY_FIXTURES=$PWD/.fixtures; fi
+if [ -d .fixtures ]; then export LRNNX_FIXTURES=$PWD/.fixtures; fi
 { nvidia-smi --query-gpu=name,driver_version --format=csv; python -c "import jax, flax; print(jax.__version__, flax.__version__, jax.devices())"; } > "$OUT/env.txt" 2>&1
 gpu_tests() {
   # several pytest workers share the GPU: no preallocation of 75% of its memory per process

@@ -31,10 +31,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-#: ../shared/fixtures/lrnnx_parity beside the checkout; LRNNX_PARITY_FIXTURES overrides it (GPU runs carry a copy)
-FIXTURE_DIR = pathlib.Path(
-    os.environ.get("LRNNX_PARITY_FIXTURES", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "lrnnx_parity")
-)
+#: ../shared/fixtures beside the checkout; LRNNX_FIXTURES overrides it (GPU runs carry a copy in .fixtures)
+FIXTURES_ROOT = pathlib.Path(
+    os.environ.get("LRNNX_FIXTURES", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))
+FIXTURE_DIR = FIXTURES_ROOT / "lrnnx_parity"
+LM_FIXTURE_DIR = FIXTURES_ROOT / "lrnnx_lm"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,10 +62,11 @@ def pytest_runtest_protocol(item, nextitem):
         faulthandler.cancel_dump_traceback_later()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def float32_matmuls():
-    """Dense matmuls at float32 accuracy, for tests comparing the kernels (float32 multiply-adds) with XLA: on a GPU,
-    XLA's default float32 matmul is TF32 (about 1e-3 relative)."""
+    """Every test runs its dense matmuls at float32 accuracy: the tests compare paths (forward, step, kernels,
+    verification) and references at float32 tolerances, and on a GPU XLA's default float32 matmul is TF32 (about
+    1e-3 relative). A no-op on the CPU, whose default is float32 already."""
     with jax.default_matmul_precision("highest"):
         yield
 

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FIXTURE_DIR, relative_error
+from conftest import LM_FIXTURE_DIR, relative_error
 from lrnnx_jax.architectures import MHA, LRNNLMHeadModel
 from lrnnx_jax.convert import from_lrnnx
 
-LM_FIXTURES = FIXTURE_DIR.parent / "lrnnx_lm"
 D = 8
 VOCAB = 37
 
@@ -63,11 +62,11 @@ def step_logits(model, ids, cache):
 # ---------------------------------------------------------------------------------- parity with lrnnx
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in LM_FIXTURES.glob("*.npz")) or ["<absent>"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in LM_FIXTURE_DIR.glob("*.npz")) or ["<absent>"])
 def test_forward_matches_lrnnx_logits(name):
-    path = LM_FIXTURES / f"{name}.npz"
+    path = LM_FIXTURE_DIR / f"{name}.npz"
     if not path.exists():
-        pytest.skip(f"lrnnx LM fixtures not found at {LM_FIXTURES} (../shared/fixtures is absent)")
+        pytest.skip(f"lrnnx LM fixtures not found at {LM_FIXTURE_DIR} (../shared/fixtures is absent)")
     z = np.load(path)
     meta = json.loads(bytes(z["meta_json"]))
     state_dict = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}

@@ -75,7 +75,6 @@ def _fresh_warnings():
     yield
 
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # the XLA references' projections in float32 on GPUs too
 
 
 def build(name, seed=0):

@@ -46,7 +46,6 @@ def _runs_a_kernel(jaxpr) -> bool:
     return "pallas_call" in str(jaxpr)
 
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.name)
