@@ -22,7 +22,18 @@ measured in the same run (the number to read at B=4096). Where ``"auto"`` keeps 
 XLA program (the cell's ``KernelPolicy``) the fused kernel is timed anyway and the note says
 so. ``--block-batch``, ``--num-warps`` and
 ``--precision`` add fused variants (tuning). Prints a Markdown table; ``--out`` writes
-every number as JSON. Needs only jax, flax and numpy.
+every number as JSON.
+
+PyTorch lrnnx's numbers come from a results file (``--anchors PATH``, default
+``benchmarks/results/lrnnx_anchors.json``: CUDA-graph replay on an H100 at B=32, H=128,
+512 steps) and fill ``lrnnx_us`` only where this run's device kind names the anchor's
+device and the row has its configuration; the skipped anchors are listed with why.
+
+Shows a progress bar (tqdm) and writes a plot of µs per generated step against the
+batch size (fused and XLA, and lrnnx where compared) to ``--plot`` (default: next to
+``--out``, else ``benchmark_results/fused_generation.png``; ``--no-plot`` for none).
+Needs jax, flax and numpy; without tqdm or matplotlib (the ``bench`` extra) it prints
+plain progress lines and writes no plot.
 
 On an H100, with the self-test, in one call of about 10 minutes::
 
@@ -41,6 +52,7 @@ import argparse
 import dataclasses
 import json
 import math
+import pathlib
 import sys
 import time
 from typing import Optional
@@ -49,7 +61,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import anchors as anchors_lib
 from benchmarks.benchmark_inference import make_inputs
+from benchmarks.reporting import Progress, pyplot, save
 from benchmarks.timing import copy_bandwidth, median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
@@ -63,26 +77,24 @@ class BenchModel:
     lrnnx_name: str
     kwargs: dict
     event: bool = False
-    #: PyTorch lrnnx CUDA-graph replay on an H100, µs per step at B=32, H=128, 512 steps (where known)
-    lrnnx_us: Optional[float] = None
 
 
 H, N = 128, 64
 MODELS = [
-    BenchModel("LRU", "lti.LRU", dict(d_model=H, d_state=N), lrnnx_us=30.0),
-    BenchModel("S5", "lti.S5", dict(d_model=H, d_state=N, discretization="zoh"), lrnnx_us=30.0),
+    BenchModel("LRU", "lti.LRU", dict(d_model=H, d_state=N)),
+    BenchModel("S5", "lti.S5", dict(d_model=H, d_state=N, discretization="zoh")),
     BenchModel("S5-event", "lti.S5", dict(d_model=H, d_state=N, discretization="async"), event=True),
     BenchModel("ltv.S5", "ltv.S5", dict(d_model=H, d_state=N)),
     BenchModel("ltv.S5-event", "ltv.S5", dict(d_model=H, d_state=N), event=True),
     BenchModel("CentaurusNeck", "lti.Centaurus", dict(d_model=H, d_state=N, sub_state_dim=2, mode="neck")),
     BenchModel("CentaurusPWNeck", "lti.Centaurus", dict(d_model=H, d_state=N, sub_state_dim=2, mode="pw")),
     BenchModel("CentaurusDWS", "lti.Centaurus", dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws")),
-    BenchModel("Mamba", "ltv.Mamba", dict(d_model=H, d_state=16), lrnnx_us=46.0),
+    BenchModel("Mamba", "ltv.Mamba", dict(d_model=H, d_state=16)),
     BenchModel("Mamba-event", "ltv.Mamba", dict(d_model=H, d_state=16), event=True),
-    BenchModel("RGLRU", "ltv.RGLRU", dict(d_model=H), lrnnx_us=88.0),
+    BenchModel("RGLRU", "ltv.RGLRU", dict(d_model=H)),
     BenchModel("S4", "lti.S4", dict(d_model=H, d_state=N, transposed=False)),
     BenchModel("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
-    BenchModel("S7", "ltv.S7", dict(d_model=H, d_state=N), lrnnx_us=56.0),
+    BenchModel("S7", "ltv.S7", dict(d_model=H, d_state=N)),
     BenchModel("S7-small", "ltv.S7", dict(d_model=32, d_state=32)),  # the largest S7 whose weights fit on chip
 ]
 
@@ -161,11 +173,18 @@ def fused_configs(args, blockable: bool) -> list[dispatch.KernelConfig]:
     return list(dict.fromkeys(configs))
 
 
-def bench_model(spec: BenchModel, batch: int, args, bandwidth: float) -> list[dict]:
+def lrnnx_columns(spec: BenchModel, batch: int, steps: int, anchors: anchors_lib.Anchors) -> dict:
+    """``lrnnx_us`` and ``lrnnx_device`` from the anchor of this device kind and configuration (else None)."""
+    anchor = anchors.find(model=spec.name, B=batch, H=spec.kwargs["d_model"], steps=steps,
+                          d_state=spec.kwargs.get("d_state"))
+    return dict(lrnnx_us=None if anchor is None else anchor.value, lrnnx_device=None if anchor is None else anchor.device)
+
+
+def bench_model(spec: BenchModel, batch: int, args, bandwidth: float, anchors: anchors_lib.Anchors) -> list[dict]:
     model = model_class(spec.lrnnx_name)(**spec.kwargs, rngs=nnx.Rngs(0))
     x0, tau = make_inputs(batch, model.d_model, spec.event)
     steps = args.steps
-    base = dict(model=spec.name, batch=batch, steps=steps, lrnnx_us=spec.lrnnx_us if batch == 32 else None)
+    base = dict(model=spec.name, batch=batch, steps=steps, **lrnnx_columns(spec, batch, steps, anchors))
     rows = []
     reason = fg.model_unsupported_reason(model, batch, spec.event)
     slower = None if reason is not None else model.cell().policy.slower_reason("rollout", batch)
@@ -219,6 +238,45 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(path: pathlib.Path, rows: list[dict]) -> Optional[str]:
+    """µs per generated step against the batch size: fused (solid) and XLA (dashed) per model, lrnnx (squares)."""
+    points = [row for row in rows if row.get("fused_us") is not None or row.get("xla_us") is not None]
+    if not points:
+        return None
+    plt = pyplot("plot")
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    devices = sorted({row["lrnnx_device"] for row in rows if row.get("lrnnx_us") is not None})
+    for model in dict.fromkeys(row["model"] for row in points):
+        mine = [row for row in points if row["model"] == model]
+        fused = {}  # the fastest variant per batch
+        for row in mine:
+            if row.get("fused_us") is not None:
+                fused[row["batch"]] = min(row["fused_us"], fused.get(row["batch"], math.inf))
+        xla = {row["batch"]: row["xla_us"] for row in mine if row.get("xla_us") is not None}
+        theirs = {row["batch"]: row["lrnnx_us"] for row in mine if row.get("lrnnx_us") is not None}
+        color = None
+        if fused:
+            color = ax.plot(*zip(*sorted(fused.items())), marker="o", ms=3, label=f"{model} fused")[0].get_color()
+        if xla:
+            color = ax.plot(*zip(*sorted(xla.items())), ls="--", marker=".", color=color,
+                            label=f"{model} XLA program")[0].get_color()
+        if theirs:
+            ax.plot(*zip(*sorted(theirs.items())), ls="none", marker="s", ms=7, mfc="none", color=color,
+                    label=f"{model} PyTorch lrnnx")
+    title = f"{points[0]['steps']} steps"
+    if devices:
+        title += f"; PyTorch lrnnx CUDA graph measured on {', '.join(devices)}"
+    batches = sorted({row["batch"] for row in points})
+    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="µs per generated step", title=title)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    return save(fig, path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=None, help="comma-separated model names (default: all)")
@@ -235,31 +293,49 @@ def main(argv=None):
                         help="fused variants: dot precision of the block path")
     parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
     parser.add_argument("--out", default=None, help="write every number as JSON to this file")
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help="the PNG plot (default: --out with .png, else benchmark_results/fused_generation.png)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--anchors", action="append", type=pathlib.Path, metavar="PATH",
+                        help="a results file of PyTorch lrnnx numbers, used only where measured on this device kind "
+                        "(repeatable; default benchmarks/results/lrnnx_anchors.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.warmup = [32, 4096], 5, 1
     models = MODELS if args.models is None else [m for m in MODELS if m.name in args.models.split(",")]
     device = jax.devices()[0]
+    anchors = anchors_lib.anchors(anchors_lib.device_kind(), args.anchors, benchmark="generate")
     bandwidth = copy_bandwidth()
     print(f"device: {getattr(device, 'device_kind', device)}, jax {jax.__version__}, copy bandwidth {bandwidth / 1e9:.0f} GB/s",
           flush=True)
     rows = []
+    progress = Progress(len(args.batches) * len(models), unit="model")
     for batch in args.batches:
         for spec in models:
             try:
-                new = bench_model(spec, batch, args, bandwidth)
+                new = bench_model(spec, batch, args, bandwidth, anchors)
             except Exception as error:  # noqa: BLE001
                 new = [dict(model=spec.name, batch=batch, variant="", note=f"ERROR {type(error).__name__}: {error}"[:300])]
             rows += new
             for row in new:
-                print(f"  {row['model']} B={batch} {row.get('variant')}: fused {_fmt(row.get('fused_us'))} us, "
-                      f"xla {_fmt(row.get('xla_us'))} us, loop {_fmt(row.get('loop_us'))} us {row.get('note', '')}", flush=True)
+                progress.write(f"  {row['model']} B={batch} {row.get('variant')}: fused {_fmt(row.get('fused_us'))} us, "
+                               f"xla {_fmt(row.get('xla_us'))} us, loop {_fmt(row.get('loop_us'))} us {row.get('note', '')}")
+            progress.update(f"{spec.name} B={batch}")
+    progress.close()
     print()
     print(markdown(rows))
+    print("\nPyTorch lrnnx (lrnnx_us):")
+    print("\n".join(f"- {line}" for line in anchors.summary()))
+    if not args.no_plot:
+        path = args.plot or (pathlib.Path(args.out).with_suffix(".png") if args.out
+                             else pathlib.Path("benchmark_results") / "fused_generation.png")
+        if plot(path, rows):
+            print(f"plot: {path}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__,
-                       "copy_bandwidth": bandwidth, "argv": sys.argv, "rows": rows}, f, indent=1)
+                       "copy_bandwidth": bandwidth, "argv": sys.argv, "rows": rows, "anchors": anchors.to_json()},
+                      f, indent=1)
     return 0
 
 

@@ -23,10 +23,22 @@ Two runners are timed:
 * ``"step_loop"``: the baseline, a Python loop calling a jitted ``model.step``
   once per token (the JAX analogue of lrnnx's uncaptured loop). Its compile time
   is that of the jitted step.
+
+Each sweep shows a progress bar (tqdm, or one printed line per value without it;
+``progress=False`` for none). After the README's set-up (``make setup``) the
+``benchmarks`` package is installed with the library, so
+``from benchmarks.benchmark_inference import benchmark_sequence_length`` works from
+any working directory, as in lrnnx's guide.
+
+From the command line, ``python -m benchmarks.benchmark_inference [run_all options]``
+runs the three sweeps for every model (``benchmarks.run_all --sweeps seq,dim,batch``)
+and writes their CSV files, report and plots (µs per generated step against L, H
+and B) to ``benchmark_results/``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -34,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.reporting import Progress
 from lrnnx_jax.generation import GenerationConfig, capture_graph, generate
 
 SEQ_LENGTHS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -115,16 +128,23 @@ def _check_runner(runner: str):
     return RUNNERS[runner]
 
 
-def _sweep(values, prepare_for: Callable, num_steps_for: Callable, repeats, warmup, runs, on_value):
+def _sweep(values, prepare_for: Callable, num_steps_for: Callable, repeats, warmup, runs, on_value, progress, name):
     """Shared loop: ``prepare_for(value) -> (run, x0, tau, compile_s)``; returns :class:`Timings`."""
     results = Timings()
-    for value in values:
-        run, x0, tau, compile_s = prepare_for(value)
-        num_steps = num_steps_for(value)
-        results[value] = [time_call(lambda: run(x0, num_steps, tau), warmup, runs) for _ in range(repeats)]
-        results.compile_s[value] = compile_s
-        if on_value is not None:
-            on_value(value, results[value])
+    bar = Progress(len(values), desc=name) if progress else None
+    try:
+        for value in values:
+            run, x0, tau, compile_s = prepare_for(value)
+            num_steps = num_steps_for(value)
+            results[value] = [time_call(lambda: run(x0, num_steps, tau), warmup, runs) for _ in range(repeats)]
+            results.compile_s[value] = compile_s
+            if on_value is not None:
+                on_value(value, results[value])
+            if bar is not None:
+                bar.update(f"{name}={value}: {sum(results[value]) / len(results[value]):.3g} ms")
+    finally:
+        if bar is not None:
+            bar.close()
     return results
 
 
@@ -140,6 +160,7 @@ def benchmark_sequence_length(
     warmup: int = 10,
     runs: int = 90,
     on_value: Optional[Callable] = None,
+    progress: bool = True,
 ) -> Timings:
     """Generation time against the number of generated steps L.
 
@@ -152,7 +173,8 @@ def benchmark_sequence_length(
       runner: ``"generate"`` or ``"step_loop"`` (the baseline).
       event: pass ``integration_timesteps (B, 1)``.
       config: the :class:`GenerationConfig` of the generator.
-      on_value: called as ``on_value(L, [ms, ...])`` after each length (progress).
+      on_value: called as ``on_value(L, [ms, ...])`` after each length.
+      progress: show a progress bar over the lengths.
 
     Returns:
       :class:`Timings` ``{L: [ms, ...]}``.
@@ -161,7 +183,8 @@ def benchmark_sequence_length(
     model = model_fn()
     run, compile_s = prepare(model, batch_size, event=event, config=config)
     x0, tau = make_inputs(batch_size, model.d_model, event)
-    return _sweep(seq_lengths, lambda L: (run, x0, tau, compile_s), lambda L: L, repeats, warmup, runs, on_value)
+    return _sweep(seq_lengths, lambda L: (run, x0, tau, compile_s), lambda L: L, repeats, warmup, runs, on_value,
+                  progress, "seq_length")
 
 
 def benchmark_model_dimension(
@@ -177,6 +200,7 @@ def benchmark_model_dimension(
     warmup: int = 10,
     runs: int = 90,
     on_value: Optional[Callable] = None,
+    progress: bool = True,
 ) -> Timings:
     """Generation time of ``seq_len`` steps against the model width H; one model and generator per H.
 
@@ -190,7 +214,7 @@ def benchmark_model_dimension(
         run, compile_s = prepare(model, batch_size, event=event, config=config)
         return (run, *make_inputs(batch_size, model.d_model, event), compile_s)
 
-    return _sweep(model_dims, prepare_for, lambda H: seq_len, repeats, warmup, runs, on_value)
+    return _sweep(model_dims, prepare_for, lambda H: seq_len, repeats, warmup, runs, on_value, progress, "model_dim")
 
 
 def benchmark_batch_size(
@@ -205,6 +229,7 @@ def benchmark_batch_size(
     warmup: int = 10,
     runs: int = 90,
     on_value: Optional[Callable] = None,
+    progress: bool = True,
 ) -> Timings:
     """Generation time of ``seq_len`` steps against the batch size B; one generator per B.
 
@@ -217,4 +242,16 @@ def benchmark_batch_size(
         run, compile_s = prepare(model, B, event=event, config=config)
         return (run, *make_inputs(B, model.d_model, event), compile_s)
 
-    return _sweep(batch_sizes, prepare_for, lambda B: seq_len, repeats, warmup, runs, on_value)
+    return _sweep(batch_sizes, prepare_for, lambda B: seq_len, repeats, warmup, runs, on_value, progress, "batch_size")
+
+
+def main(argv=None) -> dict:
+    """``python -m benchmarks.benchmark_inference [run_all options]``: the three sweeps, with plots."""
+    from benchmarks import run_all  # run_all imports this module
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_all.main(["--sweeps", "seq,dim,batch", *argv])
+
+
+if __name__ == "__main__":
+    main()

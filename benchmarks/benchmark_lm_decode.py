@@ -5,8 +5,8 @@
 
 Stacks (d_model 512, d_state 16, vocabulary 32000, float32; S5 with zoh):
 
-* ``a``: ``["Mamba", "S5", "LRU", "RGLRU"]`` (PyTorch lrnnx on an H200: eager step loop 2.24 ms/token at batch 1,
-  2.93 ms at batch 32; one CUDA graph of the whole step 157 µs and 257 µs);
+* ``a``: ``["Mamba", "S5", "LRU", "RGLRU"]`` (PyTorch lrnnx numbers on an H200 in
+  ``benchmarks/results/lrnnx_anchors.json``: an eager step loop and one CUDA graph of the whole step, at batch 1 and 32);
 * ``b``: ``["Mamba", "S5", "attn", "RGLRU"]`` (attention: 8 heads, causal);
 * ``c``: ``b`` with Mamba2 in place of Mamba.
 
@@ -18,7 +18,14 @@ Parts, each timed as the median of ``--repeats`` runs after ``--warmup`` (compil
   mixer alone, divided by ``new_tokens``), plus the head (final norm, LM head and argmax, scanned the same way);
 * ``speculative``: ``generate_tokens`` with prompt lookup (4 drafts) on a repetitive prompt, with its acceptance rate.
 
-Prints a table and writes every number, with the device and versions, to ``--out``.
+Prints a line per row and writes every number, with the device and versions, to ``--out``. PyTorch lrnnx's
+numbers come from a results file (``--anchors PATH``, default ``benchmarks/results/lrnnx_anchors.json``) and fill
+``lrnnx_eager_us`` / ``lrnnx_cuda_graph_us`` (and the speed-ups of ``generate`` over them) only where this run's
+device kind names the anchor's device (an H200 for the default file) and the row has the anchor's stack, batch and
+sizes; the report lists every skipped anchor with why. A progress bar (tqdm) is shown, and a plot of µs per token
+against the batch size (``generate``, the loop, the floor, and lrnnx where compared) is written to ``--plot``
+(default: next to ``--out``, else ``benchmark_results/lm_decode.png``; ``--no-plot`` for none). Without tqdm or
+matplotlib (the ``bench`` extra) it prints plain progress lines and writes no plot.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import pathlib
 import platform
 import sys
+from typing import Optional
 
 import flax
 import jax
@@ -35,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import anchors as anchors_lib
+from benchmarks.reporting import Progress, pyplot, save
 from benchmarks.timing import median_seconds
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import Speculative, generate_tokens
@@ -46,8 +57,8 @@ STACKS = {
     "c": ["Mamba2", "S5", "attn", "RGLRU"],
 }
 MIXER_KWARGS = {"S5": {"discretization": "zoh"}, "attn": {"num_heads": 8, "causal": True}, "Mamba2": {"headdim": 64}}
-#: PyTorch lrnnx on the H200, stack a (µs per token): eager step loop and one CUDA graph of the whole step
-LRNNX_US = {"eager": {1: 2240.0, 32: 2930.0}, "cuda_graph": {1: 157.0, 32: 257.0}}
+#: the ``measured.method`` of the PyTorch lrnnx anchors (benchmarks/results/lrnnx_anchors.json) by column name
+LRNNX_METHODS = {"eager": "eager step loop", "cuda_graph": "one CUDA graph of the whole LM step"}
 PROMPT_LENGTH = 16
 
 
@@ -114,6 +125,54 @@ def time_floor(model, batch, new_tokens, warmup, repeats) -> dict:
     return out
 
 
+def lrnnx_columns(stack: str, batch: int, generate_us: Optional[float], anchors: anchors_lib.Anchors) -> dict:
+    """``lrnnx_<method>_us`` (and the speed-up of ``generate`` over it) for each anchor of this device kind with the
+    row's stack, batch and sizes; nothing for the others."""
+    row = {}
+    for name, method in LRNNX_METHODS.items():
+        anchor = anchors.find(stack=STACKS[stack], B=batch, d_model=D_MODEL, d_state=D_STATE, vocab=VOCAB,
+                              method=method)
+        if anchor is None:
+            continue
+        row[f"lrnnx_{name}_us"] = anchor.value
+        row["lrnnx_device"] = anchor.device
+        if generate_us is not None:
+            row[f"speedup_vs_lrnnx_{name}"] = anchor.value / generate_us
+    return row
+
+
+def plot(path: pathlib.Path, rows: list[dict]) -> Optional[str]:
+    """µs per token against the batch size: per stack ``generate`` (solid), the loop (dashed), the floor (dotted),
+    and PyTorch lrnnx's anchors where compared (squares: whole-step CUDA graph, triangles: eager loop)."""
+    series = [("generate_us_per_token", "generate", dict(marker="o")), ("loop_us_per_token", "loop", dict(ls="--")),
+              ("floor_us_per_token", "floor", dict(ls=":")),
+              ("lrnnx_cuda_graph_us", "PyTorch lrnnx CUDA graph", dict(ls="none", marker="s", mfc="none", ms=7)),
+              ("lrnnx_eager_us", "PyTorch lrnnx eager", dict(ls="none", marker="^", mfc="none", ms=7))]
+    if not any(key in row for row in rows for key, _, _ in series):
+        return None
+    plt = pyplot("plot")
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for stack in dict.fromkeys(row["stack"] for row in rows):
+        color = None
+        for key, label, style in series:
+            points = sorted((row["batch"], row[key]) for row in rows if row["stack"] == stack and key in row)
+            if points:
+                color = ax.plot(*zip(*points), color=color, label=f"{stack}: {label}", **style)[0].get_color()
+    devices = sorted({row["lrnnx_device"] for row in rows if "lrnnx_device" in row})
+    title = f"{rows[0]['new_tokens']} new tokens, d_model {D_MODEL}"
+    if devices:
+        title += f"; PyTorch lrnnx measured on {', '.join(devices)}"
+    batches = sorted({row["batch"] for row in rows})
+    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="µs per token", title=title)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return save(fig, path)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stacks", default="a,b,c")
@@ -123,12 +182,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help="the PNG plot (default: --out with .png, else benchmark_results/lm_decode.png)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--anchors", action="append", type=pathlib.Path, metavar="PATH",
+                        help="a results file of PyTorch lrnnx numbers, used only where measured on this device kind "
+                        "(repeatable; default benchmarks/results/lrnnx_anchors.json)")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
+    anchors = anchors_lib.anchors(anchors_lib.device_kind(), args.anchors, benchmark="lm_decode")
+    stacks, batches = args.stacks.split(","), [int(b) for b in args.batches.split(",")]
+    progress = Progress(len(stacks) * len(batches), unit="row")
     rows = []
-    for stack in args.stacks.split(","):
+    for stack in stacks:
         model = build(stack)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in batches:
             rng = np.random.default_rng(batch)
             prompt = rng.integers(0, VOCAB, (batch, PROMPT_LENGTH)).astype(np.int32)
             row = {"stack": stack, "mixers": STACKS[stack], "batch": batch, "new_tokens": args.new_tokens}
@@ -154,11 +222,13 @@ def main(argv=None) -> dict:
                 row["speedup_vs_loop"] = row["loop_us_per_token"] / row["generate_us_per_token"]
             if "generate_us_per_token" in row and "floor_us_per_token" in row:
                 row["ratio_to_floor"] = row["generate_us_per_token"] / row["floor_us_per_token"]
-            if stack == "a" and batch in LRNNX_US["cuda_graph"] and "generate_us_per_token" in row:
-                row["lrnnx_cuda_graph_us"] = LRNNX_US["cuda_graph"][batch]
-                row["speedup_vs_lrnnx_cuda_graph"] = LRNNX_US["cuda_graph"][batch] / row["generate_us_per_token"]
+            row.update(lrnnx_columns(stack, batch, row.get("generate_us_per_token"), anchors))
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            progress.write(json.dumps(row))
+            progress.update(f"stack {stack} B={batch}")
+    progress.close()
+    print("PyTorch lrnnx (lrnnx_*_us):")
+    print("\n".join(f"- {line}" for line in anchors.summary()))
     result = {
         "rows": rows,
         "environment": {
@@ -167,7 +237,13 @@ def main(argv=None) -> dict:
             "date": datetime.date.today().isoformat(),
             "command": "python -m benchmarks.benchmark_lm_decode " + " ".join(sys.argv[1:] if argv is None else argv),
         },
+        "anchors": anchors.to_json(),
     }
+    if not args.no_plot:
+        path = args.plot or (pathlib.Path(args.out).with_suffix(".png") if args.out
+                             else pathlib.Path("benchmark_results") / "lm_decode.png")
+        if plot(path, rows):
+            print(f"plot: {path}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -7,8 +7,14 @@ Sections (``--sweeps``, all by default):
 * ``target``: B=32, H=128, 512 steps, d_state=64 (16 for Mamba), in µs per
   generated step, for each ``--block-size`` and ``--unroll`` (the
   :class:`~lrnnx_jax.generation.GenerationConfig` knobs), next to the baseline (a Python loop
-  over a jitted ``model.step``), the speed-up over it, PyTorch lrnnx's CUDA-graph
-  replay on an H100 where known, and the 10 µs/step target.
+  over a jitted ``model.step``), the speed-up over it, PyTorch lrnnx's number where a results
+  file holds one for the same device kind and configuration (``--anchors``), and the 10 µs/step target.
+
+Comparisons with PyTorch lrnnx use only numbers read from a named results file
+(``--anchors PATH``, repeatable; default ``benchmarks/results/lrnnx_anchors.json``, whose CUDA-graph
+replay numbers were measured on an H100): a row gets one only when this run's device kind names the
+anchor's device and its configuration (model, B, H, steps, d_state) equals the anchor's. A CPU run is
+never compared with GPU numbers; the report lists every skipped anchor and why (:mod:`benchmarks.anchors`).
 
 Each ``--command-buffer`` value reruns the target section in a child process
 with ``XLA_FLAGS=... --xla_gpu_enable_command_buffer=VALUE`` (XLA reads its flags
@@ -18,10 +24,12 @@ list (no command buffers), any other value is passed as is, e.g.
 
 Writes to ``--out`` (default ``benchmark_results/``): ``infer_<sweep>.csv`` (lrnnx's
 columns plus ``compile_s`` and ``us_per_step``), ``target.csv``, ``results.json``
-(everything, with device, versions and command), PNG plots (one line per model;
-skipped with a message when matplotlib is missing, or with ``--no-plot``) and
-``report.md``. A progress bar (tqdm, or plain lines without it) and a summary
-table are printed.
+(everything, with device, versions, command and the anchors used or skipped), PNG plots
+(µs per generated step against L, H and B, one line per model, and PyTorch lrnnx's
+points where an anchors file holds them for this device; skipped with a message when
+matplotlib is missing, or with ``--no-plot``) and ``report.md``. A progress bar
+(tqdm, or plain lines without it) and a summary table are printed. tqdm and
+matplotlib come with the ``bench`` extra, which ``make setup`` installs.
 
 A quick GPU run (about 5 minutes)::
 
@@ -42,7 +50,7 @@ import platform
 import subprocess
 import sys
 import traceback
-from typing import Callable, Optional
+from typing import Callable
 
 import flax
 import jax
@@ -50,7 +58,9 @@ import jaxlib
 import numpy as np
 from flax import nnx
 
+from benchmarks import anchors as anchors_lib
 from benchmarks import benchmark_inference as infer
+from benchmarks.reporting import Progress, pyplot, save
 from lrnnx_jax.convert import model_class
 from lrnnx_jax.generation import GenerationConfig
 
@@ -66,8 +76,6 @@ class BenchModel:
     lrnnx_name: str
     kwargs: Callable[[int, int], dict]
     event: bool = False
-    #: PyTorch lrnnx CUDA-graph replay on an H100, µs per step at B=32, H=128, 512 steps
-    lrnnx_us: Optional[float] = None
 
     def model_fn(self, H: int, d_state: int, seed: int = 0) -> Callable:
         cls = model_class(self.lrnnx_name)
@@ -75,17 +83,17 @@ class BenchModel:
 
 
 MODELS: list[BenchModel] = [
-    BenchModel("S5", "lti.S5", lambda H, N: dict(d_model=H, d_state=N, discretization="zoh"), lrnnx_us=30.0),
-    BenchModel("LRU", "lti.LRU", lambda H, N: dict(d_model=H, d_state=N), lrnnx_us=30.0),
-    BenchModel("Mamba", "ltv.Mamba", lambda H, N: dict(d_model=H, d_state=16), lrnnx_us=46.0),
+    BenchModel("S5", "lti.S5", lambda H, N: dict(d_model=H, d_state=N, discretization="zoh")),
+    BenchModel("LRU", "lti.LRU", lambda H, N: dict(d_model=H, d_state=N)),
+    BenchModel("Mamba", "ltv.Mamba", lambda H, N: dict(d_model=H, d_state=16)),
     BenchModel("S4", "lti.S4", lambda H, N: dict(d_model=H, d_state=N)),
     BenchModel("S4D", "lti.S4D", lambda H, N: dict(d_model=H, d_state=N)),
     BenchModel("CentaurusNeck", "lti.Centaurus", lambda H, N: dict(d_model=H, d_state=N, sub_state_dim=2, mode="neck")),
     BenchModel("CentaurusPWNeck", "lti.Centaurus", lambda H, N: dict(d_model=H, d_state=N, sub_state_dim=2, mode="pw")),
     BenchModel("CentaurusDWS", "lti.Centaurus", lambda H, N: dict(d_model=H, d_state=H, sub_state_dim=2, mode="dws")),
     BenchModel("ltv.S5", "ltv.S5", lambda H, N: dict(d_model=H, d_state=N)),
-    BenchModel("RGLRU", "ltv.RGLRU", lambda H, N: dict(d_model=H), lrnnx_us=88.0),
-    BenchModel("S7", "ltv.S7", lambda H, N: dict(d_model=H, d_state=N), lrnnx_us=56.0),
+    BenchModel("RGLRU", "ltv.RGLRU", lambda H, N: dict(d_model=H)),
+    BenchModel("S7", "ltv.S7", lambda H, N: dict(d_model=H, d_state=N)),
     BenchModel("Mamba-event", "ltv.Mamba", lambda H, N: dict(d_model=H, d_state=16), event=True),
     BenchModel("ltv.S5-event", "ltv.S5", lambda H, N: dict(d_model=H, d_state=N), event=True),
 ]
@@ -100,34 +108,6 @@ SECTIONS = (*SWEEPS, "target")
 
 
 # ------------------------------------------------------------------ progress and output
-class Progress:
-    """tqdm when it is installed, otherwise one printed line per finished item."""
-
-    def __init__(self, total: int):
-        self.total, self.done = total, 0
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, unit="point", dynamic_ncols=True)
-
-    def update(self, label: str):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label)
-            self.bar.update(1)
-        else:
-            print(f"  [{self.done}/{self.total}] {label}", flush=True)
-
-    def write(self, message: str):
-        (self.bar.write if self.bar is not None else print)(message)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def write_csv(path: pathlib.Path, rows: list[dict]):
     if not rows:
         return
@@ -148,12 +128,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def pivot(rows: list[dict], column: str) -> tuple[list[dict], list[str]]:
-    """Sweep rows -> one row per model, one column (mean ms) per swept value."""
+def pivot(rows: list[dict], column: str, value: str = "us_per_step") -> tuple[list[dict], list[str]]:
+    """Sweep rows -> one row per model, one column (``row[value]``) per swept value."""
     values = sorted({row[column] for row in rows})
     table = {}
     for row in rows:
-        table.setdefault(row["model"], {"model": row["model"]})[str(row[column])] = row["mean_ms"]
+        table.setdefault(row["model"], {"model": row["model"]})[str(row[column])] = row[value]
     return list(table.values()), ["model"] + [str(v) for v in values]
 
 
@@ -164,6 +144,7 @@ def environment(args) -> dict:
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": f"{device.platform}: {getattr(device, 'device_kind', str(device))}",
+        "device_kind": anchors_lib.device_kind(),
         "device_count": jax.device_count(),
         "host": platform.node(),
         "versions": versions,
@@ -172,38 +153,55 @@ def environment(args) -> dict:
     }
 
 
-def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -> list[str]:
-    """One PNG per sweep (ms against the swept value, one line per model) and one of the target section."""
-    try:
-        import matplotlib
+def compare_with_anchors(rows: list[dict], anchors: anchors_lib.Anchors):
+    """Fill ``lrnnx_us``, ``lrnnx_device`` and ``speedup_vs_lrnnx`` of each row from the anchor of the same
+    device kind and configuration (model, B, H, steps, d_state), or leave them empty."""
+    for row in rows:
+        anchor = anchors.find(model=row["model"], B=row["B"], H=row["H"], steps=row["steps"], d_state=row["d_state"])
+        row["lrnnx_us"] = None if anchor is None else anchor.value
+        row["lrnnx_device"] = None if anchor is None else anchor.device
+        row["speedup_vs_lrnnx"] = None if anchor is None else anchor.value / row["us_per_step"]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (the CSV and JSON files hold every number)")
+
+SWEEP_LABELS = {"seq_length": "generated steps L", "model_dim": "model width H", "batch_size": "batch size B"}
+
+
+def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -> list[str]:
+    """One PNG per sweep (µs per generated step against the swept value, one line per model, and PyTorch lrnnx's
+    anchors of this device kind as dashed lines of the same colour) and one of the target section."""
+    if not any(sweeps.values()) and not target:
+        return []
+    plt = pyplot()
+    if plt is None:
         return []
     files = []
-    labels = {"seq_length": "generated steps L", "model_dim": "model width H", "batch_size": "batch size B"}
     for name, rows in sweeps.items():
         if not rows:
             continue
         column = SWEEPS[name][0]
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        devices = sorted({row["lrnnx_device"] for row in rows if row.get("lrnnx_us") is not None})
         for model in dict.fromkeys(row["model"] for row in rows):
-            points = sorted(
-                (row[column], row["mean_ms"], row["min_ms"], row["max_ms"]) for row in rows if row["model"] == model
-            )
-            xs, mean, low, high = map(np.asarray, zip(*points))
-            ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2, label=model)
-        ax.set(xscale="log", yscale="log", xlabel=labels[column], ylabel="ms per generate call",
-               title=f"generation time against {labels[column]}")
+            mine = sorted((row[column], row) for row in rows if row["model"] == model)
+            xs = np.asarray([x for x, _ in mine])
+            per_step = np.asarray([row["us_per_step"] / row["mean_ms"] for _, row in mine])  # µs per step per ms
+            mean, low, high = (np.asarray([row[k] for _, row in mine]) * per_step for k in ("mean_ms", "min_ms", "max_ms"))
+            line = ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2,
+                               label=f"{model} (lrnnx_jax)")[0]
+            theirs = [(x, row["lrnnx_us"]) for x, row in mine if row.get("lrnnx_us") is not None]
+            if theirs:
+                ax.plot(*zip(*theirs), ls="--", marker="s", ms=3, color=line.get_color(),
+                        label=f"{model} (PyTorch lrnnx)")
+        title = f"generation against {SWEEP_LABELS[column]}"
+        if devices:
+            title += f"; PyTorch lrnnx measured on {', '.join(devices)}"
+        ax.set(xscale="log", yscale="log", xlabel=SWEEP_LABELS[column], ylabel="µs per generated step", title=title)
+        values = sorted({row[column] for row in rows})
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / f"infer_{column}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path.name)
+        files.append(save(fig, out / f"infer_{column}.png"))
     best = best_target_rows(target)
     if best:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -212,18 +210,18 @@ def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -
         ax.bar(positions - 0.2, [row["us_per_step"] for row in best], 0.4, label="lrnnx_jax generate (best setting)")
         loop = [row.get("loop_us_per_step") or np.nan for row in best]
         ax.bar(positions + 0.2, loop, 0.4, label="Python loop over jitted step")
-        reference = [row.get("lrnnx_us") or np.nan for row in best]
-        ax.scatter(positions, reference, color="k", marker="_", s=400, zorder=3,
-                   label="PyTorch lrnnx CUDA graph (H100)")
+        devices = sorted({row["lrnnx_device"] for row in best if row.get("lrnnx_us") is not None})
+        if devices:
+            reference = [row.get("lrnnx_us") or np.nan for row in best]
+            ax.scatter(positions, reference, color="k", marker="_", s=400, zorder=3,
+                       label=f"PyTorch lrnnx CUDA graph ({', '.join(devices)})")
         ax.axhline(TARGET_US, color="r", ls="--", lw=1, label=f"target {TARGET_US:g} µs")
-        ax.set(yscale="log", ylabel="µs per generated step", xticks=positions, title="B=32, H=128, 512 steps")
+        first = best[0]
+        ax.set(yscale="log", ylabel="µs per generated step", xticks=positions,
+               title=f"B={first['B']}, H={first['H']}, {first['steps']} steps")
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / "target.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path.name)
+        files.append(save(fig, out / "target.png"))
     return files
 
 
@@ -235,16 +233,19 @@ def run_sweep(name: str, spec: BenchModel, args, config: GenerationConfig, progr
 
     def record(value, times):
         steps = value if name == "seq" else args.seq_len
+        B = value if name == "batch" else args.target_batch
+        H = value if name == "dim" else args.target_dim
         rows.append(
             dict(
                 model=spec.name, **{column: value}, mean_ms=float(np.mean(times)), min_ms=float(np.min(times)),
                 max_ms=float(np.max(times)), us_per_step=1e3 * float(np.mean(times)) / steps, compile_s=None,
+                B=B, H=H, steps=steps, d_state=spec.kwargs(H, SWEEP_STATE).get("d_state"),
             )
         )
         progress.update(f"{name} {spec.name} {column}={value}")
 
     timing = dict(repeats=args.repeats, event=spec.event, config=config, warmup=args.warmup, runs=args.runs,
-                  on_value=record)
+                  on_value=record, progress=False)
     if name == "seq":
         results = function(spec.model_fn(args.target_dim, SWEEP_STATE), values, args.target_batch, **timing)
     elif name == "dim":
@@ -269,7 +270,7 @@ def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[d
     """The target configuration for each generation config (and the baseline loop once)."""
     model_fn = spec.model_fn(args.target_dim, args.target_state)
     steps, rows = args.target_steps, []
-    common = dict(repeats=args.repeats, event=spec.event, warmup=args.warmup, runs=args.runs)
+    common = dict(repeats=args.repeats, event=spec.event, warmup=args.warmup, runs=args.runs, progress=False)
     loop_us = None
     if not args.no_baseline:
         loop = infer.benchmark_sequence_length(model_fn, [steps], args.target_batch, runner="step_loop", **common)
@@ -286,8 +287,7 @@ def run_target(spec: BenchModel, args, label: str, progress: Progress) -> list[d
                 H=args.target_dim, d_state=spec.kwargs(args.target_dim, args.target_state).get("d_state"), steps=steps,
                 mean_ms=float(np.mean(times)), min_ms=float(np.min(times)), max_ms=float(np.max(times)), us_per_step=us,
                 compile_s=timings.compile_s[steps], loop_us_per_step=loop_us,
-                speedup_vs_loop=None if loop_us is None else loop_us / us, lrnnx_us=spec.lrnnx_us,
-                speedup_vs_lrnnx=None if spec.lrnnx_us is None else spec.lrnnx_us / us, meets_target=us <= TARGET_US,
+                speedup_vs_loop=None if loop_us is None else loop_us / us, meets_target=us <= TARGET_US,
             )
         )
         progress.update(f"target {spec.name} block={config.block_size} unroll={config.resolved().unroll} [{label}]")
@@ -319,6 +319,8 @@ def run_command_buffer_child(setting: str, args, index: int) -> tuple[list[dict]
         "--target-batch", str(args.target_batch), "--target-dim", str(args.target_dim),
         "--target-state", str(args.target_state), "--target-steps", str(args.target_steps),
     ]
+    for path in args.anchors or []:
+        command += ["--anchors", str(path)]
     print(f"\n[command buffer {setting!r}] XLA_FLAGS={env['XLA_FLAGS']!r}", flush=True)
     completed = subprocess.run(command, env=env)
     results = out / "results.json"
@@ -363,7 +365,10 @@ def parse_args(argv=None):
     parser.add_argument("--target-state", type=int, default=64)
     parser.add_argument("--target-steps", type=int, default=512)
     parser.add_argument("--no-baseline", action="store_true", help="skip the Python-loop baseline")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG plots (they are written by default)")
+    parser.add_argument("--anchors", action="append", type=pathlib.Path, metavar="PATH",
+                        help="a results file of other libraries' numbers to compare with, used only where measured on "
+                        "this device kind (repeatable; default benchmarks/results/lrnnx_anchors.json)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_results"))
     parser.add_argument("--label", default=None, help="name of this process's XLA setting (default: from XLA_FLAGS)")
     args = parser.parse_args(argv)
@@ -397,6 +402,7 @@ def main(argv=None) -> dict:
             target += rows
             failures += child_failures
     env = environment(args)
+    anchors = anchors_lib.anchors(env["device_kind"], args.anchors, benchmark="generate")
     print(f"device {env['device']} | jax {env['versions']['jax']} | flax {env['versions']['flax']} | "
           f"XLA_FLAGS={env['XLA_FLAGS']!r}")
     sweep_config = GenerationConfig(chunk_size=args.chunk_size, block_size=args.block_size[0], unroll=args.unroll[0])
@@ -423,24 +429,27 @@ def main(argv=None) -> dict:
             row["loop_us_per_step"] = loops[row["model"]]
             row["speedup_vs_loop"] = loops[row["model"]] / row["us_per_step"]
 
+    for rows in (*sweeps.values(), target):
+        compare_with_anchors(rows, anchors)
+
     for name, rows in sweeps.items():
         write_csv(args.out / f"infer_{SWEEPS[name][0]}.csv", rows)
     write_csv(args.out / "target.csv", target)
-    results = dict(environment=env, sweeps=sweeps, target=target, failures=failures)
+    results = dict(environment=env, sweeps=sweeps, target=target, failures=failures, anchors=anchors.to_json())
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     plots = [] if args.no_plot else plot(args.out, sweeps, target)
-    report = write_report(args.out, env, sweeps, target, failures, plots)
+    report = write_report(args.out, env, sweeps, target, failures, plots, anchors)
     print("\n" + report)
     print(f"\nAll benchmarks complete! Results saved to {args.out}/")
     return results
 
 
 TARGET_COLUMNS = ["model", "command_buffer", "block_size", "unroll", "d_state", "us_per_step", "loop_us_per_step",
-                  "speedup_vs_loop", "lrnnx_us", "speedup_vs_lrnnx", "meets_target", "compile_s"]
+                  "speedup_vs_loop", "lrnnx_us", "lrnnx_device", "speedup_vs_lrnnx", "meets_target", "compile_s"]
 
 
-def write_report(out: pathlib.Path, env: dict, sweeps, target, failures, plots) -> str:
-    """The summary (printed and written to ``report.md``): environment, tables, plots, failures."""
+def write_report(out: pathlib.Path, env: dict, sweeps, target, failures, plots, anchors: anchors_lib.Anchors) -> str:
+    """The summary (printed and written to ``report.md``): environment, tables, anchors, plots, failures."""
     parts = [
         "# Inference benchmark results",
         f"- device: {env['device']} (x{env['device_count']}), host {env['host']}, {env['date']}",
@@ -461,8 +470,19 @@ def write_report(out: pathlib.Path, env: dict, sweeps, target, failures, plots) 
         ]
     for name, rows in sweeps.items():
         if rows:
-            table, columns = pivot(rows, SWEEPS[name][0])
-            parts += [f"\n## {SWEEPS[name][0]} sweep (mean ms per generate call)", markdown_table(table, columns)]
+            column = SWEEPS[name][0]
+            table, columns = pivot(rows, column, "us_per_step")
+            parts += [f"\n## {column} sweep (µs per generated step, lrnnx_jax)", markdown_table(table, columns)]
+            theirs = [row for row in rows if row.get("lrnnx_us") is not None]
+            if theirs:
+                devices = ", ".join(sorted({row["lrnnx_device"] for row in theirs}))
+                table, columns = pivot(theirs, column, "lrnnx_us")
+                parts += [f"\n{column} sweep, PyTorch lrnnx (µs per generated step, measured on {devices}):",
+                          markdown_table(table, columns)]
+    if target or any(sweeps.values()):
+        parts += ["\n## PyTorch lrnnx anchors", "lrnnx_us is filled only from an anchor measured on this run's device "
+                  "kind with the row's configuration (model, B, H, steps, d_state)."]
+        parts += [f"- {line}" for line in anchors.summary()]
     if plots:
         parts += ["\n## Plots"] + [f"![{name}]({name})" for name in plots]
     if failures:

@@ -1,0 +1,73 @@
+"""What the benchmarks share for their output: a progress bar and matplotlib, each optional.
+
+tqdm and matplotlib come with the ``bench`` extra (``pip install -e ".[bench]"``, which ``make setup`` installs).
+Without them a benchmark still runs: plain progress lines instead of a bar, and a message instead of plots.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Optional
+
+
+class Progress:
+    """tqdm when it is installed, otherwise one printed line per finished item."""
+
+    def __init__(self, total: int, desc: Optional[str] = None, unit: str = "point"):
+        self.total, self.done, self.desc = total, 0, desc
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+    def update(self, label: str):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+            self.bar.update(1)
+        else:
+            prefix = f"  {self.desc}" if self.desc else " "
+            print(f"{prefix} [{self.done}/{self.total}] {label}", flush=True)
+
+    def write(self, message: str):
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def pyplot(what: str = "plots"):
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` after saying that no ``what`` are written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {what} (the CSV and JSON files hold every number; "
+              'pip install -e ".[bench]" for plots)')
+        return None
+    return plt
+
+
+def save(fig, path: pathlib.Path) -> str:
+    """Write ``fig`` to ``path``, close it and return the file name."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
