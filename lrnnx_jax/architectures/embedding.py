@@ -23,17 +23,15 @@ from lrnnx_jax.core import validation
 
 
 def check_ids(ids, num_embeddings: int, name: str, layout: str = "(B, L)", ndim: int = 2):
-    """Validate integer ids of rank ``ndim`` with values in ``[0, num_embeddings)`` (values when concrete)."""
+    """Validate integer ids of rank ``ndim`` with values in ``[0, num_embeddings)`` (a traced check under
+    ``lrnnx_jax.checked``)."""
     if not hasattr(ids, "shape"):
         ids = jnp.asarray(ids)
     if ids.ndim != ndim:
         raise ValueError(f"{name} must have shape {layout}, got shape {tuple(ids.shape)}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"{name} must be integers, got dtype {ids.dtype}")
-    if validation.is_concrete(ids) and ids.size:
-        values = np.asarray(ids)
-        if values.min() < 0 or values.max() >= num_embeddings:
-            raise ValueError(f"{name} must lie in [0, {num_embeddings}), got min {values.min()} and max {values.max()}")
+    validation.check_id_values(ids, num_embeddings, name)
     return ids
 
 

@@ -81,7 +81,7 @@ class S5(DiagonalSSM):
         self.A = nnx.Param(
             jnp.stack([jnp.full((d_state,), math.log(math.expm1(0.5))), math.pi * jnp.arange(d_state, dtype=jnp.float32)], -1)
         )
-        self.B = nnx.Param(jnp.full((d_state, d_model), 1 / math.sqrt(d_model)))
+        self.B = nnx.Param(jnp.full((d_state, d_model), 1 / math.sqrt(d_model), jnp.float32))  # not weak-typed
         self.log_dt = nnx.Param(jnp.linspace(math.log(1e-3), math.log(1e-1), d_state))
         self.C = nnx.Param(jax.random.normal(k_c, (d_model, d_state, 2)) * math.sqrt(2 / d_state))
         self.D = nnx.Param(jax.random.normal(k_d, (d_model, d_model)) * math.sqrt(2 / d_model))
