@@ -1,4 +1,5 @@
-"""benchmarks/benchmark_inference.py: the three sweeps on a tiny model, and the two runners agree."""
+"""benchmarks/benchmark_inference.py: the three sweeps on a tiny model, the two runners agree, progress, and the
+command line's plots."""
 
 from __future__ import annotations
 
@@ -62,3 +63,25 @@ def test_event_inputs_and_defaults_match_lrnnx():
     assert infer.SEQ_LENGTHS == tuple(2**k for k in range(3, 12))
     assert infer.MODEL_DIMS == (16, 32, 64, 128, 256) and infer.BATCH_SIZES == (8, 16, 32, 64, 128)
     assert np.isfinite(infer.time_call(lambda: x0, warmup=0, runs=2))
+
+
+def test_sweeps_show_progress_unless_asked_not_to(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # without tqdm: one printed line per value
+    infer.benchmark_batch_size(lru(), [1, 2], seq_len=3, **FAST)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert [line.split(":")[0] for line in lines] == ["batch_size [1/2] batch_size=1", "batch_size [2/2] batch_size=2"]
+    assert all(line.endswith(" ms") for line in lines)
+    infer.benchmark_batch_size(lru(), [1], seq_len=3, progress=False, **FAST)
+    assert capsys.readouterr().out == ""
+
+
+def test_command_line_runs_the_three_sweeps_and_plots_them(tmp_path):
+    """``python -m benchmarks.benchmark_inference``: run_all's sweeps, with their plots written without a flag."""
+    results = infer.main(["--models", "LRU", "--seq-lengths", "2,3", "--model-dims", "4", "--batch-sizes", "1",
+                          "--seq-len", "2", "--target-batch", "2", "--target-dim", "6", "--chunk-size", "4",
+                          "--block-size", "2", "--repeats", "1", "--warmup", "0", "--runs", "1", "--out", str(tmp_path)])
+    assert results["target"] == [] and [len(results["sweeps"][s]) for s in ("seq", "dim", "batch")] == [2, 1, 1]
+    for row in results["sweeps"]["seq"]:
+        assert row["us_per_step"] == pytest.approx(1e3 * row["mean_ms"] / row["seq_length"])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "infer_batch_size.png", "infer_model_dim.png", "infer_seq_length.png"]

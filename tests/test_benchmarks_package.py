@@ -1,0 +1,118 @@
+"""The benchmarks package: importable from any directory after the README's set-up, and its published anchors
+(benchmarks/anchors.py, benchmarks/results/lrnnx_anchors.json) used only on the device kind they were measured on."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import anchors, benchmark_fused_generation, benchmark_lm_decode
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_benchmarks_import_from_any_working_directory(tmp_path):
+    """As lrnnx's guide shows it: the editable install of ``make setup`` exposes the package, no sys.path edits."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("from benchmarks.benchmark_inference import benchmark_sequence_length; import benchmarks; "
+            "print(benchmarks.__file__)")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert pathlib.Path(completed.stdout.strip()) == REPO / "benchmarks" / "__init__.py"
+
+
+@pytest.mark.parametrize("kind, device, same", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100", True),
+    ("NVIDIA H100 PCIe", "NVIDIA H100", True),
+    ("NVIDIA H200", "NVIDIA H200", True),
+    ("NVIDIA H200", "NVIDIA H100", False),
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H200", False),
+    ("cpu", "NVIDIA H100", False),
+    ("TPU v5 lite", "NVIDIA H100", False),
+    ("cpu", "NVIDIA", False),  # a vendor alone names no device
+])
+def test_same_device_needs_every_word_of_the_anchors_device(kind, device, same):
+    assert anchors.same_device(device, kind) is same
+
+
+def test_published_anchors_carry_what_was_measured_where_and_from_where():
+    data = json.loads(anchors.DEFAULT_PATH.read_text())
+    loaded = anchors.load(anchors.DEFAULT_PATH)
+    assert len(loaded) == len(data["anchors"]) == 9 and len({a.id for a in loaded}) == 9
+    for anchor in loaded:
+        assert anchor.library == "PyTorch lrnnx" and anchor.source and anchor.measured["method"]
+        assert anchor.unit in anchors.UNITS
+    generate = {a.measured["model"]: a for a in loaded if a.benchmark == "generate"}
+    assert {m: a.value for m, a in generate.items()} == {"S5": 30.0, "LRU": 30.0, "Mamba": 46.0, "RGLRU": 88.0,
+                                                        "S7": 56.0}
+    for model, anchor in generate.items():
+        assert anchor.device == "NVIDIA H100" and "BENCHMARKS.md section 2" in anchor.source
+        assert anchor.measured["method"] == "CUDA-graph replay"
+        assert (anchor.measured["B"], anchor.measured["H"], anchor.measured["steps"]) == (32, 128, 512)
+        assert anchor.measured["d_state"] == {"Mamba": 16, "RGLRU": None}.get(model, 64)
+    lm = {(a.measured["method"], a.measured["B"]): a.value for a in loaded if a.benchmark == "lm_decode"}
+    assert lm == {("eager step loop", 1): 2240.0, ("eager step loop", 32): 2930.0,
+                  ("one CUDA graph of the whole LM step", 1): 157.0, ("one CUDA graph of the whole LM step", 32): 257.0}
+    for anchor in loaded:
+        if anchor.benchmark == "lm_decode":
+            assert anchor.device == "NVIDIA H200"
+            assert anchor.measured["stack"] == ["Mamba", "S5", "LRU", "RGLRU"]
+            assert (anchor.measured["d_model"], anchor.measured["d_state"], anchor.measured["vocab"],
+                    anchor.measured["dtype"]) == (512, 16, 32000, "float32")
+
+
+def test_anchors_split_by_device_kind():
+    on_cpu = anchors.anchors("cpu")
+    assert on_cpu.usable == [] and len(on_cpu.skipped) == 9
+    assert all(why == "this run is on cpu, another device kind" for _, why in on_cpu.skipped)
+    on_h100 = anchors.anchors("NVIDIA H100 80GB HBM3", benchmark="generate")
+    assert len(on_h100.usable) == 5 and on_h100.skipped == []
+    on_h200 = anchors.anchors("NVIDIA H200", benchmark="generate")  # an H100 number is not an H200 number
+    assert on_h200.usable == [] and len(on_h200.skipped) == 5
+    lm_on_h200 = anchors.anchors("NVIDIA H200", benchmark="lm_decode")
+    assert len(lm_on_h200.usable) == 4 and lm_on_h200.skipped == []
+
+
+def test_find_needs_the_same_configuration_and_the_summary_says_what_was_skipped():
+    found = anchors.anchors("NVIDIA H100 80GB HBM3", benchmark="generate")
+    assert found.find(model="LRU", B=32, H=128, steps=512, d_state=16) is None  # lrnnx's sweep state size
+    assert found.find(model="LRU", B=2, H=128, steps=512, d_state=64) is None
+    assert found.find(model="LRU", B=32, H=128, steps=512, d_state=64).value == 30.0
+    assert found.find(model="RGLRU", B=32, H=128, steps=512, d_state=None).value == 88.0
+    summary = found.summary()
+    assert summary[0] == "anchor files: benchmarks/results/lrnnx_anchors.json; this run's device: NVIDIA H100 80GB HBM3"
+    assert sum(line.startswith("compared with ") for line in summary) == 2
+    assert sum(line.endswith("; no row of this run has its configuration") for line in summary) == 3
+    assert [s["id"] for s in found.to_json()["skipped"]] == ["generate/S5/B32", "generate/Mamba/B32", "generate/S7/B32"]
+
+
+def test_fused_benchmark_fills_lrnnx_only_at_the_anchors_batch_on_its_device():
+    by_name = {spec.name: spec for spec in benchmark_fused_generation.MODELS}
+    h100 = anchors.anchors("NVIDIA H100 80GB HBM3", benchmark="generate")
+    columns = benchmark_fused_generation.lrnnx_columns
+    assert columns(by_name["Mamba"], 32, 512, h100) == {"lrnnx_us": 46.0, "lrnnx_device": "NVIDIA H100"}
+    assert columns(by_name["RGLRU"], 32, 512, h100) == {"lrnnx_us": 88.0, "lrnnx_device": "NVIDIA H100"}
+    empty = {"lrnnx_us": None, "lrnnx_device": None}
+    assert columns(by_name["Mamba"], 4096, 512, h100) == empty
+    assert columns(by_name["S5-event"], 32, 512, h100) == empty
+    assert columns(by_name["S7-small"], 32, 512, h100) == empty  # H=32: not the anchor's configuration
+    assert columns(by_name["Mamba"], 32, 512, anchors.anchors("cpu", benchmark="generate")) == empty
+
+
+def test_lm_decode_fills_lrnnx_for_stack_a_on_the_h200_only():
+    h200 = anchors.anchors("NVIDIA H200", benchmark="lm_decode")
+    row = benchmark_lm_decode.lrnnx_columns("a", 32, 100.0, h200)
+    assert row == {"lrnnx_eager_us": 2930.0, "lrnnx_cuda_graph_us": 257.0, "lrnnx_device": "NVIDIA H200",
+                   "speedup_vs_lrnnx_eager": 29.3, "speedup_vs_lrnnx_cuda_graph": 2.57}
+    assert benchmark_lm_decode.lrnnx_columns("a", 1, None, h200) == {
+        "lrnnx_eager_us": 2240.0, "lrnnx_cuda_graph_us": 157.0, "lrnnx_device": "NVIDIA H200"}
+    assert benchmark_lm_decode.lrnnx_columns("b", 32, 100.0, h200) == {}  # attention in the stack
+    assert benchmark_lm_decode.lrnnx_columns("a", 256, 100.0, h200) == {}
+    for kind in ("cpu", "NVIDIA H100 80GB HBM3"):
+        assert benchmark_lm_decode.lrnnx_columns("a", 32, 100.0, anchors.anchors(kind, benchmark="lm_decode")) == {}
