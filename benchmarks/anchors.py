@@ -76,7 +76,8 @@ class Anchor:
         return f"{what} ({rest})" if rest else what
 
     def label(self) -> str:
-        """``"LRU (B=32, H=128, d_state=64, steps=512): 30 µs/step, PyTorch lrnnx CUDA-graph replay on NVIDIA H100"``."""
+        """What, how much, how and where, e.g.
+        ``LRU (B=32, H=128, d_state=64, steps=512): 30 µs/step, PyTorch lrnnx CUDA-graph replay on NVIDIA H100``."""
         method = self.measured.get("method")
         return (f"{self.configuration()}: {self.value:g} {UNITS.get(self.unit, self.unit)}, {self.library}"
                 f"{' ' + method if method else ''} on {self.device}")

@@ -6,7 +6,8 @@
 Stacks (d_model 512, d_state 16, vocabulary 32000, float32; S5 with zoh):
 
 * ``a``: ``["Mamba", "S5", "LRU", "RGLRU"]`` (PyTorch lrnnx numbers on an H200 in
-  ``benchmarks/results/lrnnx_anchors.json``: an eager step loop and one CUDA graph of the whole step, at batch 1 and 32);
+  ``benchmarks/results/lrnnx_anchors.json``: an eager step loop and one CUDA graph of the whole step, at batch 1
+  and 32);
 * ``b``: ``["Mamba", "S5", "attn", "RGLRU"]`` (attention: 8 heads, causal);
 * ``c``: ``b`` with Mamba2 in place of Mamba.
 

@@ -185,7 +185,8 @@ def plot(out: pathlib.Path, sweeps: dict[str, list[dict]], target: list[dict]) -
             mine = sorted((row[column], row) for row in rows if row["model"] == model)
             xs = np.asarray([x for x, _ in mine])
             per_step = np.asarray([row["us_per_step"] / row["mean_ms"] for _, row in mine])  # µs per step per ms
-            mean, low, high = (np.asarray([row[k] for _, row in mine]) * per_step for k in ("mean_ms", "min_ms", "max_ms"))
+            mean, low, high = (np.asarray([row[k] for _, row in mine]) * per_step
+                               for k in ("mean_ms", "min_ms", "max_ms"))
             line = ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", ms=3, capsize=2,
                                label=f"{model} (lrnnx_jax)")[0]
             theirs = [(x, row["lrnnx_us"]) for x, row in mine if row.get("lrnnx_us") is not None]
