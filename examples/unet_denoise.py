@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--factors", type=int, nargs="+", default=[4, 4], help="resampling factor of each level")
     parser.add_argument("--d-state", type=int, default=16, help="LRU state size of every block")
     parser.add_argument("--noise", type=float, default=0.5, help="noise standard deviation (the clean signal has unit RMS)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (Adam, cosine decay)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (Adam, cosine decay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default="unet_denoise.png", help="PNG to write ('' for none)")
     return parser.parse_args(argv)

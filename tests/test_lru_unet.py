@@ -1,6 +1,6 @@
 """LRUUnet against a float64 NumPy reference of its structure (the mixers as black boxes in float64, the convs,
-resampling, delays, norms, skips and padding in NumPy, channels first as lrnnx); strict causality (every level, the
-Jacobian), lrnnx's one-sample delay shown non-causal, ragged ``lengths``, finite-difference gradients, jit, dtypes
+resampling, delays, norms, skips and padding in NumPy, channels first as lrnnx); strict causality (every input moved
+in turn), lrnnx's one-sample delay shown non-causal, ragged ``lengths``, finite-difference gradients under jit, dtypes
 and clear errors."""
 
 from __future__ import annotations
@@ -130,19 +130,21 @@ def test_forward_matches_float64_numpy_reference(name):
 
 
 def test_channels_set_each_level_and_doubling_is_lrnnx():
-    model = build(in_channels=2, out_channels=3, channels=[4, 3], resample_factors=[2, 3])
+    with jax.enable_x64(True):  # the configurations of the reference test (their initialisers are compiled)
+        model = build(**CONFIGS["two-in-three-out-noncausal"][0])
+        lrnnx = build(**CONFIGS["lrnnx-doubling-causal"][0])
     assert model.widths == (2, 4, 3)
-    chex.assert_shape([model.down[0].kernel[...], model.down[1].kernel[...]], [(2, 2, 4), (3, 4, 3)])
-    chex.assert_shape([model.up[0].kernel[...], model.up[1].kernel[...]], [(2, 4, 2), (3, 3, 4)])
+    chex.assert_shape([model.down[0].kernel[...], model.down[1].kernel[...]], [(3, 2, 4), (2, 4, 3)])
+    chex.assert_shape([model.up[0].kernel[...], model.up[1].kernel[...]], [(3, 4, 2), (2, 3, 4)])
     assert [b.mixer.d_model for b in (*model.encoder, *model.bottleneck, *model.decoder, *model.head)] == [2, 4, 3, 3, 2, 4, 2, 2]
     assert model.head[0].norm is not None and model.head[1].norm is None and not model.head[1].activation
+    assert [u.shift for u in model.up] == [0, 0]  # causal=False
     chex.assert_shape(model.projection[...], (2, 3))
     # lrnnx's widths double from in_channels: channels=[2 in, 4 in]; N = H = C; no LayerNorm on one channel
-    lrnnx = build(in_channels=1, out_channels=1, channels=[2, 4], resample_factors=[4, 2])
+    assert lrnnx.widths == (1, 2, 4)
     assert [(b.mixer.d_model, b.mixer.d_state) for b in lrnnx.encoder] == [(1, 1), (2, 2)]
     assert lrnnx.encoder[0].norm is None and lrnnx.projection is None
     assert [u.shift for u in lrnnx.up] == [3, 1]
-    assert [b.mixer.d_state for b in build(channels=[2], resample_factors=[2], d_state=4).bottleneck] == [4, 4]
 
 
 def dependence(model, x):
@@ -207,24 +209,19 @@ def test_decoder_delay_of_r_minus_1_is_the_least_causal_one():
 @pytest.mark.parametrize("causal", [True, False])
 def test_lengths_rows_equal_the_row_cut_at_its_length(causal):
     rng = np.random.default_rng(4)
-    lengths = np.array([19, 9, 0, 13])
+    lengths = np.resize([19, 9, 0, 13, 1, 8], 20)  # the shapes of the causality test's batch: its program runs `cut`
     with jax.enable_x64(True):
         model = shared(causal)
-        x = rng.standard_normal((4, 3, 19))
-        garbage = x.copy()
-        garbage[np.broadcast_to(np.arange(19)[None, None, :] >= lengths[:, None, None], x.shape)] = 1e3
-        y = np.asarray(model(jnp.asarray(garbage), lengths=jnp.asarray(lengths)))
+        x = rng.standard_normal((20, 3, 19))
+        after = np.broadcast_to(np.arange(19)[None, None, :] >= lengths[:, None, None], x.shape)
+        y = np.asarray(model(jnp.asarray(np.where(after, 1e3, x)), lengths=jnp.asarray(lengths)))
         np.testing.assert_array_equal(y, np.asarray(model(jnp.asarray(x), lengths=jnp.asarray(lengths))))
-        for row, n in enumerate(lengths):
-            assert np.all(y[row, :, n:] == 0)
-        # each row as if alone, cut at its length (one call: the rows padded with zeros to 16, a multiple of P = 8)
-        cut = np.where(np.arange(19)[None, None, :] < lengths[:, None, None], x, 0)[..., :16]
-        alone = np.asarray(model(jnp.asarray(cut)))
+        assert np.all(y[after[:, :1]] == 0)
+        # each row as if cut at its length: the network pads a cut row with zeros itself (as the reference test checks)
+        cut = np.asarray(model(jnp.asarray(np.where(after, 0.0, x))))
         for row, n in enumerate(lengths):
             if n:
-                assert relative_error(y[row, :, :min(n, 16)], alone[row, :, :min(n, 16)]) < 1e-12
-        # full lengths = no lengths
-        np.testing.assert_array_equal(model(jnp.asarray(x), lengths=jnp.full(4, 19)), model(jnp.asarray(x)))
+                assert relative_error(y[row, :, :n], cut[row, :, :n]) < 1e-12
 
 
 def test_gradients_match_finite_differences_under_jit():
@@ -232,54 +229,62 @@ def test_gradients_match_finite_differences_under_jit():
     with jax.enable_x64(True):
         model = build(in_channels=3, out_channels=1, channels=[3], resample_factors=[3])
         # float64 parameters, so that the finite differences see exactly the perturbed values
-        params = nnx.state(model, nnx.Param)
-        nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.float64), params))
+        nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.float64), nnx.state(model, nnx.Param)))
         x = jnp.asarray(rng.standard_normal((2, 3, 8)))
         weights = jnp.asarray(rng.standard_normal((2, 1, 8)))
         lengths = jnp.array([8, 6])
+        eps = 1e-6
+        directions = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), nnx.state(model, nnx.Param))
+        dx = jnp.asarray(rng.standard_normal(x.shape))
 
         def loss(m, v):
             return jnp.sum(weights * m(v, lengths=lengths))
 
-        grad_m, grad_x = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(model, x)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        directions = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
-        dx = jnp.asarray(rng.standard_normal(x.shape))
-        eps = 1e-6
+        @nnx.jit
+        def gradients_and_finite_difference(m, v):
+            grads = nnx.grad(loss, argnums=(0, 1))(m, v)
+            graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 
-        def moved(sign):
-            p = jax.tree.map(lambda a, d: a + sign * eps * d, params, directions)
-            return loss(nnx.merge(graphdef, p, rest), x + sign * eps * dx)
+            def moved(sign):
+                p = jax.tree.map(lambda a, d: a + sign * eps * d, params, directions)
+                return loss(nnx.merge(graphdef, p, rest), v + sign * eps * dx)
 
-        finite = (moved(1) - moved(-1)) / (2 * eps)
+            return grads, (moved(1) - moved(-1)) / (2 * eps)
+
+        (grad_m, grad_x), finite = gradients_and_finite_difference(model, x)
         grads = jax.tree.leaves(nnx.state(grad_m, nnx.Param))
         exact = sum(jnp.vdot(g, d) for g, d in zip(grads, jax.tree.leaves(directions))) + jnp.vdot(grad_x, dx)
         assert abs(finite - exact) <= 1e-7 * abs(exact)
         # the gradient reaches every parameter, and no input at or after a row's length
-        assert len(grads) == len(jax.tree.leaves(params)) and all(float(jnp.max(jnp.abs(g))) > 0 for g in grads)
+        assert len(grads) == len(jax.tree.leaves(directions)) and all(float(jnp.max(jnp.abs(g))) > 0 for g in grads)
         assert np.all(np.asarray(grad_x)[1, :, 6:] == 0)
 
 
 def test_nnx_jit_matches_eager():
     rng = np.random.default_rng(6)
-    model = build(in_channels=1, out_channels=2, channels=[4], resample_factors=[2])
-    x = jnp.asarray(rng.standard_normal((3, 1, 10)), jnp.float32)
-    lengths = jnp.array([10, 7, 3])
-    jitted = nnx.jit(lambda m, v, n: m(v, lengths=n))
-    y = jitted(model, x, lengths)
-    chex.assert_shape(y, (3, 2, 10))
-    np.testing.assert_allclose(y, model(x, lengths=lengths), rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        model = build(**CONFIGS["two-in-three-out-noncausal"][0])
+        x = jnp.asarray(rng.standard_normal((3, 2, 10)))
+        lengths = jnp.array([10, 7, 3])
+        y = nnx.jit(lambda m, v, n: m(v, lengths=n))(model, x, lengths)
+        chex.assert_shape(y, (3, 3, 10))
+        assert relative_error(y, model(x, lengths=lengths)) < 1e-12
 
 
 def test_dtypes():
-    model = build(in_channels=1, out_channels=1, channels=[2], resample_factors=[2])
+    with jax.enable_x64(True):  # built like the reference test's models (compiled initialisers), then float32
+        model = build(**CONFIGS["lrnnx-doubling-causal"][0])
+        nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.float32), nnx.state(model, nnx.Param)))
+        bf16 = build(channels=[2], resample_factors=[2], dtype=jnp.bfloat16)
+        # d_state: one state size for every mixer (default: each block's width)
+        assert [b.mixer.d_state for b in build(channels=[2], resample_factors=[2], d_state=3).bottleneck] == [3, 3]
+    chex.assert_type(bf16.down[0].kernel[...], jnp.bfloat16)
     x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 1, 5)), jnp.float32)
     y32 = model(x)
     chex.assert_type(y32, jnp.float32)
     y16 = model(x.astype(jnp.bfloat16))
     chex.assert_type(y16, jnp.bfloat16)  # computed in float32, returned in the input's dtype
     assert relative_error(y16.astype(jnp.float32), y32) < 2e-2
-    chex.assert_type(build(channels=[2], resample_factors=[2], dtype=jnp.bfloat16).down[0].kernel[...], jnp.bfloat16)
 
 
 def test_clear_errors():

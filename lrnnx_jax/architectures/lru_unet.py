@@ -250,8 +250,9 @@ def _check_signal(x, in_channels: int):
 
 
 def _check_levels(channels, resample_factors):
-    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence) or not isinstance(resample_factors, Sequence):
+    if any(isinstance(v, (str, bytes)) or not np.iterable(v) for v in (channels, resample_factors)):
         raise TypeError(f"channels and resample_factors must be lists of integers, got {channels!r} and {resample_factors!r}")
+    channels, resample_factors = list(channels), list(resample_factors)
     if len(channels) == 0 or len(channels) != len(resample_factors):
         raise ValueError(f"channels and resample_factors must have the same nonzero length (one entry per level), "
                          f"got {len(channels)} and {len(resample_factors)}")
