@@ -1,0 +1,493 @@
+"""``selective_scan``: the selective SSM (Mamba / S6) over a sequence, forward and backward, for training.
+
+For every batch row, channel ``d`` and state ``n`` (shapes below)::
+
+    A_bar_t, gamma_t = discretization(A, delta_t, delta_A=delta_A_t)      (D, N)
+    h_t = A_bar_t * h_{t-1} + gamma_t * B_t * u_t                          h_{-1} = h0
+    y_t = (sum_n h_t C_t + D * u_t) * silu(z_t)
+
+and where ``mask_t`` is False the step leaves the state unchanged (``A_bar = 1``, input 0; the
+output is still read out, as :func:`lrnnx_jax.core.scan.chunked_scan` does). Discretizations
+``"mamba"``, ``"zoh"``, ``"bilinear"``, ``"dirac"`` (event mode passes ``delta_A``), all by
+:func:`pallas_kernels.kernel_math.discretize`.
+
+The math of one step is written once, in :func:`coefficients` and :func:`readout`. The pure-JAX
+:func:`reference` (a ``lax.scan`` over time), the forward kernel and the backward kernel all call
+them; the backward kernel differentiates them in its body with ``jax.vjp``, so no derivative of a
+discretization is written by hand.
+
+Three tiers:
+
+* :func:`reference`: the oracle, token by token in XLA (its autodiff keeps every state: use it on
+  small shapes, and for float64, which never reaches a kernel);
+* the model's XLA path (``lrnnx_jax.models.ltv.mamba.selective_scan``, the chunked associative scan),
+  the fallback of the model's forward; it computes the same math with ``lrnnx_jax.core.discretization``;
+* :func:`kernel_scan`: the Pallas kernels :func:`forward_kernel` and :func:`backward_kernel`, joined
+  by ``jax.custom_vjp``.
+
+**Forward kernel.** Grid ``(batch, cdiv(D, BLOCK_D))``. A program holds its ``(BLOCK_D, N)`` state
+on chip over the whole sequence (an outer ``fori_loop`` over chunks of ``chunk`` steps, an inner one
+over the steps). It writes ``y`` ``(batch, L, D)``, the final state, and the state at the start of each
+chunk ``(batch, L / chunk, D, N)`` (float32): never ``(batch, L, D, N)``.
+
+**Backward kernel.** The same grid; the chunks in reverse. For each chunk a program reloads its
+checkpoint, recomputes the chunk's ``chunk + 1`` states on chip (the chunk loop is unrolled, so the
+states stay in registers), then runs the adjoint recurrence ``g_{t-1} = A_bar_t g_t + dh_t`` backwards
+through them, as mamba_ssm's CUDA backward does. It writes ``du``, ``ddelta``, ``ddelta_A``, ``dz``
+``(batch, L, D)``; per-program partial sums of ``dB``, ``dC`` ``(blocks, batch, L, N)`` and of ``dA``,
+``dD`` ``(batch, D, N)``, ``(batch, D)``, reduced outside; and ``dh0``. Memory: ``O(batch L D)`` plus
+the checkpoints (``batch (L/chunk) D N``) plus the partial ``dB``/``dC`` (``blocks batch L N``).
+
+Both kernels compute in float32 and take float32, bfloat16 or float16 sequences (``A``, ``D``, ``h0``
+in any of those; the state is float32). Gradients are returned in each input's dtype. The gradient
+of ``h0`` is computed (a prefill from a cache differentiates through it). ``mask`` gets a zero
+gradient.
+
+:func:`selective_scan` is the dispatch point: :func:`kernel_scan` or :func:`reference`, as
+:func:`choose` (``pallas_kernels.dispatch.choose_kernel`` with :data:`POLICY`) decides. The model
+asks :func:`choose` itself and keeps its chunked XLA scan as its fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dispatch
+from pallas_kernels import kernel_math as km
+
+OP = "selective_scan"
+DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
+_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+#: steps per chunk of the kernels: the forward checkpoints the state every ``chunk`` steps and the
+#: backward keeps ``chunk + 1`` states in registers (untuned: to be measured on a GPU)
+DEFAULT_CHUNK = 16
+#: state elements (``BLOCK_D * BLOCK_N``) per program of the forward and of the backward kernel
+#: (untuned; the backward holds ``chunk + 1`` such tiles)
+FORWARD_TILE = 512
+BACKWARD_TILE = 256
+#: the largest padded state size the kernels take
+MAX_BLOCK_N = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanPolicy:
+    """Where ``use_kernels="auto"`` runs the training-scan kernels on an NVIDIA GPU (like
+    :class:`pallas_kernels.cells.KernelPolicy` for the cells' kernels).
+
+    Attributes:
+      auto: whether ``"auto"`` takes the kernels (once they were measured faster than the XLA path).
+      evidence: the measurement behind the decision (device, sizes, times), or why there is none.
+    """
+
+    auto: bool = False
+    evidence: str = ""
+
+    def slower_reason(self) -> Optional[str]:
+        """None when ``"auto"`` takes the kernels."""
+        return None if self.auto else f"the training-scan kernels under 'auto' ({self.evidence})"
+
+
+#: not measured on a GPU yet: ``"auto"`` keeps the XLA path; ``use_kernels="always"`` opts in
+POLICY = ScanPolicy(
+    auto=False,
+    evidence="not measured on a GPU yet: benchmarks/benchmark_train_scan.py at B=32, D=256, L=2048, N=16 decides",
+)
+
+
+# ----------------------------------------------------------------------------- the step, once
+def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None):
+    """``(A_bar, x)`` of ``h_t = A_bar h_{t-1} + x`` for one step, any leading axes ``(...)``.
+
+    ``A`` ``(D, N)`` (or a tile), ``delta``, ``delta_A`` (None: ``delta``), ``u_t`` ``(..., D)``, ``B_t``
+    ``(..., N)``, ``m`` None or a boolean ``(...)``: where False, ``A_bar = 1`` and ``x = 0``.
+    """
+    step_A = None if delta_A is None else delta_A[..., None]
+    A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A)
+    x = gamma * (B_t[..., None, :] * u_t[..., None])
+    A_bar = jnp.broadcast_to(A_bar, x.shape)
+    if m is not None:
+        on = m[..., None, None]
+        A_bar = jnp.where(on, A_bar, 1.0)
+        x = jnp.where(on, x, 0.0)
+    return A_bar, x
+
+
+def readout(h, C_t, u_t, D=None, z_t=None):
+    """``y_t = (sum_n h_t C_t + D u_t) * silu(z_t)``: ``h (..., D, N)`` -> ``(..., D)``."""
+    y = jnp.sum(h * C_t[..., None, :], axis=-1)
+    if D is not None:
+        y = y + D * u_t
+    if z_t is not None:
+        y = y * km.silu(z_t)
+    return y
+
+
+# ----------------------------------------------------------------------------- the reference
+def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba"):
+    """The oracle: a ``lax.scan`` over time of :func:`coefficients` and :func:`readout`.
+
+    Computes in float32 (float64 for float64 inputs). Returns ``(y (batch, L, D)`` in ``u.dtype``,
+    ``h_last (batch, D, N)`` float32 or float64``)``. Differentiable; its gradients keep every state
+    (``batch L D N``), so it is the oracle for small shapes, not a training path.
+    """
+    f = jnp.promote_types(jnp.result_type(u, delta, A), jnp.float32)
+    batch, _, dim = u.shape
+    N = A.shape[-1]
+    h = jnp.zeros((batch, dim, N), f) if h0 is None else h0.astype(f)
+    cast = lambda a: None if a is None else jnp.moveaxis(a.astype(f), 1, 0)  # noqa: E731  (time major)
+    xs = dict(u=cast(u), delta=cast(delta), B=cast(B), C=cast(C), z=cast(z), delta_A=cast(delta_A),
+              m=None if mask is None else jnp.moveaxis(mask.astype(bool), 1, 0))
+    Af, Df = A.astype(f), None if D is None else D.astype(f)
+
+    def step(h, s):
+        a, x = coefficients(discretization, Af, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
+        h = a * h + x
+        return h, readout(h, s["C"], s["u"], Df, s["z"])
+
+    h, ys = jax.lax.scan(step, h, xs)
+    return jnp.moveaxis(ys, 0, 1).astype(u.dtype), h
+
+
+# ----------------------------------------------------------------------------- the kernels
+def _blocks(dim: int, N: int, tile: int):
+    block_n = dispatch.next_power_of_two(N)
+    block_d = min(dispatch.next_power_of_two(dim), max(1, tile // block_n))
+    return block_d, block_n
+
+
+def _names(D, z, delta_A, mask):
+    """The optional sequence inputs present, in the kernels' argument order."""
+    return [k for k, v in (("D", D), ("z", z), ("delta_A", delta_A), ("mask", mask)) if v is not None]
+
+
+def _program(pl, plgpu, ref, dim, N, block_d, block_n):
+    """The program's indices, masks and loaders, shared by both kernels."""
+    b, blk = pl.program_id(0), pl.program_id(1)
+    d_ok = blk * block_d + jnp.arange(block_d) < dim
+    n_ok = jnp.arange(block_n) < N
+    tile_ok = d_ok[:, None] & n_ok[None, :]
+    rows, cols = pl.ds(blk * block_d, block_d), pl.ds(0, block_n)
+    f32 = jnp.float32
+
+    def along_d(name, *lead):  # (BLOCK_D,) channels
+        return plgpu.load(ref[name].at[(*lead, rows)], mask=d_ok, other=0.0).astype(f32)
+
+    def along_n(name, *lead):  # (BLOCK_N,) states
+        return plgpu.load(ref[name].at[(*lead, cols)], mask=n_ok, other=0.0).astype(f32)
+
+    def step_inputs(t):
+        """The per-step inputs of row ``b`` at time ``t``, float32."""
+        s = dict(u=along_d("u", b, t), delta=along_d("delta", b, t), B=along_n("B", b, t), C=along_n("C", b, t))
+        s["z"] = along_d("z", b, t) if "z" in ref else None
+        s["delta_A"] = along_d("delta_A", b, t) if "delta_A" in ref else None
+        s["m"] = ref["mask"][b, t] > 0 if "mask" in ref else None
+        return s
+
+    # padded lanes of A: -1, a finite nonzero value (zoh divides by A); their states stay 0
+    A_tile = plgpu.load(ref["A"].at[rows, cols], mask=tile_ok, other=-1.0).astype(f32)
+    D_vec = along_d("D") if "D" in ref else None
+    return b, blk, d_ok, n_ok, tile_ok, rows, cols, A_tile, D_vec, step_inputs
+
+
+def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
+                   chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
+    """The forward kernel; ``L`` must be a multiple of ``chunk`` (:func:`kernel_scan` pads).
+
+    Arguments as :func:`selective_scan` (``mask`` float32 1/0; ``h0`` required). Returns ``(y (batch, L, D)``
+    ``u.dtype``, ``h_last (batch, D, N)`` float32, ``checkpoints (batch, L / chunk, D, N)`` float32: the state
+    before each chunk``)``.
+    """
+    config = dispatch.resolve(config)
+    pl, plgpu = dispatch.pallas_modules()
+    batch, length, dim = u.shape
+    N = A.shape[-1]
+    num_chunks = length // chunk
+    block_d, block_n = _blocks(dim, N, FORWARD_TILE)
+    names = ["u", "delta", "A", "B", "C", "h0"] + _names(D, z, delta_A, mask)
+    args = dict(u=u, delta=delta, A=A, B=B, C=C, h0=h0, D=D, z=z, delta_A=delta_A, mask=mask)
+    f32 = jnp.float32
+
+    def body(*refs):
+        ref = dict(zip(names, refs))
+        y_ref, last_ref, ckpt_ref = refs[len(names):]
+        b, _, d_ok, _, tile_ok, rows, cols, A_tile, D_vec, step_inputs = _program(
+            pl, plgpu, ref, dim, N, block_d, block_n)
+        h = plgpu.load(ref["h0"].at[b, rows, cols], mask=tile_ok, other=0.0).astype(f32)
+
+        def one_chunk(c, h):
+            plgpu.store(ckpt_ref.at[b, c, rows, cols], h, mask=tile_ok)
+
+            def one_step(i, h):
+                t = c * chunk + i
+                s = step_inputs(t)
+                a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
+                h = jnp.where(tile_ok, a * h + x, 0.0)
+                y = readout(h, s["C"], s["u"], D_vec, s["z"])
+                plgpu.store(y_ref.at[b, t, rows], y.astype(y_ref.dtype), mask=d_ok)
+                return h
+
+            return jax.lax.fori_loop(0, chunk, one_step, h)
+
+        h = jax.lax.fori_loop(0, num_chunks, one_chunk, h)
+        plgpu.store(last_ref.at[b, rows, cols], h, mask=tile_ok)
+
+    call = pl.pallas_call(
+        body,
+        out_shape=(jax.ShapeDtypeStruct((batch, length, dim), u.dtype), jax.ShapeDtypeStruct((batch, dim, N), f32),
+                   jax.ShapeDtypeStruct((batch, num_chunks, dim, N), f32)),
+        grid=(batch, pl.cdiv(dim, block_d)),
+        interpret=dispatch.interpret_mode(config),
+        compiler_params=dispatch.compiler_params(config),
+        name=OP + "_fwd",
+    )
+    return call(*(args[k] for k in names))
+
+
+def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last, *, discretization="mamba",
+                    chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
+    """The backward kernel: the gradients from the cotangents ``dy (batch, L, D)`` and ``dh_last (batch, D, N)``.
+
+    ``L`` a multiple of ``chunk``; ``checkpoints`` from :func:`forward_kernel`. Returns a dict: ``du``,
+    ``ddelta`` (and ``dz``, ``ddelta_A`` when given) ``(batch, L, D)`` in their inputs' dtypes; the float32
+    partial sums ``dB``, ``dC`` ``(blocks, batch, L, N)``, ``dA`` ``(batch, D, N)``, ``dD`` ``(batch, D)`` (when
+    ``D`` is given); and ``dh0`` ``(batch, D, N)`` float32. :func:`kernel_scan` reduces the partial sums.
+    """
+    config = dispatch.resolve(config)
+    pl, plgpu = dispatch.pallas_modules()
+    batch, length, dim = u.shape
+    N = A.shape[-1]
+    num_chunks = length // chunk
+    block_d, block_n = _blocks(dim, N, BACKWARD_TILE)
+    blocks = pl.cdiv(dim, block_d)
+    names = ["u", "delta", "A", "B", "C", "ckpt", "dy", "dh_last"] + _names(D, z, delta_A, mask)
+    args = dict(u=u, delta=delta, A=A, B=B, C=C, ckpt=checkpoints, dy=dy, dh_last=dh_last, D=D, z=z, delta_A=delta_A,
+                mask=mask)
+    f32 = jnp.float32
+    seq = lambda a: jax.ShapeDtypeStruct((batch, length, dim), a.dtype)  # noqa: E731
+    outs = {"du": seq(u), "ddelta": seq(delta)}
+    if z is not None:
+        outs["dz"] = seq(z)
+    if delta_A is not None:
+        outs["ddelta_A"] = seq(delta_A)
+    outs["dB"] = outs["dC"] = jax.ShapeDtypeStruct((blocks, batch, length, N), f32)
+    outs["dA"] = outs["dh0"] = jax.ShapeDtypeStruct((batch, dim, N), f32)
+    if D is not None:
+        outs["dD"] = jax.ShapeDtypeStruct((batch, dim), f32)
+    out_names = list(outs)
+
+    def body(*refs):
+        ref = dict(zip(names, refs))
+        out = dict(zip(out_names, refs[len(names):]))
+        b, blk, d_ok, n_ok, tile_ok, rows, cols, A_tile, D_vec, step_inputs = _program(
+            pl, plgpu, ref, dim, N, block_d, block_n)
+        g = plgpu.load(ref["dh_last"].at[b, rows, cols], mask=tile_ok, other=0.0).astype(f32)
+        dA = jnp.zeros((block_d, block_n), f32)
+        dD = jnp.zeros((block_d,), f32)
+
+        def step_grads(h_prev, h, s, dy_t, g):
+            """One step backwards (``h = h_t``): ``g`` is the adjoint of ``h_t`` from the later steps."""
+            coef_in = {k: v for k, v in (("A", A_tile), ("delta", s["delta"]), ("delta_A", s["delta_A"]),
+                                          ("B", s["B"]), ("u", s["u"])) if v is not None}
+            (a, _), coef_vjp = jax.vjp(
+                lambda p: coefficients(discretization, p["A"], p["delta"], p.get("delta_A"), p["B"], p["u"], s["m"]),
+                coef_in)
+            read_in = {k: v for k, v in (("h", h), ("C", s["C"]), ("u", s["u"]), ("D", D_vec), ("z", s["z"]))
+                       if v is not None}
+            _, read_vjp = jax.vjp(lambda p: readout(p["h"], p["C"], p["u"], p.get("D"), p.get("z")), read_in)
+            (dread,) = read_vjp(dy_t)
+            g = jnp.where(tile_ok, g + dread["h"], 0.0)  # the adjoint of h_t
+            (dcoef,) = coef_vjp((g * h_prev, g))
+            return dread, dcoef, jnp.where(tile_ok, a * g, 0.0)  # the adjoint of h_{t-1}
+
+        def one_chunk(k, carry):
+            g, dA, dD = carry
+            c = num_chunks - 1 - k
+            h = plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0)
+            states, inputs = [h], []
+            for i in range(chunk):  # unrolled: the chunk's states stay in registers
+                t = c * chunk + jnp.int32(i)
+                s = step_inputs(t)
+                a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
+                h = jnp.where(tile_ok, a * h + x, 0.0)
+                states.append(h)
+                inputs.append((t, s))
+            for i in reversed(range(chunk)):
+                t, s = inputs[i]
+                dy_t = plgpu.load(ref["dy"].at[b, t, rows], mask=d_ok, other=0.0).astype(f32)
+                dread, dcoef, g = step_grads(states[i], states[i + 1], s, dy_t, g)
+                seq_grads = {"du": dread["u"] + dcoef["u"], "ddelta": dcoef["delta"]}
+                if "dz" in out:
+                    seq_grads["dz"] = dread["z"]
+                if "ddelta_A" in out:
+                    seq_grads["ddelta_A"] = dcoef["delta_A"]
+                for name, value in seq_grads.items():
+                    plgpu.store(out[name].at[b, t, rows], value.astype(out[name].dtype), mask=d_ok)
+                plgpu.store(out["dB"].at[blk, b, t, cols], dcoef["B"], mask=n_ok)
+                plgpu.store(out["dC"].at[blk, b, t, cols], dread["C"], mask=n_ok)
+                dA = dA + dcoef["A"]
+                if "D" in dread:
+                    dD = dD + dread["D"]
+            return g, dA, dD
+
+        g, dA, dD = jax.lax.fori_loop(0, num_chunks, one_chunk, (g, dA, dD))
+        plgpu.store(out["dh0"].at[b, rows, cols], g, mask=tile_ok)
+        plgpu.store(out["dA"].at[b, rows, cols], dA, mask=tile_ok)
+        if "dD" in out:
+            plgpu.store(out["dD"].at[b, rows], dD, mask=d_ok)
+
+    call = pl.pallas_call(
+        body,
+        out_shape=tuple(outs.values()),
+        grid=(batch, blocks),
+        interpret=dispatch.interpret_mode(config),
+        compiler_params=dispatch.compiler_params(config),
+        name=OP + "_bwd",
+    )
+    return dict(zip(out_names, call(*(args[k] for k in names))))
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+def _pad_time(a, pad):
+    if a is None or not pad:
+        return a
+    return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
+    return _scan_fwd(static, u, delta, A, B, C, D, z, delta_A, mask, h0)[0]
+
+
+def _scan_fwd(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
+    discretization, chunk, config = static
+    length = u.shape[1]
+    pad = -length % chunk  # kernel_scan passes a mask when pad > 0
+    seqs = [_pad_time(a, pad) for a in (u, delta, B, C, z, delta_A, mask)]
+    pu, pdelta, pB, pC, pz, pdelta_A, pmask = seqs
+    y, h_last, checkpoints = forward_kernel(pu, pdelta, A, pB, pC, D, pz, pdelta_A, pmask, h0,
+                                            discretization=discretization, chunk=chunk, config=config)
+    residuals = (pu, pdelta, A, pB, pC, D, pz, pdelta_A, pmask, h0, checkpoints)
+    return (y[:, :length], h_last), residuals
+
+
+def _scan_bwd(static, residuals, cotangents):
+    discretization, chunk, config = static
+    u, delta, A, B, C, D, z, delta_A, mask, h0, checkpoints = residuals
+    dy, dh_last = cotangents
+    length = dy.shape[1]
+    dy = _pad_time(dy, u.shape[1] - length)
+    grads = backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last.astype(jnp.float32),
+                            discretization=discretization, chunk=chunk, config=config)
+    cut = lambda a, like: a[:, :length].astype(like.dtype)  # noqa: E731
+    return (
+        cut(grads["du"], u), cut(grads["ddelta"], delta), jnp.sum(grads["dA"], 0).astype(A.dtype),
+        cut(jnp.sum(grads["dB"], 0), B), cut(jnp.sum(grads["dC"], 0), C),
+        None if D is None else jnp.sum(grads["dD"], 0).astype(D.dtype),
+        None if z is None else cut(grads["dz"], z),
+        None if delta_A is None else cut(grads["ddelta_A"], delta_A),
+        None if mask is None else jnp.zeros(mask.shape[:1] + (length,), mask.dtype),
+        grads["dh0"].astype(h0.dtype),
+    )
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
+                chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
+    """The kernel pair under ``jax.custom_vjp``; same contract as :func:`selective_scan` (no dispatch).
+
+    ``L`` need not be a multiple of ``chunk``: the sequences are padded with masked steps (a copy).
+    """
+    config = dispatch.resolve(config)
+    batch, _, dim = u.shape
+    if h0 is None:
+        h0 = jnp.zeros((batch, dim, A.shape[-1]), jnp.float32)
+    if mask is None and u.shape[1] % chunk:
+        mask = jnp.ones(u.shape[:2], jnp.float32)  # the padded steps are masked
+    if mask is not None:
+        mask = mask.astype(jnp.float32)
+    return _scan((discretization, int(chunk), config), u, delta, A, B, C, D, z, delta_A, mask, h0)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None, chunk: int = DEFAULT_CHUNK) -> Optional[str]:
+    """Why the kernels cannot take these arguments, or None."""
+    for name, a in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_A", delta_A), ("h0", h0)):
+        if a is not None and not any(a.dtype == t for t in _KERNEL_DTYPES):
+            return f"{name} of dtype {a.dtype} (supported: float32, bfloat16, float16)"
+    batch, length, dim = u.shape
+    N = A.shape[-1]
+    if dispatch.next_power_of_two(N) > MAX_BLOCK_N:
+        return f"d_state={N} > {MAX_BLOCK_N}"
+    padded = -(-length // chunk) * chunk
+    blocks = -(-dim // _blocks(dim, N, BACKWARD_TILE)[0])
+    largest = max(batch * padded * dim, batch * (padded // chunk) * dim * N, blocks * batch * padded * N)
+    if largest >= 2**31:
+        return "arrays of 2**31 elements or more (32-bit offsets)"
+    return None
+
+
+def choose(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None, *, chunk: int = DEFAULT_CHUNK,
+           config: Optional[dispatch.KernelConfig] = None, policy: ScanPolicy = POLICY) -> bool:
+    """Whether :func:`selective_scan` (and the model's forward) runs the kernels for these arguments under ``config``."""
+    reason = unsupported_reason(u, delta, A, B, C, D, z, delta_A, h0, chunk)
+    return dispatch.choose_kernel(OP, reason, dispatch.resolve(config), policy.slower_reason())
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *,
+                   discretization: str = "mamba", chunk: int = DEFAULT_CHUNK,
+                   config: Optional[dispatch.KernelConfig] = None):
+    """The selective SSM over a sequence: the Pallas kernels (:func:`kernel_scan`) or :func:`reference`.
+
+    Args:
+      u, delta: ``(batch, L, D)``: the input and the step (after softplus).
+      A: ``(D, N)`` real (negative). B, C: ``(batch, L, N)``.
+      D: optional ``(D,)`` skip. z: optional gate ``(batch, L, D)``: the output is multiplied by ``silu(z)``.
+      delta_A: optional A-step of event mode ``(batch, L, D)``.
+      mask: optional ``(batch, L)`` bool: where False the state is frozen.
+      h0: optional ``(batch, D, N)`` initial state (zeros when None); differentiable.
+      discretization: one of :data:`DISCRETIZATIONS`.
+      chunk: steps per checkpoint of the kernels (see the module docstring).
+      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the default when None. ``"auto"`` keeps the
+        reference until :data:`POLICY` says the kernels were measured faster.
+
+    Returns:
+      ``(y (batch, L, D)`` in ``u.dtype``, ``h_last (batch, D, N)`` float32 (float64 on the reference for float64
+      inputs)``)``.
+    """
+    _check(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization, chunk)
+    config = dispatch.resolve(config)
+    if choose(u, delta, A, B, C, D, z, delta_A, h0, chunk=chunk, config=config):
+        return kernel_scan(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization=discretization, chunk=chunk,
+                           config=config)
+    return reference(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization=discretization)
+
+
+def _check(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization, chunk):
+    if discretization not in DISCRETIZATIONS:
+        raise ValueError(f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if u.ndim != 3 or A.ndim != 2:
+        raise ValueError(f"u must be (batch, L, D) and A (D, N), got {u.shape} and {A.shape}")
+    batch, length, dim = u.shape
+    N = A.shape[1]
+    shapes = {"delta": (batch, length, dim), "z": (batch, length, dim), "delta_A": (batch, length, dim),
+              "A": (dim, N), "B": (batch, length, N), "C": (batch, length, N), "D": (dim,), "mask": (batch, length),
+              "h0": (batch, dim, N)}
+    for name, a in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_A", delta_A),
+                    ("mask", mask), ("h0", h0)):
+        if a is not None and tuple(a.shape) != shapes[name]:
+            raise ValueError(f"{name} must have shape {shapes[name]}, got {tuple(a.shape)}")
+    for name, a in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_A", delta_A), ("h0", h0)):
+        if a is not None and not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a real floating dtype, got {a.dtype}")
