@@ -12,7 +12,7 @@ prompt and slices the tokens with NumPy (which compiles nothing either; only ``r
 device, one small program per new ``max_new_tokens``).
 
 The sampling math is in pure functions (:func:`sampling_probs`, :func:`sample`, :func:`prompt_lookup_drafts`,
-:func:`accept_greedy`, :func:`accept_sampled`).
+:func:`greedy_tokens`, :func:`accept_greedy`, :func:`accept_sampled`).
 """
 
 from __future__ import annotations
@@ -77,13 +77,8 @@ class Sampler:
 def sampling_probs(logits, vocab_size: int, sampler: Sampler, temperature, top_k, top_p):
     """The distribution tokens are drawn from: ``logits (..., V)`` over the real vocabulary (padding ids get 0),
     divided by ``temperature``, then restricted to the ``top_k`` largest and to the smallest set whose mass reaches
-    ``top_p`` (the most likely token always stays). Greedy: one-hot of the argmax. Returns ``(..., V)`` float32."""
-    logits = logits.astype(jnp.float32)
-    real = jnp.arange(logits.shape[-1]) < vocab_size
-    logits = jnp.where(real, logits, -jnp.inf)
-    if sampler.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, -1), logits.shape[-1], dtype=jnp.float32)
-    logits = logits / temperature
+    ``top_p`` (the most likely token always stays). Returns ``(..., V)`` float32."""
+    logits = real_vocabulary(logits, vocab_size) / temperature
     ordered = -jnp.sort(-logits, axis=-1)  # descending
     if sampler.use_top_k:
         kth = jnp.take_along_axis(ordered, jnp.broadcast_to(top_k - 1, ordered.shape[:-1])[..., None], -1)
@@ -98,15 +93,25 @@ def sampling_probs(logits, vocab_size: int, sampler: Sampler, temperature, top_k
     return jax.nn.softmax(logits, -1)
 
 
+def real_vocabulary(logits, vocab_size: int):
+    """``logits (..., V)`` in float32 with the padding ids (``>= vocab_size``) at ``-inf``."""
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits.astype(jnp.float32), -jnp.inf)
+
+
+def greedy_tokens(logits, vocab_size: int):
+    """The most likely real token of each row: ``logits (..., V)`` -> ``(...)`` int32."""
+    return jnp.argmax(real_vocabulary(logits, vocab_size), -1).astype(jnp.int32)
+
+
 def sample(probs, key):
     """One token per row from ``probs (B, V)``: ``(B,)`` int32."""
     return jax.random.categorical(key, jnp.log(probs), -1).astype(jnp.int32)
 
 
-def accept_greedy(target_probs, drafts):
-    """Greedy verification: ``target_probs (B, k+1, V)`` one-hot, ``drafts (B, k)`` -> ``(accepted (B,), next (B,))``:
-    the number of leading drafts equal to the target's argmax, and the target's token after them."""
-    chosen = jnp.argmax(target_probs, -1).astype(jnp.int32)  # (B, k+1)
+def accept_greedy(chosen, drafts):
+    """Greedy verification: the target's greedy tokens ``chosen (B, k+1)`` after each prefix, ``drafts (B, k)`` ->
+    ``(accepted (B,), next (B,))``: the number of leading drafts equal to the target's choice, and its token
+    after them."""
     matches = jnp.cumprod(chosen[:, :-1] == drafts, axis=1)
     accepted = jnp.sum(matches, axis=1).astype(jnp.int32)
     return accepted, jnp.take_along_axis(chosen, accepted[:, None], 1)[:, 0]
@@ -192,12 +197,16 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
     vocab = target.padded_vocab_size
     probs_of = functools.partial(sampling_probs, vocab_size=target.vocab_size, sampler=sampler, temperature=temperature,
                                  top_k=top_k, top_p=top_p)
+
+    def choose(logits, key):  # the next token: the argmax when greedy (no random draw), else a sample
+        return greedy_tokens(logits, target.vocab_size) if sampler.greedy else sample(probs_of(logits), key)
+
     rows = jnp.arange(batch)
 
     logits, cache = target.forward_logits(prompt, prompt_lengths, target.allocate_inference_cache(batch, max_seqlen))
     first_logits = logits[rows, prompt_lengths - 1]
     key, sub = jax.random.split(key)
-    token = sample(probs_of(first_logits), sub)
+    token = choose(first_logits, sub)
     has_eos = eos_id >= 0
     fill = jnp.where(has_eos, eos_id, 0)
     out = jnp.full((batch, out_size + width), fill, jnp.int32).at[:, 0].set(token)
@@ -213,7 +222,7 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
             token, cache, out, out_logits, count, done, key, stats = carry
             logits, cache = target.step_logits(token, cache, config)
             key, sub = jax.random.split(key)
-            nxt = jnp.where(done, fill, sample(probs_of(logits), sub))
+            nxt = jnp.where(done, fill, choose(logits, sub))
             out = out.at[rows, count].set(nxt)
             if return_logits:
                 out_logits = out_logits.at[rows, count].set(logits)
@@ -240,8 +249,11 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
                 def draft_step(c, step_key):
                     tok, dcache = c
                     logits, dcache = draft.step_logits(tok, dcache, config)
-                    q = probs_of(logits)
-                    nxt = sample(q, step_key)
+                    if sampler.greedy:  # greedy acceptance needs no draft distribution
+                        nxt, q = greedy_tokens(logits, target.vocab_size), jnp.zeros((tok.shape[0], 0), jnp.float32)
+                    else:
+                        q = probs_of(logits)
+                        nxt = sample(q, step_key)
                     return (nxt, dcache), (nxt, q, _kv_free(dcache, draft))
 
                 (_, last_cache), (drafted, q_probs, snapshots) = jax.lax.scan(
@@ -250,14 +262,13 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
                 q_probs = jnp.moveaxis(q_probs[:num_drafts], 0, 1)
             else:
                 drafts = prompt_lookup_drafts(context, length, num_drafts, ngram_size)
-                q_probs = jax.nn.one_hot(drafts, vocab, dtype=jnp.float32)
+                q_probs = None if sampler.greedy else jax.nn.one_hot(drafts, vocab, dtype=jnp.float32)
             tokens = jnp.concatenate([token[:, None], drafts], 1)  # (B, k+1)
             logits, verify_cache = target.verify_logits(tokens, verify_cache, num_accepted, config)
-            p_probs = probs_of(logits)
             if sampler.greedy:
-                accepted, nxt = accept_greedy(p_probs, drafts)
+                accepted, nxt = accept_greedy(greedy_tokens(logits, target.vocab_size), drafts)
             else:
-                accepted, nxt = accept_sampled(p_probs, q_probs, drafts, accept_key)
+                accepted, nxt = accept_sampled(probs_of(logits), q_probs, drafts, accept_key)
             if draft is not None:  # the draft's state after the accepted tokens and the token before them
                 draft_cache = _with_kv(_pick_rows(snapshots, accepted), last_cache, draft)
             emitted = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], 1)
