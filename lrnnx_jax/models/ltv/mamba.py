@@ -25,6 +25,9 @@ memory of a training step grows as ``B * L * (D + N)`` (the per-token inputs)
 plus ``B * (L / C) * D * N`` (the chunk boundaries), not as ``B * L * D * N``
 (benchmarks/benchmark_scan_memory.py). The forward starts from an inference cache
 when given one (the conv history and ``h``), so a prompt can be prefilled in chunks.
+Where :func:`pallas_kernels.selective_scan.choose` selects them (``kernel_config``), the
+forward runs the Pallas training-scan kernels instead (:func:`kernel_scan`); ``"auto"``
+keeps this XLA path until the kernels are measured on a GPU.
 
 The single step is written once, as the cell :func:`mamba_cell_step` (see
 :mod:`pallas_kernels.cells`): ``model.step``, ``model.multi_step`` and the fused
@@ -50,7 +53,9 @@ from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
+from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
+from pallas_kernels import selective_scan as scan_kernels
 from pallas_kernels.cells import Cell, KernelPolicy
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
@@ -130,6 +135,18 @@ def selective_scan(inputs, A, dtA_bias, D, h0, mask=None, *, discretization: str
     )
 
 
+def kernel_scan(inputs, A, dtA_bias, D, h0, mask, discretization: str, config):
+    """:func:`selective_scan` on the Pallas training-scan kernels (:mod:`pallas_kernels.selective_scan`,
+    forward and backward) when :func:`pallas_kernels.selective_scan.choose` selects them under ``config``
+    (a ``KernelConfig``, or None: the default read when this is traced); None otherwise."""
+    delta_A = event_step(inputs["tau"], dtA_bias) if "tau" in inputs else None
+    args = (inputs["u"], inputs["delta"], A, inputs["B"], inputs["C"], D, inputs["z"], delta_A)
+    if not scan_kernels.choose(*args, h0, config=config):
+        return None
+    y, h_last = scan_kernels.kernel_scan(*args, mask, h0, discretization=discretization, config=dispatch.resolve(config))
+    return y, h_last.astype(h0.dtype)
+
+
 def _bias(params, name):
     return params[name] if name in params else 0.0
 
@@ -197,6 +214,10 @@ class Mamba(LRNN):
       discretization: ``"mamba"``, ``"zoh"``, ``"bilinear"`` or ``"dirac"``.
       chunk_size: steps per chunk of the scan (None: unchunked associative scan,
         1: sequential).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the forward's scan (:func:`kernel_scan`;
+        ``use_kernels="always"`` opts in to the training-scan kernels); None: the default, read when the
+        forward is traced (the forward is compiled once per model structure: set this attribute, not the
+        default, to switch between calls).
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
     The inference cache is ``{"conv_state": (B, D, d_conv)`` (the last raw, pre-conv
@@ -226,6 +247,7 @@ class Mamba(LRNN):
         discretization: str = "mamba",
         *,
         chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+        kernel_config: Optional[dispatch.KernelConfig] = None,
         rngs: nnx.Rngs,
     ):
         H = self.d_model = check_positive_int(d_model, "d_model")
@@ -242,6 +264,7 @@ class Mamba(LRNN):
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         self.expand, self.discretization, self.chunk_size = expand, discretization, check_chunk_size(chunk_size)
         self.layer_idx = layer_idx
+        self.kernel_config = None if kernel_config is None else dispatch.resolve(kernel_config)
         param_dtype = dtype or jnp.float32
 
         self.in_proj = torch_linear(H, 2 * D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
@@ -294,10 +317,14 @@ class Mamba(LRNN):
             h0 = jnp.zeros((x.shape[0], self.d_inner, self.d_state), x.dtype)
         else:
             h0 = cache["lrnn_state"].astype(x.dtype)
-        y, h_last = selective_scan(
-            inputs, self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask,
-            discretization=self.discretization, chunk_size=self.chunk_size,
-        )
+        scanned = kernel_scan(inputs, self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask, self.discretization,
+                              self.kernel_config)
+        if scanned is None:  # the XLA path
+            scanned = selective_scan(
+                inputs, self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask,
+                discretization=self.discretization, chunk_size=self.chunk_size,
+            )
+        y, h_last = scanned
         new_cache = None
         if return_cache:
             new_cache = {"conv_state": conv.conv_state_after(x_in, self.d_conv, lengths, conv_state=conv_state),
