@@ -63,7 +63,7 @@ from flax import nnx
 
 from benchmarks import anchors as anchors_lib
 from benchmarks.benchmark_inference import make_inputs
-from benchmarks.reporting import Progress, pyplot, save
+from benchmarks.reporting import Progress, batch_axes, plot_path, pyplot, save
 from benchmarks.timing import copy_bandwidth, median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
@@ -268,12 +268,7 @@ def plot(path: pathlib.Path, rows: list[dict]) -> Optional[str]:
     title = f"{points[0]['steps']} steps"
     if devices:
         title += f"; PyTorch lrnnx CUDA graph measured on {', '.join(devices)}"
-    batches = sorted({row["batch"] for row in points})
-    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="µs per generated step", title=title)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=3)
+    batch_axes(ax, {row["batch"] for row in points}, "µs per generated step", title, ncol=3)
     return save(fig, path)
 
 
@@ -327,8 +322,7 @@ def main(argv=None):
     print("\nPyTorch lrnnx (lrnnx_us):")
     print("\n".join(f"- {line}" for line in anchors.summary()))
     if not args.no_plot:
-        path = args.plot or (pathlib.Path(args.out).with_suffix(".png") if args.out
-                             else pathlib.Path("benchmark_results") / "fused_generation.png")
+        path = plot_path(args.plot, args.out, "fused_generation.png")
         if plot(path, rows):
             print(f"plot: {path}")
     if args.out:

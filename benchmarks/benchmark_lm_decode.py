@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import anchors as anchors_lib
-from benchmarks.reporting import Progress, pyplot, save
+from benchmarks.reporting import Progress, batch_axes, plot_path, pyplot, save
 from benchmarks.timing import median_seconds
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import Speculative, generate_tokens
@@ -165,12 +165,7 @@ def plot(path: pathlib.Path, rows: list[dict]) -> Optional[str]:
     title = f"{rows[0]['new_tokens']} new tokens, d_model {D_MODEL}"
     if devices:
         title += f"; PyTorch lrnnx measured on {', '.join(devices)}"
-    batches = sorted({row["batch"] for row in rows})
-    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="µs per token", title=title)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    batch_axes(ax, {row["batch"] for row in rows}, "µs per token", title)
     return save(fig, path)
 
 
@@ -241,8 +236,7 @@ def main(argv=None) -> dict:
         "anchors": anchors.to_json(),
     }
     if not args.no_plot:
-        path = args.plot or (pathlib.Path(args.out).with_suffix(".png") if args.out
-                             else pathlib.Path("benchmark_results") / "lm_decode.png")
+        path = plot_path(args.plot, args.out, "lm_decode.png")
         if plot(path, rows):
             print(f"plot: {path}")
     if args.out:

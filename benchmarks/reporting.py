@@ -71,3 +71,22 @@ def save(fig, path: pathlib.Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
+
+
+def batch_axes(ax, batches, ylabel: str, title: str, ncol: int = 2):
+    """Log-log axes over batch sizes: ticks at ``batches``, a grid and a small legend."""
+    import matplotlib.pyplot as plt
+
+    batches = sorted(batches)
+    ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel=ylabel, title=title)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=ncol)
+
+
+def plot_path(plot: Optional[str], out: Optional[str], default_name: str) -> pathlib.Path:
+    """Where a benchmark writes its plot: ``--plot``, else beside ``--out``, else ``benchmark_results/<default_name>``."""
+    if plot:
+        return pathlib.Path(plot)
+    return pathlib.Path(out).with_suffix(".png") if out else pathlib.Path("benchmark_results") / default_name
