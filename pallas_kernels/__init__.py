@@ -16,6 +16,9 @@
   the replayed state), a Pallas kernel with its pure-JAX reference. The package attribute is the
   function; its module (``reference``, ``kernel``, the shared math) is reached with
   ``from pallas_kernels.checkpointing_ssu import ...``.
+* :mod:`pallas_kernels.selective_scan`: the selective scan of training (Mamba's forward and backward
+  over a sequence), a Pallas kernel pair under ``jax.custom_vjp`` with its pure-JAX reference. The
+  package attribute is the module (the op is ``pallas_kernels.selective_scan.selective_scan``).
 * :class:`KernelConfig` holds every kernel knob; :func:`get_config`, :func:`set_config` and
   :func:`kernel_config` read and change the default used where ``config=None``
   (:mod:`pallas_kernels.dispatch`).
@@ -24,7 +27,7 @@ Importing the package never needs a GPU or Pallas (kernels are built on first us
 imports nothing from ``lrnnx_jax``.
 """
 
-from pallas_kernels import cells, drivers
+from pallas_kernels import cells, drivers, selective_scan
 from pallas_kernels.checkpointing_ssu import SSUCaches, checkpointing_ssu
 from pallas_kernels.complex_lib import Planes
 from pallas_kernels.dispatch import KernelConfig, get_config, kernel_config, set_config
@@ -40,6 +43,7 @@ __all__ = [
     "drivers",
     "get_config",
     "kernel_config",
+    "selective_scan",
     "selective_state_update",
     "set_config",
     "simplified_state_update",
