@@ -104,13 +104,13 @@ def test_event_mode_lengths_and_h0_match_the_reference(discretization):
     _compare(_arrays(0), LENGTHS_MASK, discretization, F32_TOL)
 
 
-@pytest.mark.parametrize("discretization", ["zoh"])
+@pytest.mark.parametrize("discretization", ["mamba", "zoh"])
 def test_without_the_optional_inputs_and_a_ragged_last_chunk(discretization):
     """No delta_A, mask, h0, D or z; L = 10 is padded to 12 with masked steps inside the kernels."""
     _compare(_arrays(2, length=10, event=False, optional=False), None, discretization, F32_TOL)
 
 
-@pytest.mark.parametrize("discretization,event", [("mamba", True)])
+@pytest.mark.parametrize("discretization,event", [("mamba", True), ("bilinear", False)])
 def test_bfloat16_sequences(discretization, event):
     """bfloat16 u, delta, B, C, z, delta_A (float32 A, D, h0): bfloat16 y and gradients, float32 state."""
     arrays = _arrays(3, dtype=jnp.bfloat16, event=event)
