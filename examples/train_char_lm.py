@@ -2,10 +2,14 @@
 
 The model is a mixed stack: LRU layers (linear recurrences, computed over the whole sequence at once) around a
 causal attention layer with rotary embeddings, each block followed by a gated MLP. The text is
-``examples/data/shakespeare.txt`` (public domain; see ``examples/data/README.md``); its last tenth is held out.
+``examples/data/shakespeare.txt`` (public domain; see ``examples/data/README.md``); the last tenth of each tenth of
+it is held out.
 
-    python examples/train_char_lm.py                   # the default run: about 5 minutes on a 2-core CPU
+    python examples/train_char_lm.py                   # the default run: about 4 minutes on a 2-core CPU
     python examples/train_char_lm.py --steps 50 --d-model 64 --out /tmp/char_lm   # a quick check
+
+The default run reaches a held-out loss of about 1.45 nats per character (from 4.14), where the samples are
+mostly English words in the shape of the plays' speeches.
 
 What it does:
 
@@ -28,9 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import time
 from typing import Optional, Sequence
+
+# XLA's multi-threaded CPU FFT can deadlock on 2-core machines (README); the LRU layers' FFT path runs here
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import jax
 import jax.numpy as jnp
@@ -48,20 +57,20 @@ VOCAB_NAME = "vocab.json"
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=32, help="windows per batch")
     parser.add_argument("--seq-len", type=int, default=128, help="characters per training window")
     parser.add_argument("--d-model", type=int, default=128, help="model width")
-    parser.add_argument("--d-state", type=int, default=64, help="LRU state size (complex)")
-    parser.add_argument("--d-intermediate", type=int, default=256, help="gated MLP width per block (0: no MLP)")
+    parser.add_argument("--d-state", type=int, default=32, help="LRU state size (complex)")
+    parser.add_argument("--d-intermediate", type=int, default=128, help="gated MLP width per block (0: no MLP)")
     parser.add_argument("--layers", default="LRU,attn,LRU",
                         help="comma-separated mixers, e.g. LRU,attn,LRU or Mamba,attn,RGLRU (slower on a CPU)")
     parser.add_argument("--num-heads", type=int, default=4, help="attention heads")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows per evaluation")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows per evaluation")
     parser.add_argument("--log-every", type=int, default=10, help="steps between loss updates of the progress output")
     parser.add_argument("--sample-tokens", type=int, default=300, help="characters to sample")
     parser.add_argument("--prompt", default="First Citizen:\n", help="the sampling prompt")
@@ -109,6 +118,18 @@ class CharVocab:
         return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
+def split_heldout(ids: np.ndarray, parts: int = 10, fraction: float = 0.1):
+    """``(train ids, [held-out segments])``: the last ``fraction`` of each of ``parts`` equal parts is held out, so
+    the held-out text comes from the whole file (both plays), not from its end only."""
+    bounds = np.linspace(0, len(ids), parts + 1).astype(np.int64)
+    train, heldout = [], []
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        cut = end - int(round((end - begin) * fraction))
+        train.append(ids[begin:cut])
+        heldout.append(ids[cut:end])
+    return np.concatenate(train), heldout
+
+
 def random_windows(rng: np.random.Generator, data: np.ndarray, batch: int, seq_len: int):
     """``batch`` random windows of ``seq_len + 1`` ids: ``(inputs (B, L), targets (B, L))``, targets shifted by one."""
     starts = rng.integers(0, len(data) - seq_len - 1, batch)
@@ -116,10 +137,16 @@ def random_windows(rng: np.random.Generator, data: np.ndarray, batch: int, seq_l
     return windows[:, :-1], windows[:, 1:]
 
 
-def heldout_windows(data: np.ndarray, count: int, seq_len: int):
-    """``count`` fixed windows spread evenly over the held-out ids (the same at every evaluation)."""
-    starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
-    windows = data[starts[:, None] + np.arange(seq_len + 1)]
+def heldout_windows(segments: Sequence[np.ndarray], count: int, seq_len: int):
+    """``count`` fixed windows (the same at every evaluation), spread evenly over the held-out segments and inside
+    each one: ``(inputs (count, L), targets (count, L))``."""
+    windows = []
+    for segment, k in zip(segments, map(len, np.array_split(np.arange(count), len(segments)))):
+        if len(segment) < seq_len + 1:
+            raise ValueError(f"held-out segments of {len(segment)} characters are shorter than --seq-len + 1 = {seq_len + 1}")
+        starts = np.linspace(0, len(segment) - seq_len - 1, k).astype(np.int64)
+        windows.append(segment[starts[:, None] + np.arange(seq_len + 1)])
+    windows = np.concatenate(windows)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -147,7 +174,7 @@ def loss_fn(model: LRNNLMHeadModel, inputs, targets):
 
 def make_optimizer(model: LRNNLMHeadModel, args: argparse.Namespace) -> nnx.Optimizer:
     warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(warmup, args.steps), args.steps, args.lr / 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(warmup, args.steps - 1), args.steps, args.lr / 10)
     # weight decay on the matrices (projections, embedding, LRU's B and C), not on norms, biases or LRU's eigenvalues
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -241,18 +268,19 @@ def load_checkpoint(directory: pathlib.Path) -> tuple[LRNNLMHeadModel, CharVocab
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    run_start = time.perf_counter()
     text = args.data.read_text(encoding="utf-8")
     vocab = CharVocab.from_text(text)
     ids = vocab.encode(text)
-    split = int(0.9 * len(ids))
-    train_ids, heldout_ids = ids[:split], ids[split:]
+    train_ids, heldout_segments = split_heldout(ids)
     rng = np.random.default_rng(args.seed)
-    heldout = tuple(jnp.asarray(a) for a in heldout_windows(heldout_ids, args.eval_windows, args.seq_len))
+    heldout = tuple(jnp.asarray(a) for a in heldout_windows(heldout_segments, args.eval_windows, args.seq_len))
 
     model = build_model(len(vocab), args)
     optimizer = make_optimizer(model, args)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"{args.data.name}: {len(text):,} characters, vocabulary {len(vocab)}; held out: the last {len(heldout_ids):,}")
+    print(f"{args.data.name}: {len(text):,} characters, vocabulary {len(vocab)}; held out: the last tenth of each tenth, "
+          f"{sum(map(len, heldout_segments)):,} characters")
     print(f"model: {list(model.mixer_types)}, d_model={args.d_model}, d_state={args.d_state}, "
           f"d_intermediate={args.d_intermediate}, {num_params:,} parameters; jax {jax.__version__} on "
           f"{jax.default_backend()}")
@@ -305,6 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     plot = plot_losses(args.out / "loss.png", train_steps, train_losses, eval_steps, eval_losses)
     if plot is not None:
         print(f"loss curve: {plot}")
+    print(f"done in {time.perf_counter() - run_start:.1f}s")
     return {
         "initial_loss": initial_loss,
         "final_loss": final_loss,
