@@ -106,12 +106,14 @@ def test_xla_drivers_contract_at_highest_and_project_at_the_default_precision():
     V = jnp.asarray(rng.standard_normal((3, 8)), jnp.float32)
     W = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
 
-    def dot_precisions(fn, v):
-        jaxpr = jax.make_jaxpr(lambda v, W: fn(v, W, 0, precisions))(v, W)
+    def dot_precisions(fn, v):  # under a default other than the suite's float32 one, to tell them apart
+        with jax.default_matmul_precision("bfloat16"):
+            jaxpr = jax.make_jaxpr(lambda v, W: fn(v, W, 0, precisions))(v, W)
         return [eqn.params["precision"] for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
 
+    default = dot_precisions(lambda v, W, axis, p: v @ W, V)  # a plain matmul: JAX's default (as configured)
     assert dot_precisions(km.contract, V) == [(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)]
-    assert dot_precisions(km.project, V) == [None]
+    assert dot_precisions(km.project, V) == default != [(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)]
     assert dot_precisions(km.project, V[0]) == [] and dot_precisions(km.contract, V[0]) == []
     expected = np.asarray(V, np.float64) @ np.asarray(W, np.float64)
     with jax.default_matmul_precision("highest"):
