@@ -86,6 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  "log_every", "sample_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.prompt:
+        parser.error("--prompt must not be empty")
     if args.d_model % args.num_heads:
         parser.error(f"--d-model={args.d_model} must be a multiple of --num-heads={args.num_heads}")
     return args
@@ -120,7 +122,8 @@ class CharVocab:
 
 def split_heldout(ids: np.ndarray, parts: int = 10, fraction: float = 0.1):
     """``(train ids, [held-out segments])``: the last ``fraction`` of each of ``parts`` equal parts is held out, so
-    the held-out text comes from the whole file (both plays), not from its end only."""
+    the held-out text comes from the whole file (both plays), not from its end only. The training parts are
+    concatenated (a few windows span one of their ``parts - 1`` joins)."""
     bounds = np.linspace(0, len(ids), parts + 1).astype(np.int64)
     train, heldout = [], []
     for begin, end in zip(bounds[:-1], bounds[1:]):
@@ -272,6 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     text = args.data.read_text(encoding="utf-8")
     vocab = CharVocab.from_text(text)
     ids = vocab.encode(text)
+    prompt = vocab.encode(args.prompt)[None]  # checked before training: its characters must be in the vocabulary
     train_ids, heldout_segments = split_heldout(ids)
     rng = np.random.default_rng(args.seed)
     heldout = tuple(jnp.asarray(a) for a in heldout_windows(heldout_segments, args.eval_windows, args.seq_len))
@@ -322,7 +326,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise RuntimeError(f"the reloaded checkpoint differs from the trained model (max |logit difference| {difference})")
     print(f"saved {checkpoint} and reloaded it with LRNNLMHeadModel.from_pretrained (identical logits)")
 
-    prompt = reloaded_vocab.encode(args.prompt)[None]
     greedy = generate_tokens(reloaded, prompt, args.sample_tokens)
     sampled = generate_tokens(reloaded, prompt, args.sample_tokens, temperature=args.temperature, top_p=args.top_p,
                               key=jax.random.key(args.seed))
