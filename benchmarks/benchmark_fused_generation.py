@@ -63,7 +63,7 @@ from flax import nnx
 
 from benchmarks import anchors as anchors_lib
 from benchmarks.benchmark_inference import make_inputs
-from benchmarks.reporting import Progress, batch_axes, plot_path, pyplot, save
+from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_axes, plot_path, pyplot, save
 from benchmarks.timing import copy_bandwidth, median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
@@ -288,12 +288,7 @@ def main(argv=None):
                         help="fused variants: dot precision of the block path")
     parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
     parser.add_argument("--out", default=None, help="write every number as JSON to this file")
-    parser.add_argument("--plot", type=pathlib.Path, default=None,
-                        help="the PNG plot (default: --out with .png, else benchmark_results/fused_generation.png)")
-    parser.add_argument("--no-plot", action="store_true", help="write no plot")
-    parser.add_argument("--anchors", action="append", type=pathlib.Path, metavar="PATH",
-                        help="a results file of PyTorch lrnnx numbers, used only where measured on this device kind "
-                        "(repeatable; default benchmarks/results/lrnnx_anchors.json)")
+    add_plot_and_anchor_arguments(parser, "fused_generation.png")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.warmup = [32, 4096], 5, 1

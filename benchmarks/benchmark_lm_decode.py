@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import anchors as anchors_lib
-from benchmarks.reporting import Progress, batch_axes, plot_path, pyplot, save
+from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_axes, plot_path, pyplot, save
 from benchmarks.timing import median_seconds
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import Speculative, generate_tokens
@@ -178,12 +178,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--plot", type=pathlib.Path, default=None,
-                        help="the PNG plot (default: --out with .png, else benchmark_results/lm_decode.png)")
-    parser.add_argument("--no-plot", action="store_true", help="write no plot")
-    parser.add_argument("--anchors", action="append", type=pathlib.Path, metavar="PATH",
-                        help="a results file of PyTorch lrnnx numbers, used only where measured on this device kind "
-                        "(repeatable; default benchmarks/results/lrnnx_anchors.json)")
+    add_plot_and_anchor_arguments(parser, "lm_decode.png")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     anchors = anchors_lib.anchors(anchors_lib.device_kind(), args.anchors, benchmark="lm_decode")

@@ -90,3 +90,13 @@ def plot_path(plot: Optional[str], out: Optional[str], default_name: str) -> pat
     if plot:
         return pathlib.Path(plot)
     return pathlib.Path(out).with_suffix(".png") if out else pathlib.Path("benchmark_results") / default_name
+
+
+def add_plot_and_anchor_arguments(parser, default_plot_name: str):
+    """``--plot``, ``--no-plot`` and ``--anchors``, as every benchmark with a plot and lrnnx anchors takes them."""
+    parser.add_argument("--plot", type=pathlib.Path, default=None,
+                        help=f"the PNG plot (default: --out with .png, else benchmark_results/{default_plot_name})")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
+    parser.add_argument("--anchors", action="append", type=pathlib.Path, metavar="PATH",
+                        help="a results file of PyTorch lrnnx numbers, used only where measured on this device kind "
+                        "(repeatable; default benchmarks/results/lrnnx_anchors.json)")
