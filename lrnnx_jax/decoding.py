@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lrnnx_jax import parallel
 from lrnnx_jax.core import validation
 from pallas_kernels import dispatch
 
@@ -319,7 +320,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
 
     Args:
       model: an :class:`~lrnnx_jax.architectures.LRNNLMHeadModel` (attention layers must be causal).
-      prompt_ids: ``(B, P)`` integer token ids.
+      prompt_ids: ``(B, P)`` integer token ids. Sharded over devices along the batch
+        (``lrnnx_jax.parallel.shard_batch``), each device decodes its rows and the tokens keep the sharding.
       max_new_tokens: how many tokens to generate per row.
       prompt_lengths: ``(B,)`` ragged prompt lengths in ``[1, P]`` (row ``b`` uses ``prompt_ids[b, :len]``);
         None: all ``P``.
@@ -343,6 +345,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     if not isinstance(model, LRNNLMHeadModel):
         raise TypeError(f"model must be an LRNNLMHeadModel, got {type(model).__name__}")
     model._require_decodable("generate_tokens")
+    sharding = parallel.batch_sharding_of(prompt_ids)  # a batch over devices: each device decodes its rows
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt_ids must have shape (B, P) with P >= 1, got {prompt.shape}")
@@ -387,13 +390,19 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     sampler = Sampler(greedy=greedy, use_top_k=top_k is not None and not greedy, use_top_p=top_p is not None and not greedy)
     target_def, target_state = nnx.split(model)
     draft_def, draft_state = (None, None) if draft is None else nnx.split(draft)
-    out, out_logits, stats = decode_program(
-        target_def, target_state, draft_def, draft_state, padded, lengths.astype(np.int32), np.int32(max_new_tokens),
-        np.float32(temperature if not greedy else 1.0), np.int32(top_k or 1), np.float32(top_p or 1.0),
-        np.int32(-1 if eos_id is None else eos_id), key, out_size=out_size, sampler=sampler, num_drafts=num_drafts,
-        ngram_size=ngram, return_logits=bool(return_logits), config=dispatch.resolve(kernel_config))
+    rows, scalars = padded, (np.int32(max_new_tokens), np.float32(temperature if not greedy else 1.0),
+                             np.int32(top_k or 1), np.float32(top_p or 1.0), np.int32(-1 if eos_id is None else eos_id), key)
+    lengths = lengths.astype(np.int32)
+    if sharding is not None:  # the rows split as the prompt was, everything else on every device (no-ops when so)
+        rows, lengths = parallel.shard_batch((rows, lengths), sharding.mesh, sharding.spec[0])
+        target_state, draft_state, scalars = parallel.replicate((target_state, draft_state, scalars), sharding.mesh)
+    with parallel.mesh_context(sharding):
+        out, out_logits, stats = decode_program(
+            target_def, target_state, draft_def, draft_state, rows, lengths, *scalars, out_size=out_size, sampler=sampler,
+            num_drafts=num_drafts, ngram_size=ngram, return_logits=bool(return_logits),
+            config=dispatch.resolve(kernel_config))
     # the tokens are small: sliced on the host and put back (jnp.asarray of a new shape would compile a program)
-    results = [jax.device_put(np.ascontiguousarray(np.asarray(out)[:, :max_new_tokens]))]
+    results = [jax.device_put(np.ascontiguousarray(np.asarray(out)[:, :max_new_tokens]), sharding)]
     if return_logits:  # large: sliced on the device (a new max_new_tokens compiles this slice once)
         results.append(out_logits[:, :max_new_tokens])
     if return_stats:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrnnx_jax import parallel
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import compute_dtype
 from pallas_kernels import dispatch as kernel_dispatch
@@ -123,6 +124,8 @@ class ProgramSpec:
     config: GenerationConfig
     kernels: kernel_dispatch.KernelConfig
     fused: bool
+    #: the batch's ``NamedSharding`` (``lrnnx_jax.parallel.batch_sharding``) the program is compiled for; None: one device
+    sharding: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "config", self.config.resolved())  # a concrete unroll, part of the key
@@ -195,14 +198,17 @@ def build_program(spec: ProgramSpec) -> Callable:
 
 @functools.lru_cache(maxsize=256)
 def _fused_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, event_mode: bool,
-                        kernels: kernel_dispatch.KernelConfig, on_gpu: bool) -> bool:
-    """:func:`pallas_kernels.fused_generation.use_fused_rollout`, once per model structure and kernel configuration."""
+                        kernels: kernel_dispatch.KernelConfig, on_gpu: bool, sharding=None) -> bool:
+    """:func:`pallas_kernels.fused_generation.use_fused_rollout`, once per model structure, kernel configuration and
+    batch sharding (decided under the sharding's mesh: no kernel for a batch over several devices)."""
     model = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
-    return fused_generation.use_fused_rollout(model, batch_size, event_mode, dtype, kernels)
+    with parallel.mesh_context(sharding):
+        return fused_generation.use_fused_rollout(model, batch_size, event_mode, dtype, kernels)
 
 
-def assemble(blocks, num_steps: int):
-    """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``.
+def assemble(blocks, num_steps: int, sharding=None):
+    """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``, placed with the batch ``sharding`` (None:
+    one device).
 
     An array of a new shape needs a new XLA program, so on an accelerator each distinct
     ``num_steps`` compiles one small slicing program once. On the CPU, whose device memory
@@ -211,8 +217,10 @@ def assemble(blocks, num_steps: int):
     if all(device.platform == "cpu" for block in blocks for device in block.devices()):
         ys = np.concatenate([np.asarray(block) for block in blocks], axis=0)[:num_steps]
         report_nonfinite(np.all(np.isfinite(ys)))
-        return jax.device_put(np.ascontiguousarray(np.moveaxis(ys, 0, 1)), next(iter(blocks[0].devices())))
-    return _assemble(tuple(blocks), num_steps)
+        place = next(iter(blocks[0].devices())) if sharding is None else sharding
+        return jax.device_put(np.ascontiguousarray(np.moveaxis(ys, 0, 1)), place)
+    ys = _assemble(tuple(blocks), num_steps)
+    return ys if sharding is None else jax.device_put(ys, sharding)  # a no-op where XLA kept the rows in place
 
 
 _NONFINITE_REPORTED = []
@@ -247,6 +255,7 @@ class CompiledGenerator:
 
     Attributes:
       batch_size, event_mode, dtype, d_model: what it was captured for.
+      sharding: the batch's ``NamedSharding`` it was compiled for (None: one device).
       compiled: the ``jax.stages.Compiled`` executable.
       compile_time_s: seconds spent tracing, lowering and compiling it.
       spec: its :class:`ProgramSpec` (model structure, sizes, config).
@@ -255,52 +264,64 @@ class CompiledGenerator:
     def __init__(self, spec: ProgramSpec):
         self.spec = spec
         self.batch_size, self.event_mode = spec.batch_size, spec.event_mode
-        self.dtype, self.d_model = spec.dtype, spec.d_model
-        leaf_types = [jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type) for t in spec.leaf_types]
+        self.dtype, self.d_model, self.sharding = spec.dtype, spec.d_model, spec.sharding
+        # with a batch sharding: the rows (input, cache, timesteps) split over its mesh, everything else replicated
+        rows = spec.sharding
+        whole = None if rows is None else parallel.replicated(rows.mesh)
+        leaf_types = [jax.ShapeDtypeStruct(t.shape, t.dtype, weak_type=t.weak_type, sharding=whole) for t in spec.leaf_types]
         cache_types = jax.eval_shape(
             lambda leaves: jax.tree.unflatten(spec.treedef, leaves).allocate_inference_cache(
                 spec.batch_size, spec.max_seqlen, dtype=spec.dtype
             ),
             leaf_types,
         )
+        cache_types = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=rows), cache_types)
         # allocate_inference_cache returns zeros; building them from NumPy compiles nothing
-        self._initial_cache = jax.tree.map(lambda t: jax.device_put(np.zeros(t.shape, t.dtype)), cache_types)
+        self._initial_cache = jax.tree.map(lambda t: jax.device_put(np.zeros(t.shape, t.dtype), t.sharding), cache_types)
         chunk = spec.config.chunk_size
         taus_type = None
         if spec.event_mode:
-            taus_type = jax.ShapeDtypeStruct((spec.batch_size, chunk), compute_dtype(spec.dtype))
+            taus_type = jax.ShapeDtypeStruct((spec.batch_size, chunk), compute_dtype(spec.dtype), sharding=rows)
         start = time.perf_counter()
-        self.compiled = jax.jit(build_program(spec)).lower(
-            leaf_types,
-            jax.ShapeDtypeStruct((spec.batch_size, spec.d_model), spec.dtype),
-            cache_types,
-            taus_type,
-            jax.ShapeDtypeStruct((), jnp.int32),
-        ).compile()
+        with parallel.mesh_context(rows):
+            self.lowered = jax.jit(build_program(spec)).lower(
+                leaf_types,
+                jax.ShapeDtypeStruct((spec.batch_size, spec.d_model), spec.dtype, sharding=rows),
+                cache_types,
+                taus_type,
+                jax.ShapeDtypeStruct((), jnp.int32, sharding=whole),
+            )
+            self.compiled = self.lowered.compile()
         self.compile_time_s = time.perf_counter() - start
 
     def __repr__(self):
         return (
             f"CompiledGenerator(batch_size={self.batch_size}, H={self.d_model}, dtype={jnp.dtype(self.dtype).name}, "
-            f"event_mode={self.event_mode}, {self.spec.config}, compile_time_s={self.compile_time_s:.3f})"
+            f"event_mode={self.event_mode}, {self.spec.config}, compile_time_s={self.compile_time_s:.3f}"
+            + ("" if self.sharding is None else f", sharded over {len(self.sharding.device_set)} devices") + ")"
         )
 
     def rollout(self, leaves, x, taus: Optional[np.ndarray], num_steps: int):
         """Run ``num_steps`` steps from a fresh state; inputs already validated. Returns ``(B, num_steps, H)``."""
-        chunk = self.spec.config.chunk_size
+        chunk, rows = self.spec.config.chunk_size, self.sharding
         starts = range(0, num_steps, chunk)
         if taus is None:
             tau_chunks = [None] * len(starts)
         elif taus.shape[1] == 1:  # one timestep reused at every step, as in lrnnx
-            tau_chunks = [jax.device_put(np.broadcast_to(taus, (taus.shape[0], chunk)))] * len(starts)
+            tau_chunks = [jax.device_put(np.broadcast_to(taus, (taus.shape[0], chunk)), rows)] * len(starts)
         else:  # a per-step schedule, padded with ones (valid values, whose steps are dropped)
             taus = np.pad(taus, ((0, 0), (0, -num_steps % chunk)), constant_values=1)
-            tau_chunks = [jax.device_put(taus[:, start : start + chunk]) for start in starts]
+            tau_chunks = [jax.device_put(taus[:, start : start + chunk], rows) for start in starts]
+        num_valid = [np.int32(min(chunk, num_steps - start)) for start in starts]
+        if rows is not None:  # the program's placement: parameters on every device, the rows split (no-ops when so)
+            leaves = jax.device_put(leaves, parallel.replicated(rows.mesh))
+            x = jax.device_put(x, rows)
+            num_valid = [jax.device_put(n, parallel.replicated(rows.mesh)) for n in num_valid]
         cache, blocks = self._initial_cache, []
-        for start, tau_chunk in zip(starts, tau_chunks):
-            ys, x, cache = self.compiled(leaves, x, cache, tau_chunk, np.int32(min(chunk, num_steps - start)))
+        for n, tau_chunk in zip(num_valid, tau_chunks):
+            ys, x, cache = self.compiled(leaves, x, cache, tau_chunk, n)
             blocks.append(ys)
-        return assemble(blocks, num_steps)
+        return assemble(blocks, num_steps, rows)
 
 
 def _leaf_types(leaves) -> tuple:
@@ -314,7 +335,7 @@ def _check_eval_mode(model):
             "call model.eval() before capture_graph or generate")
 
 
-def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config) -> tuple[list, ProgramSpec]:
+def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config, sharding=None) -> tuple[list, ProgramSpec]:
     """``(leaves, spec)`` of ``model``, flattened once; the fused program where the kernel configuration selects it."""
     _check_eval_mode(model)
     leaves, treedef = jax.tree.flatten(model)
@@ -323,9 +344,11 @@ def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel
     config = DEFAULT_CONFIG if config is None else config
     if not isinstance(config, GenerationConfig):
         raise TypeError(f"config must be a GenerationConfig or None, got {type(config).__name__}")
-    fused = _fused_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels, kernel_dispatch.on_nvidia_gpu())
+    fused = _fused_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels, kernel_dispatch.on_nvidia_gpu(),
+                                sharding)
     spec = ProgramSpec(treedef=treedef, leaf_types=leaf_types, batch_size=batch_size, d_model=model.d_model, dtype=dtype,
-                       event_mode=event_mode, max_seqlen=max_seqlen, config=config, kernels=kernels, fused=fused)
+                       event_mode=event_mode, max_seqlen=max_seqlen, config=config, kernels=kernels, fused=fused,
+                       sharding=sharding)
     return leaves, spec
 
 
@@ -347,6 +370,7 @@ def capture_graph(
     *,
     config: Optional[GenerationConfig] = None,
     kernel_config: Optional[kernel_dispatch.KernelConfig] = None,
+    sharding=None,
 ) -> CompiledGenerator:
     """Compile the generation program of ``model`` ahead of time for one batch size.
 
@@ -361,6 +385,9 @@ def capture_graph(
       kernel_config: a ``pallas_kernels.KernelConfig`` (the default when None): whether the
         fused Pallas program or the XLA program runs (with the cell's policy), and the kernels'
         tuning.
+      sharding: the batch's ``NamedSharding`` (``lrnnx_jax.parallel.batch_sharding(mesh)``, or
+        ``parallel.batch_sharding_of(x)``) for a batch sharded over devices: each device runs its rows, the
+        parameters replicated (no kernels: see :mod:`lrnnx_jax.parallel`). None: one device.
 
     Returns:
       A :class:`CompiledGenerator` for ``generate(..., graph_cache=...)``. It serves
@@ -374,8 +401,26 @@ def capture_graph(
     _check_event_mode(model, event_mode)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     validation.check_float(np.zeros((), dtype), "dtype")
-    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config)
+    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config,
+                          _check_sharding(sharding, batch_size))
     return CompiledGenerator(spec)
+
+
+def _check_sharding(sharding, batch_size: int):
+    """``sharding`` as a batch sharding over several devices (None for one device), checked against the batch."""
+    if sharding is None:
+        return None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        raise TypeError(f"sharding must be a NamedSharding (lrnnx_jax.parallel.batch_sharding(mesh)) or None, got "
+                        f"{type(sharding).__name__}")
+    sharding = parallel.as_batch_sharding(sharding)
+    if sharding is None:
+        return None
+    parts = sharding.mesh.shape[sharding.spec[0]]
+    if batch_size % parts:
+        raise ValueError(f"batch_size={batch_size} cannot be split evenly over the {parts} devices of mesh axis "
+                         f"{sharding.spec[0]!r}; use a multiple of {parts}")
+    return sharding
 
 
 _GENERATORS: "collections.OrderedDict[ProgramSpec, CompiledGenerator]" = collections.OrderedDict()
@@ -432,11 +477,13 @@ def generate(
 
     Args:
       model: any lrnnx_jax model.
-      x: ``(B, H)`` input of the first step.
+      x: ``(B, H)`` input of the first step. A batch sharded over devices (``lrnnx_jax.parallel.shard_batch``)
+        runs each device's rows there, and the outputs keep its sharding; with a ``graph_cache``, ``x`` is placed
+        with the sharding it was captured for.
       num_steps: number of generated steps (>= 1).
       graph_cache: a :class:`CompiledGenerator` from :func:`capture_graph`; the call
         then never compiles. Without one, a generator is compiled on first use and
-        cached per (model structure, batch size, dtype, event mode, config).
+        cached per (model structure, batch size, dtype, event mode, config, batch sharding).
       integration_timesteps: event mode only; ``(B, 1)`` reused at every step (as in
         lrnnx) or ``(B, num_steps)``, a per-step schedule.
       config: a :class:`GenerationConfig`, only without ``graph_cache``.
@@ -456,7 +503,8 @@ def generate(
         _check_event_mode(model, integration_timesteps is not None)
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
         event_mode = integration_timesteps is not None
-        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config, kernel_config)
+        sharding = _check_sharding(parallel.batch_sharding_of(x), batch_size)
+        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config, kernel_config, sharding)
         graph_cache = _cached_generator(spec)
     else:
         if batch_size != graph_cache.batch_size:
@@ -474,6 +522,10 @@ def generate(
                 "integration_timesteps given but graph_cache was captured without event_mode; "
                 f"re-capture with capture_graph(model, batch_size={batch_size}, event_mode=True)"
             )
+        if graph_cache.sharding is None and parallel.batch_sharding_of(x) is not None:
+            raise ValueError(
+                f"x is sharded over {len(x.sharding.device_set)} devices but graph_cache was captured for one device; "
+                "re-capture with capture_graph(model, batch_size, sharding=lrnnx_jax.parallel.batch_sharding_of(x))")
         _check_eval_mode(model)
         leaves, treedef = jax.tree.flatten(model)
         if treedef != graph_cache.spec.treedef or _leaf_types(leaves) != graph_cache.spec.leaf_types:

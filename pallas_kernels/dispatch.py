@@ -162,6 +162,8 @@ def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConf
     wanted = config.use_kernels == "always" or on_nvidia_gpu()
     if not wanted:
         return False
+    if unsupported_reason is None:
+        unsupported_reason = sharded_reason()
     if unsupported_reason is None and not pallas_available():
         unsupported_reason = "this installation (jax.experimental.pallas cannot be imported)"
     if unsupported_reason is not None:
@@ -171,6 +173,17 @@ def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConf
             warnings.warn(f"{op}: using the pure-JAX reference, the kernel does not support {unsupported_reason}", RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def sharded_reason() -> Optional[str]:
+    """Why no kernel runs in the current trace, or None: under a mesh of several devices (``jax.set_mesh``;
+    ``lrnnx_jax.parallel.data_parallel``) the batch may be sharded, and a ``pallas_call`` is not partitioned (XLA
+    would gather its operands onto every device), so the kernels refuse and the XLA paths, which XLA partitions
+    row by row, run instead. (No ``shard_map`` wrapper yet.)"""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size <= 1:
+        return None
+    return f"a mesh of {mesh.size} devices (data parallelism: kernels are not partitioned yet, the XLA path is)"
 
 
 @functools.lru_cache(maxsize=None)
