@@ -46,7 +46,7 @@ def test_every_zoo_entry_trains_and_generates_data_parallel(report):
 
 
 @pytest.mark.xfail(strict=True, reason="known gap: XLA's partitioner gathers the batch around the FFT convolution "
-                   "(lrnnx_jax/core/conv.py) of the LTI models' FFT path")
+                   "(lrnnx_jax/core/lti.py, fft_forward) of the LTI models' FFT path")
 def test_fft_path_moves_no_activation(report):
     probe = next(r for r in report["results"] if r["entry"] == "LRU fft probe")
     assert probe["activation_collectives"] == 0
