@@ -235,44 +235,47 @@ class LRNNLMHeadModel(nnx.Module):
         mask = None if lengths is None else jnp.arange(length)[None, :] < lengths[:, None]
         if return_cache and cache is None:
             cache = self.allocate_inference_cache(batch, max(length, max_seqlen))
-        hidden, residual, new_cache = self.embedding(input_ids), None, {}
-        for index, block in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[index]
 
-            def run_mixer(x, block=block, layer_cache=layer_cache):
-                if block.is_attention:
-                    return block.mixer(x, layer_cache, num_valid=lengths)
-                return block.mixer.masked_forward(x, None, mask, lengths, layer_cache is not None, layer_cache)
+        def run_mixer(block, x, layer_cache):
+            if block.is_attention:
+                return block.mixer(x, layer_cache, num_valid=lengths)
+            return block.mixer.masked_forward(x, None, mask, lengths, layer_cache is not None, layer_cache)
 
-            hidden, residual, new_cache[index] = block.run(hidden, residual, run_mixer)
-        return self.logits(hidden, residual), (new_cache if cache is not None else None)
+        logits, new_cache = self._through_layers(input_ids, cache, run_mixer)
+        return logits, (new_cache if cache is not None else None)
 
     def step_logits(self, ids, cache, config=None):
         """One token per row: ``ids (B,)`` -> ``(logits (B, V), new cache)``."""
         config = dispatch.resolve(config)
-        hidden, residual, new_cache = self.embedding(ids), None, {}
-        for index, block in enumerate(self.layers):
-            def run_mixer(x, block=block, layer_cache=cache[index]):
-                if block.is_attention:
-                    y, c = block.mixer(x[:, None], layer_cache)
-                    return y[:, 0], c
-                return block.mixer._step(x, layer_cache, None, config)
 
-            hidden, residual, new_cache[index] = block.run(hidden, residual, run_mixer)
-        return self.logits(hidden, residual), new_cache
+        def run_mixer(block, x, layer_cache):
+            if block.is_attention:
+                y, c = block.mixer(x[:, None], layer_cache)
+                return y[:, 0], c
+            return block.mixer._step(x, layer_cache, None, config)
+
+        return self._through_layers(ids, cache, run_mixer)
 
     def verify_logits(self, ids, verify_cache, num_accepted, config=None):
         """T drafted tokens: ``ids (B, T)``, ``num_accepted (B,)`` int32 (of the previous call) ->
         ``(logits (B, T, V), new verify cache)``; see the module docstring."""
         config = dispatch.resolve(config)
+
+        def run_mixer(block, x, layer_cache):
+            if block.is_attention:
+                return block.mixer.verify(x, layer_cache, num_accepted)
+            return block.mixer.verify(x, layer_cache, num_accepted, None, None, config)
+
+        return self._through_layers(ids, verify_cache, run_mixer)
+
+    def _through_layers(self, ids, caches, run_mixer):
+        """Embedding -> every block, its mixer run as ``run_mixer(block, normed (B, ..., d_model), layer cache or None)
+        -> (out, new layer cache)`` -> the head. Returns ``(logits (B, ..., V), {layer: new cache})``."""
         hidden, residual, new_cache = self.embedding(ids), None, {}
         for index, block in enumerate(self.layers):
-            def run_mixer(x, block=block, layer_cache=verify_cache[index]):
-                if block.is_attention:
-                    return block.mixer.verify(x, layer_cache, num_accepted)
-                return block.mixer.verify(x, layer_cache, num_accepted, None, None, config)
-
-            hidden, residual, new_cache[index] = block.run(hidden, residual, run_mixer)
+            layer_cache = None if caches is None else caches[index]
+            mixer_fn = functools.partial(run_mixer, block, layer_cache=layer_cache)
+            hidden, residual, new_cache[index] = block.run(hidden, residual, mixer_fn)
         return self.logits(hidden, residual), new_cache
 
     # ================================================================ public API
@@ -373,11 +376,8 @@ class LRNNLMHeadModel(nnx.Module):
             leaves = jax.tree.leaves(cache[i])
             if leaves[0].shape[0] != batch:
                 raise ValueError(f"cache[{i}] has batch {leaves[0].shape[0]}, the input has batch {batch}")
-            if block.is_attention and validation.is_concrete(cache[i]["length"]):
-                left = cache[i]["k"].shape[1] - int(np.max(np.asarray(cache[i]["length"])))
-                if left < needed:
-                    raise ValueError(f"cache[{i}] (attention) has {left} free positions of {cache[i]['k'].shape[1]}, "
-                                     f"{needed} are needed; allocate it with a larger max_seqlen")
+            if block.is_attention:
+                _check_room(i, cache[i], needed)
 
     def _is_verify_cache(self, cache) -> bool:
         return isinstance(cache, dict) and any(isinstance(c, dict) and ("checkpoint" in c or "pending" in c)
@@ -391,9 +391,7 @@ class LRNNLMHeadModel(nnx.Module):
                 kv = cache[i]
                 if kv["k"].shape[0] != batch:
                     raise ValueError(f"cache[{i}] has batch {kv['k'].shape[0]}, the input has batch {batch}")
-                if validation.is_concrete(kv["length"]) and kv["k"].shape[1] - int(np.max(np.asarray(kv["length"]))) < 2 * num_tokens:
-                    raise ValueError(f"cache[{i}] (attention) has too few free positions for two calls of {num_tokens} tokens; "
-                                     "allocate it with a larger max_seqlen")
+                _check_room(i, kv, 2 * num_tokens)  # the accepted tokens of the last call, then this call's
             else:
                 old_x = cache[i]["old_x"]
                 if tuple(old_x.shape[:2]) != (batch, num_tokens):
@@ -468,6 +466,17 @@ class LRNNLMHeadModel(nnx.Module):
             key = ".".join(map(str, path))
             variable.set_value(jnp.asarray(arrays[key], dtype=variable.get_value().dtype))
         return model
+
+
+def _check_room(index: int, kv: dict, needed: int):
+    """``ValueError`` when the attention KV cache ``kv`` of layer ``index`` has fewer than ``needed`` free positions
+    (checked when its lengths are concrete)."""
+    if validation.is_concrete(kv["length"]):
+        size = kv["k"].shape[1]
+        left = size - int(np.max(np.asarray(kv["length"])))
+        if left < needed:
+            raise ValueError(f"cache[{index}] (attention) has {left} free positions of {size}, {needed} are needed; "
+                             "allocate it with a larger max_seqlen")
 
 
 def _flat_params(model) -> dict[str, np.ndarray]:
