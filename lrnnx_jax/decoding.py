@@ -194,7 +194,7 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
     batch, prompt_size = prompt.shape
     speculative = num_drafts > 0
     width = num_drafts + 1  # tokens per verify call
-    max_seqlen = prompt_size + out_size + width
+    max_seqlen = prompt_size + out_size + width  # the KV caches' positions and the prompt-lookup context
     vocab = target.padded_vocab_size
     probs_of = functools.partial(sampling_probs, vocab_size=target.vocab_size, sampler=sampler, temperature=temperature,
                                  top_k=top_k, top_p=top_p)
@@ -232,8 +232,7 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
 
         state = (token, cache, out, out_logits, count, done, key, stats)
     else:
-        context_size = prompt_size + out_size + width
-        context = jnp.zeros((batch, context_size), jnp.int32).at[:, :prompt_size].set(prompt)
+        context = jnp.zeros((batch, max_seqlen), jnp.int32).at[:, :prompt_size].set(prompt)
         context = context.at[rows, prompt_lengths].set(token)
         verify_cache = target.to_verify_cache(cache, width)
         num_accepted = jnp.zeros((batch,), jnp.int32)
@@ -283,7 +282,7 @@ def _decode_program(target_def, target_state, draft_def, draft_state, prompt, pr
             out = out.at[rows[:, None], slots].set(emitted, mode="drop")
             if return_logits:
                 out_logits = out_logits.at[rows[:, None], slots].set(logits, mode="drop")
-            context_slots = jnp.where(written, length[:, None] + jnp.arange(width), context_size)
+            context_slots = jnp.where(written, length[:, None] + jnp.arange(width), max_seqlen)
             context = context.at[rows[:, None], context_slots].set(emitted, mode="drop")
             active = ~done & (count < max_new)
             stats = stats + jnp.stack([jnp.int32(1), jnp.sum(jnp.where(active, num_drafts, 0)),

@@ -295,9 +295,13 @@ class Mamba(LRNN):
         """``x (..., H)`` -> ``(x_in, z)``, each ``(..., D)``."""
         return jnp.split(self.in_proj(x), 2, axis=-1)
 
+    def _x_proj(self, u):
+        """``(r (..., dt_rank), B_t (..., N), C_t (..., N))`` from the conv output ``u (..., D)``."""
+        return jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+
     def _ssm_inputs(self, u, z, tau):
         """The per-token inputs of the recurrence from the conv output ``u`` and gate ``z`` ``(..., D)``."""
-        r, B_t, C_t = jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        r, B_t, C_t = self._x_proj(u)
         inputs = {"u": u, "z": z, "delta": jax.nn.softplus(self.dt_proj(r)), "B": B_t, "C": C_t}
         if tau is not None:
             inputs["tau"] = tau.astype(u.dtype)
@@ -406,7 +410,7 @@ class Mamba(LRNN):
         x_in, z = self._split_in_proj(x)
         conv_state, u = speculative.replay_conv(cache, num_accepted, x_in, self.conv_weight[...], self._conv_bias())
         u = jax.nn.silu(u)
-        r, B_t, C_t = jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        r, B_t, C_t = self._x_proj(u)
         f = x.dtype
         per_channel = lambda a: a.reshape(batch, T, 1, self.d_inner)  # noqa: E731  (one head of d_inner channels)
         y, new_cache = speculative.run_ssu(
