@@ -171,14 +171,19 @@ def check_lengths(lengths, batch: int, length: int, name: str = "lengths") -> Op
         raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(lengths.shape)}")
     if not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise TypeError(f"{name} must be integers, got dtype {lengths.dtype}")
-    message = f"{name} must lie in [0, L={length}], got min {{}} and max {{}}"
-    if is_concrete(lengths):
-        values = np.asarray(lengths)
-        if values.min(initial=0) < 0 or values.max(initial=0) > length:
-            raise ValueError(message.format(values.min(), values.max()))
-    elif lengths.size:
-        _traced_check(jnp.all((lengths >= 0) & (lengths <= length)), message, jnp.min(lengths), jnp.max(lengths))
+    _check_values_within(lengths, 0, length, f"{name} must lie in [0, L={length}], got min {{}} and max {{}}")
     return jnp.arange(length)[None, :] < lengths[:, None]
+
+
+def _check_values_within(a, low: int, high: int, message: str):
+    """``ValueError(message.format(min, max))`` unless every value of the integer array ``a`` lies in ``[low, high]``:
+    at once when ``a`` is concrete, else a traced check under :func:`checked`."""
+    if is_concrete(a):
+        values = np.asarray(a)
+        if values.size and (values.min() < low or values.max() > high):
+            raise ValueError(message.format(values.min(), values.max()))
+    elif a.size:
+        _traced_check(jnp.all((a >= low) & (a <= high)), message, jnp.min(a), jnp.max(a))
 
 
 def check_timesteps(integration_timesteps, shape: tuple[int, ...], name: str = "integration_timesteps"):
@@ -211,13 +216,7 @@ def check_timesteps(integration_timesteps, shape: tuple[int, ...], name: str = "
 def check_id_values(ids, num_ids: int, name: str):
     """Raise ``ValueError`` unless the integer ``ids`` lie in ``[0, num_ids)`` (token ids, positions); a traced
     check under :func:`checked`. Shapes and dtypes are the caller's to check."""
-    message = f"{name} must lie in [0, {num_ids}), got min {{}} and max {{}}"
-    if is_concrete(ids):
-        values = np.asarray(ids)
-        if values.size and (values.min() < 0 or values.max() >= num_ids):
-            raise ValueError(message.format(values.min(), values.max()))
-    elif ids.size:
-        _traced_check(jnp.all((ids >= 0) & (ids < num_ids)), message, jnp.min(ids), jnp.max(ids))
+    _check_values_within(ids, 0, num_ids - 1, f"{name} must lie in [0, {num_ids}), got min {{}} and max {{}}")
 
 
 def reject_timesteps(integration_timesteps, model_name: str):
@@ -231,16 +230,20 @@ def reject_timesteps(integration_timesteps, model_name: str):
 
 def check_positive_int(value, name: str) -> int:
     """``value`` as an ``int``; ``ValueError`` naming ``name`` unless it is an integer >= 1 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not _is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _is_positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
 
 
 def check_chunk_size(chunk_size, name: str = "chunk_size") -> Optional[int]:
     """A scan's ``chunk_size``: a positive integer, or None (one chunk, the unchunked scan)."""
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if not _is_positive_int(chunk_size):
         raise ValueError(f"{name} must be a positive integer or None, got {chunk_size!r}")
     return int(chunk_size)
 
