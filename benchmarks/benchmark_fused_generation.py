@@ -63,7 +63,7 @@ from flax import nnx
 
 from benchmarks import anchors as anchors_lib
 from benchmarks.benchmark_inference import make_inputs
-from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_axes, plot_path, pyplot, save
+from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_axes, pyplot, save, write_plot
 from benchmarks.timing import copy_bandwidth, median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
@@ -316,10 +316,7 @@ def main(argv=None):
     print(markdown(rows))
     print("\nPyTorch lrnnx (lrnnx_us):")
     print("\n".join(f"- {line}" for line in anchors.summary()))
-    if not args.no_plot:
-        path = plot_path(args.plot, args.out, "fused_generation.png")
-        if plot(path, rows):
-            print(f"plot: {path}")
+    write_plot(args, "fused_generation.png", plot, rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__,

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import anchors as anchors_lib
-from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_axes, plot_path, pyplot, save
+from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_axes, pyplot, save, write_plot
 from benchmarks.timing import median_seconds
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import Speculative, generate_tokens
@@ -230,10 +230,7 @@ def main(argv=None) -> dict:
         },
         "anchors": anchors.to_json(),
     }
-    if not args.no_plot:
-        path = plot_path(args.plot, args.out, "lm_decode.png")
-        if plot(path, rows):
-            print(f"plot: {path}")
+    write_plot(args, "lm_decode.png", plot, rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -85,11 +85,17 @@ def batch_axes(ax, batches, ylabel: str, title: str, ncol: int = 2):
     ax.legend(fontsize=6, ncol=ncol)
 
 
-def plot_path(plot: Optional[str], out: Optional[str], default_name: str) -> pathlib.Path:
-    """Where a benchmark writes its plot: ``--plot``, else beside ``--out``, else ``benchmark_results/<default_name>``."""
-    if plot:
-        return pathlib.Path(plot)
-    return pathlib.Path(out).with_suffix(".png") if out else pathlib.Path("benchmark_results") / default_name
+def write_plot(args, default_name: str, plot, rows):
+    """Unless ``--no-plot``: ``plot(path, rows)`` at ``--plot``, else beside ``--out``, else
+    ``benchmark_results/<default_name>``; prints where it went (``plot`` returns a false value when it wrote none)."""
+    if args.no_plot:
+        return
+    if args.plot:
+        path = pathlib.Path(args.plot)
+    else:
+        path = pathlib.Path(args.out).with_suffix(".png") if args.out else pathlib.Path("benchmark_results") / default_name
+    if plot(path, rows):
+        print(f"plot: {path}")
 
 
 def add_plot_and_anchor_arguments(parser, default_plot_name: str):
