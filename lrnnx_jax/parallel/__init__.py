@@ -1,0 +1,24 @@
+"""Several devices through ``jax.sharding``.
+
+* :mod:`lrnnx_jax.parallel.data`: data parallelism (the batch sharded over a mesh axis, parameters replicated) and
+  the reading of compiled programs' collectives (how the tests check that no activation crosses devices).
+"""
+
+from lrnnx_jax.parallel.data import (
+    COLLECTIVES,
+    DATA,
+    Collective,
+    activation_collectives,
+    as_batch_sharding,
+    batch_sharding,
+    batch_sharding_of,
+    collectives,
+    data_mesh,
+    data_parallel,
+    describe,
+    mesh_context,
+    replicate,
+    replicated,
+    same_placement,
+    shard_batch,
+)
