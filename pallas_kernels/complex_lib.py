@@ -125,9 +125,9 @@ def expm1(a: Value) -> Value:
 
 
 def where(mask, a: Value, b) -> Value:
-    """``jnp.where`` on each plane (``b`` real)."""
+    """``jnp.where(mask, a, b)`` for a real ``b`` (the complex number ``b + 0i`` where ``a`` is ``Planes``)."""
     if is_planes(a):
-        return Planes(jnp.where(mask, a.re, b), jnp.where(mask, a.im, b))
+        return Planes(jnp.where(mask, a.re, b), jnp.where(mask, a.im, 0.0))
     return jnp.where(mask, a, b)
 
 

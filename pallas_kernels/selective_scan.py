@@ -50,7 +50,6 @@ asks :func:`choose` itself and keeps its chunked XLA scan as its fallback.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -59,10 +58,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
+from pallas_kernels import scan_common
+from pallas_kernels.scan_common import ScanPolicy
 
 OP = "selective_scan"
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 #: steps per chunk of the kernels: the forward checkpoints the state every ``chunk`` steps and the
 #: backward keeps ``chunk + 1`` states in registers (untuned: to be measured on a GPU)
@@ -75,28 +75,10 @@ BACKWARD_TILE = 256
 MAX_BLOCK_N = 256
 
 
-@dataclasses.dataclass(frozen=True)
-class ScanPolicy:
-    """Where ``use_kernels="auto"`` runs the training-scan kernels on an NVIDIA GPU (like
-    :class:`pallas_kernels.cells.KernelPolicy` for the cells' kernels).
-
-    Attributes:
-      auto: whether ``"auto"`` takes the kernels (once they were measured faster than the XLA path).
-      evidence: the measurement behind the decision (device, sizes, times), or why there is none.
-    """
-
-    auto: bool = False
-    evidence: str = ""
-
-    def slower_reason(self) -> Optional[str]:
-        """None when ``"auto"`` takes the kernels."""
-        return None if self.auto else f"the training-scan kernels under 'auto' ({self.evidence})"
-
-
 #: not measured on a GPU yet: ``"auto"`` keeps the XLA path; ``use_kernels="always"`` opts in
 POLICY = ScanPolicy(
     auto=False,
-    evidence="not measured on a GPU yet: benchmarks/benchmark_train_scan.py at B=32, D=256, L=2048, N=16 decides",
+    evidence=f"{scan_common.NOT_MEASURED}: benchmarks/benchmark_train_scan.py at B=32, D=256, L=2048, N=16 decides",
 )
 
 
@@ -161,9 +143,13 @@ def _blocks(dim: int, N: int, tile: int):
     return block_d, block_n
 
 
-def _names(D, z, delta_A, mask):
-    """The optional sequence inputs present, in the kernels' argument order."""
-    return [k for k, v in (("D", D), ("z", z), ("delta_A", delta_A), ("mask", mask)) if v is not None]
+def _setup(u, A, chunk, tile, inputs: dict):
+    """What both kernels start with: ``(batch, length, dim, N, num_chunks, block_d, block_n)`` and the inputs that
+    are present (``inputs`` in the kernel's argument order, the optional ones None when absent) as ``(names, arrays)``."""
+    batch, length, dim = u.shape
+    N = A.shape[-1]
+    present = {k: v for k, v in inputs.items() if v is not None}
+    return (batch, length, dim, N, length // chunk, *_blocks(dim, N, tile)), list(present), list(present.values())
 
 
 def _program(pl, plgpu, ref, dim, N, block_d, block_n):
@@ -205,12 +191,8 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
     """
     config = dispatch.resolve(config)
     pl, plgpu = dispatch.pallas_modules()
-    batch, length, dim = u.shape
-    N = A.shape[-1]
-    num_chunks = length // chunk
-    block_d, block_n = _blocks(dim, N, FORWARD_TILE)
-    names = ["u", "delta", "A", "B", "C", "h0"] + _names(D, z, delta_A, mask)
-    args = dict(u=u, delta=delta, A=A, B=B, C=C, h0=h0, D=D, z=z, delta_A=delta_A, mask=mask)
+    (batch, length, dim, N, num_chunks, block_d, block_n), names, arrays = _setup(
+        u, A, chunk, FORWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, h0=h0, D=D, z=z, delta_A=delta_A, mask=mask))
     f32 = jnp.float32
 
     def body(*refs):
@@ -237,16 +219,10 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
         h = jax.lax.fori_loop(0, num_chunks, one_chunk, h)
         plgpu.store(last_ref.at[b, rows, cols], h, mask=tile_ok)
 
-    call = pl.pallas_call(
-        body,
-        out_shape=(jax.ShapeDtypeStruct((batch, length, dim), u.dtype), jax.ShapeDtypeStruct((batch, dim, N), f32),
-                   jax.ShapeDtypeStruct((batch, num_chunks, dim, N), f32)),
-        grid=(batch, pl.cdiv(dim, block_d)),
-        interpret=dispatch.interpret_mode(config),
-        compiler_params=dispatch.compiler_params(config),
-        name=OP + "_fwd",
-    )
-    return call(*(args[k] for k in names))
+    out_shape = (jax.ShapeDtypeStruct((batch, length, dim), u.dtype), jax.ShapeDtypeStruct((batch, dim, N), f32),
+                 jax.ShapeDtypeStruct((batch, num_chunks, dim, N), f32))
+    call = scan_common.pallas_call(body, out_shape, (batch, pl.cdiv(dim, block_d)), config, OP + "_fwd")
+    return call(*arrays)
 
 
 def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last, *, discretization="mamba",
@@ -260,14 +236,10 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
     """
     config = dispatch.resolve(config)
     pl, plgpu = dispatch.pallas_modules()
-    batch, length, dim = u.shape
-    N = A.shape[-1]
-    num_chunks = length // chunk
-    block_d, block_n = _blocks(dim, N, BACKWARD_TILE)
+    (batch, length, dim, N, num_chunks, block_d, block_n), names, arrays = _setup(
+        u, A, chunk, BACKWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, ckpt=checkpoints, dy=dy, dh_last=dh_last,
+                                         D=D, z=z, delta_A=delta_A, mask=mask))
     blocks = pl.cdiv(dim, block_d)
-    names = ["u", "delta", "A", "B", "C", "ckpt", "dy", "dh_last"] + _names(D, z, delta_A, mask)
-    args = dict(u=u, delta=delta, A=A, B=B, C=C, ckpt=checkpoints, dy=dy, dh_last=dh_last, D=D, z=z, delta_A=delta_A,
-                mask=mask)
     f32 = jnp.float32
     seq = lambda a: jax.ShapeDtypeStruct((batch, length, dim), a.dtype)  # noqa: E731
     outs = {"du": seq(u), "ddelta": seq(delta)}
@@ -341,24 +313,11 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
         if "dD" in out:
             plgpu.store(out["dD"].at[b, rows], dD, mask=d_ok)
 
-    call = pl.pallas_call(
-        body,
-        out_shape=tuple(outs.values()),
-        grid=(batch, blocks),
-        interpret=dispatch.interpret_mode(config),
-        compiler_params=dispatch.compiler_params(config),
-        name=OP + "_bwd",
-    )
-    return dict(zip(out_names, call(*(args[k] for k in names))))
+    call = scan_common.pallas_call(body, tuple(outs.values()), (batch, blocks), config, OP + "_bwd")
+    return dict(zip(out_names, call(*arrays)))
 
 
 # ----------------------------------------------------------------------------- custom_vjp
-def _pad_time(a, pad):
-    if a is None or not pad:
-        return a
-    return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
     return _scan_fwd(static, u, delta, A, B, C, D, z, delta_A, mask, h0)[0]
@@ -368,7 +327,7 @@ def _scan_fwd(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
     discretization, chunk, config = static
     length = u.shape[1]
     pad = -length % chunk  # kernel_scan passes a mask when pad > 0
-    seqs = [_pad_time(a, pad) for a in (u, delta, B, C, z, delta_A, mask)]
+    seqs = [scan_common.pad_time(a, pad) for a in (u, delta, B, C, z, delta_A, mask)]
     pu, pdelta, pB, pC, pz, pdelta_A, pmask = seqs
     y, h_last, checkpoints = forward_kernel(pu, pdelta, A, pB, pC, D, pz, pdelta_A, pmask, h0,
                                             discretization=discretization, chunk=chunk, config=config)
@@ -381,7 +340,7 @@ def _scan_bwd(static, residuals, cotangents):
     u, delta, A, B, C, D, z, delta_A, mask, h0, checkpoints = residuals
     dy, dh_last = cotangents
     length = dy.shape[1]
-    dy = _pad_time(dy, u.shape[1] - length)
+    dy = scan_common.pad_time(dy, u.shape[1] - length)
     grads = backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last.astype(jnp.float32),
                             discretization=discretization, chunk=chunk, config=config)
     cut = lambda a, like: a[:, :length].astype(like.dtype)  # noqa: E731
@@ -419,20 +378,17 @@ def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=N
 # ----------------------------------------------------------------------------- dispatch
 def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None, chunk: int = DEFAULT_CHUNK) -> Optional[str]:
     """Why the kernels cannot take these arguments, or None."""
-    for name, a in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("delta_A", delta_A), ("h0", h0)):
-        if a is not None and not any(a.dtype == t for t in _KERNEL_DTYPES):
-            return f"{name} of dtype {a.dtype} (supported: float32, bfloat16, float16)"
+    reason = scan_common.unsupported_dtype(dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_A=delta_A, h0=h0))
+    if reason is not None:
+        return reason
     batch, length, dim = u.shape
     N = A.shape[-1]
     if dispatch.next_power_of_two(N) > MAX_BLOCK_N:
         return f"d_state={N} > {MAX_BLOCK_N}"
     padded = -(-length // chunk) * chunk
     blocks = -(-dim // _blocks(dim, N, BACKWARD_TILE)[0])
-    largest = max(batch * padded * dim, batch * (padded // chunk) * dim * N, blocks * batch * padded * N)
-    if largest >= 2**31:
-        return "arrays of 2**31 elements or more (32-bit offsets)"
-    return None
+    return scan_common.unsupported_size(batch * padded * dim, batch * (padded // chunk) * dim * N,
+                                        blocks * batch * padded * N)
 
 
 def choose(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None, *, chunk: int = DEFAULT_CHUNK,

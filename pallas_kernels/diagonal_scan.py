@@ -1,0 +1,373 @@
+"""``diagonal_scan``: the diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t`` over a sequence, forward and
+backward, for training.
+
+For every batch row and state lane ``s`` (shapes below)::
+
+    h_t = a_t * h_{t-1} + b_t          h_{-1} = h0;   where mask_t is False: h_t = h_{t-1}
+
+with real or complex ``a``, ``b``, ``h``; ``a`` per step ``(batch, L, S)`` (time-varying: RG-LRU, S7, event-mode S5)
+or one ``(S,)`` for every step (time-invariant: LRU, S5, S4D, Centaurus). It returns every state ``h`` ``(batch, L,
+S)`` and the last one: the models read their output from ``h`` in XLA (``Re(C h)``, ``C_t h``, ``g * h``), which
+keeps each model's readout where it is written and the kernel one kernel.
+
+**Why this design.** Every covered model's recurrence is elementwise once its coefficients are formed: RG-LRU's
+``(B, L, D)``, S7's ``(B, L, N)`` (one state shared by the channels: no per-channel expansion), S5's and LRU's
+``(B, L, N)`` complex, Centaurus' ``(B, L, N M)``; S4D's ``(H', N/2)`` per channel flattens to ``S = H' N / 2``. So one
+kernel over ``S`` elementwise lanes serves all of them; Mamba's ``(BLOCK_D, N)`` kernel
+(:mod:`pallas_kernels.selective_scan`) is kept for the selective SSM, whose input and readout contract ``N`` per token.
+
+* **Forward kernel.** Grid ``(batch, cdiv(S, BLOCK))``: a program holds ``BLOCK`` lanes of the state on chip over
+  the whole sequence and writes each ``h_t`` (float32) as it goes.
+* **Backward kernel.** The same grid, time reversed: the adjoint ``g_t = dh_t + conj(a_{t+1}) g_{t+1}`` gives
+  ``da_t = g_t conj(h_{t-1})``, ``db_t = g_t`` and ``dh0 = conj(a_0) g_0``. The states are the forward's output, so
+  they are the residuals: nothing is recomputed and no checkpoint is stored (Mamba's kernel must checkpoint because
+  its ``(D, N)`` states are never written). ``b`` is not read at all (the step is linear in it). For a
+  time-invariant ``a`` each program sums ``da`` over time; the batch rows are summed outside.
+* **The step is written once**, in :func:`step` (with the mask, :func:`masked`), on real arrays, complex arrays or
+  :class:`~pallas_kernels.complex_lib.Planes`: :func:`reference` runs it on complex arrays in a ``lax.scan``, the
+  forward kernel on planes, and the backward kernel differentiates it in its body with ``jax.vjp``, so no
+  conjugation rule is written by hand.
+* **Complex values** enter the kernels as float32 planes (Pallas GPU has no complex dtype):
+  :func:`kernel_scan` splits and merges them (:mod:`pallas_kernels.complex_lib`), and JAX's autodiff through the
+  split and the merge gives the complex cotangents their usual convention.
+
+Memory: the forward writes ``h`` (``batch L S``, float32, two planes when complex), which the readout needs anyway;
+the backward writes ``da`` (time-varying), ``db`` and the cotangent of ``h`` comes in. Both kernels compute in
+float32 and take float32, bfloat16 or float16 (complex64 for complex values) inputs; the gradients come back in
+each input's dtype. float64 (and complex128) never reaches a kernel: :func:`diagonal_scan` takes the reference.
+
+Three tiers: :func:`reference` (the oracle, token by token in XLA); the models' XLA paths
+(``lrnnx_jax.core.scan.chunked_scan``, and the FFT of ``lrnnx_jax.core.lti`` for time-invariant systems), their
+fallback; and :func:`kernel_scan`, the Pallas pair under ``jax.custom_vjp``. :func:`diagonal_scan` is the dispatch
+point (:func:`choose`: ``pallas_kernels.dispatch.choose_kernel`` with :data:`POLICY`); a model asks :func:`choose`
+and keeps its own XLA path as the fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import complex_lib as cl
+from pallas_kernels import dispatch
+from pallas_kernels import scan_common
+from pallas_kernels.scan_common import ScanPolicy
+
+OP = "diagonal_scan"
+#: state lanes per program of both kernels (untuned: to be measured on a GPU)
+TILE = 256
+
+#: not measured on a GPU yet: ``"auto"`` keeps every model's XLA path (the FFT for time-invariant systems);
+#: ``use_kernels="always"`` opts in
+POLICY = ScanPolicy(
+    auto=False,
+    evidence=f"{scan_common.NOT_MEASURED}: the kernels against the models' XLA scans and FFT convolutions decide",
+)
+
+
+# ----------------------------------------------------------------------------- the step, once
+def masked(m, a, b):
+    """``(a, b)`` of one step, with ``a = 1`` and ``b = 0`` where ``m`` is False (``m`` None: unchanged).
+
+    ``a``, ``b``: real arrays, complex arrays or ``Planes``; ``m`` a boolean broadcastable against them.
+    """
+    if m is None:
+        return a, b
+    return cl.where(m, a, 1.0), cl.where(m, b, 0.0)
+
+
+def step(a, h, b, m=None):
+    """``h_t = a_t h_{t-1} + b_t`` (the state unchanged where ``m`` is False), any shapes that broadcast."""
+    a, b = masked(m, a, b)
+    return cl.add(cl.mul(a, h), b)
+
+
+# ----------------------------------------------------------------------------- the reference
+def reference(a, b, h0=None, mask=None):
+    """The oracle: a ``lax.scan`` over time of :func:`step`.
+
+    Computes in float32 (complex64; float64 or complex128 for such inputs). Returns ``(h (batch, L, S), h_last
+    (batch, S))``. Differentiable by JAX's autodiff.
+    """
+    _check(a, b, h0, mask)
+    dtype = jnp.result_type(a, b, jnp.float32) if h0 is None else jnp.result_type(a, b, h0, jnp.float32)
+    batch, _, size = b.shape
+    h = jnp.zeros((batch, size), dtype) if h0 is None else h0.astype(dtype)
+    time_major = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+    invariant = a.ndim == 1
+    xs = {"b": time_major(b.astype(dtype))}
+    if not invariant:
+        xs["a"] = time_major(a.astype(dtype))
+    if mask is not None:
+        xs["m"] = time_major(mask.astype(bool))[..., None]
+    a_all = a.astype(dtype) if invariant else None
+
+    def body(h, s):
+        h = step(a_all if invariant else s["a"], h, s["b"], s.get("m"))
+        return h, h
+
+    h_last, hs = jax.lax.scan(body, h, xs)
+    return time_major(hs), h_last
+
+
+# ----------------------------------------------------------------------------- the kernels
+def _parts(value) -> tuple:
+    """A value as its real arrays: ``(re, im)`` for ``Planes``, ``(x,)`` for a real array."""
+    return tuple(value) if cl.is_planes(value) else (value,)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The shapes of one call and the program tiling shared by both kernels."""
+
+    batch: int
+    length: int
+    size: int
+    is_complex: bool
+    invariant: bool  # a is (S,)
+    masked: bool
+
+    @classmethod
+    def of(cls, a, b, mask):
+        batch, length, size = b.shape
+        return cls(batch, length, size, cl.is_planes(b), len(a.shape) == 1, mask is not None)
+
+    @property
+    def block(self) -> int:
+        return min(dispatch.next_power_of_two(self.size), TILE)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.batch, -(-self.size // self.block)
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return (".re", ".im") if self.is_complex else ("",)
+
+    def flatten(self, values: dict):
+        """``(names, arrays)``: each value's real arrays, named ``name.re`` / ``name.im`` when complex (``mask``,
+        real, keeps its name)."""
+        names, arrays = [], []
+        for name, value in values.items():
+            if value is None:
+                continue
+            parts = _parts(value)
+            names += [name] if len(parts) == 1 else [name + s for s in (".re", ".im")]
+            arrays += list(parts)
+        return names, arrays
+
+    def out(self, shape, dtype) -> tuple:
+        """The output shapes of one value: one array per part."""
+        return tuple(jax.ShapeDtypeStruct(shape, dtype) for _ in self.suffixes)
+
+    def value(self, parts):
+        return cl.Planes(*parts) if self.is_complex else parts[0]
+
+    def program(self, ref: dict):
+        """The program's row, its lanes, and its loaders and storers of values (float32 in the body)."""
+        pl, plgpu = dispatch.pallas_modules()
+        row, blk = pl.program_id(0), pl.program_id(1)
+        lanes_ok = blk * self.block + jnp.arange(self.block) < self.size
+        lanes = pl.ds(blk * self.block, self.block)
+
+        def load(name, *lead):
+            return self.value([plgpu.load(ref[name + s].at[(*lead, lanes)], mask=lanes_ok, other=0.0).astype(jnp.float32)
+                               for s in self.suffixes])
+
+        def store(refs, value, *lead):
+            for r, part in zip(refs, _parts(value)):
+                plgpu.store(r.at[(*lead, lanes)], part.astype(r.dtype), mask=lanes_ok)
+
+        def step_mask(t):
+            return ref["mask"][row, t] > 0 if self.masked else None
+
+        return row, load, store, step_mask
+
+
+def forward_kernel(a, b, h0, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
+    """The forward kernel: every state.
+
+    ``a`` ``(batch, L, S)`` or ``(S,)``, ``b`` ``(batch, L, S)``, ``h0`` ``(batch, S)``: all real arrays or all
+    ``Planes``; ``mask`` None or float32 ``(batch, L)`` (1: a step, 0: frozen). Returns ``h`` ``(batch, L, S)``
+    float32 (``Planes`` when complex).
+    """
+    config = dispatch.resolve(config)
+    layout = _Layout.of(a, b, mask)
+    names, arrays = layout.flatten({"a": a, "b": b, "h0": h0, "mask": mask})
+
+    def body(*refs):
+        ref = dict(zip(names, refs))
+        h_refs = refs[len(names):]
+        row, load, store, step_mask = layout.program(ref)
+        a_all = load("a") if layout.invariant else None
+
+        def one_step(t, h):
+            h = step(a_all if layout.invariant else load("a", row, t), h, load("b", row, t), step_mask(t))
+            store(h_refs, h, row, t)
+            return h
+
+        jax.lax.fori_loop(0, layout.length, one_step, load("h0", row))
+
+    call = scan_common.pallas_call(body, layout.out((layout.batch, layout.length, layout.size), jnp.float32),
+                                   layout.grid, config, OP + "_fwd")
+    return layout.value(call(*arrays))
+
+
+def backward_kernel(a, h0, mask, h, dh, *, b_dtype, config: Optional[dispatch.KernelConfig] = None):
+    """The backward kernel: the gradients from the cotangent ``dh`` ``(batch, L, S)`` of every state.
+
+    ``a``, ``h0``, ``mask`` as in :func:`forward_kernel`; ``h`` its output. Returns ``(da, db, dh0)``: ``da``
+    ``(batch, L, S)`` in ``a``'s dtype (time-varying) or the float32 per-row sums ``(batch, S)`` (time-invariant:
+    :func:`kernel_scan` sums the rows); ``db`` ``(batch, L, S)`` in ``b_dtype``; ``dh0`` ``(batch, S)`` float32.
+    Values are ``Planes`` when complex.
+    """
+    config = dispatch.resolve(config)
+    layout = _Layout.of(a, h, mask)
+    names, arrays = layout.flatten({"a": a, "h0": h0, "mask": mask, "h": h, "dh": dh})
+    seq = (layout.batch, layout.length, layout.size)
+    da_shape = layout.out((layout.batch, layout.size), jnp.float32) if layout.invariant else layout.out(seq, a.dtype)
+    outs = {"da": da_shape, "db": layout.out(seq, b_dtype), "dh0": layout.out((layout.batch, layout.size), jnp.float32)}
+    count = len(layout.suffixes)
+
+    def body(*refs):
+        ref = dict(zip(names, refs))
+        flat = refs[len(names):]
+        out = {name: flat[i * count:(i + 1) * count] for i, name in enumerate(outs)}
+        row, load, store, step_mask = layout.program(ref)
+        a_all = load("a") if layout.invariant else None
+        h_init = load("h0", row)
+        zero = jax.tree.map(jnp.zeros_like, h_init)
+
+        def one_step(k, carry):
+            g, da_sum = carry
+            t = layout.length - 1 - k
+            g = cl.add(g, load("dh", row, t))  # the adjoint of h_t
+            h_prev = jax.tree.map(lambda x, x0: jnp.where(t > 0, x, x0), load("h", row, jnp.maximum(t - 1, 0)), h_init)
+            a_t = a_all if layout.invariant else load("a", row, t)
+            # the step is linear in b: its vjp does not read b's value, so b is not a residual (zeros stand in)
+            _, step_vjp = jax.vjp(lambda a_, h_, b_: step(a_, h_, b_, step_mask(t)), a_t, h_prev, zero)
+            da, g_prev, db = step_vjp(g)
+            store(out["db"], db, row, t)
+            if layout.invariant:
+                da_sum = cl.add(da_sum, da)
+            else:
+                store(out["da"], da, row, t)
+            return g_prev, da_sum
+
+        g, da_sum = jax.lax.fori_loop(0, layout.length, one_step, (zero, zero))
+        store(out["dh0"], g, row)
+        if layout.invariant:
+            store(out["da"], da_sum, row)
+
+    call = scan_common.pallas_call(body, sum(outs.values(), ()), layout.grid, config, OP + "_bwd")
+    flat = call(*arrays)
+    return tuple(layout.value(flat[i * count:(i + 1) * count]) for i in range(len(outs)))
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(static, a, b, h0, mask):
+    return forward_kernel(a, b, h0, mask, config=static[0])
+
+
+def _scan_fwd(static, a, b, h0, mask):
+    h = forward_kernel(a, b, h0, mask, config=static[0])
+    return h, (a, h0, mask, h)
+
+
+def _scan_bwd(static, residuals, dh):
+    config, b_dtype = static
+    a, h0, mask, h = residuals
+    dh = jax.tree.map(lambda x: x.astype(jnp.float32), dh)
+    da, db, dh0 = backward_kernel(a, h0, mask, h, dh, b_dtype=b_dtype, config=config)
+    if len(jax.tree.leaves(a)[0].shape) == 1:  # time-invariant: the sum over the batch rows
+        da = jax.tree.map(lambda x: jnp.sum(x, 0), da)
+    like = lambda grad, primal: jax.tree.map(lambda g, p: g.astype(p.dtype), grad, primal)  # noqa: E731
+    return like(da, a), db, like(dh0, h0), None if mask is None else jnp.zeros_like(mask)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def kernel_scan(a, b, h0=None, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
+    """The kernel pair under ``jax.custom_vjp``; the contract of :func:`diagonal_scan` (no dispatch).
+
+    Complex inputs run as float32 planes; ``h`` comes back complex64 then (float32 for real inputs).
+    """
+    config = dispatch.resolve(config)
+    is_complex = any(x is not None and jnp.iscomplexobj(x) for x in (a, b, h0))
+    batch, _, size = b.shape
+    if h0 is None:
+        h0 = jnp.zeros((batch, size), jnp.complex64 if is_complex else jnp.float32)
+    if is_complex:  # float32 planes; a real input keeps its dtype on its real plane
+        planes = lambda z: cl.split(z, jnp.float32 if jnp.iscomplexobj(z) else z.dtype)  # noqa: E731
+        a, b, h0 = planes(a), planes(b), planes(h0)
+    if mask is not None:
+        mask = mask.astype(jnp.float32)
+    h = _scan((config, jnp.dtype(jax.tree.leaves(b)[0].dtype)), a, b, h0, mask)
+    if is_complex:
+        h = cl.merge(h)
+    return h, h[:, -1]
+
+
+# ----------------------------------------------------------------------------- dispatch
+def unsupported_reason(a, b, h0=None) -> Optional[str]:
+    """Why the kernels cannot take these arguments, or None."""
+    reason = scan_common.unsupported_dtype({"a": a, "b": b, "h0": h0}, allow_complex=True)
+    if reason is None:
+        reason = scan_common.unsupported_size(b.shape[0] * b.shape[1] * b.shape[2])
+    return reason
+
+
+def choose(a, b, h0=None, *, config: Optional[dispatch.KernelConfig] = None, policy: ScanPolicy = POLICY) -> bool:
+    """Whether :func:`diagonal_scan` (and a model's forward) runs the kernels for these arguments under ``config``."""
+    return dispatch.choose_kernel(OP, unsupported_reason(a, b, h0), dispatch.resolve(config), policy.slower_reason())
+
+
+def model_scan(a, b, h0=None, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
+    """A model's kernel path: :func:`kernel_scan` where :func:`choose` selects it under ``config`` (None: the
+    default, read when this is traced), else None (the model runs its own XLA path, its fallback)."""
+    if not choose(a, b, h0, config=config):
+        return None
+    return kernel_scan(a, b, h0, mask, config=config)
+
+
+def diagonal_scan(a, b, h0=None, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
+    """``h_t = a_t h_{t-1} + b_t`` over a sequence: the Pallas kernels (:func:`kernel_scan`) or :func:`reference`.
+
+    Args:
+      a: ``(batch, L, S)`` per step, or ``(S,)`` for every step; real or complex.
+      b: ``(batch, L, S)``, real or complex.
+      h0: optional ``(batch, S)`` initial state (zeros when None); differentiable.
+      mask: optional ``(batch, L)`` bool: where False the step leaves the state unchanged.
+      config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the default when None. ``"auto"`` keeps the
+        reference until :data:`POLICY` says the kernels were measured faster.
+
+    Returns:
+      ``(h (batch, L, S), h_last (batch, S))``: float32 (complex64 when an input is complex) on the kernels;
+      the reference computes float64 inputs in float64.
+    """
+    _check(a, b, h0, mask)
+    config = dispatch.resolve(config)
+    if choose(a, b, h0, config=config):
+        return kernel_scan(a, b, h0, mask, config=config)
+    return reference(a, b, h0, mask)
+
+
+def _check(a, b, h0, mask):
+    if b.ndim != 3 or b.shape[1] < 1:
+        raise ValueError(f"b must have shape (batch, L, S) with L >= 1, got {tuple(b.shape)}")
+    batch, length, size = b.shape
+    if tuple(a.shape) not in ((batch, length, size), (size,)):
+        raise ValueError(f"a must have shape (batch, L, S) = {(batch, length, size)} or (S,) = ({size},), "
+                         f"got {tuple(a.shape)}")
+    for name, x, shape in (("h0", h0, (batch, size)), ("mask", mask, (batch, length))):
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    for name, x in (("a", a), ("b", b), ("h0", h0)):
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.inexact):
+            raise TypeError(f"{name} must have a floating or complex dtype, got {x.dtype}")
