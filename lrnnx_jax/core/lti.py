@@ -16,8 +16,12 @@ Two parallel paths compute the full sequence:
   time-varying ``A_bar`` (B, L, N) (event mode).
 
 ``method="auto"`` picks FFT for time-invariant systems on sequences of at least
-:data:`FFT_MIN_LENGTH` steps, and the scan otherwise. The single-step update is
-:func:`diagonal_step`; both paths use the same :func:`inject` and :func:`readout`.
+:data:`FFT_MIN_LENGTH` steps, and the scan otherwise. Where
+:func:`pallas_kernels.diagonal_scan.choose` selects them under ``kernel_config``
+(``use_kernels="always"`` opts in; ``"auto"`` keeps the paths above until the kernels are
+measured on a GPU), :func:`kernel_forward` runs the recurrence on the training-scan
+kernels instead, whatever ``method`` says. The single-step update is
+:func:`diagonal_step`; every path uses the same :func:`inject` and :func:`readout`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from lrnnx_jax.core import scan as scan_lib
+from pallas_kernels import diagonal_scan as scan_kernels
 
 METHODS = ("auto", "fft", "scan")
 FFT_MIN_LENGTH = 64
@@ -134,6 +139,20 @@ def scan_forward(x, A_bar, B_bar, C, h0=None, mask=None, chunk_size=scan_lib.DEF
     return y.astype(x.dtype), h_last
 
 
+def kernel_forward(x, A_bar, B_bar, C, h0=None, mask=None, config=None):
+    """The kernel path: :func:`inject`, the recurrence on :func:`pallas_kernels.diagonal_scan.kernel_scan`, then
+    :func:`readout`; ``A_bar`` ``(N,)`` or time-varying ``(B, L, N)``.
+
+    Returns ``(y (B, L, H_out), h_last (B, N))``, or None where the kernels are not selected under ``config`` (a
+    ``KernelConfig``, or None: the default, read when this is traced).
+    """
+    scanned = scan_kernels.model_scan(A_bar, inject(x, B_bar), h0, mask, config=config)
+    if scanned is None:
+        return None
+    h, h_last = scanned
+    return readout(h, C).astype(x.dtype), h_last
+
+
 def resolve_method(method: str, length: int, time_varying: bool) -> str:
     """Resolve ``"auto"`` and validate ``method`` (``"auto"``, ``"fft"`` or ``"scan"``)."""
     if method not in METHODS:
@@ -160,6 +179,7 @@ def diagonal_forward(
     method: str = "auto",
     chunk_size: Optional[int] = scan_lib.DEFAULT_CHUNK_SIZE,
     return_state: bool = False,
+    kernel_config=None,
 ):
     """Full-sequence output of a diagonal LTI (or event-mode) SSM.
 
@@ -170,11 +190,16 @@ def diagonal_forward(
       h0: optional initial state ``(B, N)``.
       mask, lengths: the ``(B, L)`` validity mask and the ``(B,)`` lengths it came from.
       method: ``"auto"``, ``"fft"`` or ``"scan"``.
+      kernel_config: the ``pallas_kernels.KernelConfig`` of :func:`kernel_forward` (None: the default).
 
     Returns:
       ``(y (B, L, H_out), h_last (B, N) or None)``.
     """
     method = resolve_method(method, x.shape[1], A_bar.ndim == 3)
+    on_kernels = kernel_forward(x, A_bar, B_bar, C, h0=h0, mask=mask, config=kernel_config)
+    if on_kernels is not None:
+        y, h_last = on_kernels
+        return y, (h_last if return_state else None)
     if method == "fft":
         return fft_forward(x, A_bar, B_bar, C, h0=h0, lengths=lengths, return_state=return_state)
     y, h_last = scan_forward(x, A_bar, B_bar, C, h0=h0, mask=mask, chunk_size=chunk_size)

@@ -1,14 +1,15 @@
 """The model shell shared by the diagonal complex SSMs (LRU, S5 LTI and LTV, Centaurus).
 
 A subclass provides its discrete system, its skip term and (when the cache keeps
-lrnnx's layout) the per-row shape of its state; the full-sequence forward (FFT or
-chunked scan) comes from :mod:`lrnnx_jax.core.lti`, and the step is the diagonal
-cell of this module (:func:`diagonal_step`), which every step path runs.
+lrnnx's layout) the per-row shape of its state; the full-sequence forward (FFT,
+chunked scan, or the training-scan kernels of :mod:`pallas_kernels.diagonal_scan` where
+``kernel_config`` selects them) comes from :mod:`lrnnx_jax.core.lti`, and the step is the
+diagonal cell of this module (:func:`diagonal_step`), which every step path runs.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import jax.numpy as jnp
 
@@ -16,6 +17,7 @@ from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import LRNN, compute_dtype
 from pallas_kernels import cells
 from pallas_kernels import complex_lib as cl
+from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 
 #: H200 measurements (BENCHMARKS.md §4): the fused rollout is faster than the XLA program at every measured batch
@@ -58,7 +60,10 @@ def _planes_or_real(z, dtype):
 class DiagonalSSM(LRNN):
     """Base of LRU, S5 and Centaurus: ``h_t = A_bar h_{t-1} + B_bar x_t``, ``y_t = Re(C h_t) + skip(x_t)``.
 
-    Subclasses set ``d_state``, ``method`` and ``chunk_size`` and implement
+    Subclasses set ``d_state``, ``method``, ``chunk_size`` and ``kernel_config`` (their constructors' argument: the
+    ``pallas_kernels.KernelConfig`` of the forward's training-scan kernels, ``use_kernels="always"`` opts in; None:
+    the default, read when the forward is traced; ``"auto"`` keeps the FFT and the XLA scan until the kernels are
+    measured on a GPU) and implement
     :meth:`discrete_system`, :meth:`skip` and :meth:`skip_params`. The engine sees the
     state flat, ``(B, S)``; the cache holds it as ``(B, *state_shape())``.
     """
@@ -66,6 +71,7 @@ class DiagonalSSM(LRNN):
     d_state: int
     method: str
     chunk_size: int | None
+    kernel_config: Optional[dispatch.KernelConfig] = None
     #: where "auto" runs the kernels (measured; a subclass may narrow it)
     kernel_policy: ClassVar[cells.KernelPolicy] = DIAGONAL_POLICY
 
@@ -90,7 +96,7 @@ class DiagonalSSM(LRNN):
         h0 = None if cache is None else cache["lrnn_state"].reshape(x.shape[0], -1)
         y, h = lti.diagonal_forward(
             x, A_bar, B_bar, C, h0=h0, mask=mask, lengths=lengths, method=self.method,
-            chunk_size=self.chunk_size, return_state=return_cache,
+            chunk_size=self.chunk_size, return_state=return_cache, kernel_config=self.kernel_config,
         )
         return y + self.skip(x), (None if h is None else {"lrnn_state": h.reshape(h.shape[:1] + self.state_shape())})
 

@@ -44,7 +44,7 @@ from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from lrnnx_jax.models.diagonal import DiagonalSSM
-from pallas_kernels import cells
+from pallas_kernels import cells, scan_common
 
 #: The discretizations Centaurus accepts ("mamba" is what lrnnx computes for every name).
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
@@ -61,6 +61,8 @@ class CentaurusBase(DiagonalSSM):
         ``B_bar = delta B``) is what lrnnx computes whatever it is told.
       method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``.
       chunk_size: chunk of the scan path (None: one chunk).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the training-scan kernels (see
+        :class:`~lrnnx_jax.models.diagonal.DiagonalSSM`); None: the default.
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
     Parameters: ``A (N, M)`` complex, initialised to ``-0.5 + i pi m / M`` on every row;
@@ -79,6 +81,7 @@ class CentaurusBase(DiagonalSSM):
         *,
         method: str = "auto",
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel_config=None,
         rngs: nnx.Rngs,
     ):
         self.d_model = validation.check_positive_int(d_model, "d_model")
@@ -89,6 +92,7 @@ class CentaurusBase(DiagonalSSM):
         lti.resolve_method(method, 1, False)
         self.discretization = discretization
         self.method, self.chunk_size = method, validation.check_chunk_size(chunk_size)
+        self.kernel_config = scan_common.model_config(kernel_config)
         phases = jnp.arange(sub_state_dim, dtype=jnp.float32) * math.pi / sub_state_dim
         A = jnp.broadcast_to(jax.lax.complex(jnp.full_like(phases, -0.5), phases), (d_state, sub_state_dim))
         self.A = nnx.Param(A.astype(jnp.complex64))

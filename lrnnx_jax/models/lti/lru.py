@@ -20,6 +20,7 @@ from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
+from pallas_kernels import scan_common
 
 
 class LRU(DiagonalSSM):
@@ -32,6 +33,8 @@ class LRU(DiagonalSSM):
       max_phase: eigenvalue phases are drawn uniformly in ``[0, max_phase]``.
       method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``.
       chunk_size: chunk of the scan path (None: one chunk).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the training-scan kernels (see
+        :class:`~lrnnx_jax.models.diagonal.DiagonalSSM`); None: the default.
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
     """
 
@@ -45,6 +48,7 @@ class LRU(DiagonalSSM):
         *,
         method: str = "auto",
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel_config=None,
         rngs: nnx.Rngs,
     ):
         d_model = validation.check_positive_int(d_model, "d_model")
@@ -55,6 +59,7 @@ class LRU(DiagonalSSM):
         lti.resolve_method(method, 1, False)
         self.d_model, self.d_state = d_model, d_state
         self.method, self.chunk_size = method, chunk_size
+        self.kernel_config = scan_common.model_config(kernel_config)
         k = jax.random.split(rngs.params(), 6)
         u1 = jax.random.uniform(k[0], (d_state,))
         u2 = jax.random.uniform(k[1], (d_state,))

@@ -27,7 +27,7 @@ from lrnnx_jax.core import lti, validation
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
-from pallas_kernels import cells
+from pallas_kernels import cells, scan_common
 
 
 class S5(DiagonalSSM):
@@ -41,6 +41,8 @@ class S5(DiagonalSSM):
       conj_sym: output ``2 Re(C h)`` (conjugate-symmetric state).
       method: full-sequence path for time-invariant input, ``"auto"``, ``"fft"`` or ``"scan"``.
       chunk_size: chunk of the scan path (None: one chunk).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the training-scan kernels (see
+        :class:`~lrnnx_jax.models.diagonal.DiagonalSSM`); None: the default.
     """
 
     supports_integration_timesteps = True
@@ -61,6 +63,7 @@ class S5(DiagonalSSM):
         state_dim: int | None = None,
         method: str = "auto",
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel_config=None,
         rngs: nnx.Rngs,
     ):
         d_model = d_model if d_model is not None else hid_dim
@@ -77,6 +80,7 @@ class S5(DiagonalSSM):
         self.d_model, self.d_state = d_model, d_state
         self.discretization, self.conj_sym = discretization, conj_sym
         self.method, self.chunk_size = method, chunk_size
+        self.kernel_config = scan_common.model_config(kernel_config)
         k_c, k_d = jax.random.split(rngs.params())
         self.A = nnx.Param(
             jnp.stack([jnp.full((d_state,), math.log(math.expm1(0.5))), math.pi * jnp.arange(d_state, dtype=jnp.float32)], -1)

@@ -30,7 +30,7 @@ from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core import hippo, lti
 from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
-from pallas_kernels import cells
+from pallas_kernels import cells, scan_common
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from lrnnx_jax.core.validation import check_chunk_size, check_positive_int
 
@@ -84,6 +84,8 @@ class S5(DiagonalSSM):
       method: full-sequence path, ``"auto"``, ``"fft"`` or ``"scan"``; with
         ``integration_timesteps`` the system is time-varying and needs ``"auto"`` or ``"scan"``.
       chunk_size: chunk of the scan path (None: unchunked).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the training-scan kernels, event mode included (see
+        :class:`~lrnnx_jax.models.diagonal.DiagonalSSM`); None: the default.
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
     The inference cache is ``{"lrnn_state": (B, P) complex}``.
@@ -111,6 +113,7 @@ class S5(DiagonalSSM):
         *,
         method: str = "auto",
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel_config=None,
         rngs: nnx.Rngs,
     ):
         self.d_model = check_positive_int(d_model, "d_model")
@@ -123,6 +126,7 @@ class S5(DiagonalSSM):
         lti.resolve_method(method, 1, False)
         self.discretization, self.conj_sym, self.step_rescale = discretization, bool(conj_sym), float(step_rescale)
         self.method, self.chunk_size = method, check_chunk_size(chunk_size)
+        self.kernel_config = scan_common.model_config(kernel_config)
         params = s5_init(rngs.params(), d_model, d_state, self.conj_sym, dt_min, dt_max, dtype or jnp.float32)
         self.A = nnx.Param(params["A"])
         self.B = nnx.Param(params["B"])
