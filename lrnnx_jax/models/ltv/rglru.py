@@ -14,7 +14,10 @@ For the block input ``u_t`` (H,), with ``D = expand * H`` channels::
 (:func:`rglru_transition`). RG-LRU has no event mode.
 
 The forward runs :func:`lrnnx_jax.core.scan.chunked_scan` on :func:`rglru_coefficients`,
-from a zero state or from an inference cache (the conv history and ``h``). The single
+from a zero state or from an inference cache (the conv history and ``h``); where
+:func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), the recurrence
+runs on the training-scan kernels instead (``"auto"`` keeps the XLA scan until they are
+measured on a GPU). The single
 step is written once, as the cell :func:`rglru_cell_step` (see :mod:`pallas_kernels.cells`):
 ``model.step``, ``model.multi_step`` and the fused rollout of ``generate`` all run it, in
 XLA or in a Pallas kernel; it shares :func:`rglru_transition` with the forward.
@@ -33,6 +36,7 @@ from lrnnx_jax.core import conv
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
+from pallas_kernels import diagonal_scan, scan_common
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -120,6 +124,9 @@ class RGLRU(LRNN):
       use_fast_path, layer_idx, device: accepted for lrnnx compatibility and unused.
       dtype: parameter dtype (float32 when None).
       chunk_size: chunk of the scan (None: unchunked, 1: sequential).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the forward's training-scan kernels
+        (:mod:`pallas_kernels.diagonal_scan`; ``use_kernels="always"`` opts in); None: the default, read when
+        the forward is traced.
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
     The inference cache is ``{"conv_state": (B, D, d_conv)`` (the last raw, pre-conv
@@ -141,6 +148,7 @@ class RGLRU(LRNN):
         dtype=None,
         *,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel_config=None,
         rngs: nnx.Rngs,
     ):
         H = self.d_model = check_positive_int(d_model, "d_model")
@@ -153,6 +161,7 @@ class RGLRU(LRNN):
             raise ValueError(f"c must be > 0, got {c}")
         D = self.d_inner = self.expand * H
         self.c, self.chunk_size = float(c), check_chunk_size(chunk_size)
+        self.kernel_config = scan_common.model_config(kernel_config)
         param_dtype = dtype or jnp.float32
         self.gate_proj = torch_linear(H, D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
         self.in_proj = torch_linear(H, D, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
@@ -192,7 +201,12 @@ class RGLRU(LRNN):
             h0 = jnp.zeros((u.shape[0], self.d_inner, 1), x.dtype)
         else:
             h0 = cache["lrnn_state"].astype(x.dtype)
-        h, h_last = chunked_scan(self.coefficients, lambda h, x: h, x, h0, mask, self.chunk_size)
+        a, b = self.coefficients(x)  # on the kernels' path; dead code on the XLA path, which forms them per chunk
+        scanned = diagonal_scan.model_scan(a[..., 0], b[..., 0], h0[..., 0], mask, config=self.kernel_config)
+        if scanned is None:
+            h, h_last = chunked_scan(self.coefficients, lambda h, x: h, x, h0, mask, self.chunk_size)
+        else:
+            h, h_last = scanned[0][..., None], scanned[1][..., None].astype(h0.dtype)
         new_cache = None
         if return_cache:
             new_cache = {"conv_state": conv.conv_state_after(raw, self.d_conv, lengths, conv_state=conv_state),
