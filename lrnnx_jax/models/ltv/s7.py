@@ -16,6 +16,12 @@ as ``(h n)``). The state ``s (N,)`` is shared by all channels::
 The per-token ``B_t`` and ``C_t`` (``O(H N)`` numbers each) are projected inside the
 chunked scan, so memory is ``O(B * chunk * H * N)``, not ``O(B * L * H * N)``.
 
+The state is shared by the channels, so the recurrence is elementwise over ``N`` lanes:
+where :func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), it runs
+on the training-scan kernels, with ``A_bar``, the drive and the readout formed ``chunk_size``
+steps at a time (rematerialised in the backward: the same memory bound); ``"auto"`` keeps
+the XLA scan until the kernels are measured on a GPU.
+
 The step is written once, as the cell :func:`s7_step` (:meth:`S7.cell`), which
 ``step``, ``multi_step`` and the fused kernels of ``generate`` run.
 """
@@ -31,6 +37,7 @@ from lrnnx_jax.core import hippo
 from lrnnx_jax.core.base import LRNN, compute_dtype, in_compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
+from pallas_kernels import diagonal_scan, scan_common
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -85,6 +92,9 @@ class S7(LRNN):
       use_fast_path, layer_idx, device: accepted for lrnnx compatibility and unused.
       dtype: parameter dtype (float32 when None).
       chunk_size: chunk of the scan (None: unchunked, 1: sequential).
+      kernel_config: the ``pallas_kernels.KernelConfig`` of the forward's training-scan kernels
+        (:mod:`pallas_kernels.diagonal_scan`; ``use_kernels="always"`` opts in); None: the default, read when
+        the forward is traced.
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
     The inference cache is ``{"lrnn_state": (B, N)}``; the cell's state ``{"s": (B, N)}``.
@@ -101,6 +111,7 @@ class S7(LRNN):
         dtype=None,
         *,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel_config=None,
         rngs: nnx.Rngs,
     ):
         H = self.d_model = check_positive_int(d_model, "d_model")
@@ -109,6 +120,7 @@ class S7(LRNN):
         if N % J:
             raise ValueError(f"d_state must be divisible by J (the number of HiPPO blocks), got d_state={N}, J={J}")
         self.J, self.chunk_size = J, check_chunk_size(chunk_size)
+        self.kernel_config = scan_common.model_config(kernel_config)
         param_dtype = dtype or jnp.float32
         self.in_proj = torch_linear(H, H, use_bias=False, rngs=rngs, param_dtype=param_dtype)
         self.x_proj = nnx.Linear(
@@ -152,13 +164,27 @@ class S7(LRNN):
         """The gate and the residual: ``sigmoid(W_g GELU(y)) * y + u``."""
         return jax.nn.sigmoid(self.gate_proj(jax.nn.gelu(y, approximate=False))) * y + u
 
+    def _by_chunks(self, fn, *sequences):
+        """``fn`` of ``(B, L, ...)`` sequences, ``chunk_size`` steps at a time and rematerialised in the backward
+        (``jax.checkpoint``), so the per-token ``B_t``, ``C_t`` exist one chunk at a time; one call when unchunked."""
+        if self.chunk_size is None:
+            return fn(*sequences)
+        time_major = [jnp.moveaxis(a, 1, 0) for a in sequences]
+        out = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), time_major, batch_size=self.chunk_size)
+        return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), out)
+
     def _forward(self, u, integration_timesteps, mask, lengths, return_cache, cache):
         x = self.in_proj(u)
         if cache is None:
             s0 = jnp.zeros((u.shape[0], self.d_state), x.dtype)
         else:
             s0 = cache["lrnn_state"].astype(x.dtype)
-        y, s = chunked_scan(self.coefficients, lambda s, x: self.readout(s, x), x, s0, mask, self.chunk_size)
+        scanned = diagonal_scan.model_scan(*self._by_chunks(self.coefficients, x), s0, mask, config=self.kernel_config)
+        if scanned is None:
+            y, s = chunked_scan(self.coefficients, lambda s, x: self.readout(s, x), x, s0, mask, self.chunk_size)
+        else:
+            states, s = scanned
+            y = self._by_chunks(self.readout, states, x)
         if not return_cache:
             return self.output(y, u), None
         # the dtype of the given cache (as ``step`` returns it), else the compute dtype
