@@ -10,7 +10,10 @@ states, one of each conjugate pair::
 which is lrnnx's Vandermonde kernel ``K[c, l] = 2 Re sum_n C[c, n] gamma_n B_n A_bar_n^l``.
 The channels run through the diagonal LTI engine (:mod:`lrnnx_jax.core.lti`,
 FFT or scan), mapped over ``H'``, from the zero state or a cache's state ``h0`` (the FFT
-path adds ``2 Re(C A_bar^(t+1) h0)``); the surrounding block is :class:`S4Layer`. The step
+path adds ``2 Re(C A_bar^(t+1) h0)``); the surrounding block is :class:`S4Layer`. Where
+:func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), the recurrence runs on
+the training-scan kernels instead (:func:`kernel_ssm_forward`; ``"auto"`` keeps the FFT and the XLA scan
+until the kernels are measured on a GPU). The step
 (``model.step``, ``model.multi_step``, the fused rollout) is the block's cell
 (:meth:`S4Layer.cell`) with this diagonal SSM (no low-rank term).
 """
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 from lrnnx_jax.core import lti
 from lrnnx_jax.core.discretization import get_discretization
 from lrnnx_jax.models.lti.s4_layer import S4Layer, SSMParams
+from pallas_kernels import diagonal_scan, scan_common
 from pallas_kernels.cells import KernelPolicy
 
 DISCRETIZATIONS = ("zoh", "bilinear")
@@ -54,8 +58,30 @@ def ssm_forward(u, A_bar, B_bar, C, *, mask, lengths, method, chunk_size, return
         u[..., None], A_bar, B_bar[..., None], C, h0)
 
 
+def kernel_ssm_forward(u, A_bar, B_bar, C, *, mask, h0=None, config=None):
+    """:func:`ssm_forward` on the training-scan kernels: the ``(H', N/2)`` states of all channels as ``H' N/2``
+    lanes of :func:`pallas_kernels.diagonal_scan.kernel_scan` (time-invariant ``A_bar``), the input ``B_bar u``
+    ``(B, L, H' N/2)`` formed in XLA (the FFT path never forms it: its memory is the price of this path).
+
+    Returns ``(y (B, L, c, H'), h_last (B, H', N/2))``, or None where the kernels are not selected under ``config``.
+    """
+    batch, length = u.shape[:2]
+    lanes = A_bar.size
+    b = (u[..., None] * B_bar).reshape(batch, length, lanes)
+    h0 = None if h0 is None else h0.reshape(batch, lanes)
+    scanned = diagonal_scan.model_scan(A_bar.reshape(lanes), b, h0, mask, config=config)
+    if scanned is None:
+        return None
+    h, h_last = scanned
+    h = h.reshape(batch, length, *A_bar.shape)
+    y = jnp.real(jnp.einsum("blhs,chs->blch", h, C.astype(h.dtype), precision="highest"))
+    return y.astype(u.dtype), h_last.reshape(batch, *A_bar.shape)
+
+
 class S4D(S4Layer):
-    """S4D block: :class:`S4Layer`'s arguments (lrnnx's), plus ``disc="zoh" | "bilinear"``.
+    """S4D block: :class:`S4Layer`'s arguments (lrnnx's), plus ``disc="zoh" | "bilinear"`` and ``kernel_config``
+    (the ``pallas_kernels.KernelConfig`` of the forward's training-scan kernels, :func:`kernel_ssm_forward`;
+    ``use_kernels="always"`` opts in; None: the default, read when the forward is traced).
 
     ``rank`` only matters to the NPLR initialisations (``init="legs"`` gives S4D-LegS,
     the diagonal of the DPLR HiPPO-LegS matrix); S4D has no low-rank term.
@@ -69,9 +95,10 @@ class S4D(S4Layer):
                  "14.7 at B=32, 186 vs 96 at B=4096",
     )
 
-    def __init__(self, *args, disc: str = "zoh", **kwargs):
+    def __init__(self, *args, disc: str = "zoh", kernel_config=None, **kwargs):
         get_discretization(disc, DISCRETIZATIONS)
         self.disc = disc
+        self.kernel_config = scan_common.model_config(kernel_config)
         super().__init__(*args, **kwargs)
 
     @property
@@ -83,8 +110,13 @@ class S4D(S4Layer):
         return discrete_system(self.ssm_params(), self.disc)
 
     def _ssm_forward(self, u, mask, lengths, return_state, h0=None):
+        system = self.discrete_system()
+        on_kernels = kernel_ssm_forward(u, *system, mask=mask, h0=h0, config=self.kernel_config)
+        if on_kernels is not None:
+            y, h_last = on_kernels
+            return y, (h_last if return_state else None)
         return ssm_forward(
-            u, *self.discrete_system(), mask=mask, lengths=lengths, method=self.method,
+            u, *system, mask=mask, lengths=lengths, method=self.method,
             chunk_size=self.chunk_size, return_state=return_state, h0=h0,
         )
 
