@@ -93,6 +93,12 @@ class LRNN(nnx.Module):
     cache_batch_key: ClassVar[str] = "lrnn_state"
     #: lrnnx ``state_dict`` entries that are derived buffers, accepted and ignored by ``from_lrnnx``.
     lrnnx_ignored_entries: ClassVar[tuple[str, ...]] = ()
+    #: How each inference-cache entry carries over a cut of the sequence (``lrnnx_jax.parallel.sequence_parallel``):
+    #: ``"diagonal"``, a recurrent state that each step multiplies elementwise (plus a term of the inputs);
+    #: ``"dense"``, a recurrent state whose step mixes its last axis; ``"window"``, the last ``K`` raw inputs of a
+    #: causal conv (``K`` its last axis), a function of the last ``K`` tokens alone. Keys a model's cache lacks are
+    #: ignored.
+    cache_carry: ClassVar[dict[str, str]] = {"lrnn_state": "diagonal", "conv_state": "window"}
 
     d_model: int
 

@@ -2,6 +2,8 @@
 
 * :mod:`lrnnx_jax.parallel.data`: data parallelism (the batch sharded over a mesh axis, parameters replicated) and
   the reading of compiled programs' collectives (how the tests check that no activation crosses devices).
+* :mod:`lrnnx_jax.parallel.sequence`: sequence parallelism (one sequence split along its length over a mesh axis;
+  each device's entering state from the other devices' small summaries).
 """
 
 from lrnnx_jax.parallel.data import (
@@ -22,3 +24,4 @@ from lrnnx_jax.parallel.data import (
     same_placement,
     shard_batch,
 )
+from lrnnx_jax.parallel.sequence import SEQUENCE, sequence_parallel, sequence_sharding, shard_sequence

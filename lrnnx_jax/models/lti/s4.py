@@ -298,6 +298,7 @@ class S4(S4Layer):
     """
 
     low_rank = True
+    cache_carry = {"lrnn_state": "dense"}  # the DPLR step mixes the state (diag(A_bar) - L R^T)
     lrnnx_ignored_entries = S4Layer.lrnnx_ignored_entries + ("layer.kernel.P",)
     kernel_policy = KernelPolicy(
         rollout_max_batch=0, step_max_batch=0,
