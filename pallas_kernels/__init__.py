@@ -19,6 +19,9 @@
 * :mod:`pallas_kernels.selective_scan`: the selective scan of training (Mamba's forward and backward
   over a sequence), a Pallas kernel pair under ``jax.custom_vjp`` with its pure-JAX reference. The
   package attribute is the module (the op is ``pallas_kernels.selective_scan.selective_scan``).
+* :mod:`pallas_kernels.diagonal_scan`: the diagonal linear recurrence ``h_t = a_t h_{t-1} + b_t`` of training
+  (RG-LRU, S7, S5, LRU, S4D, Centaurus), real or complex, forward and backward kernels under ``jax.custom_vjp``
+  with its pure-JAX reference (the op is ``pallas_kernels.diagonal_scan.diagonal_scan``).
 * :class:`KernelConfig` holds every kernel knob; :func:`get_config`, :func:`set_config` and
   :func:`kernel_config` read and change the default used where ``config=None``
   (:mod:`pallas_kernels.dispatch`).
@@ -27,7 +30,7 @@ Importing the package never needs a GPU or Pallas (kernels are built on first us
 imports nothing from ``lrnnx_jax``.
 """
 
-from pallas_kernels import cells, drivers, selective_scan
+from pallas_kernels import cells, diagonal_scan, drivers, selective_scan
 from pallas_kernels.checkpointing_ssu import SSUCaches, checkpointing_ssu
 from pallas_kernels.complex_lib import Planes
 from pallas_kernels.dispatch import KernelConfig, get_config, kernel_config, set_config
@@ -40,6 +43,7 @@ __all__ = [
     "SSUCaches",
     "cells",
     "checkpointing_ssu",
+    "diagonal_scan",
     "drivers",
     "get_config",
     "kernel_config",
