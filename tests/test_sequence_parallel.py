@@ -1,0 +1,137 @@
+"""lrnnx_jax.parallel.sequence: sequence parallelism over 2, 4 and 8 fake CPU devices, in two subprocesses that share
+the zoo (tests/sequence_parallel_checks.py; the device count is fixed when JAX starts, and the rest of the suite runs
+on one device; two processes use both cores of a small machine, about 45 s each).
+
+The subprocesses assert inside (every zoo entry: outputs, final caches and gradients equal one device's, and the
+compiled programs move no array with a length axis; see its docstring); here their JSON reports are read back. The
+argument checks, which need no second device, run in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lrnnx_jax import parallel
+from lrnnx_jax.models.lti.lru import LRU
+from lrnnx_jax.models.lti.s4d import S4D
+from lrnnx_jax.models.ltv.mamba import Mamba
+from zoo import ZOO
+
+CHECKS = pathlib.Path(__file__).with_name("sequence_parallel_checks.py")
+PARTS = 2
+#: as in the checks: 7 positions per device, L = 7 n
+SHARD_LENGTH = 7
+#: float32 (the checks' tolerance): the composed state differs from one sequential scan by a few ulps
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own (8 devices)
+    runs = [subprocess.Popen([sys.executable, str(CHECKS), "--part", f"{k}/{PARTS}"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(PARTS)]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-6000:]
+        results += json.loads(out.strip().splitlines()[-1])["results"]
+    return {r["entry"]: r for r in results}
+
+
+def test_every_zoo_entry_matches_one_device(report):
+    assert set(report) >= {e.name for e in ZOO}
+    assert {report[e.name]["devices"] for e in ZOO} == {2, 4, 8}
+    for e in ZOO:
+        row = report[e.name]
+        assert row["event"] == e.event, row
+        for key in ("y_rel", "cache_rel", "grad_params_rel", "grad_x_rel"):
+            assert row[key] < RTOL, (key, row)
+    assert sum("no_lengths_rel" in report[e.name] for e in ZOO) == PARTS
+    assert all(report[e.name]["no_lengths_rel"] < RTOL for e in ZOO if "no_lengths_rel" in report[e.name])
+
+
+def test_only_summaries_and_the_halo_cross_devices(report):
+    """No collective of a compiled forward-and-gradient program has a length axis (``7 n`` or 7, a dimension of
+    nothing else); each gathers the summaries, and a model with a conv window sends its ``(B, K, H)`` halo."""
+    for e in ZOO:
+        row = report[e.name]
+        n = row["devices"]
+        shapes = {op: [] for op in parallel.COLLECTIVES}
+        for text in row["collectives"]:
+            op, dims = re.fullmatch(r"(\S+) \[(.*)\]", text).groups()
+            shapes[op].append(tuple(int(d) for d in dims.split(",") if d.strip()))
+        assert not any(SHARD_LENGTH in s or n * SHARD_LENGTH in s for found in shapes.values() for s in found), row
+        assert any(s[0] == n for s in shapes["all-gather"]), row  # one summary per device
+        cache = e.build().allocate_inference_cache(3)
+        if "conv_state" in cache:
+            assert shapes["collective-permute"] == [(3, cache["conv_state"].shape[-1], 6)], row
+        else:
+            assert shapes["collective-permute"] == [], row
+
+
+def test_a_length_that_does_not_divide(report):
+    messages = report["indivisible length"]["messages"]
+    assert all("(3, 57, 6) cannot be split along its length" in m and "multiple of 8" in m for m in messages), messages
+
+
+# ---------------------------------------------------------------------------------------------- argument checks
+
+@pytest.fixture(scope="module")
+def mesh():
+    return parallel.data_mesh(1, axis="seq")
+
+
+def x_of(length, d_model=6):
+    return np.random.default_rng(0).normal(size=(2, length, d_model)).astype(np.float32)
+
+
+def sequence_parallel(model, x, mesh, **kwargs):
+    return parallel.sequence_parallel(model, x, mesh=mesh, axis=kwargs.pop("axis", "seq"), **kwargs)
+
+
+def test_bad_arguments_raise_clear_errors(mesh):
+    lru = LRU(d_model=6, d_state=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"axis must name an axis of the mesh, one of \('seq',\), got 'data'"):
+        sequence_parallel(lru, x_of(8), mesh, axis="data")
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, H\) with H=6, got rank 2"):
+        sequence_parallel(lru, x_of(8)[0], mesh)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, L, H\) with H=6, got shape \(2, 8, 5\)"):
+        sequence_parallel(lru, x_of(8, 5), mesh)
+    with pytest.raises(TypeError, match="model must be an lrnnx_jax model .* got Linear"):
+        sequence_parallel(nnx.Linear(6, 6, rngs=nnx.Rngs(0)), x_of(8), mesh)
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, got str"):
+        parallel.sequence_parallel(lru, x_of(8), mesh="seq", axis="seq")
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, L=8\], got min 0 and max 9"):
+        sequence_parallel(lru, x_of(8), mesh, lengths=np.array([0, 9]))
+    with pytest.raises(ValueError, match="LRU has no event mode"):
+        sequence_parallel(lru, x_of(8), mesh, integration_timesteps=np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"integration_timesteps must have shape \(2, 8\), got \(2, 7\)"):
+        sequence_parallel(Mamba(d_model=6, rngs=nnx.Rngs(0)), x_of(8), mesh,
+                          integration_timesteps=np.ones((2, 7), np.float32))
+    with pytest.raises(ValueError, match=r"an array of shape \(4,\) cannot be split along its length"):
+        parallel.shard_sequence(np.ones(4), mesh, "seq")
+
+
+def test_models_that_cannot_be_split_say_why(mesh):
+    mamba = Mamba(d_model=6, d_conv=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"keeps the last 4 tokens .* at least 4 positions, got L=3 over 1 devices"):
+        sequence_parallel(mamba, x_of(3), mesh)
+    s4d = S4D(d_model=6, d_state=4, dropout=0.5, transposed=False, rngs=nnx.Rngs(0))
+    s4d.train()
+    with pytest.raises(ValueError, match="S4D has active dropout.*model.eval()"):
+        sequence_parallel(s4d, x_of(8), mesh)
+
+    class Undeclared(LRU):
+        cache_carry = {}
+
+    with pytest.raises(ValueError, match=r"Undeclared.cache_carry must give every cache entry one of \('diagonal', "
+                                         r"'dense', 'window'\); entry 'lrnn_state' has None"):
+        sequence_parallel(Undeclared(d_model=6, d_state=4, rngs=nnx.Rngs(0)), x_of(8), mesh)
