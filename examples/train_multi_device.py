@@ -1,4 +1,5 @@
 """Train a sequence model data-parallel on every visible device: the batch sharded, the parameters replicated.
+With ``--sequence-parallel``, the sequence axis is sharded instead (``lrnnx_jax.parallel.sequence_parallel``).
 
 Run ``python examples/train_multi_device.py`` inside the virtual environment. On a CPU, fake devices show the
 same program::
@@ -11,11 +12,18 @@ split over the mesh axis ``"data"`` (``lrnnx_jax.parallel.shard_batch``), each d
 and the gradient is summed by one all-reduce per parameter; the updated parameters stay replicated. The script
 prints the collectives of the compiled step (``lrnnx_jax.parallel.collectives``): none moves an activation. Then it
 generates from the trained model with the batch still sharded.
+
+With ``--sequence-parallel`` every device holds all rows and ``L / n`` consecutive positions (mesh axis
+``"sequence"``): each device runs its positions from the zero state, the devices exchange their final states and
+transitions (small summaries), and each runs its positions again from its true entering state. The compiled step's
+collectives then move no array with a length axis (``lrnnx_jax.parallel.length_collectives``). After training, the
+final inference cache of the held-out sequences, computed sequence-parallel, is compared with one device's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -50,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--d-state", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sequence-parallel", action="store_true",
+                        help="shard the sequence axis over the devices instead of the batch (the length must be a "
+                             "multiple of the device count)")
     return parser.parse_args(argv)
 
 
@@ -68,9 +79,18 @@ def make_batch(rng: np.random.Generator, batch: int, length: int, channels: int)
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    mesh = parallel.data_mesh(args.devices)
-    print(f"{mesh.size} devices ({jax.devices()[0].platform}), mesh axis 'data'; global batch {args.batch}, "
-          f"{args.batch // mesh.size} rows per device")
+    if args.sequence_parallel:
+        mesh = parallel.data_mesh(args.devices, axis=parallel.SEQUENCE)
+        print(f"{mesh.size} devices ({jax.devices()[0].platform}), mesh axis {parallel.SEQUENCE!r}; length "
+              f"{args.length}, {args.length // mesh.size} positions per device")
+        shard = functools.partial(parallel.shard_sequence, mesh=mesh)
+        forward = functools.partial(parallel.sequence_parallel, mesh=mesh, axis=parallel.SEQUENCE)
+    else:
+        mesh = parallel.data_mesh(args.devices)
+        print(f"{mesh.size} devices ({jax.devices()[0].platform}), mesh axis 'data'; global batch {args.batch}, "
+              f"{args.batch // mesh.size} rows per device")
+        shard = functools.partial(parallel.shard_batch, mesh=mesh)
+        forward = lambda model, x: model(x)  # noqa: E731
     model = MODELS[args.model](args.d_model, args.d_state, nnx.Rngs(args.seed))
     parallel.replicate(model, mesh)
     optimizer = optax.adam(args.lr)
@@ -80,7 +100,7 @@ def main(argv=None) -> dict:
     @jax.jit
     def train_step(params, opt_state, x, target):
         def loss_fn(params):
-            y = nnx.merge(graphdef, params, rest)(x)
+            y = forward(nnx.merge(graphdef, params, rest), x)
             return jnp.mean((y - target) ** 2)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -88,34 +108,46 @@ def main(argv=None) -> dict:
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(args.seed)
-    held_out = parallel.shard_batch(make_batch(rng, args.batch, args.length, args.d_model), mesh)
-    evaluate = jax.jit(lambda params, x, target: jnp.mean((nnx.merge(graphdef, params, rest)(x) - target) ** 2))
+    held_out = shard(make_batch(rng, args.batch, args.length, args.d_model))
+    evaluate = jax.jit(lambda params, x, target: jnp.mean((forward(nnx.merge(graphdef, params, rest), x) - target) ** 2))
     initial_loss = float(evaluate(params, *held_out))
     print(f"held-out loss before training: {initial_loss:.4f}")
 
-    batch = parallel.shard_batch(make_batch(rng, args.batch, args.length, args.d_model), mesh)
+    batch = shard(make_batch(rng, args.batch, args.length, args.d_model))
     text = train_step.lower(params, opt_state, *batch).compile().as_text()
-    found, moved = parallel.collectives(text), parallel.activation_collectives(text, args.batch, mesh.size)
+    found = parallel.collectives(text)
+    if args.sequence_parallel:
+        moved, what = parallel.length_collectives(text, args.length, mesh.size), "with a length axis"
+    else:
+        moved, what = parallel.activation_collectives(text, args.batch, mesh.size), "on batch-shaped arrays"
     print(f"the compiled step has {len(found)} collectives ({', '.join(sorted({c.op for c in found})) or 'none'}), "
-          f"{len(moved)} on batch-shaped arrays")
+          f"{len(moved)} {what}")
     start, losses = time.perf_counter(), []
     for step in range(args.steps):
         params, opt_state, loss = train_step(params, opt_state, *batch)
         losses.append(float(loss))
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(f"step {step + 1:5d}  loss {losses[-1]:.4f}")
-        batch = parallel.shard_batch(make_batch(rng, args.batch, args.length, args.d_model), mesh)
+        batch = shard(make_batch(rng, args.batch, args.length, args.d_model))
     seconds = time.perf_counter() - start
     final_loss = float(evaluate(params, *held_out))
     print(f"held-out loss after {args.steps} steps: {final_loss:.4f} ({seconds:.1f} s)")
 
     nnx.update(model, params)
     model.eval()
+    result = {"initial_loss": initial_loss, "final_loss": final_loss, "losses": losses, "devices": mesh.size,
+              "collectives": found, "activation_collectives": moved, "params": params, "mesh": mesh}
+    if args.sequence_parallel:  # the final cache of the held-out sequences: split over the devices, and on one
+        _, cache = forward(model, held_out[0], return_cache=True)
+        _, cache_one = model(np.asarray(held_out[0]), return_cache=True)
+        result["cache_difference"] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                                         for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(cache_one)))
+        print(f"final cache from {mesh.size} devices vs one: relative difference {result['cache_difference']:.1e}")
+        return result
     x0 = parallel.shard_batch(np.asarray(held_out[0][:, 0]), mesh)
-    ys = generate(model, x0, 16)
+    result["generated"] = ys = generate(model, x0, 16)
     print(f"generate: {ys.shape}, rows on {len(ys.sharding.device_set)} devices")
-    return {"initial_loss": initial_loss, "final_loss": final_loss, "losses": losses, "devices": mesh.size,
-            "collectives": found, "activation_collectives": moved, "params": params, "generated": ys, "mesh": mesh}
+    return result
 
 
 if __name__ == "__main__":

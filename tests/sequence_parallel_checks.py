@@ -74,8 +74,7 @@ def forward_and_grads(graphdef, params, rest, x, tau, lengths, weights, mesh=Non
 
 def length_collectives(text: str, length: int, what: str) -> list:
     """The collectives of a compiled program; asserts that none has a length axis (``length`` or ``SHARD_LENGTH``)."""
-    found = parallel.collectives(text)
-    moved = [c for c in found if any(length in s or SHARD_LENGTH in s for s in c.shapes)]
+    found, moved = parallel.collectives(text), parallel.length_collectives(text, length, length // SHARD_LENGTH)
     assert not moved, f"{what}: collectives on arrays with a length axis:\n{parallel.describe(moved)}"
     return found
 

@@ -24,4 +24,4 @@ from lrnnx_jax.parallel.data import (
     same_placement,
     shard_batch,
 )
-from lrnnx_jax.parallel.sequence import SEQUENCE, sequence_parallel, sequence_sharding, shard_sequence
+from lrnnx_jax.parallel.sequence import SEQUENCE, length_collectives, sequence_parallel, sequence_sharding, shard_sequence

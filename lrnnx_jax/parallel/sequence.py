@@ -48,6 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import LRNN, compute_dtype
+from lrnnx_jax.parallel.data import Collective, collectives
 
 #: the default name of the sequence axis
 SEQUENCE = "sequence"
@@ -114,6 +115,14 @@ def sequence_parallel(model: LRNN, x, *, mesh: Mesh, axis: str, integration_time
                                       axis=axis, return_cache=bool(return_cache))
     y = y.astype(x.dtype)
     return (y, cache) if return_cache else y
+
+
+def length_collectives(hlo_text: str, length: int, num_shards: int) -> list[Collective]:
+    """The collectives of a compiled sequence-parallel program that move an array with a length axis: a result
+    dimension equal to the global ``length`` or the per-device ``length // num_shards`` (an activation, or any
+    per-position tensor). Choose a length that no other dimension equals."""
+    lengths = {length, length // num_shards}
+    return [c for c in collectives(hlo_text) if any(d in lengths for shape in c.shapes for d in shape)]
 
 
 # ====================================================================== inside the program
