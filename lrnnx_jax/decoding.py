@@ -170,6 +170,17 @@ def prompt_lookup_drafts(context, length, num_drafts: int, ngram_size: int):
 # ====================================================================== the program
 
 
+def _placed_on(model, state, mesh):
+    """``model``'s ``state`` on every device of ``mesh``, or as it is when the model is split over ``mesh`` (model
+    parallelism: a data x model mesh, the batch split over its data axis)."""
+    if model.model_parallel is None:
+        return parallel.replicate(state, mesh)
+    if model.model_parallel.mesh != mesh:
+        raise ValueError(f"the prompt is split over {mesh}, the model over {model.model_parallel.mesh}: split both over "
+                         "one mesh (a data axis for the batch, a model axis for the parameters)")
+    return state
+
+
 def _kv_free(cache, model):
     """The cache without the attention layers' key/value buffers (what a per-step snapshot needs)."""
     return {i: ({k: v for k, v in c.items() if k not in ("k", "v")} if model.layers[i].is_attention else c)
@@ -394,7 +405,9 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     lengths = lengths.astype(np.int32)
     if sharding is not None:  # the rows split as the prompt was, everything else on every device (no-ops when so)
         rows, lengths = parallel.shard_batch((rows, lengths), sharding.mesh, sharding.spec[0])
-        target_state, draft_state, scalars = parallel.replicate((target_state, draft_state, scalars), sharding.mesh)
+        scalars = parallel.replicate(scalars, sharding.mesh)
+        target_state, draft_state = (state if lm is None else _placed_on(lm, state, sharding.mesh)
+                                     for lm, state in ((model, target_state), (draft, draft_state)))
     with parallel.mesh_context(sharding):
         out, out_logits, stats = decode_program(
             target_def, target_state, draft_def, draft_state, rows, lengths, *scalars, out_size=out_size, sampler=sampler,

@@ -26,6 +26,7 @@ tokens of the previous call) and, for attention, the KV cache whose ``length`` c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -73,6 +74,15 @@ def mixer_factory(mixer_type: str):
     return getattr(importlib.import_module(module), name)
 
 
+def linear_columns(linear: nnx.Linear, x, columns: slice):
+    """``linear(x)[..., columns]`` from those columns of its kernel and bias alone: ``x (..., in) -> (..., out')``."""
+    kernel = linear.kernel[...][:, columns]
+    bias = None if linear.bias is None else linear.bias[...][columns]
+    x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+    y = jnp.dot(x, kernel, precision=linear.precision)
+    return y if bias is None else y + bias
+
+
 class GatedMLP(nnx.Module):
     """``fc2(a * silu(g))`` with ``a, g = fc1(x)`` split in halves; hidden width rounded up to ``multiple_of``
     (lrnnx's and mamba_ssm's ``GatedMLP``; no biases by default). ``x (..., in) -> (..., out)``."""
@@ -86,7 +96,11 @@ class GatedMLP(nnx.Module):
         self.fc2 = torch_linear(self.hidden_features, out_features, use_bias=bias, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, x):
-        a, gate = jnp.split(self.fc1(x), 2, axis=-1)
+        # each half from its own columns of fc1 (not one product split afterwards): split over a model axis along
+        # its input rows (lrnnx_jax.parallel.model), each half is its own partial product, reduced onto the devices'
+        # shares of the hidden width
+        hidden = self.hidden_features
+        a, gate = (linear_columns(self.fc1, x, columns) for columns in (slice(None, hidden), slice(hidden, None)))
         return self.fc2(a * jax.nn.silu(gate))
 
     def lrnnx_entries(self) -> dict[str, LrnnxEntry]:
@@ -194,6 +208,7 @@ class LRNNLMHeadModel(nnx.Module):
         self.layers = nnx.List(blocks)
         self.norm_f = make_norm(d_model, rms_norm, norm_epsilon, rngs)
         self.lm_head = None if tie_embeddings else torch_linear(d_model, self.padded_vocab_size, use_bias=False, rngs=rngs)
+        self.model_parallel = None  # lrnnx_jax.parallel.shard_model sets its ModelParallel (mesh and axis)
         self._init_weights(rngs)
 
     @property
@@ -271,12 +286,21 @@ class LRNNLMHeadModel(nnx.Module):
     def _through_layers(self, ids, caches, run_mixer):
         """Embedding -> every block, its mixer run as ``run_mixer(block, normed (B, ..., d_model), layer cache or None)
         -> (out, new layer cache)`` -> the head. Returns ``(logits (B, ..., V), {layer: new cache})``."""
-        hidden, residual, new_cache = self.embedding(ids), None, {}
-        for index, block in enumerate(self.layers):
-            layer_cache = None if caches is None else caches[index]
-            mixer_fn = functools.partial(run_mixer, block, layer_cache=layer_cache)
-            hidden, residual, new_cache[index] = block.run(hidden, residual, mixer_fn)
-        return self.logits(hidden, residual), new_cache
+        layout = self.model_parallel  # model parallel: traced for its mesh (the kernels refuse), the split states pinned
+        with contextlib.nullcontext() if layout is None else layout.tracing():
+            hidden, residual, new_cache = self.embedding(ids), None, {}
+            for index, block in enumerate(self.layers):
+                layer_cache = None if caches is None else self._pinned(index, caches[index])
+                mixer_fn = functools.partial(run_mixer, block, layer_cache=layer_cache)
+                hidden, residual, layer_cache = block.run(hidden, residual, mixer_fn)
+                new_cache[index] = self._pinned(index, layer_cache)
+            return self.logits(hidden, residual), new_cache
+
+    def _pinned(self, index: int, cache):
+        """Layer ``index``'s cache, its split states pinned to their sharding when the model is model-parallel."""
+        if cache is None or self.model_parallel is None:
+            return cache
+        return self.model_parallel.constrain_cache(self, index, cache)
 
     # ================================================================ public API
     def __call__(self, input_ids, lengths=None, *, cache=None, return_cache: bool = False, max_seqlen: Optional[int] = None):

@@ -4,6 +4,8 @@
   the reading of compiled programs' collectives (how the tests check that no activation crosses devices).
 * :mod:`lrnnx_jax.parallel.sequence`: sequence parallelism (one sequence split along its length over a mesh axis;
   each device's entering state from the other devices' small summaries).
+* :mod:`lrnnx_jax.parallel.model`: model (tensor) parallelism of the language model, Megatron-style (its
+  parameters and caches split over a ``model`` mesh axis; ``generate_tokens`` one SPMD program over it).
 """
 
 from lrnnx_jax.parallel.data import (
@@ -25,3 +27,4 @@ from lrnnx_jax.parallel.data import (
     shard_batch,
 )
 from lrnnx_jax.parallel.sequence import SEQUENCE, length_collectives, sequence_parallel, sequence_sharding, shard_sequence
+from lrnnx_jax.parallel.model import MODEL, RULES, ModelParallel, Rule, model_mesh, partition_spec, shard_model
