@@ -5,6 +5,8 @@
   path (float64 and other dtypes never reach a kernel; 32-bit offsets);
 * :func:`pallas_call`: a kernel's ``pl.pallas_call`` under a :class:`~pallas_kernels.dispatch.KernelConfig`
   (interpret mode off the GPU, the Triton compiler parameters), the one place a scan kernel is built;
+* :func:`pipelined_chunks`: a kernel's loop over the chunks of a sequence, each chunk's loads issued one chunk
+  ahead of its steps;
 * :func:`pad_time`: padding of a ``(batch, L, ...)`` sequence along time;
 * :func:`model_config`: a model's ``kernel_config`` argument, checked.
 """
@@ -12,8 +14,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dispatch
@@ -73,6 +76,28 @@ def pallas_call(body, out_shape, grid, config: dispatch.KernelConfig, name: str)
         compiler_params=dispatch.compiler_params(config),
         name=name,
     )
+
+
+def pipelined_chunks(num_chunks: int, load: Callable, process: Callable, carry, *, reverse: bool = False):
+    """A kernel's loop over the ``num_chunks`` chunks of a sequence (descending when ``reverse``), software-pipelined.
+
+    ``load(c)`` returns chunk ``c``'s inputs (a pytree of the values its steps read from memory); ``process(c,
+    inputs, carry) -> carry`` runs the chunk's steps (unrolled by the caller) and stores their outputs. The loads of
+    chunk ``c + 1`` are issued before chunk ``c`` is processed and travel in the loop's carry, so their memory
+    latency hides behind a chunk of arithmetic. Why it matters (measured on an H200, Mamba's forward kernel at
+    B=32, L=2048, D=256, N=16): with a load, the step and a store per step, every step waits for its loads, since
+    a load may not move above an earlier store to a possibly aliasing ref: 2.09 ms; unrolled chunks of 16 steps,
+    still loading per step: 1.35 ms. ``process`` should store after its steps, for the same reason.
+    """
+    order = (lambda k: num_chunks - 1 - k) if reverse else (lambda k: k)
+
+    def body(k, state):
+        carry, inputs = state
+        upcoming = load(order(jnp.minimum(k + 1, num_chunks - 1)))
+        return process(order(k), inputs, carry), upcoming
+
+    carry, _ = jax.lax.fori_loop(0, num_chunks, body, (carry, load(order(jnp.int32(0)))))
+    return carry
 
 
 def model_config(config) -> Optional[dispatch.KernelConfig]:

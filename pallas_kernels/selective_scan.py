@@ -26,14 +26,15 @@ Three tiers:
   by ``jax.custom_vjp``.
 
 **Forward kernel.** Grid ``(batch, cdiv(D, BLOCK_D))``. A program holds its ``(BLOCK_D, N)`` state
-on chip over the whole sequence (an outer ``fori_loop`` over chunks of ``chunk`` steps, an inner one
-over the steps). It writes ``y`` ``(batch, L, D)``, the final state, and the state at the start of each
+on chip over the whole sequence: a ``fori_loop`` over chunks of ``chunk`` unrolled steps
+(:func:`pallas_kernels.scan_common.pipelined_chunks`: a chunk's loads are issued one chunk ahead, its stores
+follow its arithmetic). It writes ``y`` ``(batch, L, D)``, the final state, and the state at the start of each
 chunk ``(batch, L / chunk, D, N)`` (float32): never ``(batch, L, D, N)``.
 
 **Backward kernel.** The same grid; the chunks in reverse. For each chunk a program reloads its
-checkpoint, recomputes the chunk's ``chunk + 1`` states on chip (the chunk loop is unrolled, so the
+checkpoint (loaded one chunk ahead with the chunk's inputs and ``dy``), recomputes the chunk's ``chunk + 1`` states on chip (the chunk loop is unrolled, so the
 states stay in registers), then runs the adjoint recurrence ``g_{t-1} = A_bar_t g_t + dh_t`` backwards
-through them, as mamba_ssm's CUDA backward does. It writes ``du``, ``ddelta``, ``ddelta_A``, ``dz``
+through them, as mamba_ssm's CUDA backward does, and stores the chunk's gradients. It writes ``du``, ``ddelta``, ``ddelta_A``, ``dz``
 ``(batch, L, D)``; per-program partial sums of ``dB``, ``dC`` ``(blocks, batch, L, N)`` and of ``dA``,
 ``dD`` ``(batch, D, N)``, ``(batch, D)``, reduced outside; and ``dh0``. Memory: ``O(batch L D)`` plus
 the checkpoints (``batch (L/chunk) D N``) plus the partial ``dB``/``dC`` (``blocks batch L N``).
@@ -202,21 +203,21 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
             pl, plgpu, ref, dim, N, block_d, block_n)
         h = plgpu.load(ref["h0"].at[b, rows, cols], mask=tile_ok, other=0.0).astype(f32)
 
-        def one_chunk(c, h):
-            plgpu.store(ckpt_ref.at[b, c, rows, cols], h, mask=tile_ok)
+        def load(c):
+            return [step_inputs(c * chunk + i) for i in range(chunk)]
 
-            def one_step(i, h):
-                t = c * chunk + i
-                s = step_inputs(t)
+        def one_chunk(c, inputs, h):
+            plgpu.store(ckpt_ref.at[b, c, rows, cols], h, mask=tile_ok)
+            ys = []
+            for s in inputs:  # unrolled
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
                 h = jnp.where(tile_ok, a * h + x, 0.0)
-                y = readout(h, s["C"], s["u"], D_vec, s["z"])
-                plgpu.store(y_ref.at[b, t, rows], y.astype(y_ref.dtype), mask=d_ok)
-                return h
+                ys.append(readout(h, s["C"], s["u"], D_vec, s["z"]))
+            for i, y in enumerate(ys):
+                plgpu.store(y_ref.at[b, c * chunk + i, rows], y.astype(y_ref.dtype), mask=d_ok)
+            return h
 
-            return jax.lax.fori_loop(0, chunk, one_step, h)
-
-        h = jax.lax.fori_loop(0, num_chunks, one_chunk, h)
+        h = scan_common.pipelined_chunks(num_chunks, load, one_chunk, h)
         plgpu.store(last_ref.at[b, rows, cols], h, mask=tile_ok)
 
     out_shape = (jax.ShapeDtypeStruct((batch, length, dim), u.dtype), jax.ShapeDtypeStruct((batch, dim, N), f32),
@@ -277,37 +278,38 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             (dcoef,) = coef_vjp((g * h_prev, g))
             return dread, dcoef, jnp.where(tile_ok, a * g, 0.0)  # the adjoint of h_{t-1}
 
-        def one_chunk(k, carry):
+        def load(c):
+            """Chunk ``c``'s checkpoint, per-step inputs and output cotangents."""
+            steps = [c * chunk + i for i in range(chunk)]
+            return (plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0), [step_inputs(t) for t in steps],
+                    [plgpu.load(ref["dy"].at[b, t, rows], mask=d_ok, other=0.0).astype(f32) for t in steps])
+
+        def one_chunk(c, chunk_inputs, carry):
             g, dA, dD = carry
-            c = num_chunks - 1 - k
-            h = plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0)
-            states, inputs = [h], []
-            for i in range(chunk):  # unrolled: the chunk's states stay in registers
-                t = c * chunk + jnp.int32(i)
-                s = step_inputs(t)
+            h, inputs, dys = chunk_inputs
+            states = [h]
+            for s in inputs:  # unrolled: the chunk's states stay in registers
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
                 h = jnp.where(tile_ok, a * h + x, 0.0)
                 states.append(h)
-                inputs.append((t, s))
+            grads = [None] * chunk
             for i in reversed(range(chunk)):
-                t, s = inputs[i]
-                dy_t = plgpu.load(ref["dy"].at[b, t, rows], mask=d_ok, other=0.0).astype(f32)
-                dread, dcoef, g = step_grads(states[i], states[i + 1], s, dy_t, g)
-                seq_grads = {"du": dread["u"] + dcoef["u"], "ddelta": dcoef["delta"]}
-                if "dz" in out:
-                    seq_grads["dz"] = dread["z"]
-                if "ddelta_A" in out:
-                    seq_grads["ddelta_A"] = dcoef["delta_A"]
-                for name, value in seq_grads.items():
-                    plgpu.store(out[name].at[b, t, rows], value.astype(out[name].dtype), mask=d_ok)
-                plgpu.store(out["dB"].at[blk, b, t, cols], dcoef["B"], mask=n_ok)
-                plgpu.store(out["dC"].at[blk, b, t, cols], dread["C"], mask=n_ok)
+                dread, dcoef, g = step_grads(states[i], states[i + 1], inputs[i], dys[i], g)
+                grads[i] = {"du": dread["u"] + dcoef["u"], "ddelta": dcoef["delta"], "dz": dread.get("z"),
+                            "ddelta_A": dcoef.get("delta_A"), "dB": dcoef["B"], "dC": dread["C"]}
                 dA = dA + dcoef["A"]
                 if "D" in dread:
                     dD = dD + dread["D"]
+            for i, step_grads_i in enumerate(grads):  # the stores after the chunk's arithmetic
+                t = c * chunk + i
+                for name, value in step_grads_i.items():
+                    if name in ("dB", "dC"):
+                        plgpu.store(out[name].at[blk, b, t, cols], value, mask=n_ok)
+                    elif name in out:
+                        plgpu.store(out[name].at[b, t, rows], value.astype(out[name].dtype), mask=d_ok)
             return g, dA, dD
 
-        g, dA, dD = jax.lax.fori_loop(0, num_chunks, one_chunk, (g, dA, dD))
+        g, dA, dD = scan_common.pipelined_chunks(num_chunks, load, one_chunk, (g, dA, dD), reverse=True)
         plgpu.store(out["dh0"].at[b, rows, cols], g, mask=tile_ok)
         plgpu.store(out["dA"].at[b, rows, cols], dA, mask=tile_ok)
         if "dD" in out:
