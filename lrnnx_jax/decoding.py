@@ -329,9 +329,11 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     """Generate ``max_new_tokens`` tokens per row after ``prompt_ids``, in one compiled program.
 
     Args:
-      model: an :class:`~lrnnx_jax.architectures.LRNNLMHeadModel` (attention layers must be causal).
+      model: an :class:`~lrnnx_jax.architectures.LRNNLMHeadModel` (attention layers must be causal); split over a
+        mesh by ``lrnnx_jax.parallel.shard_model``, the program runs over that mesh (model parallelism).
       prompt_ids: ``(B, P)`` integer token ids. Sharded over devices along the batch
-        (``lrnnx_jax.parallel.shard_batch``), each device decodes its rows and the tokens keep the sharding.
+        (``lrnnx_jax.parallel.shard_batch``), each device decodes its rows and the tokens keep the sharding (for a
+        split model: over another axis of the model's mesh).
       max_new_tokens: how many tokens to generate per row.
       prompt_lengths: ``(B,)`` ragged prompt lengths in ``[1, P]`` (row ``b`` uses ``prompt_ids[b, :len]``);
         None: all ``P``.

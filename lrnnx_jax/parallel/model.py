@@ -14,9 +14,10 @@ prefill and the whole decode loop as one SPMD program::
     logits = lm(prompt)                              # the forward, lm.step, lm.verify_step: the same
 
 What crosses devices (read from the compiled program by the tests, ``parallel.collectives``): all-reduces of
-activations (a ``(B, ..., d_model)`` or smaller row per layer output, the vocabulary-parallel embedding's lookup,
-and the small projections that mix channels: Mamba's ``x_proj``, Mamba-2's group norm, the head's argmax); no
-parameter, no KV cache and no SSM state is ever gathered.
+activations (each layer's ``out_proj`` and each MLP's ``fc2``, a ``(B, d_model)`` row per token; the
+vocabulary-parallel embedding's lookup; the fused input projections, below; Mamba's ``x_proj``), small all-gathers of
+activations (the hidden state before the vocabulary-parallel head, the head's argmax); no split parameter and no
+split state (KV cache, SSM states, Mamba's conv history) ever crosses devices.
 
 The fused input projections (Mamba's and Mamba-2's ``in_proj`` ``[x | z | ...]``, attention's ``[q | k | v]``, the
 MLP's ``fc1`` ``[a | gate]``) are stored in lrnnx's checkpoint layout, pieces side by side: a contiguous split of
@@ -27,6 +28,13 @@ reduce-scatter) of the projection's output completes it, and every piece is then
 channels. That costs one collective of the projection's output per layer more than a Megatron column split, which
 needs the pieces stored apart. The projections that follow are split as Megatron's: ``out_proj``/``fc2``/``x_proj``
 by input rows (their partial products all-reduced), ``dt_proj`` and the per-channel parameters by channels.
+
+XLA's partitioner still moves small pieces where a fused array is sliced at boundaries that are not the devices'
+(read on 4 devices, tests/model_parallel_checks.py): collective-permutes of activations (the q/k/v pieces after
+attention's projection; in the prefill, the pieces of the fused projections' outputs), and inside Mamba-2's step it
+splits the replicated conv over ``[x | B | C]`` its own way: rows of the conv parameters and history are permuted
+and the ``x`` part of the history, ``(B, d_inner, d_conv)``, is all-gathered back, each token. Sharding hints inside
+those layers (or the pieces stored apart) would remove them; the tests assert what holds.
 
 Other mixers (LRU, S4, S4D, S5, Centaurus, RGLRU, S7), the norms and the convolutions that run over fused pieces
 (Mamba-2's over ``[x | B | C]``, attention's optional one over ``[q | k | v]``) stay replicated, with their states:
