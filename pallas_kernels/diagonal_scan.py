@@ -17,8 +17,10 @@ kernel over ``S`` elementwise lanes serves all of them; Mamba's ``(BLOCK_D, N)``
 (:mod:`pallas_kernels.selective_scan`) is kept for the selective SSM, whose input and readout contract ``N`` per token.
 
 * **Forward kernel.** Grid ``(batch, cdiv(S, BLOCK))``: a program holds ``BLOCK`` lanes of the state on chip over
-  the whole sequence and writes each ``h_t`` (float32) as it goes.
-* **Backward kernel.** The same grid, time reversed: the adjoint ``g_t = dh_t + conj(a_{t+1}) g_{t+1}`` gives
+  the whole sequence and writes each ``h_t`` (float32), in chunks of :data:`CHUNK` unrolled steps whose loads are
+  issued one chunk ahead (:func:`pallas_kernels.scan_common.pipelined_chunks`; the last chunk's steps past ``L``
+  are frozen and not stored).
+* **Backward kernel.** The same grid and chunks, time reversed: the adjoint ``g_t = dh_t + conj(a_{t+1}) g_{t+1}`` gives
   ``da_t = g_t conj(h_{t-1})``, ``db_t = g_t`` and ``dh0 = conj(a_0) g_0``. The states are the forward's output, so
   they are the residuals: nothing is recomputed and no checkpoint is stored (Mamba's kernel must checkpoint because
   its ``(D, N)`` states are never written). ``b`` is not read at all (the step is linear in it). For a
@@ -60,6 +62,9 @@ from pallas_kernels.scan_common import ScanPolicy
 OP = "diagonal_scan"
 #: state lanes per program of both kernels (untuned: to be measured on a GPU)
 TILE = 256
+#: steps per chunk of both kernels' time loops (:func:`pallas_kernels.scan_common.pipelined_chunks`): unrolled,
+#: their loads issued one chunk ahead
+CHUNK = 16
 
 #: not measured on a GPU yet: ``"auto"`` keeps every model's XLA path (the FFT for time-invariant systems);
 #: ``use_kernels="always"`` opts in
@@ -167,25 +172,44 @@ class _Layout:
     def value(self, parts):
         return cl.Planes(*parts) if self.is_complex else parts[0]
 
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.length // CHUNK)
+
     def program(self, ref: dict):
-        """The program's row, its lanes, and its loaders and storers of values (float32 in the body)."""
+        """The program's row, and its loaders and storers of values (float32 in the body) at a time step ``t`` that
+        may lie past the sequence (the last chunk's padding: loads give zeros, stores are skipped) or at no time
+        step (``t=None``: ``h0``, ``a`` of a time-invariant system)."""
         pl, plgpu = dispatch.pallas_modules()
         row, blk = pl.program_id(0), pl.program_id(1)
         lanes_ok = blk * self.block + jnp.arange(self.block) < self.size
         lanes = pl.ds(blk * self.block, self.block)
 
-        def load(name, *lead):
-            return self.value([plgpu.load(ref[name + s].at[(*lead, lanes)], mask=lanes_ok, other=0.0).astype(jnp.float32)
+        def at(t):
+            """(index, mask) of lanes at step t (the index clamped into the sequence)."""
+            if t is None:
+                return (row, lanes), lanes_ok
+            return (row, jnp.minimum(t, self.length - 1), lanes), lanes_ok & (t < self.length)
+
+        def load(name, t=None, *, whole=False):
+            index, ok = ((lanes,), lanes_ok) if whole else at(t)
+            return self.value([plgpu.load(ref[name + s].at[index], mask=ok, other=0.0).astype(jnp.float32)
                                for s in self.suffixes])
 
-        def store(refs, value, *lead):
+        def store(refs, value, t=None):
+            index, ok = at(t)
             for r, part in zip(refs, _parts(value)):
-                plgpu.store(r.at[(*lead, lanes)], part.astype(r.dtype), mask=lanes_ok)
+                plgpu.store(r.at[index], part.astype(r.dtype), mask=ok)
 
         def step_mask(t):
-            return ref["mask"][row, t] > 0 if self.masked else None
+            """False where the step is frozen: masked, or past the sequence (None: every step runs)."""
+            inside = t < self.length if self.length % CHUNK else None
+            if not self.masked:
+                return inside
+            m = ref["mask"][row, jnp.minimum(t, self.length - 1)] > 0
+            return m if inside is None else m & inside
 
-        return row, load, store, step_mask
+        return load, store, step_mask
 
 
 def forward_kernel(a, b, h0, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
@@ -202,15 +226,23 @@ def forward_kernel(a, b, h0, mask=None, *, config: Optional[dispatch.KernelConfi
     def body(*refs):
         ref = dict(zip(names, refs))
         h_refs = refs[len(names):]
-        row, load, store, step_mask = layout.program(ref)
-        a_all = load("a") if layout.invariant else None
+        load, store, step_mask = layout.program(ref)
+        a_all = load("a", whole=True) if layout.invariant else None
 
-        def one_step(t, h):
-            h = step(a_all if layout.invariant else load("a", row, t), h, load("b", row, t), step_mask(t))
-            store(h_refs, h, row, t)
+        def load_chunk(c):
+            steps = [c * CHUNK + i for i in range(CHUNK)]
+            return [(a_all if layout.invariant else load("a", t), load("b", t), step_mask(t)) for t in steps]
+
+        def one_chunk(c, inputs, h):
+            states = []
+            for a_t, b_t, m_t in inputs:  # unrolled
+                h = step(a_t, h, b_t, m_t)
+                states.append(h)
+            for i, h_t in enumerate(states):  # the stores after the chunk's arithmetic
+                store(h_refs, h_t, c * CHUNK + i)
             return h
 
-        jax.lax.fori_loop(0, layout.length, one_step, load("h0", row))
+        scan_common.pipelined_chunks(layout.num_chunks, load_chunk, one_chunk, load("h0"))
 
     call = scan_common.pallas_call(body, layout.out((layout.batch, layout.length, layout.size), jnp.float32),
                                    layout.grid, config, OP + "_fwd")
@@ -237,31 +269,42 @@ def backward_kernel(a, h0, mask, h, dh, *, b_dtype, config: Optional[dispatch.Ke
         ref = dict(zip(names, refs))
         flat = refs[len(names):]
         out = {name: flat[i * count:(i + 1) * count] for i, name in enumerate(outs)}
-        row, load, store, step_mask = layout.program(ref)
-        a_all = load("a") if layout.invariant else None
-        h_init = load("h0", row)
+        load, store, step_mask = layout.program(ref)
+        a_all = load("a", whole=True) if layout.invariant else None
+        h_init = load("h0")
         zero = jax.tree.map(jnp.zeros_like, h_init)
 
-        def one_step(k, carry):
-            g, da_sum = carry
-            t = layout.length - 1 - k
-            g = cl.add(g, load("dh", row, t))  # the adjoint of h_t
-            h_prev = jax.tree.map(lambda x, x0: jnp.where(t > 0, x, x0), load("h", row, jnp.maximum(t - 1, 0)), h_init)
-            a_t = a_all if layout.invariant else load("a", row, t)
-            # the step is linear in b: its vjp does not read b's value, so b is not a residual (zeros stand in)
-            _, step_vjp = jax.vjp(lambda a_, h_, b_: step(a_, h_, b_, step_mask(t)), a_t, h_prev, zero)
-            da, g_prev, db = step_vjp(g)
-            store(out["db"], db, row, t)
-            if layout.invariant:
-                da_sum = cl.add(da_sum, da)
-            else:
-                store(out["da"], da, row, t)
-            return g_prev, da_sum
+        def load_chunk(c):
+            """Per step of chunk ``c``: the cotangent of ``h_t`` (zero past the sequence), ``h_{t-1}``, ``a_t``, the
+            step's mask."""
+            steps = [c * CHUNK + i for i in range(CHUNK)]
+            return [(load("dh", t),
+                     jax.tree.map(lambda x, x0: jnp.where(t > 0, x, x0), load("h", jnp.maximum(t - 1, 0)), h_init),
+                     a_all if layout.invariant else load("a", t), step_mask(t)) for t in steps]
 
-        g, da_sum = jax.lax.fori_loop(0, layout.length, one_step, (zero, zero))
-        store(out["dh0"], g, row)
+        def one_chunk(c, inputs, carry):
+            g, da_sum = carry
+            grads = [None] * CHUNK
+            for i in reversed(range(CHUNK)):  # unrolled
+                dh_t, h_prev, a_t, m_t = inputs[i]
+                g = cl.add(g, dh_t)  # the adjoint of h_t
+                # the step is linear in b: its vjp does not read b's value, so b is not a residual (zeros stand in)
+                _, step_vjp = jax.vjp(lambda a_, h_, b_: step(a_, h_, b_, m_t), a_t, h_prev, zero)
+                da, g, db = step_vjp(g)
+                grads[i] = (da, db)
+                if layout.invariant:
+                    da_sum = cl.add(da_sum, da)
+            for i, (da, db) in enumerate(grads):  # the stores after the chunk's arithmetic
+                t = c * CHUNK + i
+                store(out["db"], db, t)
+                if not layout.invariant:
+                    store(out["da"], da, t)
+            return g, da_sum
+
+        g, da_sum = scan_common.pipelined_chunks(layout.num_chunks, load_chunk, one_chunk, (zero, zero), reverse=True)
+        store(out["dh0"], g)
         if layout.invariant:
-            store(out["da"], da_sum, row)
+            store(out["da"], da_sum)
 
     call = scan_common.pallas_call(body, sum(outs.values(), ()), layout.grid, config, OP + "_bwd")
     flat = call(*arrays)
@@ -296,7 +339,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def kernel_scan(a, b, h0=None, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
     """The kernel pair under ``jax.custom_vjp``; the contract of :func:`diagonal_scan` (no dispatch).
 
-    Complex inputs run as float32 planes; ``h`` comes back complex64 then (float32 for real inputs).
+    Under a data-parallel mesh the pair runs per shard (:func:`pallas_kernels.dispatch.per_shard`; a time-invariant
+    ``a``'s gradient is summed over the devices). Complex inputs run as float32 planes; ``h`` comes back complex64 then (float32 for real inputs).
     """
     config = dispatch.resolve(config)
     is_complex = any(x is not None and jnp.iscomplexobj(x) for x in (a, b, h0))
@@ -308,7 +352,9 @@ def kernel_scan(a, b, h0=None, mask=None, *, config: Optional[dispatch.KernelCon
         a, b, h0 = planes(a), planes(b), planes(h0)
     if mask is not None:
         mask = mask.astype(jnp.float32)
-    h = _scan((config, jnp.dtype(jax.tree.leaves(b)[0].dtype)), a, b, h0, mask)
+    scan = functools.partial(_scan, (config, jnp.dtype(jax.tree.leaves(b)[0].dtype)))
+    invariant = len(jax.tree.leaves(a)[0].shape) == 1
+    h = dispatch.per_shard(scan, (a, b, h0, mask), (None if invariant else 0, 0, 0, 0), 0)  # forward and backward
     if is_complex:
         h = cl.merge(h)
     return h, h[:, -1]
@@ -325,7 +371,8 @@ def unsupported_reason(a, b, h0=None) -> Optional[str]:
 
 def choose(a, b, h0=None, *, config: Optional[dispatch.KernelConfig] = None, policy: ScanPolicy = POLICY) -> bool:
     """Whether :func:`diagonal_scan` (and a model's forward) runs the kernels for these arguments under ``config``."""
-    return dispatch.choose_kernel(OP, unsupported_reason(a, b, h0), dispatch.resolve(config), policy.slower_reason())
+    return dispatch.choose_kernel(OP, unsupported_reason(a, b, h0), dispatch.resolve(config), policy.slower_reason(),
+                                  batch=b.shape[0])
 
 
 def model_scan(a, b, h0=None, mask=None, *, config: Optional[dispatch.KernelConfig] = None):
