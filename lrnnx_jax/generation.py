@@ -200,7 +200,7 @@ def build_program(spec: ProgramSpec) -> Callable:
 def _fused_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, event_mode: bool,
                         kernels: kernel_dispatch.KernelConfig, on_gpu: bool, sharding=None) -> bool:
     """:func:`pallas_kernels.fused_generation.use_fused_rollout`, once per model structure, kernel configuration and
-    batch sharding (decided under the sharding's mesh: no kernel for a batch over several devices)."""
+    batch sharding (decided under the sharding's mesh: the fused kernel then runs per shard)."""
     model = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in leaf_types])
     with parallel.mesh_context(sharding):
         return fused_generation.use_fused_rollout(model, batch_size, event_mode, dtype, kernels)

@@ -602,7 +602,9 @@ def checkpointing_ssu(
     names = ("state", "old_x", "old_B", "old_dt", "old_cumAdt", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
     reason = unsupported_reason(*(args[k] for k in names))
     batch = args["x"].shape[0] if cu_seqlens is None else args["cu_seqlens"].shape[0] - 1
-    if not dispatch.choose_kernel(OP, reason, config, slower_than_reference(batch)):
+    split_reason = unsplit_reason(args)
+    if not dispatch.choose_kernel(OP, reason, config, slower_than_reference(batch),
+                                  batch=None if split_reason else batch, split_reason=split_reason):
         config = None  # the reference: one compiled program whatever the configuration
     if args["state_scale"] is None:
         args["rand_seed"] = None
@@ -620,7 +622,25 @@ def _ssu(state, old_x, old_B, old_dt, old_cumAdt, cache_buf_idx, prev_num_accept
     arrays = (state, old_x, old_B, old_dt, old_cumAdt, cache_buf_idx, prev_num_accepted_tokens, x, dt, A, B, C)
     if config is None:
         return reference(*arrays, **options)
-    return kernel(*arrays, **options, config=config)
+
+    # per shard under a data-parallel mesh: only calls that split by rows get there (unsplit_reason)
+    names = ("state", "old_x", "old_B", "old_dt", "old_cumAdt", "cache_buf_idx", "prev_num_accepted_tokens", "x", "dt",
+             "A", "B", "C")
+    per_row = dict(zip(names, arrays), z=z, state_scale=state_scale, state_batch_indices=state_batch_indices)
+    whole = dict(A=per_row.pop("A"), D=D, dt_bias=dt_bias, noise_seed=noise_seed, cu_seqlens=cu_seqlens)
+    static = dict(dt_softplus=dt_softplus, pad_slot_id=pad_slot_id, max_seqlen=max_seqlen, config=config)
+    return dispatch.per_shard(lambda rows, params: kernel(**rows, **params, **static), (per_row, whole), (0, None), 0)
+
+
+def unsplit_reason(args: dict) -> Optional[str]:
+    """Why a call (its checked arguments by name) cannot be split by rows over a data-parallel mesh, or None."""
+    if args["state_batch_indices"] is not None:
+        return dispatch.SLOTS_SPLIT_REASON
+    if args["cu_seqlens"] is not None:
+        return "the packed layout (cu_seqlens: every sequence's tokens in one row of x)"
+    if args["rand_seed"] is not None and args["state_scale"] is not None:
+        return "stochastic rounding (rand_seed: the noise is a function of each element's position in the whole state)"
+    return None
 
 
 def _concrete(a):

@@ -22,6 +22,16 @@ traced, like any Python value it closes over: pass ``config=`` to choose per cal
 
 Unsupported arguments never reach a kernel: each op and driver states why (its
 ``unsupported_reason``) and takes the reference path ("fail closed").
+
+Several devices: a ``pallas_call`` is a custom call that XLA's partitioner cannot split (it
+would gather the operands onto every device). Under a mesh of data parallelism (every device on
+the ``"data"`` axis, :data:`DATA_AXIS`: ``jax.set_mesh``, ``lrnnx_jax.parallel.data_parallel``)
+each kernel entry point runs inside ``jax.shard_map`` over that axis (:func:`per_shard`): its
+batch-leading operands split, its parameters whole on every device, so each device runs the kernel
+on its own rows and the results come back batch-sharded; the training-scan pairs run forward and
+backward per shard, their parameter gradients summed over the devices. A call that cannot be split
+by rows (a batch that does not divide over the devices; rows mapped to state slots; a mesh with a
+``"model"`` or ``"sequence"`` axis) takes the reference, with the reason (:func:`sharded_reason`).
 """
 
 from __future__ import annotations
@@ -30,10 +40,11 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 MODES = ("auto", "always", "never")
 PRECISIONS = ("highest", "ieee", "fast")
@@ -148,7 +159,8 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConfig,
-                  slower_reason: Optional[str] = None) -> bool:
+                  slower_reason: Optional[str] = None, *, batch: Optional[int] = None,
+                  split_reason: Optional[str] = None) -> bool:
     """Decide between the kernel (True) and the reference (False) for one call.
 
     ``unsupported_reason`` is None when the kernel supports the arguments. A
@@ -156,6 +168,10 @@ def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConf
     take the arguments is reported once per reason with a ``RuntimeWarning``.
     ``slower_reason`` (None, or where the kernel was measured slower than the
     reference) keeps the reference under ``"auto"``, silently.
+
+    ``batch``: the rows of the call's batch-leading operands, which its kernel entry point splits over a
+    data-parallel mesh (:func:`per_shard`); None when the call cannot be split by rows (``split_reason`` says why).
+    Under a mesh of several devices the kernel is chosen only where :func:`sharded_reason` lets it run per shard.
     """
     if config.use_kernels == "never" or (config.use_kernels == "auto" and slower_reason is not None):
         return False
@@ -163,7 +179,7 @@ def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConf
     if not wanted:
         return False
     if unsupported_reason is None:
-        unsupported_reason = sharded_reason()
+        unsupported_reason = sharded_reason(batch, split_reason)
     if unsupported_reason is None and not pallas_available():
         unsupported_reason = "this installation (jax.experimental.pallas cannot be imported)"
     if unsupported_reason is not None:
@@ -175,15 +191,67 @@ def choose_kernel(op: str, unsupported_reason: Optional[str], config: KernelConf
     return True
 
 
-def sharded_reason() -> Optional[str]:
-    """Why no kernel runs in the current trace, or None: under a mesh of several devices (``jax.set_mesh``;
-    ``lrnnx_jax.parallel.data_parallel``) the batch may be sharded, and a ``pallas_call`` is not partitioned (XLA
-    would gather its operands onto every device), so the kernels refuse and the XLA paths, which XLA partitions
-    row by row, run instead. (No ``shard_map`` wrapper yet.)"""
+# ----------------------------------------------------------------------------- kernels per shard
+#: the mesh axis the kernels split the batch over (``lrnnx_jax.parallel.DATA``, the axis of ``parallel.data_mesh``)
+DATA_AXIS = "data"
+
+
+def data_axis() -> Optional[str]:
+    """The axis :func:`per_shard` splits the batch over in the current trace: :data:`DATA_AXIS` under a mesh of
+    several devices that all lie on it (``jax.set_mesh``; ``lrnnx_jax.parallel.data_parallel``), else None (no mesh,
+    one device, another layout, or inside a ``shard_map`` over it, where the arrays are one device's already)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size <= 1 or mesh.shape.get(DATA_AXIS) != mesh.size or DATA_AXIS in mesh.manual_axes:
+        return None
+    return DATA_AXIS
+
+
+def sharded_reason(batch: Optional[int] = None, split_reason: Optional[str] = None) -> Optional[str]:
+    """Why no kernel may run in the current trace for a call of ``batch`` rows, or None.
+
+    A ``pallas_call`` is a custom call that XLA's partitioner cannot split (it would gather the operands onto every
+    device), so under a mesh of several devices a kernel runs only per shard (:func:`per_shard`): the mesh must put
+    every device on :data:`DATA_AXIS` (data parallelism; a ``"model"`` or ``"sequence"`` axis refuses), the call must
+    split by rows (``batch`` not None; else ``split_reason``), and ``batch`` must divide evenly over the devices.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size <= 1:
         return None
-    return f"a mesh of {mesh.size} devices (data parallelism: kernels are not partitioned yet, the XLA path is)"
+    if data_axis() is None:
+        where = "inside a shard_map over it" if DATA_AXIS in mesh.manual_axes else "not all on one 'data' axis"
+        return (f"a mesh of {mesh.size} devices {dict(mesh.shape)} {where} (a kernel runs per shard only over the "
+                f"batch, on a mesh of data parallelism)")
+    if batch is None:
+        return f"{split_reason or 'this call'} under a mesh of {mesh.size} devices (the call cannot be split by batch rows)"
+    if batch % mesh.size:
+        return f"a batch of {batch} rows over a mesh of {mesh.size} devices (the kernel runs per shard: not a multiple)"
+    return None
+
+
+def per_shard(kernel: Callable, args: tuple, batch_axes: tuple, out_batch_axes):
+    """``kernel(*args)``, each device of the current data-parallel mesh (:func:`data_axis`) running it on its rows.
+
+    The kernel runs inside ``jax.shard_map`` over :data:`DATA_AXIS`: an argument with a batch axis is split along it,
+    any other (parameters) is whole on every device, and the outputs come back split along their batch axes. Under
+    ``jax.grad`` the transpose of the ``shard_map`` sums the cotangents of the whole arguments over the devices (a
+    ``psum``), so a ``jax.custom_vjp`` kernel pair wrapped whole runs its forward and its backward per shard and its
+    parameter gradients equal one device's. Where :func:`data_axis` is None the kernel runs as is. Callers check
+    :func:`sharded_reason` first (:func:`choose_kernel` does), so that the batch divides.
+
+    Args:
+      kernel: a function of array pytrees (static options bound, e.g. by ``functools.partial``).
+      args: its positional arguments (pytrees; None allowed).
+      batch_axes: per argument, the batch axis of each of its leaves (0 for ``(batch, ...)``), or None: whole.
+      out_batch_axes: the batch axis of the outputs, a pytree prefix of them (an int: every output).
+    """
+    axis = data_axis()
+    if axis is None:
+        return kernel(*args)
+    split = lambda dim: PartitionSpec(*(None,) * dim, axis)  # noqa: E731
+    in_specs = tuple(PartitionSpec() if dim is None else split(dim) for dim in batch_axes)
+    # check_vma=False: a pallas_call's outputs carry no varying-axes type
+    return jax.shard_map(kernel, in_specs=in_specs, out_specs=jax.tree.map(split, out_batch_axes),
+                         check_vma=False)(*args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -225,6 +293,10 @@ def dot_precision(config: KernelConfig):
 
 def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+#: why a state-update call with ``state_batch_indices`` does not run per shard (:func:`sharded_reason`)
+SLOTS_SPLIT_REASON = "state_batch_indices (a row may read and write any slot of the whole state)"
 
 
 def check_state_slots(state_rows: int, batch: int, state_batch_indices) -> None:

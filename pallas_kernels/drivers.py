@@ -26,7 +26,7 @@ def _use_kernel(op: str, cell: cells.Cell, batch: int, dtype, config: dispatch.K
                 model_reason: Optional[str]) -> bool:
     reason = model_reason or fg.unsupported_reason(cell, batch, dtype)
     slower = None if reason is not None else cell.policy.slower_reason("step", batch)
-    return dispatch.choose_kernel(op, reason, config, slower)
+    return dispatch.choose_kernel(op, reason, config, slower, batch=batch)
 
 
 def step(cell: cells.Cell, state, x, inputs, config: dispatch.KernelConfig, model_reason: Optional[str] = None):

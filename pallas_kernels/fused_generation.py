@@ -133,7 +133,21 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
 
     Returns:
       ``(ys, state)``: the outputs (float32) and the final state (per-row arrays as ``state``).
+
+    Under a data-parallel mesh each device runs the kernel on its rows (:func:`pallas_kernels.dispatch.per_shard`).
     """
+
+    def rows_here(params, state, x0, row_inputs, step_inputs, xs, num_valid):
+        return _run_rows(cell._replace(params=params), state, x0, num_steps, row_inputs, step_inputs, config=config,
+                         xs=xs, time_major=time_major, num_valid=num_valid)
+
+    return dispatch.per_shard(rows_here, (cell.params, state, x0, row_inputs, step_inputs, xs, num_valid),
+                              (None, 0, 0, 0, 0, 0, None), (1 if time_major else 0, 0))
+
+
+def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *, config: dispatch.KernelConfig, xs,
+              time_major: bool, num_valid):
+    """:func:`run_cell` on the rows of one device."""
     pl, plgpu = dispatch.pallas_modules()
     batch, H = x0.shape
     Hp = lanes(H)
@@ -283,7 +297,7 @@ def use_fused_rollout(model, batch_size: int, event_mode: bool, dtype=None,
     config = dispatch.resolve(config)
     reason = model_unsupported_reason(model, batch_size, event_mode, dtype)
     slower = None if reason is not None else abstract_cell(model).policy.slower_reason("rollout", batch_size)
-    return dispatch.choose_kernel(OP, reason, config, slower)
+    return dispatch.choose_kernel(OP, reason, config, slower, batch=batch_size)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -210,7 +210,8 @@ def selective_state_update(
     config = dispatch.resolve(config)
     reason = unsupported_reason(state, x, dt, A, B, C, D, z, dt_bias, delta_A)
     slower = slower_than_reference(x.shape[0], state_batch_indices)
-    use_kernel = dispatch.choose_kernel(OP, reason, config, slower)
+    rows = x.shape[0] if state_batch_indices is None else None  # split over a data-parallel mesh
+    use_kernel = dispatch.choose_kernel(OP, reason, config, slower, batch=rows, split_reason=dispatch.SLOTS_SPLIT_REASON)
     if not use_kernel:
         config = None  # the reference: one compiled program whatever the configuration
     return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, delta_A=delta_A, discretization=discretization,
@@ -229,8 +230,13 @@ def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, *, delta_A, discret
                    pad_slot_id=pad_slot_id)
     if config is None:
         out, new_state = reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, **options)
-    else:
-        out, new_state = kernel(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, config=config, **options)
+    else:  # per shard under a data-parallel mesh (state_batch_indices never reach a kernel there)
+        def rows_here(state, x, dt, B, C, z, delta_A, state_batch_indices, A, D, dt_bias):
+            return kernel(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, delta_A=delta_A, discretization=discretization,
+                          state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id, config=config)
+
+        rows = (state, x, dt, B, C, z, delta_A, state_batch_indices)
+        out, new_state = dispatch.per_shard(rows_here, rows + (A, D, dt_bias), (0,) * len(rows) + (None,) * 3, 0)
     if not heads:
         out, new_state = out[:, 0], new_state[:, 0]
     return out, new_state

@@ -364,6 +364,9 @@ def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=N
                 chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
     """The kernel pair under ``jax.custom_vjp``; same contract as :func:`selective_scan` (no dispatch).
 
+    Under a data-parallel mesh the pair runs per shard (:func:`pallas_kernels.dispatch.per_shard`; the gradients of
+    ``A`` and ``D`` are summed over the devices).
+
     ``L`` need not be a multiple of ``chunk``: the sequences are padded with masked steps (a copy).
     """
     config = dispatch.resolve(config)
@@ -374,7 +377,9 @@ def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=N
         mask = jnp.ones(u.shape[:2], jnp.float32)  # the padded steps are masked
     if mask is not None:
         mask = mask.astype(jnp.float32)
-    return _scan((discretization, int(chunk), config), u, delta, A, B, C, D, z, delta_A, mask, h0)
+    scan = functools.partial(_scan, (discretization, int(chunk), config))
+    args = (u, delta, A, B, C, D, z, delta_A, mask, h0)
+    return dispatch.per_shard(scan, args, (0, 0, None, 0, 0, None, 0, 0, 0, 0), 0)  # forward and backward
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -397,7 +402,7 @@ def choose(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None, *, chunk: i
            config: Optional[dispatch.KernelConfig] = None, policy: ScanPolicy = POLICY) -> bool:
     """Whether :func:`selective_scan` (and the model's forward) runs the kernels for these arguments under ``config``."""
     reason = unsupported_reason(u, delta, A, B, C, D, z, delta_A, h0, chunk)
-    return dispatch.choose_kernel(OP, reason, dispatch.resolve(config), policy.slower_reason())
+    return dispatch.choose_kernel(OP, reason, dispatch.resolve(config), policy.slower_reason(), batch=u.shape[0])
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *,

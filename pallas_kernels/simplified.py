@@ -289,7 +289,8 @@ def simplified_state_update(
                    state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
     config = dispatch.resolve(config)
     reason = unsupported_reason(state, x, A, B, C, delta, D, integration_timesteps)
-    if not dispatch.choose_kernel(OP, reason, config):
+    rows = x.shape[0] if state_batch_indices is None else None  # split over a data-parallel mesh
+    if not dispatch.choose_kernel(OP, reason, config, batch=rows, split_reason=dispatch.SLOTS_SPLIT_REASON):
         config = None  # the reference: one compiled program whatever the configuration
     return _step(state, x, A, B, C, delta, D, config=config, **options)
 
@@ -302,10 +303,18 @@ def _step(state, x, A, B, C, delta, D, *, integration_timesteps, discretization,
                    state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id)
     if config is None:
         return reference(state, x, A, B, C, delta, D, **options)
-    if cl.is_planes(state):
-        return kernel(state, x, A, B, C, delta, D, config=config, **options)
-    out, new_state = kernel(cl.split(state), x, A, B, C, delta, D, config=config, **options)
-    return out, cl.merge(new_state, state.dtype)
+
+    def rows_here(planes, x, integration_timesteps, state_batch_indices, A, B, C, delta, D):
+        return kernel(planes, x, A, B, C, delta, D, integration_timesteps=integration_timesteps,
+                      discretization=discretization, conj_sym=conj_sym, state_batch_indices=state_batch_indices,
+                      pad_slot_id=pad_slot_id, config=config)
+
+    # per shard under a data-parallel mesh (state_batch_indices never reach a kernel there); A per row: (batch, P)
+    planes = state if cl.is_planes(state) else cl.split(state)
+    rows = (planes, x, integration_timesteps, state_batch_indices)
+    out, new_state = dispatch.per_shard(rows_here, rows + (A, B, C, delta, D),
+                                        (0,) * len(rows) + (0 if A.ndim == 2 else None, None, None, None, None), 0)
+    return out, (new_state if cl.is_planes(state) else cl.merge(new_state, state.dtype))
 
 
 def _check(state, x, A, B, C, delta, D, integration_timesteps, discretization, state_batch_indices):

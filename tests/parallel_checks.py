@@ -11,8 +11,18 @@ computation on one device:
 
 and reads each compiled program: no collective moves a batch-shaped array (``parallel.activation_collectives``);
 the forward, step and generation programs have no collective at all. Then ``generate_tokens`` of a small language
-model with a sharded prompt, and a kernel forced with ``use_kernels="always"`` under the mesh (it refuses, with a
-warning, and the XLA path runs). Prints one JSON line of results; any failed check raises.
+model with a sharded prompt, and the Pallas kernels forced with ``use_kernels="always"`` under the mesh (Pallas
+interpret mode on the CPU), each against the same kernels on one device and read from its jaxpr (every
+``pallas_call`` inside a ``shard_map``: :func:`kernel_placement`):
+
+* Mamba's and LRU's training steps on the scan kernels (forward and backward per shard; the parameter gradients
+  summed over the devices), with no collective on a batch-shaped array;
+* ``generate`` on the fused kernel, and ``model.step`` on the step kernel, with no collective at all;
+* the array-level ``simplified_state_update`` and ``checkpointing_ssu``;
+* the refusals (a warning naming the reason, and the XLA path): a batch that does not divide over the devices, and
+  rows mapped to state slots (``state_batch_indices``).
+
+Prints one JSON line of results; any failed check raises.
 
 Usage: ``python tests/parallel_checks.py [--meshes 2,4,8] [--entries NAME,...]``.
 """
@@ -182,19 +192,168 @@ def check_language_model(mesh) -> dict:
     return {"entry": "generate_tokens Mamba+attn", "devices": mesh.size}
 
 
+#: the kernels forced: off the GPU they run in Pallas interpret mode, so the CPU runs their own code
+KERNELS = KernelConfig(use_kernels="always")
+#: float32: the kernels per shard against the same kernels on one device (the training step sums the loss and the
+#: parameter gradients over the devices in another order, a few ulps)
+KERNEL_RTOL = 1e-5
+
+
+def kernel_placement(closed_jaxpr) -> tuple[int, int]:
+    """``(inside, outside)``: how many ``pallas_call``s of a jaxpr (nested jaxprs included) run inside a ``shard_map``
+    (per shard) and outside any (on operands XLA's partitioner would gather)."""
+    counts = [0, 0]
+
+    def sub_jaxprs(value):  # a jaxpr, a closed one, or a sequence of them (the params of cond, scan, ...)
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(getattr(value, "jaxpr", None), "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                yield from sub_jaxprs(item)
+
+    def walk(jaxpr, per_shard):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                counts[0 if per_shard else 1] += 1
+                continue
+            for sub in sub_jaxprs(list(eqn.params.values())):
+                walk(sub, per_shard or eqn.primitive.name == "shard_map")
+
+    for jaxpr in sub_jaxprs(closed_jaxpr):
+        walk(jaxpr, False)
+    return counts[0], counts[1]
+
+
+def assert_per_shard(closed_jaxpr, what: str) -> int:
+    inside, outside = kernel_placement(closed_jaxpr)
+    assert inside >= 1 and outside == 0, f"{what}: {inside} pallas_calls inside a shard_map, {outside} outside"
+    return inside
+
+
+def check_kernel_training(name: str, mesh, **overrides) -> dict:
+    """The training step (forward and gradients) of zoo entry ``name`` on the scan kernels (:data:`KERNELS`), batch
+    sharded over ``mesh``, against the same step on one device: the kernels run per shard (forward and backward),
+    and no collective moves a batch-shaped array."""
+    entry = next(e for e in ZOO if e.name == name)
+    model = entry.build(kernel_config=KERNELS, **overrides)
+    model.eval()
+    rng = np.random.default_rng(4)
+    x, target = (rng.normal(size=(BATCH, LENGTH, model.d_model)).astype(np.float32) for _ in range(2))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = OPTIMIZER.init(params)
+    one = train_step(graphdef, params, rest, opt_state, jnp.asarray(x), None, jnp.asarray(target))
+    args = (parallel.replicate(params, mesh), parallel.replicate(rest, mesh), parallel.replicate(opt_state, mesh),
+            *parallel.shard_batch((x, None, target), mesh))
+    with warnings.catch_warnings(), parallel.data_parallel(mesh):
+        warnings.simplefilter("error", RuntimeWarning)  # a refused kernel would warn
+        traced = train_step.trace(graphdef, *args)
+        compiled = traced.lower().compile()
+    many = compiled(*args)
+    result = {"entry": f"{name} kernels per shard", "devices": mesh.size,
+              "kernels_per_shard": assert_per_shard(traced.jaxpr, f"{name} training step"),
+              "train_loss_rel": rel(many[2], one[2]), "train_grad_rel": tree_rel(many[3], one[3]),
+              "train_params_rel": tree_rel(many[0], one[0])}
+    assert max(result["train_loss_rel"], result["train_grad_rel"], result["train_params_rel"]) < KERNEL_RTOL, result
+    result["train_collectives"] = no_activation_collectives(compiled.as_text(), mesh.size, f"{name} kernel training")
+    return result
+
+
+def check_kernel_generation(mesh) -> dict:
+    """``generate`` on the fused kernel (:data:`KERNELS`), batch sharded over ``mesh``, against one device: the
+    kernel runs per shard, and the compiled generation program has no collective at all."""
+    entry = next(e for e in ZOO if e.name == "S5-zoh")
+    model = entry.build()
+    model.eval()
+    x0 = np.random.default_rng(5).normal(size=(BATCH, model.d_model)).astype(np.float32)
+    ys_one = generate(model, jnp.asarray(x0), GEN_STEPS, kernel_config=KERNELS)
+    parallel.replicate(model, mesh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ys_many = generate(model, parallel.shard_batch(x0, mesh), GEN_STEPS, kernel_config=KERNELS)
+    generator = generation._GENERATORS[next(reversed(generation._GENERATORS))]
+    assert generator.spec.fused and generator.sharding == parallel.batch_sharding(mesh), generator
+    assert ys_many.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 3), ys_many.sharding
+    no_activation_collectives(generator.compiled.as_text(), mesh.size, "fused generate", none_at_all=True)
+    with parallel.data_parallel(mesh):
+        jaxpr = jax.make_jaxpr(generation.build_program(generator.spec))(
+            jax.tree.leaves(model), parallel.shard_batch(x0, mesh), generator._initial_cache, None, np.int32(GEN_STEPS))
+    result = {"entry": "fused generate per shard", "devices": mesh.size, "generate_rel": rel(ys_many, ys_one),
+              "kernels_per_shard": assert_per_shard(jaxpr, "fused generate")}
+    assert result["generate_rel"] < KERNEL_RTOL, result
+    return result
+
+
+def check_state_update_kernels(mesh) -> dict:
+    """The array-level state-update kernels (``simplified_state_update``, a complex state in event mode;
+    ``checkpointing_ssu``, row ``b`` on slot ``b``) with their rows sharded over ``mesh``, against one device: each
+    runs per shard, and the results come back split by rows."""
+    from pallas_kernels import checkpointing_ssu, simplified_state_update
+    from test_checkpointing_ssu import make_case
+
+    rng = np.random.default_rng(6)
+    rows = 2 * mesh.size
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    simplified = dict(state=(normal(rows, 5) + 1j * normal(rows, 5)).astype(np.complex64), x=normal(rows, 3),
+                      integration_timesteps=rng.uniform(0.2, 1.5, rows).astype(np.float32))
+    simplified_params = dict(A=(-rng.uniform(0.1, 1, 5) + 1j * normal(5)).astype(np.complex64),
+                             B=(normal(5, 3) + 1j * normal(5, 3)).astype(np.complex64), C=normal(4, 5),
+                             delta=rng.uniform(0.05, 0.5, 5).astype(np.float32), discretization="async")
+    ssu = make_case(rng, S=rows, batch=rows, slots=None)
+    ssu_rows = {k: v for k, v in ssu.items() if k not in ("A", "D", "dt_bias", "dt_softplus")}
+
+    def both(simplified, ssu_rows):
+        return (simplified_state_update(**simplified, **simplified_params, config=KERNELS),
+                checkpointing_ssu(**{**ssu, **ssu_rows}, config=KERNELS))
+
+    one = both(simplified, ssu_rows)
+    sharded = parallel.shard_batch((simplified, ssu_rows), mesh)
+    with warnings.catch_warnings(), parallel.data_parallel(mesh):
+        warnings.simplefilter("error", RuntimeWarning)
+        many = both(*sharded)
+        jaxpr = jax.make_jaxpr(both)(*sharded)
+    assert all(leaf.sharding.is_equivalent_to(parallel.batch_sharding(mesh), leaf.ndim) for leaf in jax.tree.leaves(many))
+    result = {"entry": "state-update kernels per shard", "devices": mesh.size, "state_update_rel": tree_rel(many, one),
+              "kernels_per_shard": assert_per_shard(jaxpr, "state updates")}
+    assert result["state_update_rel"] < KERNEL_RTOL and result["kernels_per_shard"] == 2, result
+    return result
+
+
 def check_kernel_refusal(mesh) -> dict:
-    """A kernel forced under the mesh takes the XLA path with a warning (no partitioned kernels yet)."""
+    """Under the mesh, the step kernel of ``model.step`` runs per shard for a batch that divides over the devices,
+    and refuses (a warning naming the reason; the XLA path runs) for one that does not, and for a state-update call
+    whose rows map to state slots (``state_batch_indices``: a row may touch any slot, so the state cannot be split)."""
+    from pallas_kernels import selective_state_update
+
     entry = next(e for e in ZOO if e.name == "LRU")
     model = parallel.replicate(entry.build(), mesh)
-    x = np.random.default_rng(2).normal(size=(BATCH, model.d_model)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(BATCH, model.d_model)).astype(np.float32)
     cache = parallel.shard_batch(model.allocate_inference_cache(BATCH), mesh)
     reference, _ = model.step(parallel.shard_batch(x, mesh), cache, kernel_config=KernelConfig(use_kernels="never"))
     with warnings.catch_warnings(record=True) as caught, parallel.data_parallel(mesh):
         warnings.simplefilter("always")
-        y, _ = model.step(parallel.shard_batch(x, mesh), cache, kernel_config=KernelConfig(use_kernels="always"))
-    assert any("mesh of" in str(w.message) for w in caught), [str(w.message) for w in caught]
-    assert np.array_equal(np.asarray(y), np.asarray(reference))
-    return {"entry": "kernel refusal", "devices": mesh.size}
+        y, _ = model.step(parallel.shard_batch(x, mesh), cache, kernel_config=KERNELS)
+        graphdef, state = nnx.split(model)
+        jaxpr = base._jit_step.trace(graphdef, state, parallel.shard_batch(x, mesh), cache, None, KERNELS).jaxpr
+        assert not caught, [str(w.message) for w in caught]
+        rows = mesh.size + 1  # not a multiple of the devices
+        odd, _ = model.step(x[:rows], model.allocate_inference_cache(rows), kernel_config=KERNELS)
+        state, x1, dt, B, C = (rng.normal(size=s).astype(np.float32) for s in
+                               ((BATCH, 4, 3), (mesh.size, 4), (mesh.size, 4), (mesh.size, 3), (mesh.size, 3)))
+        slots = np.arange(mesh.size, dtype=np.int32) * 2
+        selective_state_update(state, x1, dt, -np.exp(rng.normal(size=(4, 3))).astype(np.float32), B, C,
+                               state_batch_indices=slots, config=KERNELS)
+    messages = [str(w.message) for w in caught]
+    assert any(f"a batch of {rows} rows over a mesh of {mesh.size} devices" in m for m in messages), messages
+    assert any("selective_state_update" in m and "state_batch_indices" in m for m in messages), messages
+    odd_reference, _ = model.step(x[:rows], model.allocate_inference_cache(rows), kernel_config=KernelConfig(use_kernels="never"))
+    assert np.array_equal(np.asarray(odd), np.asarray(odd_reference))
+    result = {"entry": "kernel refusal", "devices": mesh.size, "step_rel": rel(y, reference),
+              "kernels_per_shard": assert_per_shard(jaxpr, "LRU step")}
+    assert result["step_rel"] < KERNEL_RTOL, result
+    return result
 
 
 def probe_fft_path(mesh) -> dict:
@@ -233,6 +392,10 @@ def main(argv=None):
     if args.extras:
         results.append(check_language_model(meshes[-1]))
         results.append(check_kernel_refusal(meshes[0]))
+        results.append(check_kernel_training("Mamba", meshes[-1]))
+        results.append(check_kernel_training("LRU", meshes[1], method="scan"))
+        results.append(check_kernel_generation(meshes[1]))
+        results.append(check_state_update_kernels(meshes[0]))
         results.append(probe_fft_path(meshes[0]))
     print(json.dumps({"results": results, "seconds": round(time.perf_counter() - start, 1)}))
 

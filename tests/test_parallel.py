@@ -2,8 +2,8 @@
 the device count is fixed when JAX starts, and the rest of the suite runs on one device).
 
 The subprocess asserts inside (every zoo entry: an optax training step and ``generate`` sharded equal one device,
-and their compiled programs move no batch-shaped array between devices; see its docstring); here its JSON report
-is read back. The helpers that need no second device are tested in this process."""
+and their compiled programs move no batch-shaped array between devices; the Pallas kernels run per shard; see its
+docstring); here its JSON report is read back. The helpers that need no second device are tested in this process."""
 
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ def test_every_zoo_entry_trains_and_generates_data_parallel(report):
         assert row["train_collectives"] >= 1, row  # the gradient's all-reduce (and nothing on activations)
     assert sum("forward_rel" in rows[e.name] for e in ZOO) >= 6
     assert {"generate_tokens Mamba+attn", "kernel refusal"} <= set(rows)
+
+
+def test_kernels_run_per_shard(report):
+    """Under the mesh the forced kernels run inside shard_map (each device on its rows) and equal one device."""
+    rows = {r["entry"]: r for r in report["results"]}
+    per_shard = ["Mamba kernels per shard", "LRU kernels per shard", "fused generate per shard",
+                 "state-update kernels per shard", "kernel refusal"]
+    for name in per_shard:
+        assert rows[name]["kernels_per_shard"] >= 1, rows[name]
+    for name in per_shard[:2]:  # forward and backward kernels; float32, sums over the devices in another order
+        row = rows[name]
+        assert row["kernels_per_shard"] == 2 and row["train_grad_rel"] < 1e-5 and row["train_loss_rel"] < 1e-5, row
+    assert rows["fused generate per shard"]["generate_rel"] < 1e-5
+    assert rows["state-update kernels per shard"]["state_update_rel"] < 1e-5
+    assert rows["kernel refusal"]["step_rel"] < 1e-5
 
 
 @pytest.mark.xfail(strict=True, reason="known gap: XLA's partitioner gathers the batch around the FFT convolution "

@@ -12,12 +12,17 @@ is summed over the devices by one all-reduce of each parameter-shaped gradient (
     ys = generate(model, x[:, 0], 64)                # sharded in, sharded out
     tokens = generate_tokens(lm, parallel.shard_batch(prompt, mesh), 32)
 
-The Pallas kernels are not partitioned: under a mesh of several devices (``jax.set_mesh``, or
-:func:`data_parallel`, which ``generate``, ``capture_graph`` and ``generate_tokens`` enter themselves for a
-sharded input) :func:`pallas_kernels.dispatch.choose_kernel` takes the XLA reference and says so once, instead
-of letting the partitioner gather a kernel's operands. Outside a mesh context the kernels are chosen as usual
-(only on an NVIDIA GPU under ``"auto"``), so run a sharded model's forward, ``step`` and training step on a GPU
-inside ``with parallel.data_parallel(mesh):``.
+The Pallas kernels run per shard: XLA's partitioner cannot split a ``pallas_call`` (it would gather the
+operands), so under a mesh context (``jax.set_mesh``, or :func:`data_parallel`, which ``generate``,
+``capture_graph`` and ``generate_tokens`` enter themselves for a sharded input) every kernel entry point runs
+inside ``jax.shard_map`` over the :data:`DATA` axis (:func:`pallas_kernels.dispatch.per_shard`): each device runs
+the kernel on its own rows, with the parameters whole, and the results come back batch-sharded; the training
+scans run forward and backward per shard, their parameter gradients summed over the devices by the ``shard_map``'s
+transpose. Where a call cannot be split by rows (a batch that is not a multiple of the devices, state-update rows
+mapped to slots by ``state_batch_indices``, a mesh whose devices are not all on the ``"data"`` axis)
+:func:`pallas_kernels.dispatch.choose_kernel` takes the XLA reference and says so once. Outside a mesh context the
+dispatch cannot see the mesh (a kernel would get its operands gathered), so run a sharded model's forward,
+``step`` and training step on a GPU inside ``with parallel.data_parallel(mesh):``.
 
 :func:`collectives` lists the collectives of a compiled program (``jax.jit(f).lower(...).compile().as_text()``),
 and :func:`activation_collectives` those that move a batch-shaped array: how the tests check that no activation
@@ -36,8 +41,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-#: the default name of the data axis
-DATA = "data"
+from pallas_kernels import dispatch as kernel_dispatch
+
+#: the default name of the data axis: the one over which the Pallas kernels run per shard
+DATA = kernel_dispatch.DATA_AXIS
 
 
 def data_mesh(num_devices: Optional[int] = None, axis: str = DATA, devices: Optional[Sequence] = None) -> Mesh:
@@ -92,8 +99,8 @@ def replicate(model_or_tree, mesh: Mesh):
 
 
 def data_parallel(mesh: Mesh):
-    """A context (``jax.set_mesh(mesh)``) in which the library's programs are traced for ``mesh``: kernels take
-    the XLA path (see the module docstring)."""
+    """A context (``jax.set_mesh(mesh)``) in which the library's programs are traced for ``mesh``: kernels run per
+    shard over its ``"data"`` axis (see the module docstring)."""
     return jax.set_mesh(mesh)
 
 
