@@ -18,6 +18,10 @@ A benchmark uses an anchor only when
 
 Every other anchor of the benchmark is reported as skipped, with why (:meth:`Anchors.summary`).
 
+A results file may also hold ``"targets"``: the goals an issue sets for this library, in the same form (``library``
+``"lrnnx_jax"``, ``value`` the time to reach at most), read with ``key="targets"`` and used by the same rules, so a
+target set on an H200 is compared only with an H200 run.
+
 ``python -m benchmarks.anchors --lrnnx-csv DIR --device "NVIDIA H100" --out FILE`` turns the CSV files of lrnnx's
 ``benchmarks/run_all.py`` (``infer_{seq_length,model_dim,batch_size}.csv``) into a results file of ``generate``
 anchors, which ``python -m benchmarks.run_all --anchors FILE`` draws next to its own sweeps.
@@ -34,7 +38,7 @@ from typing import Iterable, Optional, Sequence
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 DEFAULT_PATH = RESULTS / "lrnnx_anchors.json"
-UNITS = {"us_per_step": "µs/step", "us_per_token": "µs/token"}
+UNITS = {"us_per_step": "µs/step", "us_per_token": "µs/token", "ms": "ms"}
 #: words of a device name that say nothing about the chip
 _VENDOR_WORDS = {"nvidia"}
 
@@ -138,12 +142,12 @@ class Anchors:
         }
 
 
-def load(path) -> list[Anchor]:
-    """Every anchor of one results file."""
+def load(path, key: str = "anchors") -> list[Anchor]:
+    """Every anchor of one results file (``key="targets"``: its targets; a file without that list has none)."""
     path = pathlib.Path(path)
     data = json.loads(path.read_text())
     anchors = []
-    for entry in data["anchors"]:
+    for entry in data.get(key, []):
         missing = {"id", "benchmark", "value", "unit", "measured", "device"} - set(entry)
         if missing:
             raise ValueError(f"{path}: anchor {entry.get('id', '?')!r} lacks {sorted(missing)}")
@@ -153,9 +157,11 @@ def load(path) -> list[Anchor]:
     return anchors
 
 
-def anchors(kind: Optional[str] = None, paths: Optional[Sequence] = None, benchmark: Optional[str] = None) -> Anchors:
+def anchors(kind: Optional[str] = None, paths: Optional[Sequence] = None, benchmark: Optional[str] = None,
+            key: str = "anchors") -> Anchors:
     """The anchors of ``benchmark`` (all benchmarks if None) in ``paths`` (default: ``lrnnx_anchors.json``), split
-    into those measured on device ``kind`` (default: this process's) and the skipped ones."""
+    into those measured on device ``kind`` (default: this process's) and the skipped ones (``key="targets"``: the
+    files' targets)."""
     kind = device_kind() if kind is None else kind
     if not paths:
         if not DEFAULT_PATH.exists():  # not installed in editable mode: results/ is not package data
@@ -165,7 +171,7 @@ def anchors(kind: Optional[str] = None, paths: Optional[Sequence] = None, benchm
     paths = [pathlib.Path(p) for p in paths]
     usable, skipped = [], []
     for path in paths:
-        for anchor in load(path):
+        for anchor in load(path, key):
             if benchmark is not None and anchor.benchmark != benchmark:
                 continue
             if same_device(anchor.device, kind):

@@ -44,7 +44,7 @@ def test_same_device_needs_every_word_of_the_anchors_device(kind, device, same):
 def test_published_anchors_carry_what_was_measured_where_and_from_where():
     data = json.loads(anchors.DEFAULT_PATH.read_text())
     loaded = anchors.load(anchors.DEFAULT_PATH)
-    assert len(loaded) == len(data["anchors"]) == 9 and len({a.id for a in loaded}) == 9
+    assert len(loaded) == len(data["anchors"]) == 15 and len({a.id for a in loaded}) == 15
     for anchor in loaded:
         assert anchor.library == "PyTorch lrnnx" and anchor.source and anchor.measured["method"]
         assert anchor.unit in anchors.UNITS
@@ -67,9 +67,29 @@ def test_published_anchors_carry_what_was_measured_where_and_from_where():
                     anchor.measured["dtype"]) == (512, 16, 32000, "float32")
 
 
+def test_training_anchors_and_targets_are_the_issues_table_at_lrnnxs_point_on_the_h200():
+    """lrnnx's training times and the targets of the training issue, both at B=32, H=128, L=2048, d_state 64
+    (Mamba 16, RG-LRU none), float32, on an H200: benchmarks/benchmark_training.py compares with them."""
+    train = [a for a in anchors.load(anchors.DEFAULT_PATH) if a.benchmark == "train"]
+    targets = anchors.load(anchors.DEFAULT_PATH, key="targets")
+    assert {a.measured["model"]: a.value for a in train} == {"LRU": 2.78, "S5": 2.97, "S4D": 3.41, "Mamba": 5.85,
+                                                            "RGLRU": 3.43, "S7": 47.3}
+    assert {a.measured["model"]: a.value for a in targets} == {"LRU": 1.39, "S5": 1.49, "S4D": 1.70, "ltv.S5": 1.49,
+                                                              "Mamba": 2.9, "RGLRU": 1.7, "S7": 23.0}
+    for anchor in train + targets:
+        assert anchor.device == "NVIDIA H200" and anchor.unit == "ms" and "issue 14" in anchor.source
+        assert anchor.library == ("PyTorch lrnnx" if anchor in train else "lrnnx_jax")
+        measured = anchor.measured
+        assert (measured["B"], measured["H"], measured["L"], measured["dtype"]) == (32, 128, 2048, "float32")
+        assert measured["d_state"] == {"Mamba": 16, "RGLRU": None}.get(measured["model"], 64)
+    assert anchors.anchors("NVIDIA H200", benchmark="train", key="targets").find(
+        model="S7", B=32, H=128, L=2048, d_state=64).value == 23.0
+    assert anchors.load(anchors.DEFAULT_PATH, key="no such list") == []
+
+
 def test_anchors_split_by_device_kind():
     on_cpu = anchors.anchors("cpu")
-    assert on_cpu.usable == [] and len(on_cpu.skipped) == 9
+    assert on_cpu.usable == [] and len(on_cpu.skipped) == 15
     assert all(why == "this run is on cpu, another device kind" for _, why in on_cpu.skipped)
     on_h100 = anchors.anchors("NVIDIA H100 80GB HBM3", benchmark="generate")
     assert len(on_h100.usable) == 5 and on_h100.skipped == []
