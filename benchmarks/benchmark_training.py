@@ -45,7 +45,7 @@ d_state 64, Mamba's 16; lrnnx's ``run_all`` ran its width and batch sweeps at L=
 
 **Models**: LRU, S4, S4D, S5 (LTI, zoh), ltv.S5, Centaurus (neck, 2 sub-states), Mamba (its default "mamba"
 discretization), Mamba2 (headdim gcd(64, 2H)), RGLRU, S7; S4 and S4D with ``transposed=False`` (the (B, L, H)
-layout of the others).
+layout of the others). ``--matmul-precision`` sets JAX's float32 dot precision (default: JAX's own).
 
 **Output**: ``--out`` (JSON, default ``benchmark_results/training.json``, rewritten after every point so a stopped
 run keeps what it measured), a CSV beside it (one row per model, path and point), a plot beside it (time against L,
@@ -311,11 +311,14 @@ def measure_path(model, path: str, x, args, large: bool) -> tuple[dict, Optional
         result = jax.block_until_ready(compiled(params, x))
         row["loss"] = float(result[0])
         row["median_ms"] = 1e3 * median_seconds(lambda: compiled(params, x), args.warmup, args.repeats)
-        if large:
-            row.update(roofline(scan_ops, row["median_ms"], args))
     except Exception as error:
         row["status"] = failure(error)
         return row, None
+    if large:
+        try:
+            row.update(roofline(scan_ops, row["median_ms"], args))
+        except Exception as error:  # the step was measured; only the scan op alone failed
+            row["note"] = f"scan op alone: {failure(error)}"
     return row, result
 
 
@@ -426,7 +429,7 @@ def fmt(value, spec=".3g") -> str:
 def summary_table(rows: list[dict], point: Point) -> str:
     """The benchmark point: each model and path, with lrnnx's time and the target where the anchors give them."""
     lines = [f"## At lrnnx's benchmark point B={point.B}, H={point.H}, L={point.L} (ms, forward + backward)", "",
-             "| model | path | median ms | lrnnx ms | lrnnx / ours | target ms | ours / target | target | "
+             "| model | path | median ms | lrnnx ms | lrnnx / ours | target ms | ours / target | met? | "
              "max rel err vs xla | peak MiB | compile s | status |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for row in rows:
@@ -497,7 +500,8 @@ def environment(args, argv) -> dict:
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "command": "python -m benchmarks.benchmark_training " + " ".join(argv),
         "config": {k: getattr(args, k) for k in ("models", "paths", "sweeps", "point", "large", "seq_lengths",
-                                                 "model_dims", "batch_sizes", "d_state", "warmup", "repeats", "rtol",
+                                                 "model_dims", "batch_sizes", "d_state", "warmup", "repeats",
+                                                 "matmul_precision", "rtol",
                                                  "hbm_bandwidth", "memory_fraction", "time_budget", "seed")},
         "loss": "jit(value_and_grad(sum(model(x)))) w.r.t. every nnx.Param and x, float32",
     }
@@ -530,6 +534,9 @@ def parse_args(argv):
     parser.add_argument("--d-state", type=int, default=64, help="state size (Mamba keeps 16, RG-LRU has none)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--matmul-precision", choices=("default", "high", "highest"), default=None,
+                        help="jax_default_matmul_precision of the programs (default: JAX's own; on GPUs float32 dots "
+                        "may then use TF32, where PyTorch lrnnx's float32 does not by default)")
     parser.add_argument("--rtol", type=float, default=1e-5, help="largest relative gradient error vs the xla path")
     parser.add_argument("--hbm-bandwidth", type=float, default=H200_HBM_BYTES_PER_S, help="bytes/s (default: H200)")
     parser.add_argument("--memory-fraction", type=float, default=0.9,
@@ -579,7 +586,9 @@ def main(argv=None) -> dict:
 
     rows, stopped = [], None
     meta = dict(environment=env, notes=notes)
-    with Progress(len(jobs), desc="training", unit="point") as progress:
+    precision = (contextlib.nullcontext() if args.matmul_precision is None
+                 else jax.default_matmul_precision(args.matmul_precision))
+    with precision, Progress(len(jobs), desc="training", unit="point") as progress:
         for done, (point, sweeps, spec) in enumerate(jobs):
             if out_of_time():
                 stopped = f"time budget of {args.time_budget:g} s spent after {done} of {len(jobs)} points"
@@ -590,7 +599,7 @@ def main(argv=None) -> dict:
                 progress.write(models.note)
             new = measure_point(models, point, sweeps, args, out_of_time)
             for row in new:
-                row["note"] = kernel_note(row) or models.note
+                row["note"] = "; ".join(filter(None, (row.get("note"), kernel_note(row), models.note))) or None
             compare_with_anchors(new, lrnnx, targets)
             rows += new
             for row in new:
@@ -600,7 +609,13 @@ def main(argv=None) -> dict:
                 if row["status"] != "ok":
                     progress.write(f"  {spec.name} {row['path']} at B={point.B} H={point.H} L={point.L}: "
                                    f"{row['status']}")
+            if len(new) < len(models.paths):  # the budget ran out between this point's paths
+                stopped = (f"time budget of {args.time_budget:g} s spent at {spec.name} B={point.B} H={point.H} "
+                           f"L={point.L} after {len(new)} of its {len(models.paths)} paths ({done} of {len(jobs)} "
+                           "points done)")
             write_outputs(args.out, rows, {**meta, "stopped": stopped})
+            if stopped:
+                break
             progress.update(f"{spec.name} B={point.B} H={point.H} L={point.L}")
     if stopped:
         print(f"stopped: {stopped}")
