@@ -7,8 +7,8 @@ different devices (the last, the middle, the first), in event mode where the ent
 entry and layout computes the forward, the final cache and the gradient of a random linear function of both with
 respect to the parameters and ``x``; the sequence-parallel program (``parallel.sequence_parallel``) is compared with
 the one-device program (``model(...)``), and its compiled HLO is read: no collective moves an array with a length
-axis (``L`` or ``L / n``), only the summaries and the conv halo. The first entry (of each ``--part``) also runs
-without ``lengths``; then the error of a length that does not divide over the devices.
+axis (``L`` or ``L / n``), only the summaries and the conv halo. The first entry also runs
+without ``lengths``; then the errors that need several devices.
 
 Prints one JSON line of results (the pytest asserts on it); a failed assertion here raises.
 
@@ -108,9 +108,9 @@ def check_entry(entry, mesh, without_lengths: bool) -> dict:
     found = length_collectives(compiled.as_text(), length, entry.name)
     result["collectives"] = sorted({f"{c.op} {list(s)}" for c in found for s in c.shapes})
     assert any(c.op == "all-gather" for c in found), result  # the summaries (and nothing with a length axis)
-    if "conv_state" in cache_like:  # the halo: (B, K, H) from the previous device
-        K = cache_like["conv_state"].shape[-1]
-        assert any(c.op == "collective-permute" and (BATCH, K, model.d_model) in c.shapes for c in found), result
+    # the halo of a conv window: (B, K, H) from the previous device
+    result["halo"] = [BATCH, cache_like["conv_state"].shape[-1], model.d_model] if "conv_state" in cache_like else None
+    assert any(c.op == "collective-permute" for c in found) == (result["halo"] is not None), result
 
     if without_lengths:  # the forward and the final cache with every row to the end
         y_one, cache_one = model(jnp.asarray(x), tau, return_cache=True)
@@ -121,18 +121,22 @@ def check_entry(entry, mesh, without_lengths: bool) -> dict:
     return result
 
 
-def check_indivisible_length(mesh) -> dict:
-    model = ZOO[0].build()
-    x = np.zeros((BATCH, mesh.size * SHARD_LENGTH + 1, model.d_model), np.float32)
-    messages = []
-    for call in (lambda: parallel.sequence_parallel(model, x, mesh=mesh, axis=AXIS),
-                 lambda: parallel.shard_sequence(x, mesh, AXIS)):
+def check_errors(mesh) -> dict:
+    """The messages of a length that does not divide over the devices, and of a conv window longer than a device's
+    positions (they need several devices)."""
+    lru, mamba = ZOO[0].build(), next(e for e in ZOO if e.name == "Mamba").build()
+    x = np.zeros((BATCH, mesh.size * SHARD_LENGTH + 1, lru.d_model), np.float32)
+    calls = {"indivisible": lambda: parallel.sequence_parallel(lru, x, mesh=mesh, axis=AXIS),
+             "indivisible placement": lambda: parallel.shard_sequence(x, mesh, AXIS),
+             "short shards": lambda: parallel.sequence_parallel(mamba, x[:, :3 * mesh.size], mesh=mesh, axis=AXIS)}
+    messages = {}
+    for name, call in calls.items():
         try:
             call()
         except ValueError as error:
-            messages.append(str(error))
-    assert len(messages) == 2, messages
-    return {"entry": "indivisible length", "devices": mesh.size, "messages": messages}
+            messages[name] = str(error)
+    assert set(messages) == set(calls), messages
+    return {"entry": "errors", "devices": mesh.size, "messages": messages}
 
 
 def main(argv=None):
@@ -150,11 +154,11 @@ def main(argv=None):
     for i, entry in enumerate(entries):
         if i % parts != part:
             continue
-        results.append(check_entry(entry, meshes[i % len(meshes)], without_lengths=i == part))
+        results.append(check_entry(entry, meshes[i % len(meshes)], without_lengths=i == 0))
         results[-1]["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     if part == 0:
-        results.append(check_indivisible_length(meshes[-1]))
+        results.append(check_errors(meshes[-1]))
     print(json.dumps({"results": results, "seconds": round(time.perf_counter() - start, 1)}))
 
 
