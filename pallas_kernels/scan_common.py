@@ -65,15 +65,16 @@ def unsupported_size(*element_counts: int) -> Optional[str]:
     return None
 
 
-def pallas_call(body, out_shape, grid, config: dispatch.KernelConfig, name: str):
-    """``pl.pallas_call(body, ...)`` for a scan kernel: interpret mode and compiler parameters from ``config``."""
+def pallas_call(body, out_shape, grid, config: dispatch.KernelConfig, name: str, num_warps: Optional[int] = None):
+    """``pl.pallas_call(body, ...)`` for a scan kernel: interpret mode and compiler parameters from ``config``
+    (``num_warps``: the kernel's default warps per program, which ``config.num_warps`` overrides)."""
     pl, _ = dispatch.pallas_modules()
     return pl.pallas_call(
         body,
         out_shape=out_shape,
         grid=grid,
         interpret=dispatch.interpret_mode(config),
-        compiler_params=dispatch.compiler_params(config),
+        compiler_params=dispatch.compiler_params(config, num_warps),
         name=name,
     )
 

@@ -65,21 +65,31 @@ from pallas_kernels.scan_common import ScanPolicy
 OP = "selective_scan"
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 
+# Tiling, chosen on an NVIDIA H200 (jax 0.11.2, Triton lowering; benchmarks/results/train_scan_tuning_h200.json):
+# B=32, L=2048, D=256, N=16, float32, each kernel alone, median of 20:
+#   forward  (tile, warps, chunk): (256, 2, 16) 0.79 ms, (512, 4, 16) 0.81, (128, 2, 16) 0.85, (256, 4, 8) 1.03,
+#            (256, 4, 16) 1.30, (512, 8, 16) 1.33; before pipelined_chunks 1.35 (unrolled) and 2.09 (per-step loop);
+#   backward (tile, warps, chunk): (128, 2, 8) 2.49 ms (compiles in 16 s), (256, 4, 16) 5.01 (74 s);
+#            before pipelined_chunks (64, 1, 16) 3.58, (128, 2, 8) 3.50, (256, 4, 16) 4.16.
+# Both kernels share ``chunk`` (the checkpoint interval): 8, for the backward's speed and compile time.
+
 #: steps per chunk of the kernels: the forward checkpoints the state every ``chunk`` steps and the
-#: backward keeps ``chunk + 1`` states in registers (untuned: to be measured on a GPU)
-DEFAULT_CHUNK = 16
-#: state elements (``BLOCK_D * BLOCK_N``) per program of the forward and of the backward kernel
-#: (untuned; the backward holds ``chunk + 1`` such tiles)
-FORWARD_TILE = 512
-BACKWARD_TILE = 256
+#: backward keeps ``chunk + 1`` states in registers
+DEFAULT_CHUNK = 8
+#: state elements (``BLOCK_D * BLOCK_N``) per program of the forward and of the backward kernel (the backward
+#: holds ``chunk + 1`` such tiles), and warps per program (``KernelConfig.num_warps`` overrides both)
+FORWARD_TILE, FORWARD_WARPS = 256, 2
+BACKWARD_TILE, BACKWARD_WARPS = 128, 2
 #: the largest padded state size the kernels take
 MAX_BLOCK_N = 256
 
 
-#: not measured on a GPU yet: ``"auto"`` keeps the XLA path; ``use_kernels="always"`` opts in
+#: measured faster: ``"auto"`` takes the kernels on an NVIDIA GPU
 POLICY = ScanPolicy(
-    auto=False,
-    evidence=f"{scan_common.NOT_MEASURED}: benchmarks/benchmark_train_scan.py at B=32, D=256, L=2048, N=16 decides",
+    auto=True,
+    evidence="NVIDIA H200, jax 0.11.2: Mamba(d_model=128, d_state=16) forward + backward at B=32, L=2048, float32: "
+             "27.8 ms on the XLA path, 6.57 ms on the kernels (benchmarks/benchmark_training.py; "
+             "benchmarks/results/training_point_h200.json)",
 )
 
 
@@ -222,7 +232,7 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
 
     out_shape = (jax.ShapeDtypeStruct((batch, length, dim), u.dtype), jax.ShapeDtypeStruct((batch, dim, N), f32),
                  jax.ShapeDtypeStruct((batch, num_chunks, dim, N), f32))
-    call = scan_common.pallas_call(body, out_shape, (batch, pl.cdiv(dim, block_d)), config, OP + "_fwd")
+    call = scan_common.pallas_call(body, out_shape, (batch, pl.cdiv(dim, block_d)), config, OP + "_fwd", FORWARD_WARPS)
     return call(*arrays)
 
 
@@ -315,7 +325,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
         if "dD" in out:
             plgpu.store(out["dD"].at[b, rows], dD, mask=d_ok)
 
-    call = scan_common.pallas_call(body, tuple(outs.values()), (batch, blocks), config, OP + "_bwd")
+    call = scan_common.pallas_call(body, tuple(outs.values()), (batch, blocks), config, OP + "_bwd", BACKWARD_WARPS)
     return dict(zip(out_names, call(*arrays)))
 
 

@@ -161,16 +161,19 @@ def test_mamba_forward_and_gradients_on_kernels_equal_xla(discretization):
         assert _close(ours, theirs, F32_TOL)
 
 
-def test_auto_keeps_the_xla_path_on_a_gpu_until_measured(monkeypatch):
-    """POLICY: not measured, so "auto" takes the reference even on an NVIDIA GPU; "always" takes the kernels."""
+def test_auto_follows_the_measured_policy_on_a_gpu(monkeypatch):
+    """POLICY: measured faster on an H200, so "auto" takes the kernels on an NVIDIA GPU (and the reference off it,
+    or under a policy that says slower); "always" takes the kernels, "never" the reference."""
     a = _arrays(6)
     args = [a[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_A", "h0")]
-    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
-    assert not ss.POLICY.auto and ss.POLICY.slower_reason() is not None
+    assert ss.POLICY.auto and ss.POLICY.slower_reason() is None and "H200" in ss.POLICY.evidence
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: False)
     assert not ss.choose(*args, config=KernelConfig(use_kernels="auto"))
+    monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
+    assert ss.choose(*args, config=KernelConfig(use_kernels="auto"))
+    assert not ss.choose(*args, config=KernelConfig(use_kernels="auto"), policy=ss.ScanPolicy(auto=False, evidence="test"))
     assert ss.choose(*args, config=ALWAYS)
     assert not ss.choose(*args, config=NEVER)
-    assert ss.choose(*args, config=KernelConfig(use_kernels="auto"), policy=ss.ScanPolicy(auto=True, evidence="test"))
 
 
 def test_float64_takes_the_reference_and_passes_finite_differences():
