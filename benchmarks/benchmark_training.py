@@ -54,9 +54,9 @@ summary at the benchmark point with PyTorch lrnnx's times and the issue's target
 ``benchmarks/results/lrnnx_anchors.json`` (``--anchors``) and used only on the device kind they were measured on (an
 H200) at their configuration. ``--time-budget`` seconds stops the sweep between measurements and writes what it has.
 
-GPU only for meaningful numbers. ``--quick`` is a smoke run of the whole script on a CPU in under a minute: tiny
-shapes, one repeat, LRU and S4 unless ``--models`` names others (kernels in Pallas interpret mode, where Mamba's
-compile for about 10 s each: ``--quick --models all`` takes minutes).
+GPU only for meaningful numbers. ``--quick`` is a smoke run of the whole script on a CPU (about 45 s of CPU time):
+tiny shapes, one repeat, LRU and S4 unless ``--models`` names others (kernels in Pallas interpret mode compile for
+5-15 s each: ``--quick --models all --sweeps large``, one point per model, took 2 minutes of CPU time).
 """
 
 from __future__ import annotations
@@ -545,8 +545,8 @@ def parse_args(argv):
                         help="seconds: stop between measurements once spent, writing what was measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run (CPU, under a minute): tiny shapes, one repeat, models {','.join(QUICK['models'])} "
-                        "unless --models names others (Mamba's interpret-mode kernels compile for about 10 s each)")
+                        help=f"a smoke run (CPU): tiny shapes, one repeat, models {','.join(QUICK['models'])} unless "
+                        "--models names others (interpret-mode kernels compile for 5-15 s each)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_results/training.json"),
                         help="the JSON file; the CSV (and plot) go beside it")
     add_plot_and_anchor_arguments(parser, "training.png")

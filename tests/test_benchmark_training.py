@@ -60,7 +60,8 @@ def test_quick_run_measures_every_path_and_compares_the_gradients(tmp_path, caps
     assert kernels["step_roofline_fraction"] == pytest.approx(kernels["roofline_ms"] / kernels["median_ms"])
     assert "scan_ms" not in xla and "scan_ms" not in auto  # no Pallas scan op in their programs
     if not s4_kernels:
-        assert rows["S4", "xla"]["note"] == "S4: no kernel path (S4 takes no kernel_config): xla only, which is also auto"
+        note = "S4: no kernel path (S4 takes no kernel_config): xla only, which is also auto"
+        assert rows["S4", "xla"]["note"] == note
         assert rows["S4", "xla"]["note"] in printed
     # the files hold the same rows; the printed summary is at the benchmark point
     saved = json.loads(out.read_text())
@@ -91,7 +92,8 @@ def test_time_budget_and_memory_limit_stop_cleanly(tmp_path, capsys):
 
 def test_points_vary_one_axis_around_the_benchmark_point():
     head, rest = bt.sweep_points(bt.parse_args([]))
-    assert head == [(bt.Point(B=32, H=128, L=2048), ("seq", "dim", "batch")), (bt.Point(B=8, H=1024, L=4096), ("large",))]
+    assert head == [(bt.Point(B=32, H=128, L=2048), ("seq", "dim", "batch")),
+                    (bt.Point(B=8, H=1024, L=4096), ("large",))]
     assert len(rest) == 8 + 4 + 4  # lrnnx's values without the point
     for point, (sweep,) in rest:
         changed = [axis for axis, value in (("B", 32), ("H", 128), ("L", 2048)) if getattr(point, axis) != value]
