@@ -9,11 +9,13 @@ import pathlib
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh, AxisType
 
 from pallas_kernels import dispatch
 from pallas_kernels import selective
@@ -119,6 +121,37 @@ def test_choose_kernel(monkeypatch):
     assert not dispatch.choose_kernel("op", None, dispatch.KernelConfig(use_kernels="never"))
     assert dispatch.interpret_mode(dispatch.KernelConfig()) is False
     assert dispatch.interpret_mode(dispatch.KernelConfig(interpret=True)) is True
+
+
+SLOTS = dispatch.SLOTS_SPLIT_REASON
+
+
+@pytest.mark.parametrize("mesh, batch, split_reason, axis, reason", [
+    (AbstractMesh((4,), ("data",)), 8, None, "data", None),
+    (AbstractMesh((4,), ("data",)), 6, None, "data", "a batch of 6 rows over a mesh of 4 devices"),
+    (AbstractMesh((4,), ("data",)), None, SLOTS, "data", "state_batch_indices"),
+    (AbstractMesh((4, 1), ("data", "model")), 8, None, "data", None),
+    (AbstractMesh((2, 2), ("data", "model")), 8, None, None, "not all on one 'data' axis"),
+    (AbstractMesh((4,), ("sequence",)), 8, None, None, "not all on one 'data' axis"),
+    (AbstractMesh((4,), ("data",), axis_types=(AxisType.Manual,)), 8, None, None, "inside a shard_map"),
+    (AbstractMesh((1,), ("data",)), None, SLOTS, None, None),  # one device: nothing to split
+])
+def test_kernels_per_shard_by_mesh(mesh, batch, split_reason, axis, reason):
+    """Under which meshes a kernel runs per shard (``data_axis``) or is refused with a reason (abstract meshes: the
+    rule reads only the mesh of the trace; tests/parallel_checks.py runs the kernels on 8 fake devices)."""
+    assert dispatch.sharded_reason(batch, split_reason) is None  # no mesh
+    with jax.sharding.use_abstract_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dispatch.data_axis() == axis
+        got = dispatch.sharded_reason(batch, split_reason)
+        chosen = dispatch.choose_kernel(f"op on {mesh}, {batch}", None, dispatch.KernelConfig(use_kernels="always"),
+                                        batch=batch, split_reason=split_reason)
+    if reason is None:
+        assert got is None and chosen and not caught, (got, caught)
+    else:
+        assert reason in got and not chosen, got
+        assert [str(w.message) for w in caught] == [f"op on {mesh}, {batch}: using the pure-JAX reference, the kernel "
+                                                    f"does not support {got}"]
 
 
 def _uses_kernel(op, kwargs, **config) -> bool:
