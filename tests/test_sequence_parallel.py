@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -135,3 +136,14 @@ def test_models_that_cannot_be_split_say_why(mesh):
     with pytest.raises(ValueError, match=r"Undeclared.cache_carry must give every cache entry one of \('diagonal', "
                                          r"'dense', 'window'\); entry 'lrnn_state' has None"):
         sequence_parallel(Undeclared(d_model=6, d_state=4, rngs=nnx.Rngs(0)), x_of(8), mesh)
+
+
+def test_one_device_is_the_models_own_forward(mesh):
+    """A mesh axis of one device runs the model's forward from the zero cache (no summaries), under a user's jit."""
+    model = LRU(d_model=6, d_state=4, rngs=nnx.Rngs(0))
+    x, lengths = x_of(8), np.array([8, 5], np.int32)
+    y, cache = jax.jit(lambda x: sequence_parallel(model, x, mesh, lengths=lengths, return_cache=True))(x)
+    y_one, cache_one = model(x, lengths=lengths, return_cache=True)
+    np.testing.assert_allclose(y, y_one, rtol=1e-6, atol=1e-7)  # the same float32 program, scheduled apart
+    np.testing.assert_allclose(cache["lrnn_state"], cache_one["lrnn_state"], rtol=1e-6, atol=1e-7)
+    assert np.all(np.asarray(y)[1, 5:] == 0)

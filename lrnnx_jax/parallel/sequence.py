@@ -30,6 +30,9 @@ devices) and usable under ``jax.jit``::
     y = parallel.sequence_parallel(model, x, mesh=mesh, axis=parallel.SEQUENCE)
     y, cache = parallel.sequence_parallel(model, x, mesh=mesh, axis="sequence", return_cache=True)
 
+On a mesh axis of one device it is the model's own forward (the Pallas kernels may run there; on several devices
+the kernel dispatch refuses a mesh that is not of data parallelism, and the XLA path runs, which ``jax.jvp`` needs).
+
 Cost: about three forwards per device (the pass with its transition and the final pass) on ``L / n`` positions
 instead of one on ``L``; the devices exchange ``O(B x state)`` numbers. A ``"dense"`` state of size ``N`` costs
 ``N`` tangents in the first pass.
@@ -147,18 +150,9 @@ def _shard_forward(graphdef, state, x, tau, lengths, *, axis: str, num_shards: i
     local = None if lengths is None else jnp.clip(lengths - shard * length, 0, length)
     mask = None if local is None else jnp.arange(length)[None, :] < local[:, None]
     zero = _varying(model.allocate_inference_cache(batch, dtype=x.dtype), axis)
-    carry = {key: kind for key, (kind, _) in _carry_plan(model, batch).items()}
-    windows = _entering_windows(model, x, tau, zero, carry, axis, num_shards, shard)
-    recurrent = {key: zero[key] for key in zero if carry[key] != "window"}
-
-    def final_states(entering):
-        _, after = model.masked_forward(x, tau, mask, local, True, {**windows, **entering})
-        return {key: after[key].astype(entering[key].dtype) for key in entering}
-
-    offset, transition = _affine_summary(final_states, recurrent, carry, axis)
-    offsets, transitions = jax.lax.all_gather((offset, transition), axis)  # leaves (n, B, ...)
-    entering = _entering_states(offsets, transitions, recurrent, carry, shard, num_shards)
-    y, after = model.masked_forward(x, tau, mask, local, return_cache, {**windows, **entering})
+    # one device holds the whole sequence, which starts from the zero cache (and needs no transition)
+    entering = zero if num_shards == 1 else _entering_cache(model, x, tau, mask, local, zero, axis, num_shards, shard)
+    y, after = model.masked_forward(x, tau, mask, local, return_cache, entering)
     if not return_cache:
         return y, None
     # each row's final cache is the one of the device where it ends (the last one without lengths)
@@ -169,6 +163,22 @@ def _shard_forward(graphdef, state, x, tau, lengths, *, axis: str, num_shards: i
         return jax.lax.psum(jnp.where(mine.reshape(-1, *(1,) * (a.ndim - 1)), a, jnp.zeros_like(a)), axis)
 
     return y, jax.tree.map(from_owner, after)
+
+
+def _entering_cache(model, x, tau, mask, local, zero: dict, axis: str, num_shards: int, shard) -> dict:
+    """The true cache before this device's first position: the conv windows from the halo, the recurrent states from
+    every device's affine summary (a pass of this device's positions with its transition), gathered and composed."""
+    carry = {key: kind for key, (kind, _) in _carry_plan(model, x.shape[0]).items()}
+    windows = _entering_windows(model, x, tau, zero, carry, axis, num_shards, shard)
+    recurrent = {key: zero[key] for key in zero if carry[key] != "window"}
+
+    def final_states(entering):
+        _, after = model.masked_forward(x, tau, mask, local, True, {**windows, **entering})
+        return {key: after[key].astype(entering[key].dtype) for key in entering}
+
+    offset, transition = _affine_summary(final_states, recurrent, carry, axis)
+    offsets, transitions = jax.lax.all_gather((offset, transition), axis)  # leaves (n, B, ...)
+    return {**windows, **_entering_states(offsets, transitions, recurrent, carry, shard, num_shards)}
 
 
 def _entering_windows(model, x, tau, zero, carry, axis, num_shards, shard) -> dict:
