@@ -41,7 +41,6 @@ instead of one on ``L``; the devices exchange ``O(B x state)`` numbers. A ``"den
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
