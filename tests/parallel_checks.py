@@ -320,6 +320,47 @@ def check_state_update_kernels(mesh) -> dict:
     return result
 
 
+#: the custom call of a Triton kernel in a module lowered for CUDA
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def check_triton_lowering(mesh) -> dict:
+    """The scan kernels' gradients per shard lower for an H100 on this CPU machine (Pallas translates each kernel to
+    Triton IR, as tests/conftest.py's ``lower_for_h100``): four Triton kernels in the ``shard_map``s' manual
+    computations, the batch sharded over the mesh."""
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+    from pallas_kernels import diagonal_scan, selective_scan
+
+    config = KernelConfig(use_kernels="always", interpret=False)
+
+    def loss(a, b, u, delta, A, B, C):
+        h, _ = diagonal_scan.diagonal_scan(a, b, config=config)
+        y, _ = selective_scan.selective_scan(u, delta, A, B, C, config=config)
+        return jnp.sum(h) + jnp.sum(y)
+
+    def typed(shape, sharding):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+
+    rows, whole = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    args = (typed((3,), whole), typed((BATCH, LENGTH, 3), rows), typed((BATCH, LENGTH, 8), rows),
+            typed((BATCH, LENGTH, 8), rows), typed((8, 4), whole), typed((BATCH, LENGTH, 4), rows),
+            typed((BATCH, LENGTH, 4), rows))
+    registration = pallas_call_registration.gpu_info_lib
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    get_gpu_info, registration.get_gpu_info = registration.get_gpu_info, lambda: h100
+    try:
+        with parallel.data_parallel(mesh):
+            exported = jax.export.export(jax.jit(jax.grad(loss, argnums=tuple(range(7)))), platforms=["cuda"],
+                                         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+    finally:
+        registration.get_gpu_info = get_gpu_info
+    text = exported.mlir_module()
+    # two scans, each a forward and a backward shard_map holding one Triton kernel
+    assert exported.nr_devices == mesh.size and text.count("sdy.manual_computation") == 4, text[:2000]
+    assert text.count(TRITON) == 4, text.count(TRITON)
+    return {"entry": "Triton lowering per shard", "devices": mesh.size, "triton_kernels": text.count(TRITON)}
+
+
 def check_kernel_refusal(mesh) -> dict:
     """Under the mesh, the step kernel of ``model.step`` runs per shard for a batch that divides over the devices,
     and refuses (a warning naming the reason; the XLA path runs) for one that does not, and for a state-update call
@@ -396,6 +437,7 @@ def main(argv=None):
         results.append(check_kernel_training("LRU", meshes[1], method="scan"))
         results.append(check_kernel_generation(meshes[1]))
         results.append(check_state_update_kernels(meshes[0]))
+        results.append(check_triton_lowering(meshes[1]))
         results.append(probe_fft_path(meshes[0]))
     print(json.dumps({"results": results, "seconds": round(time.perf_counter() - start, 1)}))
 

@@ -58,6 +58,7 @@ def test_kernels_run_per_shard(report):
     assert rows["fused generate per shard"]["generate_rel"] < 1e-5
     assert rows["state-update kernels per shard"]["state_update_rel"] < 1e-5
     assert rows["kernel refusal"]["step_rel"] < 1e-5
+    assert rows["Triton lowering per shard"]["triton_kernels"] == 4  # the GPU path of the same wrappers
 
 
 @pytest.mark.xfail(strict=True, reason="known gap: XLA's partitioner gathers the batch around the FFT convolution "
