@@ -8,7 +8,8 @@ every model that runs them (RG-LRU, S7, S5 LTV and LTI, LRU, Centaurus, S4D) wit
   optional inputs; bfloat16;
 * models: the forward, the final cache and the gradients w.r.t. ``x``, every parameter and the cache, with
   ``lengths``, a cache, event mode where the model has one, and bfloat16 ``x``;
-* dispatch: ``"auto"`` keeps the XLA path even on a GPU (not measured yet), float64 takes the reference;
+* dispatch: ``"auto"`` follows the measured policies (RG-LRU takes the kernels on a GPU, the others keep their XLA
+  paths), float64 takes the reference;
 * both kernels lower to Triton IR for an H100; bad arguments.
 
 Shapes are tiny (batch 2, L = 9): interpret mode compiles every kernel body.
@@ -25,6 +26,7 @@ import pytest
 from flax import nnx
 
 from conftest import relative_error
+from lrnnx_jax.models.ltv import rglru as rglru_module
 from pallas_kernels import KernelConfig, dispatch
 from pallas_kernels import diagonal_scan as ds
 
@@ -198,11 +200,12 @@ def test_model_kernel_config_is_checked():
 
 
 # ----------------------------------------------------------------------------- dispatch
-def test_auto_keeps_the_xla_path_on_a_gpu_until_measured(monkeypatch):
-    """POLICY: not measured, so "auto" takes the reference (and the models their XLA paths) even on an NVIDIA GPU."""
+def test_auto_follows_each_models_measured_policy_on_a_gpu(monkeypatch):
+    """POLICY (measured slower or no faster on an H200): "auto" takes the reference (and LRU its XLA path) even on an
+    NVIDIA GPU; RG-LRU's own policy (measured faster) takes the kernels there, and its XLA scan off a GPU."""
     a = _inputs(6, is_complex=True, invariant=True)
     monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
-    assert not ds.POLICY.auto and "not measured on a GPU yet" in ds.POLICY.evidence
+    assert not ds.POLICY.auto and "H200" in ds.POLICY.evidence
     assert not ds.choose(a["a"], a["b"], a["h0"], config=KernelConfig(use_kernels="auto"))
     assert ds.choose(a["a"], a["b"], a["h0"], config=ALWAYS)
     assert not ds.choose(a["a"], a["b"], a["h0"], config=NEVER)
@@ -212,10 +215,16 @@ def test_auto_keeps_the_xla_path_on_a_gpu_until_measured(monkeypatch):
     def no_kernels(*args, **kwargs):
         raise AssertionError("the kernels ran under 'auto'")
 
+    x = jax.random.normal(jax.random.key(3), (BATCH, LENGTH, 4), jnp.float32)
+    assert rglru_module.SCAN_POLICY.auto and "H200" in rglru_module.SCAN_POLICY.evidence
+    kernel_calls, kernel_scan = [], ds.kernel_scan
+    monkeypatch.setattr(ds, "kernel_scan", lambda *args, **kwargs: kernel_calls.append(1) or kernel_scan(*args, **kwargs))
+    on_kernels = _build("RGLRU", KernelConfig(use_kernels="auto", interpret=True))(x)  # as on a GPU, interpreted here
+    assert kernel_calls
+    on_xla = _build("RGLRU", NEVER)(x)
+    np.testing.assert_allclose(np.asarray(on_kernels), np.asarray(on_xla), rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(ds, "kernel_scan", no_kernels)
-    x = jnp.ones((BATCH, LENGTH, 4), jnp.float32)
-    for name in ("RGLRU", "LRU"):
-        _build(name, KernelConfig(use_kernels="auto"))(x)
+    _build("LRU", KernelConfig(use_kernels="auto"))(x)
 
 
 def test_float64_takes_the_reference():

@@ -18,8 +18,8 @@ Two parallel paths compute the full sequence:
 ``method="auto"`` picks FFT for time-invariant systems on sequences of at least
 :data:`FFT_MIN_LENGTH` steps, and the scan otherwise. Where
 :func:`pallas_kernels.diagonal_scan.choose` selects them under ``kernel_config``
-(``use_kernels="always"`` opts in; ``"auto"`` keeps the paths above until the kernels are
-measured on a GPU), :func:`kernel_forward` runs the recurrence on the training-scan
+(``use_kernels="always"`` opts in; ``"auto"`` keeps the paths above, as measured on an H200:
+:data:`pallas_kernels.diagonal_scan.POLICY`), :func:`kernel_forward` runs the recurrence on the training-scan
 kernels instead, whatever ``method`` says. The single-step update is
 :func:`diagonal_step`; every path uses the same :func:`inject` and :func:`readout`.
 """

@@ -12,8 +12,8 @@ The channels run through the diagonal LTI engine (:mod:`lrnnx_jax.core.lti`,
 FFT or scan), mapped over ``H'``, from the zero state or a cache's state ``h0`` (the FFT
 path adds ``2 Re(C A_bar^(t+1) h0)``); the surrounding block is :class:`S4Layer`. Where
 :func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), the recurrence runs on
-the training-scan kernels instead (:func:`kernel_ssm_forward`; ``"auto"`` keeps the FFT and the XLA scan
-until the kernels are measured on a GPU). The step
+the training-scan kernels instead (:func:`kernel_ssm_forward`; ``"auto"`` keeps the FFT and the XLA scan,
+measured faster on an H200: :data:`pallas_kernels.diagonal_scan.POLICY`). The step
 (``model.step``, ``model.multi_step``, the fused rollout) is the block's cell
 (:meth:`S4Layer.cell`) with this diagonal SSM (no low-rank term).
 """

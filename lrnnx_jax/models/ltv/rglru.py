@@ -16,8 +16,8 @@ For the block input ``u_t`` (H,), with ``D = expand * H`` channels::
 The forward runs :func:`lrnnx_jax.core.scan.chunked_scan` on :func:`rglru_coefficients`,
 from a zero state or from an inference cache (the conv history and ``h``); where
 :func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), the recurrence
-runs on the training-scan kernels instead (``"auto"`` keeps the XLA scan until they are
-measured on a GPU). The single
+runs on the training-scan kernels instead (``"auto"`` takes them on an NVIDIA GPU:
+:data:`SCAN_POLICY`). The single
 step is written once, as the cell :func:`rglru_cell_step` (see :mod:`pallas_kernels.cells`):
 ``model.step``, ``model.multi_step`` and the fused rollout of ``generate`` all run it, in
 XLA or in a Pallas kernel; it shares :func:`rglru_transition` with the forward.
@@ -37,6 +37,7 @@ from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_ent
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import diagonal_scan, scan_common
+from pallas_kernels.scan_common import ScanPolicy
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
 
@@ -47,6 +48,15 @@ POLICY = KernelPolicy(
     evidence=("H200 (H=128, 512 steps): the fused rollout took 12.3 / 22.5 / 675 us per step against 13.4 / 17.1 / "
               "44.6 for the compile-once XLA program at B=32 / 128 / 4096 (no faster at B=32, slower above); the "
               "one-step kernel against the XLA step: 14.7 vs 13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept)"),
+)
+
+
+#: RG-LRU's training-scan kernels were measured faster than its XLA scan: ``"auto"`` takes them on an NVIDIA GPU
+SCAN_POLICY = ScanPolicy(
+    auto=True,
+    evidence="NVIDIA H200, jax 0.11.2: RGLRU(d_model=128) forward + backward at B=32, L=2048, float32: 2.88 ms on the "
+             "XLA scan, 1.29 ms on the kernels (benchmarks/benchmark_training.py; "
+             "benchmarks/results/training_point2_h200.json)",
 )
 
 
@@ -125,7 +135,7 @@ class RGLRU(LRNN):
       dtype: parameter dtype (float32 when None).
       chunk_size: chunk of the scan (None: unchunked, 1: sequential).
       kernel_config: the ``pallas_kernels.KernelConfig`` of the forward's training-scan kernels
-        (:mod:`pallas_kernels.diagonal_scan`; ``use_kernels="always"`` opts in); None: the default, read when
+        (:mod:`pallas_kernels.diagonal_scan`; ``"auto"`` takes them on an NVIDIA GPU); None: the default, read when
         the forward is traced.
       rngs: ``nnx.Rngs`` (the ``params`` stream is used).
 
@@ -202,7 +212,8 @@ class RGLRU(LRNN):
         else:
             h0 = cache["lrnn_state"].astype(x.dtype)
         a, b = self.coefficients(x)  # on the kernels' path; dead code on the XLA path, which forms them per chunk
-        scanned = diagonal_scan.model_scan(a[..., 0], b[..., 0], h0[..., 0], mask, config=self.kernel_config)
+        scanned = diagonal_scan.model_scan(a[..., 0], b[..., 0], h0[..., 0], mask, config=self.kernel_config,
+                                           policy=SCAN_POLICY)
         if scanned is None:
             h, h_last = chunked_scan(self.coefficients, lambda h, x: h, x, h0, mask, self.chunk_size)
         else:

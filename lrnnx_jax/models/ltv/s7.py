@@ -20,7 +20,7 @@ The state is shared by the channels, so the recurrence is elementwise over ``N``
 where :func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), it runs
 on the training-scan kernels, with ``A_bar``, the drive and the readout formed ``chunk_size``
 steps at a time (rematerialised in the backward: the same memory bound); ``"auto"`` keeps
-the XLA scan until the kernels are measured on a GPU.
+the XLA scan (measured no faster on an H200: :data:`pallas_kernels.diagonal_scan.POLICY`).
 
 The step is written once, as the cell :func:`s7_step` (:meth:`S7.cell`), which
 ``step``, ``multi_step`` and the fused kernels of ``generate`` run.
