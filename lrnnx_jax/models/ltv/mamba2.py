@@ -16,8 +16,11 @@ heads of ``headdim`` channels, ``ngroups`` groups of heads sharing ``B`` and ``C
 group). ``norm_before_gate=True`` gates after the norm; ``rmsnorm=False`` only gates; ``D_has_hdim`` gives
 one skip per channel. The state is ``(nheads, headdim, N)`` per row, as ``mamba_ssm``'s ``ssm_state``.
 
-The forward runs the recurrence through :func:`lrnnx_jax.core.scan.chunked_scan` (``chunk_size`` steps per
-chunk; the chunked SSD matmul form of ``mamba_ssm`` is not implemented), and the step is the model's cell
+The forward runs the recurrence with ``scan_method``: ``"scan"`` (the default) through
+:func:`lrnnx_jax.core.scan.chunked_scan` (``chunk_size`` steps per chunk, the state of every step inside a chunk,
+elementwise), ``"ssd"`` through :func:`lrnnx_jax.core.ssd.ssd_chunked`, Mamba-2's chunked SSD matmul form
+(``chunk_size`` steps per chunk; under TF32 matmuls on a GPU it is less accurate, see :mod:`lrnnx_jax.core.ssd`).
+Both return the final state, so ``return_cache=True`` gives the same cache. The step is the model's cell
 (:func:`mamba2_cell_step`), which ``step``, ``multi_step``, ``generate`` and the Pallas kernels run.
 ``lrnnx_jax.convert.from_mamba_ssm("Mamba2", kwargs, state_dict)`` loads ``mamba_ssm`` checkpoints.
 """
@@ -36,9 +39,14 @@ from flax import nnx
 from lrnnx_jax.core import conv, speculative
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import chunked_scan
+from lrnnx_jax.core.ssd import ssd_chunked
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, KernelPolicy
+
+#: the forward's scans (``scan_method``); the default "scan" is the path of the tests' references and of the earlier
+#: benchmarks: "ssd" has not been measured against it on a GPU yet
+SCAN_METHODS = ("scan", "ssd")
 
 #: not measured on a GPU yet: "auto" keeps the XLA paths (``use_kernels="always"`` runs the kernels)
 POLICY = KernelPolicy(rollout_max_batch=0, step_max_batch=0,
@@ -127,6 +135,10 @@ class Mamba2(LRNN):
       dt_limit: ``(lo, hi)``: each step is clamped to it (default: no clamp).
       bias: biases of ``in_proj`` and ``out_proj``; conv_bias: bias of the conv.
       chunk_size: steps per chunk of the forward's scan (None: unchunked, 1: sequential).
+      scan_method: the forward's scan, ``"scan"`` (:func:`~lrnnx_jax.core.scan.chunked_scan`, the default, kept
+        until the two are measured on a GPU) or ``"ssd"`` (:func:`~lrnnx_jax.core.ssd.ssd_chunked`, the chunked
+        matmul form of ``mamba_ssm``'s training kernels; its matmuls run at the caller's precision, TF32 by
+        default on recent NVIDIA GPUs).
       learnable_init_states: must be False (not implemented).
       activation: ``"silu"`` or ``"swish"`` (the same function).
       use_mem_eff_path, layer_idx, device, sequence_parallel, process_group: accepted for ``mamba_ssm``
@@ -168,6 +180,7 @@ class Mamba2(LRNN):
         *,
         learnable_init_states: bool = False,
         activation: str = "swish",
+        scan_method: str = "scan",
         rngs: nnx.Rngs,
     ):
         H = self.d_model = check_positive_int(d_model, "d_model")
@@ -196,6 +209,9 @@ class Mamba2(LRNN):
         if not 0 <= dt_limit[0] < dt_limit[1]:
             raise ValueError(f"dt_limit must satisfy 0 <= lo < hi, got {tuple(dt_limit)}")
         chunk_size = check_chunk_size(chunk_size)
+        if scan_method not in SCAN_METHODS:
+            raise ValueError(f"scan_method must be one of {SCAN_METHODS}, got {scan_method!r}")
+        self.scan_method = scan_method
         self.D_has_hdim, self.rmsnorm, self.norm_before_gate = bool(D_has_hdim), bool(rmsnorm), bool(norm_before_gate)
         self.dt_limit, self.chunk_size, self.layer_idx, self.eps = (float(dt_limit[0]), float(dt_limit[1])), chunk_size, layer_idx, 1e-5
         param_dtype = dtype or jnp.float32
@@ -243,8 +259,30 @@ class Mamba2(LRNN):
         conv_state = None if cache is None else cache["conv_state"]
         xBC = jax.nn.silu(conv.causal_conv1d(xBC_raw, self.conv_weight[...], self._conv_bias(), conv_state=conv_state))
         x, B, C = jnp.split(xBC, [D, D + G * N], axis=-1)
-        inputs = {"x": x, "dt": self._per_channel(self._step_size(dt)), "B": B, "C": C}
-        A = self._per_channel(-jnp.exp(self.A_log[...]))
+        h0 = (jnp.zeros((batch, self.nheads, self.headdim, N), u.dtype) if cache is None
+              else cache["lrnn_state"].astype(u.dtype))
+        y, h_last = self._ssm(x, self._step_size(dt), B, C, h0, mask)
+        y = self._norm(y + self._skip() * x, z)
+        new_cache = None
+        if return_cache:
+            new_cache = {"conv_state": conv.conv_state_after(xBC_raw, self.d_conv, lengths, conv_state=conv_state),
+                         "lrnn_state": h_last}
+        return self.out_proj(y), new_cache
+
+    def _ssm(self, x, dt, B, C, h0, mask):
+        """The SSM over the sequence by ``scan_method``, without the skip: ``x (B, L, D)``, ``dt (B, L, nheads)``,
+        ``B, C (B, L, G N)``, ``h0 (B, nheads, headdim, N)``, ``mask (B, L)`` or None ->
+        ``(y (B, L, D), h_last (B, nheads, headdim, N))``."""
+        batch, length, D = x.shape
+        G, N, nheads, P = self.ngroups, self.d_state, self.nheads, self.headdim
+        A = -jnp.exp(self.A_log[...])
+        if self.scan_method == "ssd":
+            grouped = (batch, length, G, N)
+            y, h_last = ssd_chunked(x.reshape(batch, length, nheads, P), dt, A, B.reshape(grouped),
+                                    C.reshape(grouped), h0, mask, chunk_size=self.chunk_size)
+            return y.reshape(batch, length, D), h_last
+        inputs = {"x": x, "dt": self._per_channel(dt), "B": B, "C": C}
+        A = self._per_channel(A)
         heads_per_group = D // G
 
         def per_channel_group(a):  # (B, T, G * N) -> (B, T, D, N): each channel its group's vector
@@ -257,15 +295,8 @@ class Mamba2(LRNN):
         def readout(h, chunk):
             return jnp.sum(h * per_channel_group(chunk["C"]).astype(h.dtype), axis=-1)
 
-        h0 = (jnp.zeros((batch, D, N), u.dtype) if cache is None
-              else cache["lrnn_state"].reshape(batch, D, N).astype(u.dtype))
-        y, h_last = chunked_scan(coefficients, readout, inputs, h0, mask, self.chunk_size)
-        y = self._norm(y + self._skip() * x, z)
-        new_cache = None
-        if return_cache:
-            new_cache = {"conv_state": conv.conv_state_after(xBC_raw, self.d_conv, lengths, conv_state=conv_state),
-                         "lrnn_state": h_last.reshape(batch, self.nheads, self.headdim, N)}
-        return self.out_proj(y), new_cache
+        y, h_last = chunked_scan(coefficients, readout, inputs, h0.reshape(batch, D, N), mask, self.chunk_size)
+        return y, h_last.reshape(h0.shape)
 
     def _conv_bias(self):
         return None if self.conv_bias is None else self.conv_bias[...]
