@@ -44,7 +44,8 @@ d_state 64, Mamba's 16; lrnnx's ``run_all`` ran its width and batch sweeps at L=
   scan_ms``; ``step_roofline_fraction`` divides by the whole training step's time instead.
 
 **Models**: LRU, S4, S4D, S5 (LTI, zoh), ltv.S5, Centaurus (neck, 2 sub-states), Mamba (its default "mamba"
-discretization), Mamba2 (headdim gcd(64, 2H)), RGLRU, S7; S4 and S4D with ``transposed=False`` (the (B, L, H)
+discretization), Mamba2 (headdim gcd(64, 2H); its default scan), Mamba2-ssd (the same with ``scan_method="ssd"``, the
+chunked SSD matmul form, at the model's chunk_size 256), RGLRU, S7; S4 and S4D with ``transposed=False`` (the (B, L, H)
 layout of the others). ``--matmul-precision`` sets JAX's float32 dot precision (default: JAX's own).
 
 **Output**: ``--out`` (JSON, default ``benchmark_results/training.json``, rewritten after every point so a stopped
@@ -142,6 +143,8 @@ MODELS: list[TrainModel] = [
     TrainModel("Mamba", "lrnnx_jax.models.ltv.mamba:Mamba", lambda H, N: dict(d_model=H, d_state=N), lambda N: 16),
     TrainModel("Mamba2", "lrnnx_jax.models.ltv.mamba2:Mamba2",
                lambda H, N: dict(d_model=H, d_state=N, headdim=math.gcd(64, 2 * H))),
+    TrainModel("Mamba2-ssd", "lrnnx_jax.models.ltv.mamba2:Mamba2",
+               lambda H, N: dict(d_model=H, d_state=N, headdim=math.gcd(64, 2 * H), scan_method="ssd")),
     TrainModel("RGLRU", "lrnnx_jax.models.ltv.rglru:RGLRU", lambda H, N: dict(d_model=H), lambda N: None),
     TrainModel("S7", "lrnnx_jax.models.ltv.s7:S7", lambda H, N: dict(d_model=H, d_state=N)),
 ]
