@@ -3,9 +3,10 @@
     python -m benchmarks.benchmark_multi_gpu --out benchmark_results/multi_gpu_h200x2.json      # 2 GPUs, ~5.5 min
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.benchmark_multi_gpu --quick   # CPU check
 
-Every part measures the same program on 1 device and on 2 (the first two of ``jax.devices()``) in the same process:
-the program is compiled first (``compile_s``, never timed), then timed as the median of ``--repeats`` calls after
-``--warmup`` calls (:func:`benchmarks.timing.median_seconds`; fewer repeats when a call is long for the time left).
+Every part measures the same program on 1 device and on 2 (the first two of ``jax.devices()``), in this process
+(the sequence part: in child processes, below): the program is compiled first (``compile_s``, never timed), then
+timed as the median of ``--repeats`` calls after ``--warmup`` calls (:func:`benchmarks.timing.median_seconds`; fewer
+repeats when a call is long for the time left).
 
 1. ``data``: data-parallel training throughput. One optax (adam) training step of ``Mamba`` and of ``S5`` (LTI,
    ``zoh``, d_state 64, ``method="scan"``), ``jax.jit`` with the parameters and optimizer state donated, loss
@@ -20,33 +21,47 @@ the program is compiled first (``compile_s``, never timed), then timed as the me
    and split over a ``"model"`` mesh axis of two (``parallel.shard_model``; the same parameters: the same seed). ms
    per token at batch 1 and 32: ``total`` (the whole call / new tokens, prefill included) and ``marginal``
    (``(t(N) - t(N')) / (N - N')`` with N' in N's power-of-two bucket: the same compiled program, prefill excluded).
-   The greedy tokens of the two runs are compared (identical expected; float32 sums in another order can flip a
-   near tie, so the fraction that agrees is reported too).
+   The timed calls run at ``--timing-matmul-precision`` (JAX's default: TF32 on the GPU). The two placements are
+   compared in one more call each at ``--matmul-precision`` (default ``highest``: TF32 rounds split reductions
+   differently enough to flip near-tied argmaxes), with the logits: whether the greedy tokens are identical, the
+   fraction that agrees, the first differing position, and the logits' largest difference where both runs have the
+   same prefix (absolute, and relative to the position's largest logit), with the top-two gap where the tokens
+   first differ (a near tie when it is below that difference). The timed calls' tokens are compared too.
 3. ``sequence``: sequence-parallel forward + backward of ``Mamba`` (d_model 1024, B=1;
-   ``jax.value_and_grad(mean(y^2))`` of the parameters). The longest power-of-two L that fits one device is found
-   by a search: each attempt is compiled, its peak memory read from XLA's memory analysis (``peak = argument +
-   output + temp - alias``, :func:`benchmarks.benchmark_scan_memory.memory_stats`) and, when it fits
-   ``--memory-fraction`` of the device, run; an out-of-memory error at compile or run time, or a predicted peak
-   above the device, is recorded as ``oom`` (with how it was known). After the first length that fits, the next
-   attempt jumps to the longest power of two its peak per token predicts, then doubles until one OOMs (halving back
-   when a jump overshoots). Then twice that longest L runs on two devices through ``parallel.sequence_parallel``
-   (a ``"sequence"`` mesh axis); if it does not fit there, L itself is run on two. Reports µs per token on each
-   (target: two devices within 1.25x of one) and the length that is OOM on one device and runs on two.
+   ``jax.value_and_grad(mean(y^2))`` of the parameters). Every attempt runs in a child process of its own
+   (``python -m benchmarks.benchmark_multi_gpu --sequence-attempt SPEC``: the same environment and ``XLA_FLAGS``,
+   its row as JSON on stdout), killed after ``--sp-attempt-timeout`` seconds or the part's time left, so that an
+   allocation that fails on one device while the other waits at a collective (a hang) costs one attempt, not the
+   run: a child that times out or dies is recorded as ``oom`` when its log shows an out-of-memory error, else as
+   ``error``, with how it ended and the log's last lines. The parent keeps the rows and the time budget. Each
+   attempt is compiled first, its peak memory read from XLA's memory analysis (``peak = argument + output + temp -
+   alias``, :func:`benchmarks.benchmark_scan_memory.memory_stats`), and it is not run (``oom``, ``how``
+   ``predicted``) when that peak exceeds ``--memory-fraction`` (one device) or ``--two-device-memory-fraction``
+   (two, default 0.85: a failed allocation there hangs the other device) of the device's memory, or when XLA's
+   rematerialization pass logged that it could not bring the program under the device's limit; an out-of-memory
+   error at compile or run time is ``oom`` too. The longest power-of-two L that fits one device is found by a
+   search: after the first length that fits, the next attempt jumps to the longest power of two its peak per token
+   predicts, then doubles until one OOMs (halving back when a jump overshoots). Then twice that longest L runs on
+   two devices through ``parallel.sequence_parallel`` (a ``"sequence"`` mesh axis); if it does not fit there, L
+   itself is run on two. Reports µs per token on each (target: two devices within 1.25x of one) and the length
+   that is OOM on one device and runs on two.
 
 ``--time-budget`` seconds (default 330) bounds the whole run: the parts share it (30%, 30%, 40%, each part's unused
 time passed on, ``data_fft`` the rest), an item is started only when the time left covers 1.5 x the mean compile
-time seen so far, and whatever is left out is recorded as skipped with the reason; the JSON (``--out``) is rewritten
-after every part, so an interrupted run keeps what it measured. It also records the meshes (axis names, sizes,
-devices) and the environment (device kind, versions, ``NCCL_NVLS_ENABLE``, ``XLA_PYTHON_CLIENT_PREALLOCATE``,
-``XLA_FLAGS``), and prints a markdown summary.
+time seen so far (for a child: its start-up and compilation), and whatever is left out is recorded as skipped with
+the reason; the JSON (``--out``) is rewritten after every part and after every attempt of the sequence part, so an
+interrupted run keeps what it measured. It also records the meshes (axis names, sizes, devices) and the
+environment (device kind, versions, ``NCCL_NVLS_ENABLE``, ``XLA_PYTHON_CLIENT_PREALLOCATE``, ``XLA_FLAGS``, the
+matmul precisions), and prints a markdown summary.
 
 Kernels: under a ``"data"`` mesh the Pallas kernels run per shard (``pallas_kernels.dispatch.per_shard``), but
 under the ``"model"`` and ``"sequence"`` meshes they refuse and the XLA paths run, where one device would take a
 kernel that ``"auto"`` selects. So that each comparison is of one program, ``--kernels never`` (default) sets
 ``pallas_kernels.set_config(use_kernels="never")`` for the whole run; ``--kernels auto`` measures what users get
 (then the decode and sequence parts may compare a kernel on one device with the XLA path on two). ``NCCL_NVLS_ENABLE``
-defaults to 0 (NVLink multicast off) and ``XLA_PYTHON_CLIENT_PREALLOCATE`` is false (the OOM search needs memory to
-be returned); both are set before JAX is imported.
+defaults to 0 (NVLink multicast off) and ``XLA_PYTHON_CLIENT_PREALLOCATE`` is false (the parent keeps the memory
+pool of parts 1 and 2 while the sequence part's children run on the same devices); both are set before JAX is
+imported.
 """
 
 from __future__ import annotations
@@ -60,13 +75,20 @@ if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
@@ -116,6 +138,8 @@ class Sizes:
     sp_max_length: int = 2**24
 
 
+#: the values of ``--matmul-precision`` and ``--timing-matmul-precision`` (``jax_default_matmul_precision``'s)
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 QUICK = Sizes(train_d_model=16, train_length=64, train_batch_per_device=2, s5_d_state=8, lm_d_model=32, lm_vocab=256,
               lm_d_intermediate=64, lm_heads=4, lm_headdim=16, decode_batches=(2,), prompt_length=8, new_tokens=16,
               sp_d_model=8, sp_start_length=64, sp_max_length=4096)
@@ -191,8 +215,9 @@ def random_normal(seed: int, shape, sharding):
     return jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32), out_shardings=sharding)(jax.random.key(seed))
 
 
-def is_out_of_memory(error: Exception) -> bool:
-    text = str(error)
+def is_out_of_memory(text: str) -> bool:
+    """Whether an error's text (or a log line) reports an out-of-memory error: XLA's ``RESOURCE_EXHAUSTED``, or
+    "out of memory" as in the allocator's "ran out of memory trying to allocate"."""
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
@@ -207,9 +232,10 @@ def skipped_row(row: dict, reason: str) -> dict:
 def failed_row(row: dict, error: Exception, **details) -> dict:
     """``row`` as ``oom`` (an out-of-memory error) or ``error``, with the error's first line (the traceback of an
     error other than OOM goes to stderr: the run is made once)."""
-    if not is_out_of_memory(error):
+    out_of_memory = is_out_of_memory(str(error))
+    if not out_of_memory:
         traceback.print_exception(error, file=sys.stderr)
-    return {**row, "status": "oom" if is_out_of_memory(error) else "error", **details, "reason": failure(error)}
+    return {**row, "status": "oom" if out_of_memory else "error", **details, "reason": failure(error)}
 
 
 def guarded(rows: list, base: dict, measure: Callable[[], dict]) -> Optional[dict]:
@@ -330,16 +356,60 @@ def short_new_tokens(new_tokens: int) -> int:
     return bucket(new_tokens) // 2 + 1
 
 
-def decode_row(lm, num_devices: int, batch: int, sizes: Sizes, args, clock: Clock, tokens: dict) -> dict:
-    """``generate_tokens`` at ``batch`` on ``num_devices``; its tokens go to ``tokens[num_devices]``."""
+def greedy_with_logits(lm, prompt, sizes: Sizes, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    """``generate_tokens`` greedy at the matmul ``precision``: ``tokens (B, new_tokens)`` and the logits each was
+    chosen from, ``(B, new_tokens, vocab)`` (the padding ids dropped)."""
+    with jax.default_matmul_precision(precision):
+        tokens, logits = generate_tokens(lm, prompt, sizes.new_tokens, return_logits=True)
+    return np.asarray(tokens), np.asarray(logits)[..., :sizes.lm_vocab]
+
+
+def compare_greedy(tokens_1, tokens_2, logits_1, logits_2) -> dict:
+    """Greedy decoding on one placement against another: ``tokens (B, N)`` and their ``logits (B, N, V)``.
+
+    The logits are compared where both runs decoded the same prefix (each row's positions up to and including its
+    first differing token; all when none differs): their largest absolute difference, and the largest over
+    positions of that position's largest difference relative to its largest logit magnitude. Where the tokens first
+    differ (the first position, then the first row), the top-two gap of the first run's logits says whether the
+    flip was a near tie (a gap below the logits' difference)."""
+    tokens_1, tokens_2 = np.asarray(tokens_1), np.asarray(tokens_2)
+    logits_1, logits_2 = np.asarray(logits_1, np.float64), np.asarray(logits_2, np.float64)
+    differ = tokens_1 != tokens_2
+    length = differ.shape[1]
+    last_compared = np.where(differ.any(1), differ.argmax(1), length - 1)
+    same_prefix = np.arange(length)[None, :] <= last_compared[:, None]
+    difference = np.abs(logits_2 - logits_1).max(-1)  # (B, N)
+    relative = difference / np.maximum(np.abs(logits_1).max(-1), np.finfo(np.float64).tiny)
+    columns = np.flatnonzero(differ.any(0))
+    result = {"tokens_identical": not differ.any(), "tokens_agreeing_fraction": float(1.0 - differ.mean()),
+              "first_differing_position": int(columns[0]) if columns.size else None,
+              "logits_compared_positions": int(same_prefix.sum()),
+              "logits_max_abs_difference": float(difference[same_prefix].max()),
+              "logits_max_relative_difference": float(relative[same_prefix].max()),
+              "top_two_gap_at_first_difference": None}
+    if columns.size:
+        position = columns[0]
+        row = np.flatnonzero(differ[:, position])[0]
+        second, first = np.sort(logits_1[row, position])[-2:]
+        result["top_two_gap_at_first_difference"] = float(first - second)
+    return result
+
+
+def decode_row(lm, num_devices: int, batch: int, sizes: Sizes, args, clock: Clock, outputs: dict) -> dict:
+    """``generate_tokens`` at ``batch`` on ``num_devices``, timed; ``outputs[num_devices]`` receives the timed
+    call's tokens (``timed_tokens``) and, from one more call at ``args.matmul_precision``, the tokens and logits
+    the placements are compared by (:func:`greedy_with_logits`)."""
     row = {"devices": num_devices, "B": batch, "new_tokens": sizes.new_tokens}
     clock.require(f"decode B={batch} on {num_devices}")
     prompt = np.random.default_rng(batch).integers(0, sizes.lm_vocab, (batch, sizes.prompt_length)).astype(np.int32)
     n_short = short_new_tokens(sizes.new_tokens)
-    tokens[num_devices], row["compile_and_first_call_s"] = clock.compile(
+    timed_tokens, row["compile_and_first_call_s"] = clock.compile(
         lambda: np.asarray(generate_tokens(lm, prompt, sizes.new_tokens)))
     full = clock.time(lambda: generate_tokens(lm, prompt, sizes.new_tokens), args.warmup, args.repeats)
     short = clock.time(lambda: generate_tokens(lm, prompt, n_short), args.warmup, args.repeats)
+    (tokens, logits), row["check_compile_and_call_s"] = clock.compile(
+        lambda: greedy_with_logits(lm, prompt, sizes, args.matmul_precision))
+    outputs[num_devices] = {"timed_tokens": timed_tokens, "tokens": tokens, "logits": logits}
     row.update({"total_s": full["median_s"], "short_new_tokens": n_short, "short_total_s": short["median_s"],
                 "repeats": full["repeats"],
                 "ms_per_token_total": 1e3 * full["median_s"] / sizes.new_tokens,
@@ -365,16 +435,17 @@ def placed_lm(models: dict, num_devices: int, sizes: Sizes, clock: Clock, layout
 def run_model_parallel_decode(sizes: Sizes, args, clock: Clock, layouts: dict) -> dict:
     rows, comparisons, models = [], [], {}
     for batch in sizes.decode_batches:
-        tokens, by_devices = {}, {}
+        outputs, by_devices = {}, {}
         for n in (1, 2):
             by_devices[n] = guarded(rows, {"devices": n, "B": batch}, lambda: decode_row(
-                placed_lm(models, n, sizes, clock, layouts), n, batch, sizes, args, clock, tokens))
+                placed_lm(models, n, sizes, clock, layouts), n, batch, sizes, args, clock, outputs))
         if all(by_devices.values()):
-            agree = float(np.mean(tokens[1] == tokens[2]))
-            first_difference = np.argwhere(np.any(tokens[1] != tokens[2], axis=0))
+            one, two = outputs[1], outputs[2]
             comparisons.append({
-                "B": batch, "tokens_identical": bool(agree == 1.0), "tokens_agreeing_fraction": agree,
-                "first_differing_position": int(first_difference[0, 0]) if first_difference.size else None,
+                "B": batch, "matmul_precision": args.matmul_precision,
+                **compare_greedy(one["tokens"], two["tokens"], one["logits"], two["logits"]),
+                "timed_matmul_precision": args.timing_matmul_precision,
+                "timed_tokens_agreeing_fraction": float(np.mean(one["timed_tokens"] == two["timed_tokens"])),
                 "ms_per_token_total_1": by_devices[1]["ms_per_token_total"],
                 "ms_per_token_total_2": by_devices[2]["ms_per_token_total"],
                 "speedup_total": by_devices[1]["ms_per_token_total"] / by_devices[2]["ms_per_token_total"],
@@ -384,7 +455,8 @@ def run_model_parallel_decode(sizes: Sizes, args, clock: Clock, layouts: dict) -
     config = {"mixers": LM_MIXERS, "d_model": sizes.lm_d_model, "vocab": sizes.lm_vocab,
               "d_intermediate": sizes.lm_d_intermediate, "attn_heads": sizes.lm_heads,
               "mamba2_headdim": sizes.lm_headdim, "prompt_length": sizes.prompt_length, "dtype": "float32",
-              "sampling": "greedy"}
+              "sampling": "greedy", "matmul_precision": args.matmul_precision,
+              "timed_matmul_precision": args.timing_matmul_precision}
     if models:
         params = nnx.state(next(iter(models.values())), nnx.Param)
         config["parameters"] = int(sum(p.size for p in jax.tree.leaves(params)))
@@ -392,6 +464,129 @@ def run_model_parallel_decode(sizes: Sizes, args, clock: Clock, layouts: dict) -
 
 
 # ====================================================================== part 3: sequence parallelism
+
+#: a child prints its result on one stdout line after this marker, as JSON
+CHILD_RESULT_MARKER = "SEQUENCE_ATTEMPT_RESULT "
+#: a child ends its timed calls this many seconds before its parent would kill it
+CHILD_MARGIN_S = 2.0
+#: how much of a child's log a failed row keeps
+LOG_TAIL_LINES, LOG_TAIL_CHARS = 20, 2000
+#: XLA's warning (hlo_rematerialization.cc) that a program does not fit the device's memory limit, e.g. "Can't
+#: reduce memory use below 95.79GiB (...) by rematerialization; only reduced to 105.66GiB (...), down from ..."
+REMATERIALIZATION_FAILURE = re.compile(
+    r"Can't reduce memory use below .*? by rematerialization; only reduced to [^,\n]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptSpec:
+    """One attempt of the sequence part, as its child process receives it (JSON on its command line)."""
+
+    devices: int
+    length: int
+    batch: int
+    d_model: int
+    limit_bytes: float  # a compiled peak per device above this is an OOM without running
+    warmup: int
+    repeats: int
+    kernels: str  # pallas_kernels' use_kernels
+    matmul_precision: str
+    timeout_s: float  # the parent kills the child this long after ``launched_at``
+    launched_at: float  # the parent's time.time() at the launch
+    parent_pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildOutcome:
+    """How a child process ended: the JSON it printed after :data:`CHILD_RESULT_MARKER` (None when none), its exit
+    code (negative: killed by that signal), whether it ran past its timeout (then killed), its stderr, seconds."""
+
+    report: Optional[dict]
+    returncode: int
+    timed_out: bool
+    log: str
+    seconds: float
+
+
+def run_child(command: list[str], timeout: float, env: dict) -> ChildOutcome:
+    """Runs ``command`` and kills it (SIGKILL) after ``timeout`` seconds, or when this process is interrupted. Its
+    stdout and stderr go through temporary files, so no grandchild can block the wait by holding a pipe open."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        timed_out = False
+        try:
+            process.wait(timeout=max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, log = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    reports = [line[len(CHILD_RESULT_MARKER):] for line in stdout.splitlines() if line.startswith(CHILD_RESULT_MARKER)]
+    return ChildOutcome(json.loads(reports[-1]) if reports else None, process.returncode, timed_out, log,
+                        time.perf_counter() - start)
+
+
+def child_failure(outcome: ChildOutcome, timeout: float) -> dict:
+    """A child that gave no result: ``status`` ``oom`` when its log shows an out-of-memory error (on two devices,
+    the device whose allocation failed leaves the other waiting at a collective, so such a child ends by the
+    timeout), else ``error``; ``how`` it ended, the ``reason`` (the out-of-memory line, else the log's last line)
+    and the log's last lines."""
+    if outcome.timed_out:
+        how = f"child timed out after {timeout:.3g} s (killed)"
+    elif outcome.returncode < 0:
+        number = -outcome.returncode
+        name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+        how = f"child killed by {name}"
+    else:
+        how = f"child exited with code {outcome.returncode} without a result"
+    lines = [line.strip() for line in outcome.log.splitlines() if line.strip()]
+    out_of_memory = next((line for line in lines if is_out_of_memory(line)), None)
+    reason = out_of_memory or (lines[-1] if lines else "no output")
+    return {"status": "oom" if out_of_memory else "error", "how": how, "reason": reason[:300],
+            "log_tail": "\n".join(lines[-LOG_TAIL_LINES:])[-LOG_TAIL_CHARS:]}
+
+
+class CapturedStderr:
+    """What :func:`captured_stderr` caught, in ``text`` once its block has ended."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Catches what is written to file descriptor 2 in its block (XLA's C++ log included, which ``sys.stderr``
+    does not see) into a :class:`CapturedStderr`, then passes it on to the real stderr."""
+    captured = CapturedStderr()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as file:
+        os.dup2(file.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            captured.text = file.read().decode(errors="replace")
+            sys.stderr.write(captured.text)
+            sys.stderr.flush()
+
+
+def predicted_out_of_memory(peak_bytes: int, limit_bytes: float, compile_log: str) -> Optional[str]:
+    """Why a compiled program is not run, or None: its peak per device (bytes) above ``limit_bytes``, and/or XLA's
+    rematerialization warning in the log of its compilation."""
+    reasons = []
+    if peak_bytes > limit_bytes:
+        reasons.append(f"compiled peak {peak_bytes / GiB:.3g} GiB > {limit_bytes / GiB:.3g} GiB")
+    rematerialization = REMATERIALIZATION_FAILURE.search(compile_log)
+    if rematerialization:
+        reasons.append(f"XLA: {rematerialization.group(0)}")
+    return "; ".join(reasons) or None
 
 
 def sequence_step(model, mesh):
@@ -407,40 +602,97 @@ def sequence_step(model, mesh):
     return jax.jit(jax.value_and_grad(loss)), params, rest
 
 
-def sequence_attempt(num_devices: int, length: int, sizes: Sizes, args, clock: Clock, limit: float,
-                     layouts: dict) -> dict:
-    """One forward + backward at ``length`` on ``num_devices`` (one: the plain forward; more: sequence parallel):
-    ``status`` ``ok`` (timed), ``oom`` (``how``: ``predicted`` when the compiled peak exceeds ``limit`` bytes per
-    device, ``compile`` or ``run``) or ``error``."""
-    row = {"devices": num_devices, "L": length, "B": sizes.sp_batch, "d_model": sizes.sp_d_model}
-    clock.require(f"sequence L={length} on {num_devices}")
-    if num_devices == 1:
+def sequence_attempt(spec: AttemptSpec, clock: Clock, layouts: dict) -> dict:
+    """One forward + backward at ``spec.length`` on ``spec.devices`` (one: the plain forward; more: sequence
+    parallel), in this process (a child's): ``status`` ``ok`` (timed), ``oom`` (``how``: ``predicted`` when the
+    compiled peak exceeds ``spec.limit_bytes`` per device or XLA's rematerialization pass logged that the program
+    does not fit, ``compile`` or ``run``) or ``error``."""
+    row = {"devices": spec.devices, "L": spec.length, "B": spec.batch, "d_model": spec.d_model}
+    if spec.devices == 1:
         mesh, sharding = None, jax.sharding.SingleDeviceSharding(jax.devices()[0])
     else:
-        mesh = parallel.data_mesh(num_devices, axis=parallel.SEQUENCE)
-        layouts[f"sequence/{num_devices}"] = mesh_layout(mesh)
+        mesh = parallel.data_mesh(spec.devices, axis=parallel.SEQUENCE)
+        layouts[f"sequence/{spec.devices}"] = mesh_layout(mesh)
         sharding = parallel.sequence_sharding(mesh)
-    step, params, rest = sequence_step(Mamba(d_model=sizes.sp_d_model, rngs=nnx.Rngs(0)), mesh)
+    step, params, rest = sequence_step(Mamba(d_model=spec.d_model, rngs=nnx.Rngs(0)), mesh)
     if mesh is not None:
         params, rest = parallel.replicate((params, rest), mesh)
-    shape = (sizes.sp_batch, length, sizes.sp_d_model)
+    shape = (spec.batch, spec.length, spec.d_model)
+    row["child_startup_s"] = time.time() - spec.launched_at
     try:
         x_spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
-        compiled, row["compile_s"] = clock.compile(lambda: step.lower(params, rest, x_spec).compile())
+        with captured_stderr() as log:
+            compiled, row["compile_s"] = clock.compile(lambda: step.lower(params, rest, x_spec).compile())
     except Exception as error:
         return failed_row(row, error, how="compile")
     row["peak_bytes_per_device"] = memory_stats(compiled)["peak_bytes"]
-    if row["peak_bytes_per_device"] > limit:
-        return {**row, "status": "oom", "how": "predicted",
-                "reason": f"compiled peak {row['peak_bytes_per_device'] / GiB:.3g} GiB > {limit / GiB:.3g} GiB"}
+    why = predicted_out_of_memory(row["peak_bytes_per_device"], spec.limit_bytes, log.text)
+    if why:
+        return {**row, "status": "oom", "how": "predicted", "reason": why}
     try:
         x = random_normal(3, shape, sharding)
-        row.update(clock.time(lambda: compiled(params, rest, x), args.warmup, args.repeats))
+        row.update(clock.time(lambda: compiled(params, rest, x), spec.warmup, spec.repeats))
     except Exception as error:
         return failed_row(row, error, how="run")
-    row["us_per_token"] = 1e6 * row["median_s"] / (sizes.sp_batch * length)
+    row["us_per_token"] = 1e6 * row["median_s"] / (spec.batch * spec.length)
     row["status"] = "ok"
     return row
+
+
+def exit_with_parent(parent_pid: int):
+    """Ends this process when its parent is gone (then this process is re-parented): an orphaned attempt would
+    hold the devices."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_attempt_here(spec: AttemptSpec):
+    """A child's whole work: :func:`sequence_attempt` under the run's kernel setting and matmul precision, its timed
+    calls ending :data:`CHILD_MARGIN_S` before the parent's timeout; the row and the mesh layouts printed after
+    :data:`CHILD_RESULT_MARKER`."""
+    exit_with_parent(spec.parent_pid)
+    dispatch.set_config(use_kernels=spec.kernels)
+    jax.config.update("jax_default_matmul_precision", spec.matmul_precision)
+    clock = Clock(spec.launched_at + spec.timeout_s - CHILD_MARGIN_S - time.time())
+    layouts: dict = {}
+    row = sequence_attempt(spec, clock, layouts)
+    print(CHILD_RESULT_MARKER + json.dumps({"row": row, "layouts": layouts}, default=str), flush=True)
+
+
+def attempt_in_child(num_devices: int, length: int, sizes: Sizes, args, clock: Clock, memory: int,
+                     layouts: dict) -> dict:
+    """:func:`sequence_attempt` in a child process, killed after ``--sp-attempt-timeout`` seconds or the part's
+    time left; the memory limit is ``memory`` bytes times ``--memory-fraction`` (one device) or
+    ``--two-device-memory-fraction``. Its row (``child_s``: the child's wall time), or a :func:`child_failure` row;
+    ``OutOfTime`` when the time left does not cover an attempt."""
+    clock.require(f"sequence L={length} on {num_devices}")
+    fraction = args.memory_fraction if num_devices == 1 else args.two_device_memory_fraction
+    timeout = min(clock.left(), args.sp_attempt_timeout)
+    spec = AttemptSpec(devices=num_devices, length=length, batch=sizes.sp_batch, d_model=sizes.sp_d_model,
+                       limit_bytes=fraction * memory, warmup=args.warmup, repeats=args.repeats, kernels=args.kernels,
+                       matmul_precision=args.timing_matmul_precision, timeout_s=timeout, launched_at=time.time(),
+                       parent_pid=os.getpid())
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    print(f"  sequence L={length} on {num_devices}: child, timeout {timeout:.0f} s", flush=True)
+    outcome = run_child([sys.executable, "-m", "benchmarks.benchmark_multi_gpu", "--sequence-attempt",
+                         json.dumps(dataclasses.asdict(spec))], timeout, env)
+    if outcome.log.strip():  # the child's log, for the run's own log
+        sys.stderr.write(f"--- child L={length} on {num_devices} ({outcome.seconds:.0f} s), its stderr's end:\n"
+                         f"{outcome.log[-10000:]}\n")
+    if outcome.report is None:
+        clock.compile_times.append(outcome.seconds)
+        return {"devices": num_devices, "L": length, "B": sizes.sp_batch, "d_model": sizes.sp_d_model,
+                **child_failure(outcome, timeout), "child_s": outcome.seconds}
+    row = outcome.report["row"]
+    layouts.update(outcome.report["layouts"])
+    clock.compile_times.append(row["child_startup_s"] + row.get("compile_s", 0.0))
+    return {**row, "child_s": outcome.seconds}
 
 
 def next_length(peaks: dict[int, int], ooms: set[int], limit: float, max_length: int) -> Optional[int]:
@@ -459,38 +711,44 @@ def next_length(peaks: dict[int, int], ooms: set[int], limit: float, max_length:
     return candidate if candidate > longest else None
 
 
-def search_one_device(sizes: Sizes, args, clock: Clock, limit: float, layouts: dict) -> tuple[list, dict, set]:
-    """The search for the longest power-of-two length that fits one device: ``(rows, {length: ok row}, OOM
-    lengths)``; it ends early on an error or the time budget (the row says so)."""
-    rows, fits, ooms = [], {}, set()
-    length = sizes.sp_start_length
+def search_one_device(attempt: Callable[[int], dict], start_length: int, max_length: int,
+                      limit: float) -> tuple[dict, set]:
+    """The search for the longest power-of-two length that fits one device under ``limit`` bytes, each length run
+    and recorded by ``attempt(length) -> row``: ``({length: ok row}, OOM lengths)``; it ends early on an error or
+    a skipped row (the time budget)."""
+    fits, ooms = {}, set()
+    length = start_length
     while length is not None:
-        try:
-            row = sequence_attempt(1, length, sizes, args, clock, limit, layouts)
-        except OutOfTime as why:
-            rows.append(skipped_row({"devices": 1, "L": length}, f"time budget: {why}"))
-            break
-        rows.append(row)
-        if row["status"] == "error":
+        row = attempt(length)
+        if row["status"] in ("error", "skipped"):
             break
         if row["status"] == "ok":
             fits[length] = row
         else:
             ooms.add(length)
         if fits:
-            length = next_length({n: r["peak_bytes_per_device"] for n, r in fits.items()}, ooms, limit,
-                                 sizes.sp_max_length)
+            length = next_length({n: r["peak_bytes_per_device"] for n, r in fits.items()}, ooms, limit, max_length)
         else:  # the start does not fit: halve
             length = length // 2 if length > 8 else None
-    return rows, fits, ooms
+    return fits, ooms
 
 
-def run_sequence_parallel(sizes: Sizes, args, clock: Clock, layouts: dict) -> dict:
+def run_sequence_parallel(sizes: Sizes, args, clock: Clock, layouts: dict, save: Callable[[dict], None]) -> dict:
+    """The search on one device, then two devices; ``save(result so far)`` after every attempt."""
     memory = int(args.memory_limit_gib * GiB) if args.memory_limit_gib else device_memory_limit(jax.devices()[0])
-    limit = args.memory_fraction * memory
-    search, fits, ooms = search_one_device(sizes, args, clock, limit, layouts)
-    result = {"memory_bytes_per_device": memory, "memory_fraction": args.memory_fraction, "search": search,
-              "two_devices": []}
+    result = {"memory_bytes_per_device": memory, "memory_fraction": args.memory_fraction,
+              "two_device_memory_fraction": args.two_device_memory_fraction,
+              "attempt_timeout_s": args.sp_attempt_timeout, "search": [], "two_devices": []}
+
+    def attempt(rows: list, num_devices: int, length: int) -> dict:
+        """:func:`attempt_in_child`'s row, or a skipped or failed one, appended to ``rows`` and saved."""
+        guarded(rows, {"devices": num_devices, "L": length},
+                lambda: attempt_in_child(num_devices, length, sizes, args, clock, memory, layouts))
+        save(result)
+        return rows[-1]
+
+    fits, ooms = search_one_device(lambda length: attempt(result["search"], 1, length), sizes.sp_start_length,
+                                   sizes.sp_max_length, args.memory_fraction * memory)
     if not fits:
         result["reason"] = "no length fits one device" if ooms else "the search ended before a length fitted"
         return result
@@ -501,11 +759,8 @@ def run_sequence_parallel(sizes: Sizes, args, clock: Clock, layouts: dict) -> di
         result["search_note"] = (f"{2 * longest} was not seen OOM on one device (the search stopped at the "
                                  f"--sp-max-length cap {sizes.sp_max_length}, an error or the time budget)")
     two = result["two_devices"]
-    row = guarded(two, {"devices": 2, "L": 2 * longest},
-                  lambda: sequence_attempt(2, 2 * longest, sizes, args, clock, limit, layouts))
-    if row is not None and row["status"] not in ("ok", "error"):  # 2L does not fit two devices either: L on two
-        guarded(two, {"devices": 2, "L": longest},
-                lambda: sequence_attempt(2, longest, sizes, args, clock, limit, layouts))
+    if attempt(two, 2, 2 * longest)["status"] == "oom":  # 2L does not fit two devices either: L on two
+        attempt(two, 2, longest)
     one = fits[longest]
     result["comparisons"] = []
     for row in two:
@@ -536,6 +791,7 @@ def environment(args, argv, sizes: Sizes) -> dict:
         "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "timed_matmul_precision": args.timing_matmul_precision, "compared_matmul_precision": args.matmul_precision,
         "kernel_config": dataclasses.asdict(dispatch.resolve(None)),
         "date": datetime.date.today().isoformat(),
         "command": "python -m benchmarks.benchmark_multi_gpu " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -576,9 +832,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['devices']} | {r['B']} | {fmt(r.get('ms_per_token_total'))} "
                          f"| {fmt(r.get('ms_per_token_marginal'))} | {r['status']} {r.get('reason', '')} |")
         for c in decode["comparisons"]:
+            gap = c["top_two_gap_at_first_difference"]
             lines.append(f"\nB={c['B']}: speed-up {c['speedup_total']:.2f}x total, {c['speedup_marginal']:.2f}x "
-                         f"marginal; tokens identical: {c['tokens_identical']} "
-                         f"({c['tokens_agreeing_fraction']:.3f} agree)")
+                         f"marginal; at {c['matmul_precision']} precision tokens identical: {c['tokens_identical']} "
+                         f"({c['tokens_agreeing_fraction']:.3f} agree), logits' max difference "
+                         f"{c['logits_max_abs_difference']:.3g} ({c['logits_max_relative_difference']:.3g} relative)"
+                         + ("" if gap is None else f", top-two gap {gap:.3g} where they first differ")
+                         + f"; the timed calls' tokens ({c['timed_matmul_precision']}): "
+                           f"{c['timed_tokens_agreeing_fraction']:.3f} agree")
     sequence = parts.get("sequence", {})
     if sequence.get("search"):
         lines += ["", "### 3. Sequence-parallel Mamba forward + backward", "",
@@ -610,10 +871,22 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", choices=("never", "auto"), default="never",
                         help="pallas_kernels' use_kernels for every part (never: the XLA paths on 1 and 2 devices)")
+    parser.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
+                        help="float32 matmul precision of the decode part's comparison of 1 and 2 devices (tokens, "
+                             "logits)")
+    parser.add_argument("--timing-matmul-precision", choices=MATMUL_PRECISIONS, default="default",
+                        help="float32 matmul precision of every timed program (default: JAX's, TF32 on the GPU)")
     parser.add_argument("--memory-limit-gib", type=float, default=None,
                         help="memory per device for the sequence part's search (default: the device's own limit)")
     parser.add_argument("--memory-fraction", type=float, default=0.95,
-                        help="a compiled peak above this fraction of the memory per device is an OOM without running")
+                        help="one device: a compiled peak above this fraction of the memory per device is an OOM "
+                             "without running")
+    parser.add_argument("--two-device-memory-fraction", type=float, default=0.85,
+                        help="the same for the sequence part's two-device attempts (a failed allocation on one "
+                             "device leaves the other waiting)")
+    parser.add_argument("--sp-attempt-timeout", type=float, default=120.0,
+                        help="seconds after which a sequence attempt's child process is killed (at most the part's "
+                             "time left)")
     parser.add_argument("--sp-start-length", type=int, default=None,
                         help=f"the sequence part's first length on one device (default {Sizes.sp_start_length}, "
                              f"--quick {QUICK.sp_start_length})")
@@ -623,6 +896,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, one decode batch, one repeat: a smoke run (CPU, fake devices)")
     parser.add_argument("--out", default=None, help="write the results as JSON here (rewritten after every part)")
+    parser.add_argument("--sequence-attempt", default=None, metavar="SPEC",
+                        help="(the run's own children) run one sequence attempt, an AttemptSpec as JSON, and print "
+                             "its row")
     args = parser.parse_args(argv)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
@@ -631,24 +907,45 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and (value < 8 or value & (value - 1)):
             parser.error(f"--{name.replace('_', '-')} must be a power of two >= 8, got {value}")
+    for name in ("memory_fraction", "two_device_memory_fraction"):
+        if not 0.0 < getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must lie in (0, 1], got {getattr(args, name)}")
+    if not args.sp_attempt_timeout > 0:
+        parser.error(f"--sp-attempt-timeout must be > 0 seconds, got {args.sp_attempt_timeout}")
     if args.quick:
         args.warmup, args.repeats = 1, 1
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> Optional[dict]:
     args = parse_args(argv)
+    if args.sequence_attempt is not None:  # a child of a run
+        run_attempt_here(AttemptSpec(**json.loads(args.sequence_attempt)))
+        return None
     sizes = QUICK if args.quick else Sizes()
     for name in ("sp_start_length", "sp_max_length"):
         if getattr(args, name) is not None:
             sizes = dataclasses.replace(sizes, **{name: getattr(args, name)})
     dispatch.set_config(use_kernels=args.kernels)
+    jax.config.update("jax_default_matmul_precision", args.timing_matmul_precision)
     clock = Clock(args.time_budget)
     layouts: dict = {}
     result = {"environment": environment(args, argv, sizes), "targets": TARGETS, "meshes": layouts, "parts": {}}
+
+    def save():
+        result["elapsed_s"] = clock.elapsed()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+
+    def save_unfinished(name: str, part: dict):
+        result["parts"][name] = {**part, "unfinished": True}
+        save()
+
     runners = {"data": lambda: run_data_parallel(sizes, args, clock, layouts, ("Mamba", "S5-scan")),
                "decode": lambda: run_model_parallel_decode(sizes, args, clock, layouts),
-               "sequence": lambda: run_sequence_parallel(sizes, args, clock, layouts),
+               "sequence": lambda: run_sequence_parallel(sizes, args, clock, layouts,
+                                                         lambda part: save_unfinished("sequence", part)),
                "data_fft": lambda: run_data_parallel(sizes, args, clock, layouts, ("S5-fft",))}
     chosen = [name for name in PARTS if name in args.parts.split(",")]
     print(f"{len(jax.devices())} x {jax.devices()[0].device_kind}; parts {', '.join(chosen)}; "
@@ -661,24 +958,22 @@ def main(argv=None) -> dict:
             start = time.perf_counter()
             try:
                 result["parts"][name] = runners[name]()
-            except Exception as error:  # a part that fails is recorded; the others still run
+            except Exception as error:  # a part that fails is recorded (with what it saved); the others still run
                 traceback.print_exception(error, file=sys.stderr)
-                result["parts"][name] = {"error": failure(error)}
+                result["parts"][name] = {**result["parts"].get(name, {}), "error": failure(error)}
             result["parts"][name]["seconds"] = time.perf_counter() - start
         part = result["parts"][name]
         done = part.get("skipped") or part.get("error") or f"{part['seconds']:.0f} s"
         print(f"[{clock.elapsed():.0f} s] {name}: {done}", flush=True)
-        result["elapsed_s"] = clock.elapsed()
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1, default=str)
-    result["elapsed_s"] = clock.elapsed()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        save()
+    save()
     print(markdown(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    if result is None:  # a child: skip the interpreter's teardown (a device runtime's can hang); its row is printed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
