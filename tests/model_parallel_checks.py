@@ -20,19 +20,16 @@ Prints one JSON line of results; any failed check raises.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
 import warnings
 
-CPU_FLAGS = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-             "--xla_cpu_multi_thread_eigen=false"]
-NUM_DEVICES = 8
-os.environ["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={NUM_DEVICES}", *CPU_FLAGS])
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+# parallel_checks sets XLA_FLAGS (8 fake CPU devices, fast CPU compilation) before it imports JAX
+from parallel_checks import NUM_DEVICES  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
