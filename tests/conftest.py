@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import sys
 
 # The CPU suite is dominated by XLA compile time: compile without LLVM's expensive optimisation
@@ -190,3 +191,18 @@ def compile_log():
             yield handler.names
     finally:
         logger.removeHandler(handler)
+
+
+def multi_device_reports(script: pathlib.Path, *argvs: list[str], timeout: float = 600) -> list[dict]:
+    """Run ``script`` (a check script of tests/ that sets its own ``XLA_FLAGS``: fake CPU devices, which must be fixed
+    before JAX starts) once per ``argv`` (once without arguments when none is given), the runs side by side, and
+    return each run's JSON report (the last line of its standard output)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    runs = [subprocess.Popen([sys.executable, str(script), *argv], env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE) for argv in (argvs or ([],))]
+    reports = []
+    for run in runs:
+        out, err = run.communicate(timeout=timeout)
+        assert run.returncode == 0, err[-6000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports

@@ -8,11 +8,7 @@ JSON report is read back. What needs no second device is tested in this process.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from conftest import multi_device_reports
 from lrnnx_jax import parallel
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.decoding import generate_tokens
@@ -29,11 +26,8 @@ CHECKS = pathlib.Path(__file__).with_name("model_parallel_checks.py")
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own (8 devices)
-    run = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-6000:]
     return {r["entry"] + (f"@{r['devices']}" if "devices" in r else ""): r
-            for r in json.loads(run.stdout.strip().splitlines()[-1])["results"]}
+            for r in multi_device_reports(CHECKS)[0]["results"]}
 
 
 def test_hybrid_generates_the_same_tokens_split_over_2_4_8_devices(report):

@@ -7,16 +7,13 @@ docstring); here its JSON report is read back. The helpers that need no second d
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import multi_device_reports
 from lrnnx_jax import parallel
 from zoo import ZOO
 
@@ -25,10 +22,7 @@ CHECKS = pathlib.Path(__file__).with_name("parallel_checks.py")
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own (8 devices)
-    run = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-6000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return multi_device_reports(CHECKS)[0]
 
 
 def test_every_zoo_entry_trains_and_generates_data_parallel(report):

@@ -9,18 +9,15 @@ argument checks, which need no second device, run in this process."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import multi_device_reports
 from lrnnx_jax import parallel
 from lrnnx_jax.models.lti.lru import LRU
 from lrnnx_jax.models.lti.s4d import S4D
@@ -37,15 +34,8 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the script sets its own (8 devices)
-    runs = [subprocess.Popen([sys.executable, str(CHECKS), "--part", f"{k}/{PARTS}"], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(PARTS)]
-    results = []
-    for run in runs:
-        out, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err[-6000:]
-        results += json.loads(out.strip().splitlines()[-1])["results"]
-    return {r["entry"]: r for r in results}
+    reports = multi_device_reports(CHECKS, *(["--part", f"{k}/{PARTS}"] for k in range(PARTS)))
+    return {r["entry"]: r for report in reports for r in report["results"]}
 
 
 def test_every_zoo_entry_matches_one_device(report):
