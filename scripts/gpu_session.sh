@@ -8,6 +8,11 @@
 #                                   the model.step table and the generate-vs-num_steps benchmark
 #   scripts/gpu_session.sh tests    only the tests of "checks"
 #   scripts/gpu_session.sh recheck  the tests, and the comparison of "compare" again, 20 repeats, for chosen models
+#   scripts/gpu_session.sh training the training-scan tests on the real kernels (about 4 min), then every model at
+#                                   lrnnx's training point on the XLA path and the kernels (Mamba2 also with its SSD
+#                                   form), bounded by --time-budget
+#   scripts/gpu_session.sh sweeps   benchmark_training's sweeps and its large configuration, bounded by --time-budget
+#   scripts/gpu_session.sh multi    (2 GPUs: kind nvidia-h200-x2) benchmarks/benchmark_multi_gpu.py
 # Results go to $OUT. The parity tests need the fixtures: carry a copy of ../shared/fixtures in .fixtures (LRNNX_FIXTURES).
 set -u
 export PYTHONUNBUFFERED=1
@@ -42,6 +47,21 @@ case "${1:-checks}" in
     args="--models LRU,S5,S5-event,ltv.S5-event,CentaurusPWNeck,S4,S7-small --batches 32 128 --no-xla --no-loop --repeats 20 --warmup 3"
     (cd .before && timeout 110 python -m benchmarks.benchmark_fused_generation $args --out "$OUT/before2.json") > "$OUT/before2.txt" 2>&1
     timeout 110 python -m benchmarks.benchmark_fused_generation $args --out "$OUT/after2.json" > "$OUT/after2.txt" 2>&1
+    ;;
+  training)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python -m pytest -q -p no:cacheprovider -n 4 \
+      tests/test_selective_scan_kernels.py tests/test_diagonal_scan.py tests/test_ssd.py tests/test_mamba2.py \
+      > "$OUT/gpu_training_tests.txt" 2>&1
+    timeout 280 python -m benchmarks.benchmark_training --models all --paths xla,kernels --sweeps seq \
+      --seq-lengths 2048 --time-budget 240 --no-plot --out "$OUT/training_point.json" > "$OUT/training_point.txt" 2>&1
+    ;;
+  sweeps)
+    timeout 560 python -m benchmarks.benchmark_training --models Mamba,RGLRU,LRU,S5,ltv.S5 --paths xla,kernels \
+      --sweeps seq,dim,batch,large --time-budget 520 --out "$OUT/training_sweeps.json" > "$OUT/training_sweeps.txt" 2>&1
+    ;;
+  multi)
+    NCCL_NVLS_ENABLE=0 timeout 560 python -m benchmarks.benchmark_multi_gpu --time-budget 500 \
+      --out "$OUT/multi_gpu.json" > "$OUT/multi_gpu.txt" 2>&1
     ;;
 esac
 tail -n 8 "$OUT"/*.txt
