@@ -52,7 +52,8 @@ def test_every_zoo_entry_matches_one_device(report):
 
 def test_only_summaries_and_the_halo_cross_devices(report):
     """No collective of a compiled forward-and-gradient program has a length axis (``7 n`` or 7, a dimension of
-    nothing else); each gathers the summaries, and a model with a conv window sends its ``(B, K, H)`` halo."""
+    nothing else); the entering states travel along the chain of devices as ``(B, ...)`` cache entries, no
+    transition and nothing else is gathered, and a model with a conv window sends its ``(B, K, H)`` halo."""
     for e in ZOO:
         row = report[e.name]
         n = row["devices"]
@@ -61,8 +62,12 @@ def test_only_summaries_and_the_halo_cross_devices(report):
             op, dims = re.fullmatch(r"(\S+) \[(.*)\]", text).groups()
             shapes[op].append(tuple(int(d) for d in dims.split(",") if d.strip()))
         assert not any(SHARD_LENGTH in s or n * SHARD_LENGTH in s for found in shapes.values() for s in found), row
-        assert any(s[0] == n for s in shapes["all-gather"]), row  # one summary per device
-        assert shapes["collective-permute"] == ([] if row["halo"] is None else [tuple(row["halo"])]), row
+        permutes = shapes["collective-permute"]
+        assert not shapes["all-gather"] and not shapes["all-to-all"], row
+        halo = None if row["halo"] is None else tuple(row["halo"])
+        assert (halo in permutes) == (halo is not None), row
+        batch = permutes[0][0]  # every permuted array is a batch of cache entries (or the halo)
+        assert all(s[0] == batch for s in permutes), row
     assert {report[e.name]["halo"][1] for e in ZOO if report[e.name]["halo"]} == {2, 3, 4}  # Mamba, Mamba2, RG-LRU
 
 

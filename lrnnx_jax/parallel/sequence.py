@@ -12,8 +12,9 @@ Every model's recurrence is affine in the state it enters with: after a stretch 
    recurrent state to the final one), its transition: for a ``"diagonal"`` state the tangent of ones gives
    ``diag(Phi)`` (complex states too: the map is complex-linear); for a ``"dense"`` one (S4's DPLR step mixes the
    state's last axis, of size ``N``) the ``N`` basis tangents give the ``N x N`` blocks;
-3. all-gathers these summaries (``(B, state)`` per device and entry: never an activation) and composes them (an
-   exclusive scan over the devices) into the true entering state of each device;
+3. composes these summaries into the true entering state of each device, as a chain: device ``j`` sends
+   ``Phi_j h_j + b_j`` to device ``j + 1`` (``n - 1`` collective-permutes of a ``(B, state)`` cache entry: never an
+   activation, and never a transition, which stays where it was formed);
 4. runs its positions again from that state: its outputs, and the cache after them.
 
 With ``lengths``, device ``k`` (positions ``[k L/n, (k+1) L/n)``) runs ``clip(lengths - k L/n, 0, L/n)`` steps of
@@ -34,8 +35,8 @@ On a mesh axis of one device it is the model's own forward (the Pallas kernels m
 the kernel dispatch refuses a mesh that is not of data parallelism, and the XLA path runs, which ``jax.jvp`` needs).
 
 Cost: about three forwards per device (the pass with its transition and the final pass) on ``L / n`` positions
-instead of one on ``L``; the devices exchange ``O(B x state)`` numbers. A ``"dense"`` state of size ``N`` costs
-``N`` tangents in the first pass.
+instead of one on ``L``; the devices exchange ``O(B x state)`` numbers, in ``n - 1`` hops one after the other. A
+``"dense"`` state of size ``N`` costs ``N`` tangents in the first pass.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def _shard_forward(graphdef, state, x, tau, lengths, *, axis: str, num_shards: i
 
 def _entering_cache(model, x, tau, mask, local, zero: dict, axis: str, num_shards: int, shard) -> dict:
     """The true cache before this device's first position: the conv windows from the halo, the recurrent states from
-    every device's affine summary (a pass of this device's positions with its transition), gathered and composed."""
+    the affine summaries of the devices before it (each a pass of its positions with its transition), composed along
+    the chain of devices."""
     carry = {key: kind for key, (kind, _) in _carry_plan(model, x.shape[0]).items()}
     windows = _entering_windows(model, x, tau, zero, carry, axis, num_shards, shard)
     recurrent = {key: zero[key] for key in zero if carry[key] != "window"}
@@ -176,8 +178,7 @@ def _entering_cache(model, x, tau, mask, local, zero: dict, axis: str, num_shard
         return {key: after[key].astype(entering[key].dtype) for key in entering}
 
     offset, transition = _affine_summary(final_states, recurrent, carry, axis)
-    offsets, transitions = jax.lax.all_gather((offset, transition), axis)  # leaves (n, B, ...)
-    return {**windows, **_entering_states(offsets, transitions, recurrent, carry, shard, num_shards)}
+    return {**windows, **_entering_states(offset, transition, recurrent, carry, axis, shard, num_shards)}
 
 
 def _entering_windows(model, x, tau, zero, carry, axis, num_shards, shard) -> dict:
@@ -234,14 +235,17 @@ def _apply(transition, state, kind: str):
     return jnp.einsum("...ij,...j->...i", transition, state, precision=jax.lax.Precision.HIGHEST)
 
 
-def _entering_states(offsets, transitions, zero: dict, carry: dict, shard, num_shards: int) -> dict:
-    """The exclusive scan over the devices: device ``k`` enters with ``h_k = Phi_{k-1} h_{k-1} + b_{k-1}``,
-    ``h_0 = 0`` (``offsets``, ``transitions``: every device's summary, stacked along a leading axis)."""
-    states, h = [zero], zero
+def _entering_states(offset, transition, zero: dict, carry: dict, axis: str, shard, num_shards: int) -> dict:
+    """The exclusive scan over the devices, as a chain: device ``k`` enters with ``h_k = Phi_{k-1} h_{k-1} +
+    b_{k-1}`` (``h_0 = 0``). Device ``j`` forms ``Phi_j h_j + b_j`` from its own summary (``offset``, ``transition``)
+    and sends it to device ``j + 1`` (one ``collective-permute`` of a ``(B, state)`` cache entry per link): the
+    transitions never move, which matters for a ``"dense"`` state, whose ``Phi`` is ``N`` times its state."""
+    h = zero
     for j in range(num_shards - 1):
-        h = {key: _apply(transitions[key][j], h[key], carry[key]) + offsets[key][j] for key in zero}
-        states.append(h)
-    return {key: jnp.stack([s[key] for s in states])[shard] for key in zero}
+        leaving = {key: _apply(transition[key], h[key], carry[key]) + offset[key] for key in zero}
+        arrived = jax.lax.ppermute(leaving, axis, [(j, j + 1)])  # zeros on every device but j + 1
+        h = {key: jnp.where(shard == j + 1, arrived[key], h[key]) for key in zero}
+    return h
 
 
 # ====================================================================== checks
