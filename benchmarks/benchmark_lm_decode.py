@@ -50,6 +50,7 @@ from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, batch_
 from benchmarks.timing import median_seconds
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import Speculative, generate_tokens
+from pallas_kernels import dispatch
 
 D_MODEL, D_STATE, VOCAB = 512, 16, 32000
 STACKS = {
@@ -111,7 +112,7 @@ def time_floor(model, batch, new_tokens, warmup, repeats) -> dict:
                 if layer_type == "attn":
                     y, c = mixer(x_t[:, None], c)
                     return c, y[:, 0]
-                return tuple(reversed(mixer._step(x_t, c, None, None)))
+                return tuple(reversed(mixer._step(x_t, c, None, dispatch.resolve(None))))
 
             return jax.lax.scan(body, cache, x)[1]
 
