@@ -27,7 +27,9 @@ adds it); a model without one runs the ``xla`` path only (it is also its ``auto`
 ``kernels`` row whose program holds no ``pallas_call`` (the model's dispatch kept the XLA path for these shapes) is
 flagged. The ``kernels`` and ``auto`` gradients (and loss) are compared with the ``xla`` path's at every point:
 ``max_rel_err_vs_xla`` is the largest ``max|ours - xla| / max|xla|`` over the leaves, flagged above ``--rtol``
-(default 1e-5).
+(default 1e-5). The compared values come from programs traced again under ``--check-precision`` (default
+``highest``: float32 dots, so that on a GPU the comparison measures the kernels and not TF32 rounding; ``same``:
+the timed programs' own results, no second compilation).
 
 **Sweeps** (``--sweeps``; lrnnx's values, one axis at a time around lrnnx's benchmark point B=32, H=128, L=2048,
 d_state 64, Mamba's 16; lrnnx's ``run_all`` ran its width and batch sweeps at L=512: ``--point-length 512``):
@@ -314,6 +316,10 @@ def measure_path(model, path: str, x, args, large: bool) -> tuple[dict, Optional
         result = jax.block_until_ready(compiled(params, x))
         row["loss"] = float(result[0])
         row["median_ms"] = 1e3 * median_seconds(lambda: compiled(params, x), args.warmup, args.repeats)
+        if args.check_precision != "same":  # the compared values: the step traced again at that precision
+            with (contextlib.nullcontext() if config is None else pallas_kernels.kernel_config(config),
+                  jax.default_matmul_precision(args.check_precision)):
+                result = jax.block_until_ready(training_step(model)[0](params, x))
     except Exception as error:
         row["status"] = failure(error)
         return row, None
@@ -504,7 +510,7 @@ def environment(args, argv) -> dict:
         "command": "python -m benchmarks.benchmark_training " + " ".join(argv),
         "config": {k: getattr(args, k) for k in ("models", "paths", "sweeps", "point", "large", "seq_lengths",
                                                  "model_dims", "batch_sizes", "d_state", "warmup", "repeats",
-                                                 "matmul_precision", "rtol",
+                                                 "matmul_precision", "check_precision", "rtol",
                                                  "hbm_bandwidth", "memory_fraction", "time_budget", "seed")},
         "loss": "jit(value_and_grad(sum(model(x)))) w.r.t. every nnx.Param and x, float32",
     }
@@ -541,6 +547,9 @@ def parse_args(argv):
                         help="jax_default_matmul_precision of the programs (default: JAX's own; on GPUs float32 dots "
                         "may then use TF32, where PyTorch lrnnx's float32 does not by default)")
     parser.add_argument("--rtol", type=float, default=1e-5, help="largest relative gradient error vs the xla path")
+    parser.add_argument("--check-precision", choices=("same", "default", "high", "highest"), default="highest",
+                        help="matmul precision of the programs whose gradients are compared (default highest; same: "
+                        "the timed programs' results, no second compilation)")
     parser.add_argument("--hbm-bandwidth", type=float, default=H200_HBM_BYTES_PER_S, help="bytes/s (default: H200)")
     parser.add_argument("--memory-fraction", type=float, default=0.9,
                         help="run only programs whose estimated peak is below this fraction of device memory")
@@ -632,7 +641,7 @@ def main(argv=None) -> dict:
     for line in anchor_lines(lrnnx, "PyTorch lrnnx times") + anchor_lines(targets, "targets")[1:]:
         print(f"- {line}")
     mismatches = [r for r in rows if r.get("grads_match") is False]
-    print(f"gradient check (kernels and auto vs xla, rtol {args.rtol:g}): "
+    print(f"gradient check (kernels and auto vs xla, rtol {args.rtol:g}, matmul precision {args.check_precision}): "
           f"{len(mismatches)} mismatches" + ("" if mismatches else ", all within tolerance"))
     print(f"results: {args.out} and {args.out.with_suffix('.csv')}")
     write_plot(args, "training.png", plot, rows)

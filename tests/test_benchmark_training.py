@@ -66,6 +66,8 @@ def test_quick_run_measures_every_path_and_compares_the_gradients(tmp_path, caps
     # the files hold the same rows; the printed summary is at the benchmark point
     saved = json.loads(out.read_text())
     assert saved["stopped"] is None and saved["environment"]["device_kind"] == "cpu"
+    assert saved["environment"]["config"]["check_precision"] == "highest"  # the compared values' programs: float32 dots
+    assert "rtol 1e-05, matmul precision highest" in printed
     assert [(r["model"], r["path"]) for r in saved["results"]] == list(rows)
     assert saved["anchors"]["used"] == [] and saved["targets"]["used"] == []
     table = read_csv(out.with_suffix(".csv"))
