@@ -233,13 +233,15 @@ def forward_kernel(a, b, h0, mask=None, *, config: Optional[dispatch.KernelConfi
         a_all = load("a", whole=True) if layout.invariant else None
 
         def load_chunk(c):
+            """Per step of chunk ``c``: ``a_t`` (None when time-invariant: ``a_all`` stays out of the loop's carry),
+            ``b_t``, the step's mask."""
             steps = [c * CHUNK + i for i in range(CHUNK)]
-            return [(a_all if layout.invariant else load("a", t), load("b", t), step_mask(t)) for t in steps]
+            return [(None if layout.invariant else load("a", t), load("b", t), step_mask(t)) for t in steps]
 
         def one_chunk(c, inputs, h):
             states = []
             for a_t, b_t, m_t in inputs:  # unrolled
-                h = step(a_t, h, b_t, m_t)
+                h = step(a_all if a_t is None else a_t, h, b_t, m_t)
                 states.append(h)
             for i, h_t in enumerate(states):  # the stores after the chunk's arithmetic
                 store(h_refs, h_t, c * CHUNK + i)
@@ -278,18 +280,21 @@ def backward_kernel(a, h0, mask, h, dh, *, b_dtype, config: Optional[dispatch.Ke
         zero = jax.tree.map(jnp.zeros_like, h_init)
 
         def load_chunk(c):
-            """Per step of chunk ``c``: the cotangent of ``h_t`` (zero past the sequence), ``h_{t-1}``, ``a_t``, the
-            step's mask."""
+            """Per step of chunk ``c``: the cotangent of ``h_t`` (zero past the sequence), ``h_{t-1}`` (at ``t = 0`` a
+            stand-in that :func:`one_chunk` replaces by ``h0``), ``a_t`` (None when time-invariant: ``a_all`` and
+            ``h0`` stay out of the loop's carry), the step's mask."""
             steps = [c * CHUNK + i for i in range(CHUNK)]
-            return [(load("dh", t),
-                     jax.tree.map(lambda x, x0: jnp.where(t > 0, x, x0), load("h", jnp.maximum(t - 1, 0)), h_init),
-                     a_all if layout.invariant else load("a", t), step_mask(t)) for t in steps]
+            return [(load("dh", t), load("h", jnp.maximum(t - 1, 0)), None if layout.invariant else load("a", t),
+                     step_mask(t)) for t in steps]
 
         def one_chunk(c, inputs, carry):
             g, da_sum = carry
             grads = [None] * CHUNK
             for i in reversed(range(CHUNK)):  # unrolled
                 dh_t, h_prev, a_t, m_t = inputs[i]
+                first = c * CHUNK + i == 0
+                h_prev = jax.tree.map(lambda x, x0: jnp.where(first, x0, x), h_prev, h_init)
+                a_t = a_all if a_t is None else a_t
                 g = cl.add(g, dh_t)  # the adjoint of h_t
                 # the step is linear in b: its vjp does not read b's value, so b is not a residual (zeros stand in)
                 _, step_vjp = jax.vjp(lambda a_, h_, b_: step(a_, h_, b_, m_t), a_t, h_prev, zero)

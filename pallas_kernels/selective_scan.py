@@ -32,9 +32,10 @@ follow its arithmetic). It writes ``y`` ``(batch, L, D)``, the final state, and 
 chunk ``(batch, L / chunk, D, N)`` (float32): never ``(batch, L, D, N)``.
 
 **Backward kernel.** The same grid; the chunks in reverse. For each chunk a program reloads its
-checkpoint (loaded one chunk ahead with the chunk's inputs and ``dy``), recomputes the chunk's ``chunk + 1`` states on chip (the chunk loop is unrolled, so the
-states stay in registers), then runs the adjoint recurrence ``g_{t-1} = A_bar_t g_t + dh_t`` backwards
-through them, as mamba_ssm's CUDA backward does, and stores the chunk's gradients. It writes ``du``, ``ddelta``, ``ddelta_A``, ``dz``
+checkpoint (loaded one chunk ahead with the chunk's inputs and ``dy``), recomputes the chunk's
+``chunk + 1`` states on chip (the chunk loop is unrolled, so the states stay in registers), then runs the
+adjoint recurrence ``g_{t-1} = A_bar_t g_t + dh_t`` backwards through them, as mamba_ssm's CUDA backward
+does, and stores the chunk's gradients. It writes ``du``, ``ddelta``, ``ddelta_A``, ``dz``
 ``(batch, L, D)``; per-program partial sums of ``dB``, ``dC`` ``(blocks, batch, L, N)`` and of ``dA``,
 ``dD`` ``(batch, D, N)``, ``(batch, D)``, reduced outside; and ``dh0``. Memory: ``O(batch L D)`` plus
 the checkpoints (``batch (L/chunk) D N``) plus the partial ``dB``/``dC`` (``blocks batch L N``).
@@ -291,7 +292,8 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
         def load(c):
             """Chunk ``c``'s checkpoint, per-step inputs and output cotangents."""
             steps = [c * chunk + i for i in range(chunk)]
-            return (plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0), [step_inputs(t) for t in steps],
+            return (plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0),
+                    [step_inputs(t) for t in steps],
                     [plgpu.load(ref["dy"].at[b, t, rows], mask=d_ok, other=0.0).astype(f32) for t in steps])
 
         def one_chunk(c, chunk_inputs, carry):
@@ -305,18 +307,18 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             grads = [None] * chunk
             for i in reversed(range(chunk)):
                 dread, dcoef, g = step_grads(states[i], states[i + 1], inputs[i], dys[i], g)
-                grads[i] = {"du": dread["u"] + dcoef["u"], "ddelta": dcoef["delta"], "dz": dread.get("z"),
-                            "ddelta_A": dcoef.get("delta_A"), "dB": dcoef["B"], "dC": dread["C"]}
+                along_d = {"du": dread["u"] + dcoef["u"], "ddelta": dcoef["delta"], "dz": dread.get("z"),
+                           "ddelta_A": dcoef.get("delta_A")}
+                grads[i] = ({name: value for name, value in along_d.items() if name in out}, dcoef["B"], dread["C"])
                 dA = dA + dcoef["A"]
                 if "D" in dread:
                     dD = dD + dread["D"]
-            for i, step_grads_i in enumerate(grads):  # the stores after the chunk's arithmetic
+            for i, (along_d, dB, dC) in enumerate(grads):  # the stores after the chunk's arithmetic
                 t = c * chunk + i
-                for name, value in step_grads_i.items():
-                    if name in ("dB", "dC"):
-                        plgpu.store(out[name].at[blk, b, t, cols], value, mask=n_ok)
-                    elif name in out:
-                        plgpu.store(out[name].at[b, t, rows], value.astype(out[name].dtype), mask=d_ok)
+                for name, value in along_d.items():
+                    plgpu.store(out[name].at[b, t, rows], value.astype(out[name].dtype), mask=d_ok)
+                plgpu.store(out["dB"].at[blk, b, t, cols], dB, mask=n_ok)
+                plgpu.store(out["dC"].at[blk, b, t, cols], dC, mask=n_ok)
             return g, dA, dD
 
         g, dA, dD = scan_common.pipelined_chunks(num_chunks, load, one_chunk, (g, dA, dD), reverse=True)
