@@ -28,8 +28,8 @@ adds it); a model without one runs the ``xla`` path only (it is also its ``auto`
 flagged. The ``kernels`` and ``auto`` gradients (and loss) are compared with the ``xla`` path's at every point:
 ``max_rel_err_vs_xla`` is the largest ``max|ours - xla| / max|xla|`` over the leaves, flagged above ``--rtol``
 (default 1e-5). The compared values come from programs traced again under ``--check-precision`` (default
-``highest``: float32 dots, so that on a GPU the comparison measures the kernels and not TF32 rounding; ``same``:
-the timed programs' own results, no second compilation).
+``highest``: float32 dots, so that on a GPU the comparison measures the kernels and not TF32 rounding; ``same``,
+or the ``--matmul-precision`` of the timed programs: their own results, no second compilation).
 
 **Sweeps** (``--sweeps``; lrnnx's values, one axis at a time around lrnnx's benchmark point B=32, H=128, L=2048,
 d_state 64, Mamba's 16; lrnnx's ``run_all`` ran its width and batch sweeps at L=512: ``--point-length 512``):
@@ -316,7 +316,8 @@ def measure_path(model, path: str, x, args, large: bool) -> tuple[dict, Optional
         result = jax.block_until_ready(compiled(params, x))
         row["loss"] = float(result[0])
         row["median_ms"] = 1e3 * median_seconds(lambda: compiled(params, x), args.warmup, args.repeats)
-        if args.check_precision != "same":  # the compared values: the step traced again at that precision
+        if args.check_precision not in ("same", args.matmul_precision or "default"):
+            # the compared values: the step traced again at that precision (not when the timed one already ran at it)
             with (contextlib.nullcontext() if config is None else pallas_kernels.kernel_config(config),
                   jax.default_matmul_precision(args.check_precision)):
                 result = jax.block_until_ready(training_step(model)[0](params, x))
