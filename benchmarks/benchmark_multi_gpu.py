@@ -78,6 +78,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -122,7 +123,7 @@ class Sizes:
 
     train_d_model: int = 1024
     train_length: int = 4096
-    train_batch_per_device: int = 8
+    train_batch_per_device: tuple[int, ...] = (8,)
     s5_d_state: int = 64
     lm_d_model: int = 2048
     lm_vocab: int = 32000
@@ -140,7 +141,7 @@ class Sizes:
 
 #: the values of ``--matmul-precision`` and ``--timing-matmul-precision`` (``jax_default_matmul_precision``'s)
 MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
-QUICK = Sizes(train_d_model=16, train_length=64, train_batch_per_device=2, s5_d_state=8, lm_d_model=32, lm_vocab=256,
+QUICK = Sizes(train_d_model=16, train_length=64, train_batch_per_device=(2,), s5_d_state=8, lm_d_model=32, lm_vocab=256,
               lm_d_intermediate=64, lm_heads=4, lm_headdim=16, decode_batches=(2,), prompt_length=8, new_tokens=16,
               sp_d_model=8, sp_start_length=64, sp_max_length=4096)
 LM_MIXERS = ["Mamba", "attn", "Mamba2", "attn"]
@@ -285,10 +286,11 @@ def training_models(sizes: Sizes) -> dict[str, Callable[[], nnx.Module]]:
     return {"Mamba": lambda: Mamba(d_model=H, rngs=nnx.Rngs(0)), "S5-scan": s5("scan"), "S5-fft": s5("fft")}
 
 
-def data_parallel_row(name: str, build, num_devices: int, sizes: Sizes, args, clock: Clock, layouts: dict) -> dict:
-    """One model's training step on ``num_devices`` devices (the batch per device fixed)."""
-    batch, length = sizes.train_batch_per_device * num_devices, sizes.train_length
-    row = {"model": name, "devices": num_devices, "B": batch, "B_per_device": sizes.train_batch_per_device,
+def data_parallel_row(name: str, build, num_devices: int, per_device: int, sizes: Sizes, args, clock: Clock,
+                      layouts: dict) -> dict:
+    """One model's training step on ``num_devices`` devices, ``per_device`` rows on each."""
+    batch, length = per_device * num_devices, sizes.train_length
+    row = {"model": name, "devices": num_devices, "B": batch, "B_per_device": per_device,
            "L": length, "d_model": sizes.train_d_model}
     clock.require(f"data parallel {name} on {num_devices}")
     mesh = parallel.data_mesh(num_devices)
@@ -323,15 +325,16 @@ def data_parallel_row(name: str, build, num_devices: int, sizes: Sizes, args, cl
 def run_data_parallel(sizes: Sizes, args, clock: Clock, layouts: dict, names) -> dict:
     rows, comparisons = [], []
     models = training_models(sizes)
-    for name in names:
+    for name, per_device in itertools.product(names, sizes.train_batch_per_device):
         build = models[name]
         by_devices = {}
         for n in (1, 2):
-            by_devices[n] = guarded(rows, {"model": name, "devices": n},
-                                    lambda: data_parallel_row(name, build, n, sizes, args, clock, layouts))
+            by_devices[n] = guarded(rows, {"model": name, "devices": n, "B_per_device": per_device},
+                                    lambda: data_parallel_row(name, build, n, per_device, sizes, args, clock, layouts))
         if all(by_devices.values()):
             speedup = by_devices[2]["tokens_per_s"] / by_devices[1]["tokens_per_s"]
-            comparisons.append({"model": name, "tokens_per_s_1": by_devices[1]["tokens_per_s"],
+            comparisons.append({"model": name, "B_per_device": per_device,
+                                "tokens_per_s_1": by_devices[1]["tokens_per_s"],
                                 "tokens_per_s_2": by_devices[2]["tokens_per_s"], "speedup": speedup,
                                 "target": TARGETS["data_speedup_min"],
                                 "meets_target": speedup >= TARGETS["data_speedup_min"]})
@@ -821,7 +824,7 @@ def markdown(result: dict) -> str:
                          f"| {fmt(r.get('tokens_per_s'), '.4g')} | {fmt(None if peak is None else peak / GiB)} "
                          f"| {r.get('activation_collectives', '-')} | {r['status']} {r.get('reason', '')} |")
         for c in [*parts.get("data", {}).get("comparisons", []), *parts.get("data_fft", {}).get("comparisons", [])]:
-            lines.append(f"\n{c['model']}: {c['speedup']:.2f}x tokens/s on 2 devices "
+            lines.append(f"\n{c['model']} ({c['B_per_device']} rows per device): {c['speedup']:.2f}x tokens/s on 2 devices "
                          f"(target >= {c['target']}x: {'met' if c['meets_target'] else 'NOT met'})")
     decode = parts.get("decode", {})
     if decode.get("rows"):
@@ -867,6 +870,8 @@ def parse_args(argv):
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--time-budget", type=float, default=330.0,
                         help="seconds for the whole run; items that do not fit are skipped and recorded")
+    parser.add_argument("--train-batch-per-device", type=int, nargs="+", default=None,
+                        help="rows per device of the data-parallel part, one comparison each (default 8)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--kernels", choices=("never", "auto"), default="never",
@@ -910,6 +915,8 @@ def parse_args(argv):
     for name in ("memory_fraction", "two_device_memory_fraction"):
         if not 0.0 < getattr(args, name) <= 1.0:
             parser.error(f"--{name.replace('_', '-')} must lie in (0, 1], got {getattr(args, name)}")
+    if args.train_batch_per_device is not None and min(args.train_batch_per_device) < 1:
+        parser.error(f"--train-batch-per-device must be positive integers, got {args.train_batch_per_device}")
     if not args.sp_attempt_timeout > 0:
         parser.error(f"--sp-attempt-timeout must be > 0 seconds, got {args.sp_attempt_timeout}")
     if args.quick:
@@ -923,6 +930,8 @@ def main(argv=None) -> Optional[dict]:
         run_attempt_here(AttemptSpec(**json.loads(args.sequence_attempt)))
         return None
     sizes = QUICK if args.quick else Sizes()
+    if args.train_batch_per_device is not None:
+        sizes = dataclasses.replace(sizes, train_batch_per_device=tuple(args.train_batch_per_device))
     for name in ("sp_start_length", "sp_max_length"):
         if getattr(args, name) is not None:
             sizes = dataclasses.replace(sizes, **{name: getattr(args, name)})

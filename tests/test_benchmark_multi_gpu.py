@@ -46,7 +46,8 @@ def run_benchmark(tmp_path, name: str, *options: str) -> tuple[dict, str]:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     return run_benchmark(tmp_path_factory.mktemp("multi_gpu"), "quick", "--parts", "data,decode,sequence",
-                         "--memory-limit-gib", str(MEMORY_LIMIT_GIB), "--sp-start-length", "1024")
+                         "--memory-limit-gib", str(MEMORY_LIMIT_GIB), "--sp-start-length", "1024",
+                         "--train-batch-per-device", "3")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,9 @@ def test_data_parallel_rows(quick):
             assert r["step_ms"] == pytest.approx(1e3 * r["median_s"], rel=1e-12)
             assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["peak_bytes_per_device"] > 0
         assert rows[2]["activation_collectives"] == 0  # only the gradient's all-reduce crosses devices
+        assert {r["B_per_device"] for r in rows.values()} == {3}  # --train-batch-per-device
         comparison = next(c for c in data["comparisons"] if c["model"] == model)
+        assert comparison["B_per_device"] == 3
         assert comparison["speedup"] == pytest.approx(rows[2]["tokens_per_s"] / rows[1]["tokens_per_s"], rel=1e-12)
         assert comparison["meets_target"] == (comparison["speedup"] >= 1.8)
 
