@@ -59,9 +59,11 @@ under the ``"model"`` and ``"sequence"`` meshes they refuse and the XLA paths ru
 kernel that ``"auto"`` selects. So that each comparison is of one program, ``--kernels never`` (default) sets
 ``pallas_kernels.set_config(use_kernels="never")`` for the whole run; ``--kernels auto`` measures what users get
 (then the decode and sequence parts may compare a kernel on one device with the XLA path on two). ``NCCL_NVLS_ENABLE``
-defaults to 0 (NVLink multicast off) and ``XLA_PYTHON_CLIENT_PREALLOCATE`` is false (the parent keeps the memory
-pool of parts 1 and 2 while the sequence part's children run on the same devices); both are set before JAX is
-imported.
+defaults to 0 (NVLink multicast off), ``XLA_PYTHON_CLIENT_PREALLOCATE`` is false and
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` defaults to 0.95; all are set before JAX is imported. The parent keeps the memory
+pool of parts 1 and 2 while the sequence part's children run on the same devices, so a run that measures the
+longest length one device holds runs ``--parts sequence`` alone (the part records the parent's bytes in use, and
+each attempt its allocator's limit and the bytes in use when it started).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ import os
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+# XLA's allocator may grow to this share of a GPU's memory (its default, 0.75, would make a quarter of an H200 look
+# like an out-of-memory to the sequence part's attempts); the children inherit it
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 # XLA's multi-threaded CPU FFT can deadlock on 2-core machines (README); the --quick CPU run takes S5's FFT path
 if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -605,6 +610,12 @@ def sequence_step(model, mesh):
     return jax.jit(jax.value_and_grad(loss)), params, rest
 
 
+def device_memory_now(device) -> dict:
+    """The allocator's limit and the bytes in use on ``device`` now (absent where the backend reports none)."""
+    stats = device.memory_stats() or {}
+    return {f"device_{key}": stats[key] for key in ("bytes_limit", "bytes_in_use") if key in stats}
+
+
 def sequence_attempt(spec: AttemptSpec, clock: Clock, layouts: dict) -> dict:
     """One forward + backward at ``spec.length`` on ``spec.devices`` (one: the plain forward; more: sequence
     parallel), in this process (a child's): ``status`` ``ok`` (timed), ``oom`` (``how``: ``predicted`` when the
@@ -622,6 +633,7 @@ def sequence_attempt(spec: AttemptSpec, clock: Clock, layouts: dict) -> dict:
         params, rest = parallel.replicate((params, rest), mesh)
     shape = (spec.batch, spec.length, spec.d_model)
     row["child_startup_s"] = time.time() - spec.launched_at
+    row.update(device_memory_now(jax.devices()[0]))
     try:
         x_spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
         with captured_stderr() as log:
@@ -736,10 +748,23 @@ def search_one_device(attempt: Callable[[int], dict], start_length: int, max_len
     return fits, ooms
 
 
+def two_device_attempts(on_two: Callable[[int], dict], on_one: Callable[[int], dict], longest: int, ooms: set):
+    """After the search (``longest`` fits one device, ``ooms`` did not): ``2 * longest`` on two devices; when that
+    does not fit them either, ``3 * longest / 2`` on two and, if it runs there, on one device (added to ``ooms`` when
+    it does not fit), then ``longest`` on two, for the time per token at one length."""
+    if on_two(2 * longest)["status"] != "oom":
+        return
+    between = 3 * longest // 2
+    if on_two(between)["status"] == "ok" and on_one(between)["status"] == "oom":
+        ooms.add(between)
+    on_two(longest)
+
+
 def run_sequence_parallel(sizes: Sizes, args, clock: Clock, layouts: dict, save: Callable[[dict], None]) -> dict:
     """The search on one device, then two devices; ``save(result so far)`` after every attempt."""
     memory = int(args.memory_limit_gib * GiB) if args.memory_limit_gib else device_memory_limit(jax.devices()[0])
-    result = {"memory_bytes_per_device": memory, "memory_fraction": args.memory_fraction,
+    result = {"memory_bytes_per_device": memory, "parent": device_memory_now(jax.devices()[0]),
+              "memory_fraction": args.memory_fraction,
               "two_device_memory_fraction": args.two_device_memory_fraction,
               "attempt_timeout_s": args.sp_attempt_timeout, "search": [], "two_devices": []}
 
@@ -762,8 +787,8 @@ def run_sequence_parallel(sizes: Sizes, args, clock: Clock, layouts: dict, save:
         result["search_note"] = (f"{2 * longest} was not seen OOM on one device (the search stopped at the "
                                  f"--sp-max-length cap {sizes.sp_max_length}, an error or the time budget)")
     two = result["two_devices"]
-    if attempt(two, 2, 2 * longest)["status"] == "oom":  # 2L does not fit two devices either: L on two
-        attempt(two, 2, longest)
+    two_device_attempts(lambda length: attempt(two, 2, length), lambda length: attempt(result["search"], 1, length),
+                        longest, ooms)
     one = fits[longest]
     result["comparisons"] = []
     for row in two:
@@ -792,6 +817,7 @@ def environment(args, argv, sizes: Sizes) -> dict:
         "python": platform.python_version(), "num_cpu_cores": os.cpu_count(),
         "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
         "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "default_matmul_precision": str(jax.config.jax_default_matmul_precision),
         "timed_matmul_precision": args.timing_matmul_precision, "compared_matmul_precision": args.matmul_precision,

@@ -36,7 +36,8 @@ MEMORY_LIMIT_GIB = 0.00493
 def run_benchmark(tmp_path, name: str, *options: str) -> tuple[dict, str]:
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "XLA_FLAGS": CPU_FLAGS, "JAX_PLATFORMS": "cpu"}
-    env.pop("NCCL_NVLS_ENABLE", None)  # the script's own default is checked
+    for name in ("NCCL_NVLS_ENABLE", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        env.pop(name, None)  # the script's own defaults are checked
     completed = subprocess.run([sys.executable, "-m", "benchmarks.benchmark_multi_gpu", "--quick", "--out", str(out),
                                 *options], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-6000:]
@@ -70,6 +71,7 @@ def test_environment_and_meshes(quick):
     result, stdout = quick
     env = result["environment"]
     assert (env["NCCL_NVLS_ENABLE"], env["XLA_PYTHON_CLIENT_PREALLOCATE"]) == ("0", "false")
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
     assert (env["platform"], env["num_devices"], env["kernel_config"]["use_kernels"]) == ("cpu", 2, "never")
     assert (env["timed_matmul_precision"], env["default_matmul_precision"], env["compared_matmul_precision"]) == (
         "default", "default", "highest")
@@ -152,6 +154,26 @@ def test_sequence_search_and_two_devices(quick):
     (comparison,) = sequence["comparisons"]
     one = next(r for r in search if r["L"] == longest)
     assert comparison["ratio"] == pytest.approx(two["us_per_token"] / one["us_per_token"], rel=1e-12)
+
+
+@pytest.mark.parametrize("fits_two, expected", [
+    (lambda n: True, [(2, 2048)]),                                        # 2L fits two devices: nothing more
+    (lambda n: n <= 1536, [(2, 2048), (2, 1536), (1, 1536), (2, 1024)]),  # 3L/2 fits two, not one: checked on one
+    (lambda n: n <= 1024, [(2, 2048), (2, 1536), (2, 1024)]),             # 3L/2 fits neither: L on two only
+])
+def test_two_device_attempts(bench, fits_two, expected):
+    """The lengths tried after the search (longest fitting one device: 1024) and the OOMs found on one device."""
+    tried, ooms = [], {2048}
+
+    def attempt(devices, fits):
+        def run(length):
+            tried.append((devices, length))
+            return {"status": "ok" if fits(length) else "oom"}
+        return run
+
+    bench.two_device_attempts(attempt(2, fits_two), attempt(1, lambda n: n <= 1024), 1024, ooms)
+    assert tried == expected
+    assert ooms == ({2048, 1536} if (1, 1536) in expected else {2048})
 
 
 def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
