@@ -35,9 +35,7 @@ On a mesh axis of one device it is the model's own forward (the Pallas kernels m
 the kernel dispatch refuses a mesh that is not of data parallelism, and the XLA path runs, which ``jax.jvp`` needs).
 
 Cost: about three forwards per device (the pass with its transition and the final pass) on ``L / n`` positions
-instead of one on ``L``, and a fourth in the backward pass, which recomputes the first (``jax.checkpoint``: its
-residuals are not held beside the final pass's, so the memory per device is about one forward's over ``L / n``
-positions); the devices exchange ``O(B x state)`` numbers, in ``n - 1`` hops one after the other. A
+instead of one on ``L``; the devices exchange ``O(B x state)`` numbers, in ``n - 1`` hops one after the other. A
 ``"dense"`` state of size ``N`` costs ``N`` tangents in the first pass.
 """
 
@@ -179,10 +177,7 @@ def _entering_cache(model, x, tau, mask, local, zero: dict, axis: str, num_shard
         _, after = model.masked_forward(x, tau, mask, local, True, {**windows, **entering})
         return {key: after[key].astype(entering[key].dtype) for key in entering}
 
-    # rematerialized: its residuals (a forward's, over this device's positions) are not kept until the backward
-    # pass, which recomputes them after the final pass's are freed: the peak is one pass's, as on one device
-    summary = jax.checkpoint(lambda states: _affine_summary(final_states, states, carry, axis))
-    offset, transition = summary(recurrent)
+    offset, transition = _affine_summary(final_states, recurrent, carry, axis)
     return {**windows, **_entering_states(offset, transition, recurrent, carry, axis, shard, num_shards)}
 
 
