@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -156,20 +157,20 @@ def hbm_bytes(model, batch: int, steps: int, event: bool, config: dispatch.Kerne
     return batch * steps * model.d_model * 4 + 2 * size(state) + size(params) * -(-batch // block)
 
 
-def fused_configs(args, blockable: bool) -> list[dispatch.KernelConfig]:
-    """Every combination of ``--block-batch``, ``--num-warps`` and ``--precision`` (0: automatic).
+def fused_configs(args, blockable: bool, split: bool) -> list[dispatch.KernelConfig]:
+    """Every combination of ``--block-batch``, ``--num-warps``, ``--precision`` and ``--split-programs``
+    (0: automatic).
 
     Cells that only have the one-row path (not ``blockable``) skip the block variants and the precisions
-    (which only change the block path's dots).
+    (which only change the block path's dots); cells without a split skip the split variants.
     """
     configs = []
-    for block in args.block_batch:
-        for warps in args.num_warps:
-            for precision in args.precision:
-                if not blockable and (block > 1 or precision != "highest"):
-                    continue
-                configs.append(dispatch.KernelConfig(use_kernels="always", block_batch=block or None,
-                                                     num_warps=warps or None, precision=precision))
+    for block, warps, precision, parts in itertools.product(args.block_batch, args.num_warps, args.precision,
+                                                            args.split_programs):
+        if (not blockable and (block > 1 or precision != "highest")) or (parts and not split):
+            continue
+        configs.append(dispatch.KernelConfig(use_kernels="always", block_batch=block or None, num_warps=warps or None,
+                                             precision=precision, split_programs=parts or None))
     return list(dict.fromkeys(configs))
 
 
@@ -198,8 +199,8 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float, anchors: a
         loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
     if reason is not None:
         return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
-    blockable = model.cell().blockable
-    for config in fused_configs(args, blockable):
+    cell = model.cell()
+    for config in fused_configs(args, cell.blockable, cell.split is not None):
         try:
             run, compile_s = fused_runner(model, x0, tau, steps, config)
             seconds = median_seconds(run, args.warmup, args.repeats)
@@ -218,7 +219,8 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float, anchors: a
 
 def _variant(config: dispatch.KernelConfig) -> str:
     parts = [f"block={config.block_batch}" if config.block_batch else "", f"warps={config.num_warps}" if config.num_warps else "",
-             "" if config.precision == "highest" else config.precision]
+             "" if config.precision == "highest" else config.precision,
+             f"split={config.split_programs}" if config.split_programs else ""]
     return " ".join(p for p in parts if p) or "auto"
 
 
@@ -286,6 +288,8 @@ def main(argv=None):
     parser.add_argument("--num-warps", type=int, nargs="+", default=[0], help="fused variants: warps per program (0: auto)")
     parser.add_argument("--precision", nargs="+", default=["highest"], choices=dispatch.PRECISIONS,
                         help="fused variants: dot precision of the block path")
+    parser.add_argument("--split-programs", type=int, nargs="+", default=[0],
+                        help="fused variants of split cells: programs per row (0: auto)")
     parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
     parser.add_argument("--out", default=None, help="write every number as JSON to this file")
     add_plot_and_anchor_arguments(parser, "fused_generation.png")

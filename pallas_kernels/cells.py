@@ -17,7 +17,11 @@ A model describes its single step as a :class:`Cell`:
 * ``pad_values``: the value padded lanes of a parameter take in the kernels (0 unless
   named: e.g. a nonzero ``A`` where a discretization divides by it);
 * ``blockable``: whether the kernel may give a program a block of rows (tensor-core dots);
-* ``policy``: a :class:`KernelPolicy`, where ``use_kernels="auto"`` runs the kernels.
+* ``policy``: a :class:`KernelPolicy`, where ``use_kernels="auto"`` runs the kernels;
+* ``split``: a :class:`Split` when the step can run with its channels split over several
+  programs (parameters too large for one; :mod:`pallas_kernels.split_rollout`). The step then
+  takes a keyword ``comm`` (:class:`Collectives`; :data:`UNSPLIT` by default) and reduces
+  over the channels only through ``comm.psum`` / ``comm.psum_scatter``.
 
 The model maps its inference cache to the cell's state and back, and turns
 ``integration_timesteps`` (and, in training mode, dropout masks) into the per-token
@@ -74,6 +78,43 @@ class KernelPolicy:
         return f"batch {batch} above {limit} for the {path} kernel ({self.evidence})"
 
 
+class Split(NamedTuple):
+    """How a cell's step splits over ``P`` programs along a channel axis of size ``channels``.
+
+    Attributes:
+      channels: the size of the split axis (e.g. Mamba's ``d_inner``); each program holds
+        ``channels / P`` consecutive channels.
+      params: ``{name: axis}`` of the parameters split along that axis (their other axes
+        whole); every other parameter is held whole by every program.
+      state: ``{name: axis}`` of the per-row state leaves split along it (axis of the
+        per-row leaf, without the row axes); every state leaf must be named.
+    """
+
+    channels: int
+    params: dict
+    state: dict
+
+
+class Collectives(NamedTuple):
+    """The reductions over the programs of a split step (identity when unsplit).
+
+    ``psum(tree)``: every leaf summed over the programs, the whole sum on each. ``psum_scatter(tree)``:
+    every leaf ``(..., channels)`` summed over the programs, each keeping its own ``channels / P``
+    lanes (the split channels). One call exchanges its whole tree at once.
+    """
+
+    psum: Callable
+    psum_scatter: Callable
+
+
+def _identity(tree):
+    return tree
+
+
+#: the collectives of an unsplit step
+UNSPLIT = Collectives(_identity, _identity)
+
+
 class Cell(NamedTuple):
     """One model's step; see the module docstring."""
 
@@ -82,6 +123,61 @@ class Cell(NamedTuple):
     pad_values: dict = {}
     blockable: bool = False
     policy: KernelPolicy = KernelPolicy()
+    split: Optional[Split] = None
+
+
+def split_along(a, axis: int, parts: int):
+    """``a`` split into ``parts`` equal pieces along ``axis``, stacked first: ``(parts, *piece)``."""
+    axis %= a.ndim
+    shape = a.shape[:axis] + (parts, a.shape[axis] // parts) + a.shape[axis + 1:]
+    return jnp.moveaxis(a.reshape(shape), axis, 0)
+
+
+def join_along(a, axis: int):
+    """The inverse of :func:`split_along`: ``(parts, *piece)`` -> the pieces concatenated along ``axis``."""
+    axis %= a.ndim - 1
+    moved = jnp.moveaxis(a, 0, axis)
+    return moved.reshape(moved.shape[:axis] + (-1,) + moved.shape[axis + 2:])
+
+
+def split_params(cell: Cell, parts: int) -> dict:
+    """The cell's parameters as each of ``parts`` programs holds them: split ones ``(parts, *piece)``, the
+    others whole (by top-level name)."""
+    return {name: (split_along(value, cell.split.params[name], parts) if name in cell.split.params else value)
+            for name, value in cell.params.items()}
+
+
+def split_state(cell: Cell, state: dict, parts: int, row_axes: int = 1) -> dict:
+    """Per-row state leaves ``(B, *leaf)`` -> ``(B, parts, *piece)`` (the split axis of each leaf)."""
+    return {name: jnp.moveaxis(split_along(value, row_axes + cell.split.state[name], parts), 0, row_axes)
+            for name, value in state.items()}
+
+
+def join_state(cell: Cell, state: dict, row_axes: int = 1) -> dict:
+    """The inverse of :func:`split_state`."""
+    return {name: join_along(jnp.moveaxis(value, row_axes, 0), row_axes + cell.split.state[name])
+            for name, value in state.items()}
+
+
+def xla_split_step(cell: Cell, state, x, inputs, parts: int):
+    """One step of the batch with the cell split over ``parts`` programs, emulated by ``jax.vmap`` over the
+    programs with ``lax.psum`` / ``lax.psum_scatter``: the reference of the split kernel's arithmetic.
+
+    Same arguments and results as :func:`xla_step` (whole state in, whole state out).
+    """
+    axis = "split_programs"
+    comm = Collectives(lambda tree: jax.lax.psum(tree, axis),
+                       lambda tree: jax.tree.map(
+                           lambda a: jax.lax.psum_scatter(a, axis, scatter_dimension=a.ndim - 1, tiled=True), tree))
+    whole = {name: value for name, value in split_params(cell, parts).items() if name not in cell.split.params}
+
+    def one_program(pieces, state):
+        return cell.step({**whole, **pieces}, state, x, inputs, XLA_PRECISION, comm=comm)
+
+    pieces = {name: value for name, value in split_params(cell, parts).items() if name in cell.split.params}
+    ys, new_state = jax.vmap(one_program, in_axes=(0, 1), out_axes=(0, 1), axis_name=axis)(
+        pieces, split_state(cell, state, parts))
+    return ys[0], join_state(cell, new_state)
 
 
 def xla_step(cell: Cell, state, x, inputs):

@@ -69,6 +69,9 @@ class KernelConfig:
         float32 accuracy), ``"ieee"`` (float32 multiply-adds) or ``"fast"`` (1-pass TF32,
         about 1e-3 relative per product: an explicit opt-in). One-row paths always use
         float32 multiply-adds; interpret mode and the XLA drivers use ``HIGHEST``.
+      split_programs: programs per batch row of the fused cell kernels for a cell whose
+        parameters do not fit one program (``Cell.split``; a power of two); None: the fewest
+        whose parameter slices fit one program.
     """
 
     use_kernels: str = "auto"
@@ -77,6 +80,7 @@ class KernelConfig:
     block_elems: int = 2048
     block_batch: Optional[int] = None
     precision: str = "highest"
+    split_programs: Optional[int] = None
 
     def __post_init__(self):
         if self.use_kernels not in MODES:
@@ -88,6 +92,8 @@ class KernelConfig:
         _check_power_of_two("block_elems", self.block_elems, 1)
         if self.block_batch is not None and (isinstance(self.block_batch, bool) or self.block_batch != 1):
             _check_power_of_two("block_batch", self.block_batch, 16, "1 or ")
+        if self.split_programs is not None:
+            _check_power_of_two("split_programs", self.split_programs, 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 

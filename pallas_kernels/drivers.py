@@ -24,7 +24,7 @@ MULTI_STEP_OP = "fused_multi_step"
 
 def _use_kernel(op: str, cell: cells.Cell, batch: int, dtype, config: dispatch.KernelConfig,
                 model_reason: Optional[str]) -> bool:
-    reason = model_reason or fg.unsupported_reason(cell, batch, dtype)
+    reason = model_reason or fg.unsupported_reason(cell, batch, dtype, config)
     slower = None if reason is not None else cell.policy.slower_reason("step", batch)
     return dispatch.choose_kernel(op, reason, config, slower, batch=batch)
 

@@ -17,6 +17,17 @@ step function runs unchanged on the padded tiles. It serves:
 * the one-step kernel of ``model.step`` and the multi-token kernel of
   ``model.multi_step`` (given inputs), through :mod:`pallas_kernels.drivers`.
 
+**Split cells.** A cell whose parameters do not fit one program and that declares a
+:class:`~pallas_kernels.cells.Split` runs each batch row on ``P`` programs (grid ``(rows, P)``),
+each holding ``1/P`` of its channels' parameters and state on chip for the whole rollout. Where
+the step reduces over the channels (``comm.psum`` / ``comm.psum_scatter``), each program writes
+its partial sums to a double-buffered exchange array in global memory, the ``P`` programs of the
+row meet at a barrier (an acquire-release atomic counter per row, then a spin on it), and each
+reads the ``P`` partials back from L2 and adds them in the same order, so every program holds the
+same bits. All programs must be resident at once: ``rows x P`` is at most the GPU's SM count.
+Interpret mode runs programs one after another (a barrier among several would never return), so
+there a split cell runs with ``P = 1`` through the same exchange code.
+
 Whatever does not fit on chip gets a reason from :func:`unsupported_reason`, and the
 caller keeps the XLA driver.
 
@@ -40,8 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import dispatch
-from pallas_kernels.cells import Cell
+from pallas_kernels import cells, dispatch
+from pallas_kernels.cells import Cell, Collectives
 
 OP = "fused_generation"
 #: up to this batch a program owns one row (exact float32 FMAs); above, blockable cells take
@@ -60,6 +71,11 @@ HOIST_PER_WARP = 2560
 MAX_ELEMENTS = 2**31 - 1
 #: lanes of a padded axis: powers of two, at least this many (tensor-core tiles are >= 16)
 MIN_LANES = 16
+#: most programs per row of a split cell, and the parameter numbers each may hold (all kept in registers)
+MAX_SPLIT_PROGRAMS = 16
+MAX_SPLIT_PARAMS = 16 * HOIST_PER_WARP
+#: programs resident at once when the device does not say (its SM count on an NVIDIA GPU)
+DEFAULT_RESIDENT_PROGRAMS = 128
 
 
 def lanes(n: int) -> int:
@@ -78,10 +94,62 @@ def _pad_rows(a, rows: int):
     return jnp.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
 
-def padded_params(cell: Cell) -> dict:
-    """The cell's parameters padded for the kernel (float32; ``pad_values`` by top-level name)."""
-    return {name: jax.tree.map(lambda a, v=cell.pad_values.get(name, 0.0): _pad(a, 0, v), value)
-            for name, value in cell.params.items()}
+def padded_params(cell: Cell, parts: Optional[int] = None) -> dict:
+    """The cell's parameters padded for the kernel (float32; ``pad_values`` by top-level name); with ``parts``,
+    those the cell's split names cut into ``(parts, *slice)`` (the slices padded)."""
+    params = cell.params if parts is None else cells.split_params(cell, parts)
+    pieces = {} if parts is None else cell.split.params
+    return {name: jax.tree.map(lambda a, v=cell.pad_values.get(name, 0.0), lead=int(name in pieces): _pad(a, lead, v),
+                               value)
+            for name, value in params.items()}
+
+
+def resident_programs() -> int:
+    """How many programs of one kernel may wait for each other: the SM count of the GPU (one program each)."""
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None)
+    return int(count) if device.platform == "gpu" and count else DEFAULT_RESIDENT_PROGRAMS
+
+
+def _padded_sizes(params, pieces: dict, parts: int) -> list:
+    """Padded numbers of each parameter leaf one program holds (leaves of ``pieces`` names cut in ``parts``
+    along their axis)."""
+    sizes = []
+    for name, value in params.items():
+        for leaf in jax.tree.leaves(value):
+            shape = list(leaf.shape)
+            if name in pieces:
+                shape[pieces[name] % len(shape)] //= parts
+            sizes.append(math.prod(lanes(d) for d in shape))
+    return sizes
+
+
+def _fits_one_program(sizes: list, limit: int) -> bool:
+    return max(sizes) <= MAX_TILE and sum(sizes) <= limit
+
+
+def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
+    """``(P, None)``: the programs per row of a split run of ``cell`` (``KernelConfig.split_programs``, or the
+    fewest whose parameter slices fit one program); ``(None, reason)`` when there is none. ``P`` divides the
+    split channels into powers of two of at least :data:`MIN_LANES` (so that padded slices tile the padded
+    whole), and ``batch x P`` programs must be resident at once."""
+    channels = cell.split.channels
+    candidates = [1 << k for k in range(MAX_SPLIT_PROGRAMS.bit_length())
+                  if channels % (1 << k) == 0 and channels >> k >= MIN_LANES and lanes(channels >> k) == channels >> k]
+    if config.split_programs is not None:
+        if config.split_programs not in candidates:
+            return None, (f"split_programs={config.split_programs} does not cut {channels} channels into powers of "
+                          f"two of at least {MIN_LANES} (possible: {candidates})")
+        candidates = [config.split_programs]
+    resident = resident_programs()
+    for parts in candidates:
+        if _fits_one_program(_padded_sizes(cell.params, cell.split.params, parts), MAX_SPLIT_PARAMS):
+            if batch * parts > resident:
+                return None, (f"{batch} rows x {parts} programs each: over the {resident} programs that can be "
+                              f"resident at once (the programs of a row wait for each other every step)")
+            return parts, None
+    return None, (f"no split of its {channels} channels into {candidates} programs fits {MAX_SPLIT_PARAMS} "
+                  f"parameter numbers per program")
 
 
 def effective_block_batch(blockable: bool, batch: int, config: dispatch.KernelConfig) -> int:
@@ -145,20 +213,55 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
                               (None, 0, 0, 0, 0, 0, None), (1 if time_major else 0, 0))
 
 
+def run_parts(cell: Cell, batch: int, config: dispatch.KernelConfig) -> Optional[int]:
+    """Programs per row of the run: None (one program holds the whole cell) or ``P`` (a split run; 1 in interpret
+    mode). Raises ValueError when the cell fits neither way (:func:`unsupported_reason` says so first)."""
+    if cell.split is None:
+        return None
+    if config.split_programs is None and _fits_one_program(_padded_sizes(cell.params, {}, 1), MAX_PARAMS):
+        return None
+    parts, reason = split_programs(cell, batch, config)
+    if parts is None:
+        raise ValueError(f"the fused kernel cannot run this cell: {reason}")
+    return 1 if dispatch.interpret_mode(config) else parts
+
+
+def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> list:
+    """The collectives one step of a split program calls, in order: ``[(scatter, [leaf shapes])]`` (traced
+    abstractly on one program's padded slices)."""
+    calls = []
+
+    def recorder(scatter: bool):
+        def collective(tree):
+            calls.append((scatter, [leaf.shape for leaf in jax.tree.leaves(tree)]))
+            return jax.tree.map(lambda a: a[..., :a.shape[-1] // parts], tree) if scatter else tree
+        return collective
+
+    comm = Collectives(recorder(False), recorder(True))
+    jax.eval_shape(lambda p, h, v, i: cell.step(p, h, v, i, precision, comm=comm), params, state, x, inputs)
+    return calls
+
+
 def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *, config: dispatch.KernelConfig, xs,
               time_major: bool, num_valid):
     """:func:`run_cell` on the rows of one device."""
     pl, plgpu = dispatch.pallas_modules()
     batch, H = x0.shape
     Hp = lanes(H)
-    block = effective_block_batch(cell.blockable, batch, config)
+    parts = run_parts(cell, batch, config)
+    state_whole = state
+    block = 1 if parts is not None else effective_block_batch(cell.blockable, batch, config)
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
     precision = dispatch.dot_precision(config)
-    params = padded_params(cell)
+    params = padded_params(cell, parts)
+    pieces = set() if parts is None else set(cell.split.params)
+    if parts is not None:
+        state = cells.split_state(cell, state, parts)
+    state_lead = 1 if parts is None else 2
     groups = {
         "params": params,
-        "state": jax.tree.map(lambda a: _pad_rows(_pad(a, 1), rows), state),
+        "state": jax.tree.map(lambda a: _pad_rows(_pad(a, state_lead), rows), state),
         "row": jax.tree.map(lambda a: _pad_rows(_pad(a, 1), rows), row_inputs or {}),
         "step": jax.tree.map(lambda a: _pad_rows(_pad(a, 2), rows), step_inputs or {}),
     }
@@ -175,15 +278,27 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
         raise ValueError(
             f"the fused kernel addresses arrays with 32-bit offsets, but {batch} rows x {num_steps} steps make an array "
             f"of {largest} elements; run fewer steps per call (lrnnx_jax.generation.generate runs them in chunks)")
-    param_sizes = [a.size for a in flat["params"]]
+    # which parameter leaves are split (one program reads its slice) follows their top-level names
+    split_leaf = [name in pieces for name, value in params.items() for _ in jax.tree.leaves(value)]
+    param_sizes = [a[0].size if cut else a.size for a, cut in zip(flat["params"], split_leaf)]
     num_warps = _auto_num_warps(param_sizes, block, config)
     hoisted, streamed = split_hoisted(param_sizes, num_warps)
     x0p = _pad_rows(_pad(x0, 1), rows)
     n_state = len(flat["state"])
+    exchanges = []
+    if parts is not None:
+        one_row = lambda tree, lead: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[lead:], a.dtype), tree)  # noqa: E731
+        exchanges = _exchanges(
+            cell, jax.tree.unflatten(treedefs["params"], [jax.ShapeDtypeStruct(a.shape[int(cut):], a.dtype)
+                                                          for a, cut in zip(flat["params"], split_leaf)]),
+            one_row(groups["state"], 2), jax.ShapeDtypeStruct((Hp,), jnp.float32),
+            {**one_row(groups["row"], 1), **one_row(groups["step"], 2)}, precision, parts)
+    exchange_shapes = [shape for _, shapes in exchanges for shape in shapes]
 
     def body(x0_ref, *refs):
         ref = dict(zip(order, refs[:len(order)]))
-        ys_ref, state_out = refs[len(order)], refs[len(order) + 1:]
+        outputs = refs[len(order) + (parts is not None):]  # the counter's input ref is not used: its output is
+        ys_ref, state_out = outputs[0], outputs[1:1 + n_state]
         program = pl.program_id(0)
         zero = 0 * program  # traced: the ragged output lanes are masked, not bounds-checked
         lane_ok = jnp.arange(Hp) < H
@@ -193,20 +308,32 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             start = program * block
             sel = pl.ds(start, block)
             ok = (start + jnp.arange(block) < batch)[:, None] & lane_ok[None, :]
-        kept = {i: ref["params", i][...] for i in hoisted}
+        part, where_state = None, (sel,)
+        if parts is not None:
+            part = pl.program_id(1)
+            where_state, ok = (sel, part), ok & (part == 0)  # every program of a row holds the same output
+            comm_of_step = _exchange_collectives(plgpu, pl, outputs[1 + n_state], outputs[2 + n_state:], exchanges,
+                                                 sel, part, parts, zero, interpret)
+
+        def param(i):
+            return ref["params", i][part] if split_leaf[i] else ref["params", i][...]
+
+        kept = {i: param(i) for i in hoisted}
         x = x0_ref[sel]
-        state = [ref["state", i][sel] for i in range(n_state)]
+        state = [ref["state", i][where_state] for i in range(n_state)]
         rows_in = [ref["row", i][sel] for i in range(len(flat["row"]))]
 
         def loop(t, carry):
             x, state = carry
             if xs is not None:
                 x = ref["xs", 0][sel, t]
-            p = [kept[i] if i in kept else ref["params", i][...] for i in range(len(param_sizes))]
+            p = [kept[i] if i in kept else param(i) for i in range(len(param_sizes))]
             inputs = jax.tree.unflatten(treedefs["row"], rows_in)
             per_step = jax.tree.unflatten(treedefs["step"], [ref["step", i][sel, t] for i in range(len(flat["step"]))])
+            options = {} if parts is None else {"comm": comm_of_step(t)}
             y, new_state = cell.step(jax.tree.unflatten(treedefs["params"], p),
-                                     jax.tree.unflatten(treedefs["state"], state), x, {**inputs, **per_step}, precision)
+                                     jax.tree.unflatten(treedefs["state"], state), x, {**inputs, **per_step}, precision,
+                                     **options)
             where = (t, sel) if time_major else (sel, t)
             plgpu.store(ys_ref.at[(*where, pl.ds(zero, Hp))], y, mask=ok)
             return y, jax.tree.leaves(new_state)
@@ -214,32 +341,91 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
         count = ref["count", 0][0] if num_valid is not None else num_steps
         _, state = jax.lax.fori_loop(0, count, loop, (x, state))
         for i in range(n_state):
-            state_out[i][sel] = state[i]
+            state_out[i][where_state] = state[i]
 
-    out_shape = (
+    out_shape = [
         jax.ShapeDtypeStruct((num_steps, batch, H) if time_major else (batch, num_steps, H), jnp.float32),
         *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in flat["state"]),
-    )
+    ]
+    operands = [x0p, *(flat[g][i] for g, i in order)]
+    aliases = {}
+    if parts is not None:  # the barrier counters (one per row, from zero) and the exchange arrays (2 slots each)
+        aliases = {len(operands): len(out_shape)}
+        operands.append(jnp.zeros((rows,), jnp.int32))
+        out_shape += [jax.ShapeDtypeStruct((rows,), jnp.int32),
+                      *(jax.ShapeDtypeStruct((2, rows, parts, *shape), jnp.float32) for shape in exchange_shapes)]
     call = pl.pallas_call(
         body,
-        out_shape=out_shape,
-        grid=(rows // block,),
+        out_shape=tuple(out_shape),
+        grid=(rows // block,) if parts is None else (rows, parts),
+        input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         name=OP,
     )
-    ys, *final = call(x0p, *(flat[g][i] for g, i in order))
-    final = [f[:batch][tuple(slice(0, d) for d in a.shape)] for f, a in zip(final, jax.tree.leaves(state))]
+    ys, *final = call(*operands)[:1 + n_state]
+    final = [f[:batch] for f in final]
+    if parts is not None:
+        final = jax.tree.leaves(cells.join_state(cell, jax.tree.unflatten(treedefs["state"], final)))
+    final = [f[tuple(slice(0, d) for d in a.shape)] for f, a in zip(final, jax.tree.leaves(state_whole))]
     return ys, jax.tree.unflatten(treedefs["state"], final)
 
 
+def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part, parts: int, zero, interpret: bool):
+    """``comm_of_step(t) -> Collectives`` of a split program: each call writes its partial sums to its exchange
+    arrays (slot ``n % 2`` for the ``n``-th exchange of the rollout), meets the row's other programs at barrier
+    ``n`` and sums their partials (reading from L2: ``.cg`` loads). Two slots suffice: a program writes a slot
+    again only after barrier ``n + 1``, which every program reaches after reading slot ``n``."""
+    per_call = []
+    for _, shapes in exchanges:
+        per_call.append(buffers[:len(shapes)])
+        buffers = buffers[len(shapes):]
+    one = zero + 1
+
+    def barrier(number):
+        if not interpret:
+            plgpu.debug_barrier()  # every thread's partial is written before the release below
+        arrived = plgpu.atomic_add(counter_ref, (row,), one) + 1  # acquire-release, GPU scope
+        target = (number + 1) * parts
+        jax.lax.while_loop(lambda seen: seen < target, lambda seen: plgpu.atomic_add(counter_ref, (row,), zero),
+                           arrived)
+        if not interpret:
+            plgpu.debug_barrier()
+
+    def comm_of_step(t):
+        calls = iter(range(len(exchanges)))
+
+        def exchange(tree, scatter: bool):
+            k = next(calls)
+            number = t * len(exchanges) + k
+            slot = number % 2
+            leaves, treedef = jax.tree.flatten(tree)
+            for leaf, buffer in zip(leaves, per_call[k]):
+                buffer[slot, row, part] = leaf
+            barrier(number)
+            summed = []
+            for leaf, buffer in zip(leaves, per_call[k]):
+                index = (slot, row)
+                if scatter:
+                    width = leaf.shape[-1] // parts
+                    index = (slot, row, slice(None), *(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
+                summed.append(jnp.sum(plgpu.load(buffer.at[index], cache_modifier=".cg"), axis=0))
+            return jax.tree.unflatten(treedef, summed)
+
+        return Collectives(lambda tree: exchange(tree, False), lambda tree: exchange(tree, True))
+
+    return comm_of_step
+
+
 # ----------------------------------------------------------------------------- support
-def unsupported_reason(cell: Cell, batch_size: int, dtype=None) -> Optional[str]:
+def unsupported_reason(cell: Cell, batch_size: int, dtype=None,
+                       config: Optional[dispatch.KernelConfig] = None) -> Optional[str]:
     """None when :func:`run_cell` can run ``cell`` for ``batch_size`` rows of ``dtype`` inputs, else why not.
 
     The reasons: inputs or parameters of a dtype other than float32, and parameters
     that do not fit on chip (a padded tile over :data:`MAX_TILE` numbers or a total
-    over :data:`MAX_PARAMS`). Works on abstract cells (under ``jax.eval_shape``).
+    over :data:`MAX_PARAMS`) when the cell has no split that fits (:func:`split_programs`
+    under ``config``, the default when None). Works on abstract cells (under ``jax.eval_shape``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         return f"batch_size={batch_size!r} (expected a positive integer)"
@@ -252,13 +438,18 @@ def unsupported_reason(cell: Cell, batch_size: int, dtype=None) -> Optional[str]
     shapes = [tuple(lanes(d) for d in leaf.shape) for leaf in leaves]
     sizes = [math.prod(s) for s in shapes]
     largest, total = max(sizes), sum(sizes)
+    config = dispatch.resolve(config)
+    if cell.split is not None and (config.split_programs is not None or not _fits_one_program(sizes, MAX_PARAMS)):
+        parts, reason = split_programs(cell, int(batch_size), config)
+        return None if parts is not None else f"parameters too large for one program, and split: {reason}"
     if largest > MAX_TILE or total > MAX_PARAMS:
         return (f"parameters too large for one program: {total} padded numbers (largest tile {shapes[sizes.index(largest)]}) "
                 f"over the on-chip limits of {MAX_TILE} per tile and {MAX_PARAMS} in total")
     return None
 
 
-def model_unsupported_reason(model, batch_size: int, event_mode: bool, dtype=None) -> Optional[str]:
+def model_unsupported_reason(model, batch_size: int, event_mode: bool, dtype=None,
+                             config: Optional[dispatch.KernelConfig] = None) -> Optional[str]:
     """:func:`unsupported_reason` of ``model``'s cell (traced abstractly: nothing is computed), or a
     model-level reason: event mode without ``integration_timesteps`` support, active dropout."""
     name = type(model).__name__
@@ -267,7 +458,7 @@ def model_unsupported_reason(model, batch_size: int, event_mode: bool, dtype=Non
     refusal = model.kernel_refusal()  # the model protocol (lrnnx_jax.core.base.LRNN): e.g. active dropout
     if refusal is not None:
         return refusal
-    reason = unsupported_reason(abstract_cell(model), batch_size, dtype)
+    reason = unsupported_reason(abstract_cell(model), batch_size, dtype, config)
     return None if reason is None else f"{name}: {reason}"
 
 
@@ -295,7 +486,7 @@ def use_fused_rollout(model, batch_size: int, event_mode: bool, dtype=None,
     """The switch of ``generate``: :func:`pallas_kernels.dispatch.choose_kernel` on
     :func:`model_unsupported_reason`, with the cell's :class:`~pallas_kernels.cells.KernelPolicy`."""
     config = dispatch.resolve(config)
-    reason = model_unsupported_reason(model, batch_size, event_mode, dtype)
+    reason = model_unsupported_reason(model, batch_size, event_mode, dtype, config)
     slower = None if reason is not None else abstract_cell(model).policy.slower_reason("rollout", batch_size)
     return dispatch.choose_kernel(OP, reason, config, slower, batch=batch_size)
 
@@ -360,11 +551,12 @@ def fused_generate(model, x0, num_steps: int, integration_timesteps=None, *,
     """
     x0 = jnp.asarray(x0)
     x0, num_steps, taus = _check_inputs(model, x0, num_steps, integration_timesteps)
-    reason = model_unsupported_reason(model, x0.shape[0], taus is not None)
+    config = dispatch.resolve(config)
+    reason = model_unsupported_reason(model, x0.shape[0], taus is not None, config=config)
     if reason is not None:
         raise ValueError(f"fused_generate does not support {reason}; use lrnnx_jax.generation.generate")
     leaves, treedef = jax.tree.flatten(model)
-    return _rollout(treedef, num_steps, dispatch.resolve(config), leaves, x0, taus)
+    return _rollout(treedef, num_steps, config, leaves, x0, taus)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

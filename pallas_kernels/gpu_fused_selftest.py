@@ -72,6 +72,14 @@ CASES = [
     Case("Mamba bilinear bias k3", "ltv.Mamba", dict(d_model=H, d_state=16, discretization="bilinear", bias=True, d_conv=3)),
     Case("RG-LRU", "ltv.RGLRU", dict(d_model=H)),
     Case("RG-LRU k2 bias", "ltv.RGLRU", dict(d_model=H, d_conv=2, bias=True, conv_bias=False)),
+    Case("Mamba B=1", "ltv.Mamba", dict(d_model=H, d_state=16), batch=1),
+    Case("Mamba B=1 split 16", "ltv.Mamba", dict(d_model=H, d_state=16), batch=1,
+         config=dispatch.KernelConfig(use_kernels="always", split_programs=16)),
+    Case("Mamba B=16 split 8", "ltv.Mamba", dict(d_model=H, d_state=16), batch=16,
+         config=dispatch.KernelConfig(use_kernels="always", split_programs=8)),
+    Case("RG-LRU B=1", "ltv.RGLRU", dict(d_model=H), batch=1),
+    Case("RG-LRU B=3 split 8", "ltv.RGLRU", dict(d_model=H), batch=3,
+         config=dispatch.KernelConfig(use_kernels="always", split_programs=8)),
     Case("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
     Case("S4D bilinear c2 gate2 swap", "lti.S4D", dict(d_model=H, d_state=N, disc="bilinear", channels=2, gate=2,
                                                          swap_channels=True, transposed=False)),
@@ -167,7 +175,11 @@ def _rel(ours, ref) -> float:
 
 
 def path_of(case: Case, model) -> str:
-    block = fg.effective_block_batch(model.cell().blockable, case.batch, case.config)
+    cell = model.cell()
+    parts = fg.run_parts(cell, case.batch, case.config)
+    if parts is not None:
+        return f"split over {parts} programs per row"
+    block = fg.effective_block_batch(cell.blockable, case.batch, case.config)
     return "rows" if block == 1 else f"block {block} {case.config.precision}"
 
 

@@ -56,7 +56,7 @@ from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_
 from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 from pallas_kernels import selective_scan as scan_kernels
-from pallas_kernels.cells import Cell, KernelPolicy
+from pallas_kernels.cells import UNSPLIT, Cell, Collectives, KernelPolicy, Split
 
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 DT_INITS = ("random", "constant")
@@ -151,22 +151,24 @@ def _bias(params, name):
     return params[name] if name in params else 0.0
 
 
-def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str):
+def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str, comm: Collectives = UNSPLIT):
     """One step of the Mamba block, the model's cell (:mod:`pallas_kernels.cells`).
 
     ``x (..., H)`` with the leading row axes of ``state`` (``conv0..conv{K-1}`` ``(..., D)``,
     ``h`` ``(..., D, N)``) and ``inputs`` (``tau`` ``(...)`` in event mode); ``params`` as
     :meth:`Mamba.cell` builds them. Returns ``(y (..., H), new_state)``. Only operations that
     lower in Pallas: the contractions by :func:`pallas_kernels.kernel_math.contract`.
+
+    Split over programs (:data:`SPLIT`: each holds a slice of the ``D`` channels), the two
+    contractions over ``D`` (``x_proj`` and ``out_proj``) are completed by ``comm.psum``.
     """
     p = params
     x_in = km.project(x, p["Win_x"], 1, precision) + _bias(p, "Win_x_b")
     z = km.project(x, p["Win_z"], 1, precision) + _bias(p, "Win_z_b")
     pre, history = conv.conv_cell_step(p, state, x_in, conv.conv_taps(p))
     u = km.silu(pre)
-    r = km.project(u, p["Wx_r"], 1, precision)
-    B_t = km.project(u, p["Wx_B"], 1, precision)
-    C_t = km.project(u, p["Wx_C"], 1, precision)
+    r, B_t, C_t = comm.psum((km.project(u, p["Wx_r"], 1, precision), km.project(u, p["Wx_B"], 1, precision),
+                             km.project(u, p["Wx_C"], 1, precision)))
     delta = km.softplus(km.project(r, p["Wdt"], 0, precision) + p["Wdt_b"])
     delta_A = None
     if "tau" in inputs:  # event mode: the A-step tau * softplus(b_A)
@@ -174,8 +176,17 @@ def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str)
     A_bar, gamma = km.discretize(discretization, p["A"], delta[..., None], delta_A)
     h = (A_bar * state["h"] + gamma * B_t[..., None, :] * u[..., None]).astype(state["h"].dtype)  # keeps its dtype
     y = (jnp.sum(h * C_t[..., None, :], axis=-1) + p["Dskip"] * u) * km.silu(z)
-    out = km.project(y, p["Wout"], 0, precision) + _bias(p, "Wout_b")
+    out = comm.psum(km.project(y, p["Wout"], 0, precision)) + _bias(p, "Wout_b")
     return out, {**history, "h": h}
+
+
+def mamba_split(d_inner: int, d_conv: int) -> Split:
+    """:meth:`Mamba.cell`'s split over the ``d_inner`` channels: every parameter with a ``D`` axis is cut along
+    it (``Wout_b`` stays whole), and so are the conv history and ``h``."""
+    along_first = ["Win_x", "Win_z", "Win_x_b", "Win_z_b", "conv_b", "Wdt_b", "A", "Dskip", "dtA", "Wout",
+                   *(f"conv_w{k}" for k in range(d_conv))]
+    return Split(d_inner, {**dict.fromkeys(along_first, 0), **dict.fromkeys(["Wx_r", "Wx_B", "Wx_C", "Wdt"], 1)},
+                 {"h": 0, **{f"conv{k}": 0 for k in range(d_conv)}})
 
 
 #: one step function per discretization (stable identities)
@@ -357,7 +368,8 @@ class Mamba(LRNN):
         p["Wout"] = in_compute_dtype(self.out_proj.kernel[...])
         if self.out_proj.bias is not None:
             p["Wout_b"] = in_compute_dtype(self.out_proj.bias[...])
-        return Cell(_CELL_STEPS[self.discretization], p, pad_values={"A": -1.0}, blockable=False, policy=POLICY)
+        return Cell(_CELL_STEPS[self.discretization], p, pad_values={"A": -1.0}, blockable=False, policy=POLICY,
+                    split=mamba_split(D, self.d_conv))
 
     def cell_state(self, cache):
         """``{"conv0".."conv{K-1}": (B, D), "h": (B, D, N)}`` from the cache, in the compute dtype."""

@@ -39,7 +39,7 @@ from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_
 from pallas_kernels import diagonal_scan, scan_common
 from pallas_kernels.scan_common import ScanPolicy
 from pallas_kernels import kernel_math as km
-from pallas_kernels.cells import Cell, KernelPolicy
+from pallas_kernels.cells import UNSPLIT, Cell, Collectives, KernelPolicy, Split
 
 #: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
@@ -91,24 +91,39 @@ def _bias(params, name):
     return params[name] if name in params else 0.0
 
 
-def rglru_cell_step(params, state, x, inputs, precision, *, c: float):
+def rglru_cell_step(params, state, x, inputs, precision, *, c: float, comm: Collectives = UNSPLIT):
     """One step of the RG-LRU block, the model's cell (:mod:`pallas_kernels.cells`).
 
     ``x (..., H)`` with the leading row axes of ``state`` (``conv0..conv{K-1}`` and ``h``,
     each ``(..., D)``); ``params`` as :meth:`RGLRU.cell` builds them; ``inputs`` unused (no
     event mode). Returns ``(y (..., H), new_state)``. Only operations that lower in Pallas:
     ``log_sigmoid(a_log) = -softplus(-a_log)`` by :func:`pallas_kernels.kernel_math.softplus`.
+
+    Split over programs (:func:`rglru_split`: each holds a slice of the ``D`` channels), the gates'
+    ``(D, D)`` projections are cut by input rows and completed by ``comm.psum_scatter`` (each program
+    keeps its channels' gates), and ``out_proj`` by ``comm.psum``.
     """
     p = params
     g = km.gelu(km.project(x, p["Wg"], 0, precision) + _bias(p, "Wg_b"))
     x_in = km.project(x, p["Wi"], 0, precision) + _bias(p, "Wi_b")
     xc, history = conv.conv_cell_step(p, state, x_in, conv.conv_taps(p))
-    r = km.sigmoid(km.project(xc, p["Wr"], 0, precision) + p["Wr_b"])
-    i = km.sigmoid(km.project(xc, p["Wig"], 0, precision) + p["Wig_b"])
+    r_pre, i_pre = comm.psum_scatter((km.project(xc, p["Wr"], 0, precision), km.project(xc, p["Wig"], 0, precision)))
+    r = km.sigmoid(r_pre + p["Wr_b"])
+    i = km.sigmoid(i_pre + p["Wig_b"])
     A_bar, gamma = rglru_transition(-km.softplus(-p["a_log"]), c * r)
     h = (A_bar * state["h"] + gamma * (i * xc)).astype(state["h"].dtype)  # the state keeps its dtype
-    out = km.project(g * h, p["Wout"], 0, precision) + _bias(p, "Wout_b")
+    out = comm.psum(km.project(g * h, p["Wout"], 0, precision)) + _bias(p, "Wout_b")
     return out, {**history, "h": h}
+
+
+def rglru_split(d_inner: int, d_conv: int) -> Split:
+    """:meth:`RGLRU.cell`'s split over the ``D`` channels: the input projections by output columns, the gates'
+    ``(D, D)`` projections and ``out_proj`` by input rows, the per-channel vectors and the state along ``D``
+    (``Wout_b`` stays whole)."""
+    split = {"Wg": 1, "Wi": 1, "Wr": 0, "Wig": 0, "Wout": 0,
+             **dict.fromkeys(["Wg_b", "Wi_b", "conv_b", "Wr_b", "Wig_b", "a_log"], 0),
+             **{f"conv_w{k}": 0 for k in range(d_conv)}}
+    return Split(d_inner, split, {"h": 0, **{f"conv{k}": 0 for k in range(d_conv)}})
 
 
 
@@ -240,7 +255,7 @@ class RGLRU(LRNN):
             if linear.bias is not None:
                 p[name + "_b"] = in_compute_dtype(linear.bias[...])
         p["a_log"] = in_compute_dtype(self.a_log[...][:, 0])
-        return Cell(_cell_step(self.c), p, blockable=False, policy=POLICY)
+        return Cell(_cell_step(self.c), p, blockable=False, policy=POLICY, split=rglru_split(self.d_inner, self.d_conv))
 
     def cell_state(self, cache):
         """``{"conv0".."conv{K-1}": (B, D), "h": (B, D)}`` from the cache, in the compute dtype."""
