@@ -213,17 +213,35 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
                               (None, 0, 0, 0, 0, 0, None), (1 if time_major else 0, 0))
 
 
+def split_plan(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
+    """``(P, None)``: run ``cell`` split over ``P`` programs per row; ``(None, None)``: not split; ``(None, reason)``:
+    a split was needed (asked for by ``KernelConfig.split_programs``, or the parameters do not fit one program)
+    and none fits.
+
+    A cell with a :class:`~pallas_kernels.cells.Split` is split when its parameters exceed what one program keeps
+    in registers (:data:`MAX_SPLIT_PARAMS`); where no split fits (e.g. too many rows to be resident), a cell
+    whose parameters fit one program's limits runs unsplit, re-reading its larger parameters every step.
+    """
+    if cell.split is None:
+        return None, None
+    sizes = _padded_sizes(cell.params, {}, 1)
+    if config.split_programs is None and _fits_one_program(sizes, MAX_SPLIT_PARAMS):
+        return None, None
+    parts, reason = split_programs(cell, batch, config)
+    if parts is not None:
+        return parts, None
+    if config.split_programs is None and _fits_one_program(sizes, MAX_PARAMS):
+        return None, None
+    return None, f"parameters too large for one program, and split: {reason}"
+
+
 def run_parts(cell: Cell, batch: int, config: dispatch.KernelConfig) -> Optional[int]:
     """Programs per row of the run: None (one program holds the whole cell) or ``P`` (a split run; 1 in interpret
     mode). Raises ValueError when the cell fits neither way (:func:`unsupported_reason` says so first)."""
-    if cell.split is None:
-        return None
-    if config.split_programs is None and _fits_one_program(_padded_sizes(cell.params, {}, 1), MAX_PARAMS):
-        return None
-    parts, reason = split_programs(cell, batch, config)
-    if parts is None:
+    parts, reason = split_plan(cell, batch, config)
+    if reason is not None:
         raise ValueError(f"the fused kernel cannot run this cell: {reason}")
-    return 1 if dispatch.interpret_mode(config) else parts
+    return None if parts is None else 1 if dispatch.interpret_mode(config) else parts
 
 
 def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> list:
@@ -374,8 +392,9 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
 def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part, parts: int, zero, interpret: bool):
     """``comm_of_step(t) -> Collectives`` of a split program: each call writes its partial sums to its exchange
     arrays (slot ``n % 2`` for the ``n``-th exchange of the rollout), meets the row's other programs at barrier
-    ``n`` and sums their partials (reading from L2: ``.cg`` loads). Two slots suffice: a program writes a slot
-    again only after barrier ``n + 1``, which every program reaches after reading slot ``n``."""
+    ``n`` and sums their partials (volatile loads: strong loads, served by L2, never by the incoherent L1). Two
+    slots suffice: a program writes a slot again only after barrier ``n + 1``, which every program reaches after
+    reading slot ``n``."""
     per_call = []
     for _, shapes in exchanges:
         per_call.append(buffers[:len(shapes)])
@@ -398,7 +417,7 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
         def exchange(tree, scatter: bool):
             k = next(calls)
             number = t * len(exchanges) + k
-            slot = number % 2
+            slot = number & 1  # (a remainder of weak-typed integers does not lower to Triton)
             leaves, treedef = jax.tree.flatten(tree)
             for leaf, buffer in zip(leaves, per_call[k]):
                 buffer[slot, row, part] = leaf
@@ -409,7 +428,7 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
                 if scatter:
                     width = leaf.shape[-1] // parts
                     index = (slot, row, slice(None), *(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
-                summed.append(jnp.sum(plgpu.load(buffer.at[index], cache_modifier=".cg"), axis=0))
+                summed.append(jnp.sum(plgpu.load(buffer.at[index], volatile=True), axis=0))
             return jax.tree.unflatten(treedef, summed)
 
         return Collectives(lambda tree: exchange(tree, False), lambda tree: exchange(tree, True))
@@ -438,10 +457,9 @@ def unsupported_reason(cell: Cell, batch_size: int, dtype=None,
     shapes = [tuple(lanes(d) for d in leaf.shape) for leaf in leaves]
     sizes = [math.prod(s) for s in shapes]
     largest, total = max(sizes), sum(sizes)
-    config = dispatch.resolve(config)
-    if cell.split is not None and (config.split_programs is not None or not _fits_one_program(sizes, MAX_PARAMS)):
-        parts, reason = split_programs(cell, int(batch_size), config)
-        return None if parts is not None else f"parameters too large for one program, and split: {reason}"
+    parts, reason = split_plan(cell, int(batch_size), dispatch.resolve(config))
+    if parts is not None or reason is not None:
+        return reason
     if largest > MAX_TILE or total > MAX_PARAMS:
         return (f"parameters too large for one program: {total} padded numbers (largest tile {shapes[sizes.index(largest)]}) "
                 f"over the on-chip limits of {MAX_TILE} per tile and {MAX_PARAMS} in total")
