@@ -7,6 +7,7 @@ that keep the XLA program).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import types
 import warnings
@@ -308,6 +309,110 @@ def test_one_step_and_multi_token_kernels_lower_to_triton(lower_for_h100, name):
                                                                         kernel_config=config), state, x0, cache)
     lower_for_h100(lambda state, x, c: nnx.merge(graphdef, state).multi_step(x, c, taus, kernel_config=config),
                    state, xs, cache)
+
+
+# ----------------------------------------------------------------------------- split cells
+#: cells whose parameters are cut over the programs of a row: Mamba (x_proj and out_proj completed by psum; the
+#: in_proj, conv and out_proj biases, 3 taps, bilinear; event mode) and RG-LRU (gates by psum_scatter; biases, 2 taps)
+SPLIT = {
+    "Mamba-bilinear-k3-bias": ("ltv.Mamba", dict(d_model=32, d_state=16, d_conv=3, discretization="bilinear",
+                                                 bias=True, **MAMBA_DT), None),
+    "Mamba-zoh-event": ("ltv.Mamba", dict(d_model=32, d_state=16, discretization="zoh", **MAMBA_DT), "step"),
+    "RGLRU-k2-bias": ("ltv.RGLRU", dict(d_model=32, d_conv=2, bias=True, conv_bias=False), None),
+}
+
+
+def _split_model(name, seed=0):
+    lrnnx_name, kwargs, event = SPLIT[name]
+    model = model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(seed))
+    model.eval()
+    return model, event
+
+
+@pytest.mark.parametrize("name,parts", [("Mamba-bilinear-k3-bias", 2), ("Mamba-bilinear-k3-bias", 4),
+                                        ("Mamba-zoh-event", 4), ("RGLRU-k2-bias", 2)])  # slices of >= 16 channels
+def test_split_step_equals_the_whole_step(name, parts):
+    """The cell's split declaration and its collectives: the step emulated on ``parts`` programs (``jax.vmap``
+    with ``psum`` / ``psum_scatter``) equals the whole step, outputs and every state leaf, from a random state."""
+    model, event = _split_model(name)
+    cell = model.cell()
+    rng = np.random.default_rng(parts)
+    state = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32),
+                         model.cell_state(model.allocate_inference_cache(BATCH)))
+    x = jnp.asarray(rng.standard_normal((BATCH, model.d_model)), jnp.float32)
+    inputs = model.cell_inputs((BATCH,), None if event is None else jnp.asarray(rng.uniform(0.1, 1.0, BATCH)))
+    with jax.default_matmul_precision("highest"):
+        y, new_state = cells.xla_step(cell, state, x, inputs)
+        y_split, new_split = cells.xla_split_step(cell, state, x, inputs, parts)
+    chex.assert_trees_all_equal_shapes_and_dtypes((y_split, new_split), (y, new_state))
+    # float32 sums over the channels regrouped by program: a few ulps of the outputs' scale
+    assert relative_error(y_split, y) < 1e-6
+    for key in new_state:
+        assert relative_error(new_split[key], new_state[key]) < 1e-6, key
+
+
+@pytest.mark.parametrize("name", list(SPLIT))
+def test_split_kernel_against_unfused_generate(name):
+    """The split kernel path (``split_programs=2``; interpret mode runs it with one program per row, through the
+    same exchange arrays and barrier) against the unfused ``generate``, and the multi-token kernel against the XLA
+    multi-step from a random state."""
+    model, event = _split_model(name)
+    x0, _ = _inputs(21)
+    x0 = x0[:, :1].repeat(model.d_model, axis=1) * jnp.linspace(-1.0, 1.0, model.d_model)
+    taus = None if event is None else jnp.asarray(np.random.default_rng(3).uniform(0.05, 1.5, (BATCH, STEPS)),
+                                                  jnp.float32)
+    config = dispatch.KernelConfig(use_kernels="always", split_programs=2)
+    assert fg.run_parts(model.cell(), BATCH, config) == 1  # interpret mode: one program per row
+    ys = fg.fused_generate(model, x0, STEPS, taus, config=config)
+    ref = _unfused(model, x0, STEPS, taus)
+    chex.assert_shape(ys, (BATCH, STEPS, model.d_model))
+    assert relative_error(ys, ref) < TOL
+    xs = jnp.asarray(np.random.default_rng(4).standard_normal((BATCH, 5, model.d_model)), jnp.float32)
+    cache = model.allocate_inference_cache(BATCH)
+    cache = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(5).standard_normal(a.shape), a.dtype), cache)
+    step_taus = None if taus is None else taus[:, :5]
+    got, got_cache = model.multi_step(xs, cache, step_taus, kernel_config=config)
+    want, want_cache = model.multi_step(xs, cache, step_taus, kernel_config=NEVER)
+    assert relative_error(got, want) < TOL
+    for key in cache:
+        assert relative_error(got_cache[key], want_cache[key]) < TOL, key
+
+
+def test_split_plan(monkeypatch):
+    """How many programs a row gets, and the reasons when none fits (an H200's 132 SMs)."""
+    monkeypatch.setattr(fg, "resident_programs", lambda: 132)
+    mamba = fg.abstract_cell(selftest.abstract_model("ltv.Mamba", dict(d_model=128, d_state=16)))
+    auto = dispatch.KernelConfig()
+    # the most programs that can be resident: 256 channels into 16 at B=1, 4 at B=32 (128 of 132 SMs)
+    assert [fg.split_plan(mamba, b, auto) for b in (1, 8, 32)] == [(16, None), (16, None), (4, None)]
+    assert fg.split_plan(mamba, 4, dataclasses.replace(auto, split_programs=8)) == (8, None)
+    # 34 rows x 4 > 132, and 2 programs per row do not hold the parameters: the unsplit path (which fits the
+    # one-program limits, re-reading parameters every step)
+    assert fg.split_plan(mamba, 34, auto) == (None, None) and fg.unsupported_reason(mamba, 34) is None
+    reason = fg.split_plan(mamba, 34, dataclasses.replace(auto, split_programs=4))[1]
+    assert "34 rows x 4 programs each: over the 132 programs" in reason
+    reason = fg.unsupported_reason(mamba, 1, config=dataclasses.replace(auto, split_programs=2))
+    assert "no split of its 256 channels into [2] programs fits" in reason
+    reason = fg.unsupported_reason(mamba, 1, config=dataclasses.replace(auto, split_programs=32))
+    assert "split_programs=32 does not cut 256 channels into powers of two of at least 16" in reason
+    with pytest.raises(ValueError, match="split_programs must be a power of two"):
+        dispatch.KernelConfig(split_programs=3)
+    small = fg.abstract_cell(selftest.abstract_model("ltv.Mamba", dict(d_model=16, d_state=4)))
+    assert fg.split_plan(small, 4, auto) == (None, None)  # its parameters fit one program's registers
+
+
+@TRITON_DEPRECATION
+@pytest.mark.parametrize("name", ["Mamba-zoh-event", "RGLRU-k2-bias"])
+def test_split_kernel_lowers_to_triton(lower_for_h100, name):
+    """Split over 2 programs per row: the atomic barrier, the spin loop, the exchange stores and volatile loads."""
+    model, event = _split_model(name)
+    x0, taus = _inputs(22, event=event)
+    x0 = jnp.tile(x0[:, :1], (1, model.d_model))
+    leaves, treedef = jax.tree.flatten(model)
+    config = dispatch.KernelConfig(interpret=False, split_programs=2)
+    text = lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS,
+                                                                    taus, config=config), leaves, x0, taus)
+    assert "atomic_rmw" in text
 
 
 # ----------------------------------------------------------------------------- fallbacks

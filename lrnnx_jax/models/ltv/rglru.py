@@ -43,11 +43,13 @@ from pallas_kernels.cells import UNSPLIT, Cell, Collectives, KernelPolicy, Split
 
 #: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
-    rollout_max_batch=0,
+    rollout_max_batch=32,
     step_max_batch=0,
-    evidence=("H200 (H=128, 512 steps): the fused rollout took 12.3 / 22.5 / 675 us per step against 13.4 / 17.1 / "
-              "44.6 for the compile-once XLA program at B=32 / 128 / 4096 (no faster at B=32, slower above); the "
-              "one-step kernel against the XLA step: 14.7 vs 13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept)"),
+    evidence=("H200 (H=128, 512 steps), the fused rollout split over programs per row (each holding a slice of D) "
+              "against the compile-once XLA program: 5.5 vs 15.5 us per step at B=1 (8 programs), 7.1 vs 14.0 at "
+              "B=32 (4 programs); above 33 rows the split does not fit the 132 SMs, and unsplit the rollout took "
+              "22.5 / 675 us against 17.1 / 44.6 at B=128 / 4096. The one-step kernel against the XLA step "
+              "(unsplit): 14.7 vs 13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept)"),
 )
 
 
