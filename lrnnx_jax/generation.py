@@ -43,6 +43,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
+import pathlib
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -358,6 +360,31 @@ def _check_event_mode(model, event_mode: bool):
             f"{type(model).__name__} has no event mode and does not use integration_timesteps; "
             "use event_mode=False and integration_timesteps=None"
         )
+
+
+def enable_compilation_cache(directory) -> pathlib.Path:
+    """Keep every compiled program in ``directory`` across processes (JAX's persistent compilation cache).
+
+    ``capture_graph`` compiles the generation program (and, on a GPU, its Pallas kernels); with the cache a later
+    process that captures the same program (model structure, batch size, configuration, device) loads it instead
+    of compiling it. Every program is kept, however quick to compile (JAX's own default keeps those over one
+    second). Call it before the first compilation; it sets ``jax_compilation_cache_dir``,
+    ``jax_persistent_cache_min_compile_time_secs=0`` and ``jax_persistent_cache_min_entry_size_bytes=0``.
+
+    Args:
+      directory: a path (created when missing).
+
+    Returns:
+      The directory, as a ``pathlib.Path``.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    path = pathlib.Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def capture_graph(
