@@ -156,6 +156,16 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
     return max(resident_parts), None
 
 
+def split_num_warps(parts: int) -> int:
+    """Warps of each program of a row split over ``parts`` programs: 4 from 8 programs on, 8 below.
+
+    Measured on an H200 (512 steps, µs per step, warps 4 / 8 / 16): Mamba (H=128, N=16) at B=1 over 16 programs
+    5.0 / 5.5 / 6.1, at B=32 over 4 programs 12.1 / 10.9 / 21.4; RG-LRU (H=128) at B=1 over 8 programs
+    4.9 / 5.7 / 6.9, at B=32 over 4 programs 5.4 / 5.6 / 7.1 (``benchmarks/results/fused_split_warps_h200.json``).
+    """
+    return 4 if parts >= 8 else 8
+
+
 def effective_block_batch(blockable: bool, batch: int, config: dispatch.KernelConfig) -> int:
     """Rows per program for a cell (``blockable``: it has the block path) under ``config``."""
     if not blockable:
@@ -165,10 +175,13 @@ def effective_block_batch(blockable: bool, batch: int, config: dispatch.KernelCo
     return 1 if batch <= MAX_ROWS_PATH_BATCH else DEFAULT_BLOCK_BATCH
 
 
-def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig) -> int:
-    """4 warps for a block of rows; for one row, enough warps to hold the parameters in registers (<= 16)."""
+def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig, parts: Optional[int] = None) -> int:
+    """4 warps for a block of rows; for a split run :func:`split_num_warps`; for one row, enough warps to hold the
+    parameters in registers (<= 16)."""
     if config.num_warps is not None:
         return config.num_warps
+    if parts is not None:
+        return split_num_warps(parts)
     if block > 1:
         return 4
     total = sum(param_sizes)
@@ -305,7 +318,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     split_leaf = jax.tree.leaves({name: jax.tree.map(lambda _, cut=name in pieces: cut, value)
                                   for name, value in params.items()})
     param_sizes = [a[0].size if cut else a.size for a, cut in zip(flat["params"], split_leaf)]
-    num_warps = _auto_num_warps(param_sizes, block, config)
+    num_warps = _auto_num_warps(param_sizes, block, config, parts)
     hoisted, streamed = split_hoisted(param_sizes, num_warps)
     x0p = _pad_rows(_pad(x0, 1), rows)
     n_state = len(flat["state"])

@@ -63,13 +63,14 @@ DT_INITS = ("random", "constant")
 
 #: where ``use_kernels="auto"`` runs Mamba's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
-    rollout_max_batch=1,
+    rollout_max_batch=32,
     step_max_batch=0,
     evidence=("H200 (H=128, d_state=16, 512 steps), the fused rollout split over programs per row (each holding a "
-              "slice of d_inner) against the compile-once XLA program: 5.2 vs 14.5 us per step at B=1 (16 programs), "
-              "21.4 vs 18.8 at B=32 (4 programs, the most 132 SMs hold); unsplit it took 31.6 / 66.7 / 1,910 us "
-              "against 20.9 / 21.0 / 116 at B=32 / 128 / 4096. The one-step kernel was not measured split; unsplit "
-              "30.9 vs 16.9 us at B=1, 33.4 vs 27.6 at B=32: the XLA step is kept"),
+              "slice of d_inner) against the compile-once XLA program: 5.0 vs 13.3 us per step at B=1 (16 programs, "
+              "4 warps), 5.9 / 6.5 / 6.4 vs 14.0 / 14.8 / 15.5 at B=2 / 8 / 16, 10.9 vs 17.7 at B=32 (4 programs, "
+              "8 warps); above 33 rows the split does not fit the 132 SMs, and unsplit the rollout took 66.7 / 1,910 "
+              "us against 21.0 / 116 at B=128 / 4096. The one-step kernel was not measured split; unsplit 30.9 vs "
+              "16.9 us at B=1, 33.4 vs 27.6 at B=32: the XLA step is kept"),
 )
 
 

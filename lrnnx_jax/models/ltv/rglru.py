@@ -46,10 +46,11 @@ POLICY = KernelPolicy(
     rollout_max_batch=32,
     step_max_batch=0,
     evidence=("H200 (H=128, 512 steps), the fused rollout split over programs per row (each holding a slice of D) "
-              "against the compile-once XLA program: 5.5 vs 15.5 us per step at B=1 (8 programs), 7.1 vs 14.0 at "
-              "B=32 (4 programs); above 33 rows the split does not fit the 132 SMs, and unsplit the rollout took "
-              "22.5 / 675 us against 17.1 / 44.6 at B=128 / 4096. The one-step kernel against the XLA step "
-              "(unsplit): 14.7 vs 13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept)"),
+              "against the compile-once XLA program: 4.9 vs 14.1 us per step at B=1 (8 programs, 4 warps), "
+              "6.1 / 6.6 / 5.8 vs 15.2 / 11.9 / 12.2 at B=2 / 8 / 16 (8 warps), 5.6 vs 12.4 at B=32 (4 programs, "
+              "8 warps); above 33 rows the split does not fit the 132 SMs, and unsplit the rollout took 22.5 / 675 us "
+              "against 17.1 / 44.6 at B=128 / 4096. The one-step kernel against the XLA step (unsplit): 14.7 vs "
+              "13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept)"),
 )
 
 
