@@ -444,7 +444,8 @@ def test_other_refusals_and_the_policies(monkeypatch):
     assert not fg.use_fused_rollout(lru, 4, False, config=NEVER)
     monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
     assert fg.use_fused_rollout(lru, 4, False)
-    assert not fg.use_fused_rollout(mamba, 4, False)  # its cell declares the XLA program faster
+    assert fg.use_fused_rollout(mamba, 32, False)  # its cell declares the fused rollout faster up to 32 rows
+    assert not fg.use_fused_rollout(mamba, 33, False)  # and the XLA program above
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert not fg.use_fused_rollout(lru, 4, True)
