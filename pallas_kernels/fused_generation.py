@@ -24,7 +24,9 @@ the step reduces over the channels (``comm.psum`` / ``comm.psum_scatter``), each
 its partial sums to a double-buffered exchange array in global memory, the ``P`` programs of the
 row meet at a barrier (an acquire-release atomic counter per row, then a spin on it), and each
 reads the ``P`` partials back from L2 and adds them in the same order, so every program holds the
-same bits. All programs must be resident at once: ``rows x P`` is at most the GPU's SM count.
+same bits. All programs must be resident at once: ``rows x P`` is at most the GPU's SM count, which
+assumes the kernel has the GPU to itself (XLA runs one stream; a GPU shared with other processes
+through MPS could leave a row's programs waiting for one that cannot start).
 Interpret mode runs programs one after another (a barrier among several would never return), so
 there a split cell runs with ``P = 1`` through the same exchange code.
 
