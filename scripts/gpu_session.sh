@@ -13,6 +13,8 @@
 #                                   form), bounded by --time-budget
 #   scripts/gpu_session.sh sweeps   benchmark_training's sweeps and its large configuration, bounded by --time-budget
 #   scripts/gpu_session.sh multi    (2 GPUs: kind nvidia-h200-x2) benchmarks/benchmark_multi_gpu.py
+#   scripts/gpu_session.sh fused    issue 15's table: benchmark_fused_generation for every model at B=1, 32, 256 and
+#                                   4096 (fused and XLA program), then capture_graph's cold and warm times
 # Results go to $OUT. The parity tests need the fixtures: carry a copy of ../shared/fixtures in .fixtures (LRNNX_FIXTURES).
 set -u
 export PYTHONUNBUFFERED=1
@@ -58,6 +60,12 @@ case "${1:-checks}" in
   sweeps)
     timeout 560 python -m benchmarks.benchmark_training --models Mamba,RGLRU,LRU,S5,ltv.S5 --paths xla,kernels \
       --sweeps seq,dim,batch,large --time-budget 520 --out "$OUT/training_sweeps.json" > "$OUT/training_sweeps.txt" 2>&1
+    ;;
+  fused)
+    timeout 420 python -m benchmarks.benchmark_fused_generation --batches 1 32 256 4096 --no-loop --repeats 5 \
+      --warmup 2 --out "$OUT/fused_generation.json" > "$OUT/fused_generation.txt" 2>&1
+    timeout 150 python -m benchmarks.benchmark_capture --models Mamba,RGLRU,S7,S4,LRU --batches 1 32 \
+      --out "$OUT/capture.json" > "$OUT/capture.txt" 2>&1
     ;;
   multi)
     NCCL_NVLS_ENABLE=0 timeout 560 python -m benchmarks.benchmark_multi_gpu --time-budget 500 \
