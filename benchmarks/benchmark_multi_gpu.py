@@ -42,8 +42,9 @@ repeats when a call is long for the time left).
    error at compile or run time is ``oom`` too. The longest power-of-two L that fits one device is found by a
    search: after the first length that fits, the next attempt jumps to the longest power of two its peak per token
    predicts, then doubles until one OOMs (halving back when a jump overshoots). Then twice that longest L runs on
-   two devices through ``parallel.sequence_parallel`` (a ``"sequence"`` mesh axis); if it does not fit there, L
-   itself is run on two. Reports µs per token on each (target: two devices within 1.25x of one) and the length
+   two devices through ``parallel.sequence_parallel`` (a ``"sequence"`` mesh axis); if it does not fit there, 3L/2
+   runs on two and, when it does, on one device (to find a length that is OOM on one and runs on two), then L
+   itself on two (:func:`two_device_attempts`). Reports µs per token on each (target: two devices within 1.25x of one) and the length
    that is OOM on one device and runs on two.
 
 ``--time-budget`` seconds (default 330) bounds the whole run: the parts share it (30%, 30%, 40%, each part's unused

@@ -19,7 +19,7 @@ A model describes its single step as a :class:`Cell`:
 * ``blockable``: whether the kernel may give a program a block of rows (tensor-core dots);
 * ``policy``: a :class:`KernelPolicy`, where ``use_kernels="auto"`` runs the kernels;
 * ``split``: a :class:`Split` when the step can run with its channels split over several
-  programs (parameters too large for one; :mod:`pallas_kernels.split_rollout`). The step then
+  programs (parameters too large for one; :func:`pallas_kernels.fused_generation.run_cell`). The step then
   takes a keyword ``comm`` (:class:`Collectives`; :data:`UNSPLIT` by default) and reduces
   over the channels only through ``comm.psum`` / ``comm.psum_scatter``.
 
@@ -169,12 +169,13 @@ def xla_split_step(cell: Cell, state, x, inputs, parts: int):
     comm = Collectives(lambda tree: jax.lax.psum(tree, axis),
                        lambda tree: jax.tree.map(
                            lambda a: jax.lax.psum_scatter(a, axis, scatter_dimension=a.ndim - 1, tiled=True), tree))
-    whole = {name: value for name, value in split_params(cell, parts).items() if name not in cell.split.params}
+    params = split_params(cell, parts)
+    whole = {name: value for name, value in params.items() if name not in cell.split.params}
+    pieces = {name: value for name, value in params.items() if name in cell.split.params}
 
     def one_program(pieces, state):
         return cell.step({**whole, **pieces}, state, x, inputs, XLA_PRECISION, comm=comm)
 
-    pieces = {name: value for name, value in split_params(cell, parts).items() if name in cell.split.params}
     ys, new_state = jax.vmap(one_program, in_axes=(0, 1), out_axes=(0, 1), axis_name=axis)(
         pieces, split_state(cell, state, parts))
     return ys[0], join_state(cell, new_state)

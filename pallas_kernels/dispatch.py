@@ -70,8 +70,8 @@ class KernelConfig:
         about 1e-3 relative per product: an explicit opt-in). One-row paths always use
         float32 multiply-adds; interpret mode and the XLA drivers use ``HIGHEST``.
       split_programs: programs per batch row of the fused cell kernels for a cell whose
-        parameters do not fit one program (``Cell.split``; a power of two); None: the fewest
-        whose parameter slices fit one program.
+        parameters do not fit one program's registers (``Cell.split``; a power of two); None: the
+        most that can be resident at once (``fused_generation.split_programs``).
     """
 
     use_kernels: str = "auto"

@@ -264,13 +264,13 @@ def run_parts(cell: Cell, batch: int, config: dispatch.KernelConfig) -> Optional
 
 
 def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> list:
-    """The collectives one step of a split program calls, in order: ``[(scatter, [leaf shapes])]`` (traced
-    abstractly on one program's padded slices)."""
+    """The collectives one step of a split program calls, in order: each call's leaf shapes (traced abstractly on
+    one program's padded slices)."""
     calls = []
 
     def recorder(scatter: bool):
         def collective(tree):
-            calls.append((scatter, [leaf.shape for leaf in jax.tree.leaves(tree)]))
+            calls.append([leaf.shape for leaf in jax.tree.leaves(tree)])
             return jax.tree.map(lambda a: a[..., :a.shape[-1] // parts], tree) if scatter else tree
         return collective
 
@@ -286,19 +286,17 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     batch, H = x0.shape
     Hp = lanes(H)
     parts = run_parts(cell, batch, config)
-    state_whole = state
     block = 1 if parts is not None else effective_block_batch(cell.blockable, batch, config)
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
     precision = dispatch.dot_precision(config)
     params = padded_params(cell, parts)
     pieces = set() if parts is None else set(cell.split.params)
-    if parts is not None:
-        state = cells.split_state(cell, state, parts)
-    state_lead = 1 if parts is None else 2
+    # a split run's state leaves: (B, P, *slice)
+    kernel_state, state_lead = (state, 1) if parts is None else (cells.split_state(cell, state, parts), 2)
     groups = {
         "params": params,
-        "state": jax.tree.map(lambda a: _pad_rows(_pad(a, state_lead), rows), state),
+        "state": jax.tree.map(lambda a: _pad_rows(_pad(a, state_lead), rows), kernel_state),
         "row": jax.tree.map(lambda a: _pad_rows(_pad(a, 1), rows), row_inputs or {}),
         "step": jax.tree.map(lambda a: _pad_rows(_pad(a, 2), rows), step_inputs or {}),
     }
@@ -332,7 +330,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
                                                           for a, cut in zip(flat["params"], split_leaf)]),
             one_row(groups["state"], 2), jax.ShapeDtypeStruct((Hp,), jnp.float32),
             {**one_row(groups["row"], 1), **one_row(groups["step"], 2)}, precision, parts)
-    exchange_shapes = [shape for _, shapes in exchanges for shape in shapes]
+    exchange_shapes = [shape for shapes in exchanges for shape in shapes]
 
     def body(x0_ref, *refs):
         ref = dict(zip(order, refs[:len(order)]))
@@ -406,7 +404,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     final = [f[:batch] for f in final]
     if parts is not None:
         final = jax.tree.leaves(cells.join_state(cell, jax.tree.unflatten(treedefs["state"], final)))
-    final = [f[tuple(slice(0, d) for d in a.shape)] for f, a in zip(final, jax.tree.leaves(state_whole))]
+    final = [f[tuple(slice(0, d) for d in a.shape)] for f, a in zip(final, jax.tree.leaves(state))]
     return ys, jax.tree.unflatten(treedefs["state"], final)
 
 
@@ -417,7 +415,7 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
     slots suffice: a program writes a slot again only after barrier ``n + 1``, which every program reaches after
     reading slot ``n``."""
     per_call = []
-    for _, shapes in exchanges:
+    for shapes in exchanges:
         per_call.append(buffers[:len(shapes)])
         buffers = buffers[len(shapes):]
     one = zero + 1

@@ -162,7 +162,7 @@ def mamba_cell_step(params, state, x, inputs, precision, *, discretization: str,
     :meth:`Mamba.cell` builds them. Returns ``(y (..., H), new_state)``. Only operations that
     lower in Pallas: the contractions by :func:`pallas_kernels.kernel_math.contract`.
 
-    Split over programs (:data:`SPLIT`: each holds a slice of the ``D`` channels), the two
+    Split over programs (:func:`mamba_split`: each holds a slice of the ``D`` channels), the two
     contractions over ``D`` (``x_proj`` and ``out_proj``) are completed by ``comm.psum``.
     """
     p = params
