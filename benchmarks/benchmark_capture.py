@@ -1,6 +1,7 @@
 """Seconds to ``capture_graph`` in a fresh process: without a compilation cache, then cold and warm with one.
 
     python -m benchmarks.benchmark_capture [--models Mamba,RGLRU,S7,S4,LRU] [--batches 1 32] [--out results.json]
+        [--unroll U] [--compiler-options '{"xla_gpu_autotune_level": 0}'] [--steps 512] [--no-cache-runs]
 
 For every model of :data:`benchmarks.benchmark_fused_generation.MODELS` named and every batch size, three child
 processes each build the model and time ``lrnnx_jax.generation.capture_graph(model, B)`` (wall clock: tracing,
@@ -11,7 +12,12 @@ lowering and compiling, with the Pallas kernels where ``"auto"`` takes them, as 
 * ``warm_s``: the same directory again, now holding the program.
 
 Each child also reports which program it captured (``fused`` or the XLA program) and the process's start-up (the
-import of JAX and the library, not counted). Prints a Markdown table; ``--out`` writes every number as JSON.
+import of JAX and the library, not counted). With ``--steps`` the first child also times the captured program:
+``generate`` of that many steps from a random input, the median of 10 after 2 warm-ups, as µs per step (the cost
+side of a faster-compiling configuration). ``--unroll`` and ``--compiler-options`` set the
+``GenerationConfig`` captured (its ``unroll`` and XLA ``compiler_options``; the library's defaults when absent);
+``--no-cache-runs`` skips the cold and warm children. Prints a Markdown table; ``--out`` writes every number as
+JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 CHILD_MARKER = "CAPTURE_RESULT "
 
@@ -42,12 +49,21 @@ def child(spec: dict) -> dict:
     model = model_class(bench.lrnnx_name)(**bench.kwargs, rngs=nnx.Rngs(0))
     model.eval()
     jax.block_until_ready(jax.tree.leaves(model))
+    config = generation.GenerationConfig(unroll=spec.get("unroll"), compiler_options=spec.get("compiler_options"))
     startup = time.perf_counter() - start
     start = time.perf_counter()
-    graph = generation.capture_graph(model, spec["batch"], event_mode=bench.event)
+    graph = generation.capture_graph(model, spec["batch"], event_mode=bench.event, config=config)
     seconds = time.perf_counter() - start
-    return {"capture_s": seconds, "startup_s": startup, "fused": bool(graph.spec.fused),
-            "device": jax.devices()[0].device_kind}
+    result = {"capture_s": seconds, "startup_s": startup, "fused": bool(graph.spec.fused),
+              "device": jax.devices()[0].device_kind, "config": repr(graph.spec.config)}
+    if spec.get("steps"):
+        from benchmarks.benchmark_inference import make_inputs
+        from benchmarks.timing import median_seconds
+
+        x0, tau = make_inputs(spec["batch"], model.d_model, bench.event, seed=0)
+        run = lambda: generation.generate(model, x0, spec["steps"], graph_cache=graph, integration_timesteps=tau)  # noqa: E731
+        result["us_per_step"] = 1e6 * median_seconds(run, 2, 10) / spec["steps"]
+    return result
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -62,28 +78,36 @@ def run_child(spec: dict, timeout: float) -> dict:
     return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
 
 
-def measure(model: str, batch: int, timeout: float) -> dict:
-    row = {"model": model, "batch": batch}
-    plain = run_child({"model": model, "batch": batch, "cache": None}, timeout)
+def measure(model: str, batch: int, timeout: float, options: Optional[dict] = None, cache_runs: bool = True) -> dict:
+    """One row: the capture times of ``model`` at ``batch`` (``options``: the child's ``unroll``,
+    ``compiler_options`` and ``steps``)."""
+    spec = {"model": model, "batch": batch, **(options or {})}
+    row = {"model": model, "batch": batch, **{k: v for k, v in spec.items() if k not in ("model", "batch")}}
+    children = [("no_cache", spec | {"cache": None})]
+    timed_once = {k: v for k, v in spec.items() if k != "steps"}
     with tempfile.TemporaryDirectory(prefix="lrnnx_jax_cache_") as cache:
-        cold = run_child({"model": model, "batch": batch, "cache": cache}, timeout)
-        warm = run_child({"model": model, "batch": batch, "cache": cache}, timeout)
-    for name, result in (("no_cache", plain), ("cold", cold), ("warm", warm)):
+        if cache_runs:
+            children += [("cold", timed_once | {"cache": cache}), ("warm", timed_once | {"cache": cache})]
+        results = {name: run_child(child_spec, timeout) for name, child_spec in children}
+    for name, result in results.items():
         row[f"{name}_s"] = result.get("capture_s")
         if "error" in result:
             row[f"{name}_error"] = result["error"]
+    plain = results["no_cache"]
     row["program"] = "fused" if plain.get("fused") else "xla"
-    row["device"] = plain.get("device")
-    row["startup_s"] = plain.get("startup_s")
+    for key in ("device", "startup_s", "config", "us_per_step"):
+        row[key] = plain.get(key)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | B | program | no cache s | cache cold s | cache warm s |", "|---|---:|---|---:|---:|---:|"]
+    lines = ["| model | B | program | no cache s | cache cold s | cache warm s | µs/step | config |",
+             "|---|---:|---|---:|---:|---:|---:|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['program']} | {fmt(r['no_cache_s'])} | {fmt(r['cold_s'])} "
-                     f"| {fmt(r['warm_s'])} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['program']} | {fmt(r.get('no_cache_s'))} | "
+                     f"{fmt(r.get('cold_s'))} | {fmt(r.get('warm_s'))} | {fmt(r.get('us_per_step'))} | "
+                     f"{r.get('config') or '-'} |")
     return "\n".join(lines)
 
 
@@ -93,6 +117,11 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per child process")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--unroll", type=int, default=None, help="GenerationConfig.unroll (default: the library's)")
+    parser.add_argument("--compiler-options", type=json.loads, default=None,
+                        help="GenerationConfig.compiler_options as JSON (default: the library's)")
+    parser.add_argument("--steps", type=int, default=0, help="also time generate of this many steps (µs per step)")
+    parser.add_argument("--no-cache-runs", action="store_true", help="only the child without a compilation cache")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -106,10 +135,15 @@ def main(argv=None):
         parser.error(f"--models: unknown {unknown}; choose from {[m.name for m in MODELS]}")
     if min(args.batches) < 1:
         parser.error(f"--batches must be positive, got {args.batches}")
+    if args.compiler_options is not None and not isinstance(args.compiler_options, dict):
+        parser.error(f"--compiler-options must be a JSON object, got {args.compiler_options!r}")
+    if args.steps < 0 or (args.unroll is not None and args.unroll < 1):
+        parser.error(f"--steps must be >= 0 and --unroll >= 1, got {args.steps} and {args.unroll}")
+    options = {"unroll": args.unroll, "compiler_options": args.compiler_options, "steps": args.steps}
     rows = []
     for name in names:
         for batch in args.batches:
-            rows.append(measure(name, batch, args.timeout))
+            rows.append(measure(name, batch, args.timeout, options, not args.no_cache_runs))
             print(json.dumps(rows[-1]), flush=True)
     print(markdown(rows))
     if args.out:

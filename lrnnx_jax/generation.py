@@ -41,6 +41,7 @@ slicing program once (a repeated ``num_steps`` compiles nothing). The kernel con
 from __future__ import annotations
 
 import collections
+import collections.abc
 import dataclasses
 import functools
 import os
@@ -61,7 +62,8 @@ from pallas_kernels import drivers
 from pallas_kernels import fused_generation
 
 #: ``GenerationConfig.unroll`` on GPUs and TPUs (on an H100, 8 ran 1.2-5x faster per step than 1;
-#: ``python -m benchmarks.run_all --unroll 1,8`` measures it).
+#: ``python -m benchmarks.run_all --unroll 1,8`` measures it), unless the cell's policy sets its own
+#: (``KernelPolicy.xla_unroll``: a long step compiles faster with a smaller one, at the same speed).
 ACCELERATOR_UNROLL = 8
 
 
@@ -79,13 +81,24 @@ class GenerationConfig:
         trip per iteration on a GPU (unless XLA captures the loop in a command buffer); a
         static one costs none. Capped at the largest power of two <= ``chunk_size``.
       unroll: the ``unroll`` of those scans (steps per iteration of XLA's inner loop);
-        None: 8 on accelerators, where it saves loop overhead per step, and 1 on
-        CPU, where it only lengthens compilation.
+        None: on accelerators the cell's ``KernelPolicy.xla_unroll`` or else
+        :data:`ACCELERATOR_UNROLL` (8, which saves loop overhead per step), and 1 on CPU,
+        where unrolling only lengthens compilation. The program holds about
+        ``5 * unroll`` copies of the step (the blocks and the remainder's scans), so
+        ``capture_graph``'s compile time follows it.
+      compiler_options: XLA options the generation program is compiled with (a mapping
+        of option names to values, as ``jax.stages.Lowered.compile`` takes them, e.g.
+        ``{"xla_gpu_autotune_level": 0}``; kept as a sorted tuple of pairs, so the config
+        stays hashable); None: XLA's defaults. They apply to the whole compiled program
+        (for the fused program, to the XLA code around its kernel). On an H200,
+        ``xla_gpu_autotune_level=0`` shortened S7's capture by 0.4-2.8 s but made its
+        step at B=32 1.6x slower (BENCHMARKS.md §9), so the default keeps autotuning.
     """
 
     chunk_size: int = 512
     block_size: int = 64
     unroll: Optional[int] = None
+    compiler_options: Any = None
 
     def __post_init__(self):
         validation.check_positive_int(self.chunk_size, "chunk_size")
@@ -94,17 +107,33 @@ class GenerationConfig:
             validation.check_positive_int(self.unroll, "unroll")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        object.__setattr__(self, "compiler_options", _option_pairs(self.compiler_options or {}))
 
-    def resolved(self) -> "GenerationConfig":
-        """This config with ``unroll=None`` replaced by the platform's default."""
+    def resolved(self, accelerator_unroll: int = ACCELERATOR_UNROLL) -> "GenerationConfig":
+        """This config with ``unroll=None`` replaced by the platform's default: 1 on CPU, ``accelerator_unroll``
+        elsewhere (the cell's ``KernelPolicy.xla_unroll`` where it sets one)."""
         if self.unroll is not None:
             return self
-        return dataclasses.replace(self, unroll=1 if jax.default_backend() == "cpu" else ACCELERATOR_UNROLL)
+        return dataclasses.replace(self, unroll=1 if jax.default_backend() == "cpu" else accelerator_unroll)
 
     @property
     def block(self) -> int:
         """The block size in effect: ``block_size`` capped at the largest power of two <= ``chunk_size``."""
         return min(self.block_size, 1 << (self.chunk_size.bit_length() - 1))
+
+
+def _option_pairs(options) -> tuple:
+    """``options`` (a mapping of XLA option names to values, or such pairs) as a sorted tuple of pairs."""
+    if isinstance(options, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in options):
+        options = dict(options)
+    if not isinstance(options, collections.abc.Mapping):
+        raise TypeError(f"compiler_options must be a mapping of XLA option names to values or None, got "
+                        f"{type(options).__name__}")
+    for name, value in options.items():
+        if not isinstance(name, str) or not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"compiler_options must map option names (str) to bool, int, float or str values, got "
+                            f"{name!r}: {value!r}")
+    return tuple(sorted(options.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +159,7 @@ class ProgramSpec:
     sharding: Any = None
 
     def __post_init__(self):
-        object.__setattr__(self, "config", self.config.resolved())  # a concrete unroll, part of the key
+        object.__setattr__(self, "config", self.config.resolved())  # a concrete unroll (where not already), in the key
 
     @property
     def chunk_size(self) -> int:
@@ -293,7 +322,7 @@ class CompiledGenerator:
                 taus_type,
                 jax.ShapeDtypeStruct((), jnp.int32, sharding=whole),
             )
-            self.compiled = self.lowered.compile()
+            self.compiled = self.lowered.compile(dict(spec.config.compiler_options))
         self.compile_time_s = time.perf_counter() - start
 
     def __repr__(self):
@@ -346,6 +375,7 @@ def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel
     config = DEFAULT_CONFIG if config is None else config
     if not isinstance(config, GenerationConfig):
         raise TypeError(f"config must be a GenerationConfig or None, got {type(config).__name__}")
+    config = config.resolved(fused_generation.abstract_cell(model).policy.xla_unroll or ACCELERATOR_UNROLL)
     fused = _fused_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels, kernel_dispatch.on_nvidia_gpu(),
                                 sharding)
     spec = ProgramSpec(treedef=treedef, leaf_types=leaf_types, batch_size=batch_size, d_model=model.d_model, dtype=dtype,

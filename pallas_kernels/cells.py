@@ -64,11 +64,17 @@ class KernelPolicy:
       step_max_batch: the same for the one-step kernel of ``model.step`` and the
         multi-token kernel of ``model.multi_step``.
       evidence: the measurement behind these numbers (device, sizes, times).
+      xla_unroll: the ``unroll`` of the XLA generation program on an accelerator where
+        ``GenerationConfig.unroll`` is None; None: ``lrnnx_jax.generation.ACCELERATOR_UNROLL``.
+        A cell whose step is long sets a smaller one: it compiles faster (the program
+        holds about ``5 * unroll`` copies of the step) for the same speed; say so in
+        ``evidence``.
     """
 
     rollout_max_batch: Optional[int] = None
     step_max_batch: Optional[int] = None
     evidence: str = ""
+    xla_unroll: Optional[int] = None
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
         """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""

@@ -26,10 +26,10 @@ Three tiers:
   by ``jax.custom_vjp``.
 
 **Forward kernel.** Grid ``(batch, cdiv(D, BLOCK_D))``. A program holds its ``(BLOCK_D, N)`` state
-on chip over the whole sequence: a ``fori_loop`` over chunks of ``chunk`` unrolled steps
-(:func:`pallas_kernels.scan_common.pipelined_chunks`: a chunk's loads are issued one chunk ahead, its stores
-follow its arithmetic). It writes ``y`` ``(batch, L, D)``, the final state, and the state at the start of each
-chunk ``(batch, L / chunk, D, N)`` (float32): never ``(batch, L, D, N)``.
+on chip over the whole sequence: a ``fori_loop`` over loads of ``FORWARD_LOAD_STEPS`` unrolled steps (a whole
+number of chunks, :func:`load_group`; :func:`pallas_kernels.scan_common.pipelined_chunks`: a load's inputs are
+issued one load ahead, its stores follow its arithmetic). It writes ``y`` ``(batch, L, D)``, the final state, and
+the state at the start of each chunk ``(batch, L / chunk, D, N)`` (float32): never ``(batch, L, D, N)``.
 
 **Backward kernel.** The same grid; the chunks in reverse. For each chunk a program reloads its
 checkpoint (loaded one chunk ahead with the chunk's inputs and ``dy``), recomputes the chunk's
@@ -66,21 +66,29 @@ from pallas_kernels.scan_common import ScanPolicy
 OP = "selective_scan"
 DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 
-# Tiling, chosen on an NVIDIA H200 (jax 0.11.2, Triton lowering; benchmarks/results/train_scan_tuning_h200.json):
-# B=32, L=2048, D=256, N=16, float32, each kernel alone, median of 20:
-#   forward  (tile, warps, chunk): (256, 2, 16) 0.79 ms, (512, 4, 16) 0.81, (128, 2, 16) 0.85, (256, 4, 8) 1.03,
-#            (256, 4, 16) 1.30, (512, 8, 16) 1.33; before pipelined_chunks 1.35 (unrolled) and 2.09 (per-step loop);
-#   backward (tile, warps, chunk): (128, 2, 8) 2.49 ms (compiles in 16 s), (256, 4, 16) 5.01 (74 s);
-#            before pipelined_chunks (64, 1, 16) 3.58, (128, 2, 8) 3.50, (256, 4, 16) 4.16.
-# Both kernels share ``chunk`` (the checkpoint interval): 8, for the backward's speed and compile time.
+# Tiling, chosen on an NVIDIA H200 (jax 0.11.2, Triton lowering): B=32, L=2048, D=256, N=16, float32, each kernel
+# alone, median of 20 (benchmarks/benchmark_scan_tiling.py; benchmarks/results/scan_tiling_h200.json and
+# scan_tiling_chunk4_h200.json; the first sweep, before and after pipelined_chunks, in train_scan_tuning_h200.json).
+#   backward (tile, warps, chunk): at chunk 4 (128, 1) 1.44 ms, (256, 2) 1.76 / 1.87 (two runs), (64, 1) 1.87,
+#            (512, 4) 1.96, (256, 1) 2.08, (128, 2) 2.44, (32, 1) 2.48, (256, 4) 2.53, (512, 2) 2.60, each compiling
+#            in 2-3.4 s; at chunk 8 (64, 1) 1.72 but 15 s, (128, 2) 2.50 (the previous default, 15 s), (256, 2)
+#            2.82, (32, 1) 2.64, (128, 1) 3.00, (64, 2) 3.80, (128, 4) 4.63, each compiling in 13-17 s;
+#   forward  (tile, warps, chunk, steps per load): (256, 2, 4, 8) 0.74 ms, (512, 4, 4, 8) 0.73, (256, 2, 4, 16)
+#            0.73 (compiles in 11 s against 2.6), (256, 2, 4, 4) 0.82; with 8-step chunks (256, 2, 8, 8) 0.61,
+#            (512, 4, 8, 8) 0.65, (128, 1, 8, 8) 0.65, (128, 2, 8, 8) 0.81, (256, 1, 8, 8) 1.12, (512, 2, 8, 8) 1.24.
+# The checkpoint interval ``chunk`` is the backward's unrolled chunk: 4, the fastest backward and the shortest
+# compile (a Mamba training step compiled in 4.5 s, against 11-13 s at chunk 8); the forward loads two chunks at a
+# time (``load_group``), its fastest setting at that interval.
 
 #: steps per chunk of the kernels: the forward checkpoints the state every ``chunk`` steps and the
 #: backward keeps ``chunk + 1`` states in registers
-DEFAULT_CHUNK = 8
+DEFAULT_CHUNK = 4
+#: steps per pipelined load of the forward kernel (a whole number of chunks; at least one chunk)
+FORWARD_LOAD_STEPS = 8
 #: state elements (``BLOCK_D * BLOCK_N``) per program of the forward and of the backward kernel (the backward
 #: holds ``chunk + 1`` such tiles), and warps per program (``KernelConfig.num_warps`` overrides both)
 FORWARD_TILE, FORWARD_WARPS = 256, 2
-BACKWARD_TILE, BACKWARD_WARPS = 128, 2
+BACKWARD_TILE, BACKWARD_WARPS = 128, 1
 #: the largest padded state size the kernels take
 MAX_BLOCK_N = 256
 
@@ -149,6 +157,17 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=Non
 
 
 # ----------------------------------------------------------------------------- the kernels
+def load_group(chunk: int) -> int:
+    """Chunks per pipelined load of the forward kernel: ``FORWARD_LOAD_STEPS // chunk`` (at least 1)."""
+    return max(1, FORWARD_LOAD_STEPS // chunk)
+
+
+def padded_length(length: int, chunk: int) -> int:
+    """The length the kernels run: ``length`` rounded up to a multiple of ``chunk * load_group(chunk)``."""
+    multiple = chunk * load_group(chunk)
+    return -(-length // multiple) * multiple
+
+
 def _blocks(dim: int, N: int, tile: int):
     block_n = dispatch.next_power_of_two(N)
     block_d = min(dispatch.next_power_of_two(dim), max(1, tile // block_n))
@@ -195,7 +214,7 @@ def _program(pl, plgpu, ref, dim, N, block_d, block_n):
 
 def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
                    chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
-    """The forward kernel; ``L`` must be a multiple of ``chunk`` (:func:`kernel_scan` pads).
+    """The forward kernel; ``L`` must be a multiple of ``chunk * load_group(chunk)`` (:func:`kernel_scan` pads).
 
     Arguments as :func:`selective_scan` (``mask`` float32 1/0; ``h0`` required). Returns ``(y (batch, L, D)``
     ``u.dtype``, ``h_last (batch, D, N)`` float32, ``checkpoints (batch, L / chunk, D, N)`` float32: the state
@@ -205,6 +224,11 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
     pl, plgpu = dispatch.pallas_modules()
     (batch, length, dim, N, num_chunks, block_d, block_n), names, arrays = _setup(
         u, A, chunk, FORWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, h0=h0, D=D, z=z, delta_A=delta_A, mask=mask))
+    group = load_group(chunk)
+    if num_chunks % group:
+        raise ValueError(f"the forward kernel takes L a multiple of {chunk * group} (chunk={chunk} times "
+                         f"{group} chunks per load), got L={length}")
+    steps = chunk * group  # per pipelined load
     f32 = jnp.float32
 
     def body(*refs):
@@ -214,21 +238,24 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
             pl, plgpu, ref, dim, N, block_d, block_n)
         h = plgpu.load(ref["h0"].at[b, rows, cols], mask=tile_ok, other=0.0).astype(f32)
 
-        def load(c):
-            return [step_inputs(c * chunk + i) for i in range(chunk)]
+        def load(k):
+            return [step_inputs(k * steps + i) for i in range(steps)]
 
-        def one_chunk(c, inputs, h):
-            plgpu.store(ckpt_ref.at[b, c, rows, cols], h, mask=tile_ok)
-            ys = []
-            for s in inputs:  # unrolled
+        def one_load(k, inputs, h):
+            ys, checkpoints = [], []
+            for i, s in enumerate(inputs):  # unrolled
+                if i % chunk == 0:
+                    checkpoints.append(h)
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
                 h = jnp.where(tile_ok, a * h + x, 0.0)
                 ys.append(readout(h, s["C"], s["u"], D_vec, s["z"]))
+            for j, checkpoint in enumerate(checkpoints):
+                plgpu.store(ckpt_ref.at[b, k * group + j, rows, cols], checkpoint, mask=tile_ok)
             for i, y in enumerate(ys):
-                plgpu.store(y_ref.at[b, c * chunk + i, rows], y.astype(y_ref.dtype), mask=d_ok)
+                plgpu.store(y_ref.at[b, k * steps + i, rows], y.astype(y_ref.dtype), mask=d_ok)
             return h
 
-        h = scan_common.pipelined_chunks(num_chunks, load, one_chunk, h)
+        h = scan_common.pipelined_chunks(num_chunks // group, load, one_load, h)
         plgpu.store(last_ref.at[b, rows, cols], h, mask=tile_ok)
 
     out_shape = (jax.ShapeDtypeStruct((batch, length, dim), u.dtype), jax.ShapeDtypeStruct((batch, dim, N), f32),
@@ -340,7 +367,7 @@ def _scan(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
 def _scan_fwd(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
     discretization, chunk, config = static
     length = u.shape[1]
-    pad = -length % chunk  # kernel_scan passes a mask when pad > 0
+    pad = padded_length(length, chunk) - length  # kernel_scan passes a mask when pad > 0
     seqs = [scan_common.pad_time(a, pad) for a in (u, delta, B, C, z, delta_A, mask)]
     pu, pdelta, pB, pC, pz, pdelta_A, pmask = seqs
     y, h_last, checkpoints = forward_kernel(pu, pdelta, A, pB, pC, D, pz, pdelta_A, pmask, h0,
@@ -385,7 +412,7 @@ def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=N
     batch, _, dim = u.shape
     if h0 is None:
         h0 = jnp.zeros((batch, dim, A.shape[-1]), jnp.float32)
-    if mask is None and u.shape[1] % chunk:
+    if mask is None and padded_length(u.shape[1], chunk) != u.shape[1]:
         mask = jnp.ones(u.shape[:2], jnp.float32)  # the padded steps are masked
     if mask is not None:
         mask = mask.astype(jnp.float32)
@@ -404,7 +431,7 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None,
     N = A.shape[-1]
     if dispatch.next_power_of_two(N) > MAX_BLOCK_N:
         return f"d_state={N} > {MAX_BLOCK_N}"
-    padded = -(-length // chunk) * chunk
+    padded = padded_length(length, chunk)
     blocks = -(-dim // _blocks(dim, N, BACKWARD_TILE)[0])
     return scan_common.unsupported_size(batch * padded * dim, batch * (padded // chunk) * dim * N,
                                         blocks * batch * padded * N)

@@ -32,3 +32,12 @@ def test_enable_compilation_cache_refuses_a_non_path():
 def test_unknown_model_is_refused():
     with pytest.raises(SystemExit):
         benchmark_capture.main(["--models", "NoSuchModel"])
+
+
+def test_capture_with_options_also_times_the_steps():
+    options = {"unroll": 2, "compiler_options": {"xla_backend_optimization_level": 0}, "steps": 4}
+    row = benchmark_capture.measure("LRU", 2, timeout=180, options=options, cache_runs=False)
+    assert {k: v for k, v in row.items() if k.endswith("_error")} == {}
+    assert "cold_s" not in row and "warm_s" not in row
+    assert math.isfinite(row["us_per_step"]) and row["us_per_step"] > 0
+    assert "unroll=2" in row["config"] and "('xla_backend_optimization_level', 0)" in row["config"]

@@ -320,6 +320,33 @@ def test_errors_say_how_to_fix():
         generate(model, x4, 3, kernel_config="always")
 
 
+def test_compiler_options_reach_xla_and_are_checked():
+    model = LRU_ENTRY.build()
+    config = GenerationConfig(chunk_size=4, block_size=2, unroll=1, compiler_options={"xla_backend_optimization_level": 0})
+    assert config.compiler_options == (("xla_backend_optimization_level", 0),) and hash(config) == hash(
+        GenerationConfig(chunk_size=4, block_size=2, unroll=1, compiler_options=config.compiler_options))
+    x0, _ = inputs(2, seed=11)
+    ys = generate(model, x0, 5, config=config)
+    np.testing.assert_allclose(np.asarray(ys), np.asarray(generate(model, x0, 5, config=SMALL)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+        capture_graph(model, 2, config=GenerationConfig(chunk_size=4, compiler_options={"xla_no_such_option": 1}))
+    with pytest.raises(TypeError, match="compiler_options must be a mapping .* got list"):
+        GenerationConfig(compiler_options=["xla_gpu_autotune_level"])
+    with pytest.raises(TypeError, match="option names \\(str\\) to bool, int, float or str values, got 'a': \\[1\\]"):
+        GenerationConfig(compiler_options={"a": [1]})
+
+
+def test_unroll_default_follows_the_platform_and_the_cells_policy(monkeypatch):
+    assert GenerationConfig().resolved(2).unroll == 1  # CPU: unrolling only lengthens compilation
+    assert GenerationConfig(unroll=3).resolved(2).unroll == 3
+    monkeypatch.setattr(generation.jax, "default_backend", lambda: "gpu")
+    assert GenerationConfig().resolved().unroll == generation.ACCELERATOR_UNROLL == 8
+    s7 = next(e for e in ZOO if e.name == "S7-J2").build()
+    for model, unroll in ((s7, 2), (LRU_ENTRY.build(), 8)):  # S7's policy: a long step compiles faster at unroll 2
+        _, spec = generation._model_spec(model, 2, jnp.float32, False, 1, None, KernelConfig(use_kernels="never"))
+        assert spec.config.unroll == unroll
+
+
 def test_event_mode_errors():
     model = EVENT_ENTRY.build()
     graph = capture_graph(model, 2, event_mode=True, config=SMALL)

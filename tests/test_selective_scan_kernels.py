@@ -16,6 +16,7 @@ Shapes are tiny (batch 2, L = 12 in chunks of 4, D = 8, N = 4): interpret mode c
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,18 +119,30 @@ def test_bfloat16_sequences(discretization, event):
 
 
 def test_states_checkpointed_per_chunk():
-    """The forward kernel stores the state before each chunk (h0 first), and the last state: never (B, L, D, N)."""
-    a = _arrays(4, event=False)
-    mask = jnp.ones((BATCH, LENGTH), jnp.float32)
+    """The forward kernel stores the state before each chunk (h0 first), and the last state: never (B, L, D, N).
+    It loads ``load_group(CHUNK)`` chunks at a time (8 steps): the checkpoints inside a load and between loads."""
+    length = 16
+    assert ss.load_group(CHUNK) == 2 and ss.padded_length(length, CHUNK) == length
+    a = _arrays(4, length=length, event=False)
+    mask = jnp.ones((BATCH, length), jnp.float32)
     y, h_last, checkpoints = ss.forward_kernel(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], None, mask,
                                                a["h0"], discretization="zoh", chunk=CHUNK, config=ALWAYS)
-    assert checkpoints.shape == (BATCH, LENGTH // CHUNK, DIM, N)
+    chex.assert_shape(checkpoints, (BATCH, length // CHUNK, DIM, N))
     np.testing.assert_array_equal(checkpoints[:, 0], a["h0"])
-    _, h_4 = ss.reference(**{k: (v[:, :CHUNK] if v.ndim == 3 and k != "h0" else v) for k, v in a.items()},
-                          discretization="zoh")
-    assert relative_error(checkpoints[:, 1], h_4) < F32_TOL
+    for c in range(1, length // CHUNK):  # within the first load (c = 1) and after it (c = 2, 3)
+        steps = c * CHUNK
+        _, h_c = ss.reference(**{k: (v[:, :steps] if v.ndim == 3 and k != "h0" else v) for k, v in a.items()},
+                              discretization="zoh")
+        assert relative_error(checkpoints[:, c], h_c) < F32_TOL
     y_r, h_r = ss.reference(**a, discretization="zoh")
     assert relative_error(y, y_r) < F32_TOL and relative_error(h_last, h_r) < F32_TOL
+
+
+def test_forward_kernel_refuses_a_length_that_is_not_whole_loads():
+    a = _arrays(4, event=False)  # L = 12: three chunks of 4, not a whole number of loads of 8 steps
+    with pytest.raises(ValueError, match="L a multiple of 8 .* got L=12"):
+        ss.forward_kernel(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], None, None, a["h0"],
+                          chunk=CHUNK, config=ALWAYS)
 
 
 @pytest.mark.parametrize("discretization", ["zoh"])
