@@ -40,13 +40,34 @@ FFT_MIN_LENGTH = 64
 
 
 def inject(x, B_bar):
-    """Input to the state: ``x (..., H_in) -> (..., N)`` complex, ``B_bar x``."""
-    return jnp.einsum("...i,ni->...n", x.astype(B_bar.dtype), B_bar, precision="highest")
+    """Input to the state: ``x (..., H_in) -> (..., N)`` complex, ``B_bar x``.
+
+    A real ``x`` meets the real and imaginary planes of a complex ``B_bar`` in one real contraction
+    (``(..., H_in) @ (H_in, 2N)``), not a complex one against an ``x`` with a zero imaginary part,
+    which would do twice the multiplies (and twice again in the backward).
+    """
+    if jnp.iscomplexobj(x) or not jnp.iscomplexobj(B_bar):
+        return jnp.einsum("...i,ni->...n", x.astype(B_bar.dtype), B_bar, precision="highest")
+    planes = jnp.concatenate([jnp.real(B_bar), jnp.imag(B_bar)], axis=0)  # (2N, H_in)
+    both = jnp.einsum("...i,ni->...n", x.astype(planes.dtype), planes, precision="highest")
+    n = B_bar.shape[0]
+    return jax.lax.complex(both[..., :n], both[..., n:])
 
 
 def readout(h, C):
-    """Output of the state: ``h (..., N) -> (..., H_out)`` real, ``Re(C h)``."""
-    return jnp.real(jnp.einsum("...n,on->...o", h, C.astype(h.dtype), precision="highest"))
+    """Output of the state: ``h (..., N) -> (..., H_out)`` real, ``Re(C h)``.
+
+    ``Re(C h) = Re(C) Re(h) - Im(C) Im(h)``: one real contraction over the ``2N`` planes (the
+    complex product's imaginary part is never formed); ``Re(C) Re(h)`` for a real ``C``.
+    """
+    if not jnp.iscomplexobj(h):
+        return jnp.einsum("...n,on->...o", h, jnp.real(C).astype(h.dtype), precision="highest")
+    real = jnp.real(h).dtype
+    if not jnp.iscomplexobj(C):
+        return jnp.einsum("...n,on->...o", jnp.real(h), C.astype(real), precision="highest")
+    planes = jnp.concatenate([jnp.real(C), -jnp.imag(C)], axis=1).astype(real)  # (H_out, 2N)
+    return jnp.einsum("...n,on->...o", jnp.concatenate([jnp.real(h), jnp.imag(h)], axis=-1), planes,
+                      precision="highest")
 
 
 def diagonal_step(h, x_t, A_bar, B_bar, C):
