@@ -246,3 +246,23 @@ def test_cell_lowers_to_triton(lower_for_h100):
     lower_for_h100(lambda x, c: fg.run_cell(model.cell(), model.cell_state(c), x, 3,
                                             config=KernelConfig(use_kernels="always", interpret=False)),
                    jnp.ones((2, model.d_model)), cache)
+
+
+@pytest.mark.parametrize("H,N", [(5, 3), (8, 4), (2, 2)])
+def test_quadratic_and_bilinear_forms_equal_the_per_token_projections(H, N):
+    """The drive ``B_t^T x`` as block-symmetric features of ``x`` and the readout ``C_t s`` as features of ``x`` and
+    ``s`` equal the definitions (``B_t[h, n] = sum_i x_i WB[i, h, n]``) in float64, for blocks of unequal sizes."""
+    rng = np.random.default_rng(H)
+    WB, WC = rng.standard_normal((2, H, H, N))
+    x, s = rng.standard_normal((3, 7, H)), rng.standard_normal((3, 7, N))
+    with jax.enable_x64(True):
+        drive = s7_module.drive_features(jnp.asarray(x)) @ s7_module.drive_weights(jnp.asarray(WB))
+        readout = s7_module.readout_features(jnp.asarray(x), jnp.asarray(s)) @ s7_module.readout_weights(jnp.asarray(WC))
+    B_t, C_t = np.einsum("bti,ihn->bthn", x, WB), np.einsum("bti,ihn->bthn", x, WC)
+    np.testing.assert_allclose(drive, np.einsum("bthn,bth->btn", B_t, x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(readout, np.einsum("bthn,btn->bth", C_t, s), rtol=1e-12, atol=1e-12)
+    blocks = min(s7_module.DRIVE_BLOCKS, H)
+    sizes = [len(b) for b in np.array_split(np.arange(H), blocks)]
+    features = sum(sizes[a] * sizes[b] for a in range(blocks) for b in range(a, blocks))
+    chex.assert_shape(s7_module.drive_features(jnp.asarray(x, jnp.float32)), (3, 7, features))
+    assert features < H * H or H == 1

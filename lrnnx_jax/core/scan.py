@@ -89,6 +89,7 @@ def chunked_scan(
     h0: Array,
     mask: Optional[Array] = None,
     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
+    checkpoint_policy: Optional[Callable] = None,
 ):
     """Run a diagonal linear recurrence over a sequence, chunk by chunk.
 
@@ -101,6 +102,8 @@ def chunked_scan(
         unchanged (``a = 1, b = 0``), so the final state is the state at each
         row's last valid step. Outputs there are not masked here.
       chunk_size: steps per chunk; None for one chunk (unchunked).
+      checkpoint_policy: the ``jax.checkpoint`` policy of a chunk's body (what its backward keeps rather than
+        recomputes); None: keep nothing (the chunk is recomputed whole in the backward).
 
     Returns:
       ``(y, h_last)``: the readout pytree ``(B, L, ...)`` and the final state ``(B, *S)``.
@@ -130,7 +133,7 @@ def chunked_scan(
         hs = linear_scan(a, b.astype(h.dtype), h0=h)
         return hs[:, -1], readout(hs, chunk_inputs)
 
-    h_last, ys = jax.lax.scan(jax.checkpoint(body), h0, chunks)
+    h_last, ys = jax.lax.scan(jax.checkpoint(body, policy=checkpoint_policy), h0, chunks)
 
     def merge(y):
         y = jnp.moveaxis(y, 0, 1)

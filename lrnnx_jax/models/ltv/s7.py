@@ -13,8 +13,20 @@ as ``(h n)``). The state ``s (N,)`` is shared by all channels::
 ``base`` is the real part of the HiPPO-DPLR eigenvalues of size ``N/J``, repeated
 ``J`` times (-1/2 everywhere). S7 has no event mode.
 
-The per-token ``B_t`` and ``C_t`` (``O(H N)`` numbers each) are projected inside the
-chunked scan, so memory is ``O(B * chunk * H * N)``, not ``O(B * L * H * N)``.
+The forward never forms ``B_t`` or ``C_t``. Both are linear in ``x_t``, so the drive is a
+quadratic form and the readout a bilinear one, each one contraction of per-token features
+with a fixed weight::
+
+    (B_t^T x_t)_n = sum_{i,h} x_i x_h WB[i, h, n]      features x_i x_h, i <= h by blocks
+    (C_t s_t)_h   = sum_{i,n} x_i s_n WC[i, h, n]      features x_i s_n
+
+where ``WB, WC (H, H, N)`` are the ``B`` and ``C`` parts of ``x_proj``. The quadratic form is
+symmetric in ``(i, h)``: :func:`drive_features` keeps the products of channel blocks ``a <= b``
+(:data:`DRIVE_BLOCKS` blocks: 10 of the 16 block pairs for 4 blocks) and :func:`drive_weights`
+folds ``WB[b, a]`` into ``WB[a, b]``, so the drive costs 5/8 of ``H^2 N`` multiply-adds per token.
+The features are elementwise products of ``x`` and ``s``: the chunked forward saves only the
+contractions' small outputs and recomputes the features in the backward (a ``jax.checkpoint``
+policy), so the backward repeats no contraction and memory stays ``O(B * chunk * H * N)``.
 
 The state is shared by the channels, so the recurrence is elementwise over ``N`` lanes:
 where :func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), it runs
@@ -44,6 +56,11 @@ from pallas_kernels.cells import Cell, KernelPolicy
 
 #: the parts of the ``x_proj`` output, in order
 PARTS = ("a", "B", "C", "d", "beta")
+#: channel blocks of the drive's symmetric quadratic form (:func:`drive_features`)
+DRIVE_BLOCKS = 4
+#: what the chunked forward keeps for the backward: the outputs of the contractions (never the features, which are
+#: elementwise products recomputed from ``x`` and the states)
+SAVE_CONTRACTIONS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 #: where ``use_kernels="auto"`` runs S7's kernels on an NVIDIA GPU
 POLICY = KernelPolicy(
@@ -62,6 +79,49 @@ def s7_transition(a):
     """``A_bar = 1 - 1 / (a^2 + 1/2)`` elementwise (the single definition: the forward and the cell;
     elementwise arithmetic only, so it lowers in Pallas kernels)."""
     return 1.0 - 1.0 / (a * a + 0.5)
+
+
+def _channel_blocks(H: int) -> list[slice]:
+    """``min(DRIVE_BLOCKS, H)`` contiguous blocks of the ``H`` channels (sizes differing by at most one)."""
+    bounds = np.cumsum([0] + [len(b) for b in np.array_split(np.arange(H), min(DRIVE_BLOCKS, H))])
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _block_pairs(H: int):
+    blocks = _channel_blocks(H)
+    return [(blocks[a], blocks[b]) for a in range(len(blocks)) for b in range(a, len(blocks))]
+
+
+def drive_features(x):
+    """``x (..., H)`` -> the products ``x_i x_h`` of channel blocks ``a <= b`` ``(..., F)``, block pair by block pair
+    (each ``(|a|, |b|)`` flattened); ``F = sum |a| |b|``."""
+    return jnp.concatenate([(x[..., a, None] * x[..., None, b]).reshape(x.shape[:-1] + (-1,))
+                            for a, b in _block_pairs(x.shape[-1])], axis=-1)
+
+
+def drive_weights(WB):
+    """``WB (H, H, N)`` -> ``(F, N)``: for the block pair ``(a, b)``, ``WB[a, b]`` plus (``a != b``) ``WB[b, a]``
+    transposed, so that ``drive_features(x) @ drive_weights(WB) = sum_{i,h} x_i x_h WB[i, h]``."""
+    N = WB.shape[-1]
+    pieces = []
+    for a, b in _block_pairs(WB.shape[0]):
+        w = WB[a, b]
+        if a != b:
+            w = w + jnp.swapaxes(WB[b, a], 0, 1)
+        pieces.append(w.reshape(-1, N))
+    return jnp.concatenate(pieces, axis=0)
+
+
+def readout_features(x, s):
+    """``x (..., H)``, ``s (..., N)`` -> the products ``x_i s_n`` ``(..., H N)``."""
+    return (x[..., :, None] * s[..., None, :]).reshape(x.shape[:-1] + (-1,))
+
+
+def readout_weights(WC):
+    """``WC (H, H, N)`` (input channel, output channel, state) -> ``(H N, H)``, so that
+    ``readout_features(x, s) @ readout_weights(WC) = C_t s``."""
+    H, _, N = WC.shape
+    return jnp.swapaxes(WC, 1, 2).reshape(H * N, H)
 
 
 def s7_step(params, state, u, inputs, precision):
@@ -134,46 +194,50 @@ class S7(LRNN):
         base = np.tile(np.real(hippo.make_DPLR_HiPPO(N // J)[0]), J)
         self.base_params = nnx.Param(jnp.asarray(base, param_dtype))
 
-    def _projection(self, x, part: str):
-        """One part of ``W_x x`` for ``x (..., H)``: ``"a"`` (..., N) with the base added,
-        ``"B"``/``"C"`` (..., H, N), ``"d"`` (..., H) or ``"beta"`` (..., N)."""
+    def _weight(self, part: str):
+        """The ``part`` columns of ``x_proj``'s kernel ``(H, size)``; ``"B"`` and ``"C"`` as ``(H, H, N)``."""
         H, N = self.d_model, self.d_state
         sizes = (N, H * N, H * N, H, N)
         index = PARTS.index(part)
         start = sum(sizes[:index])
         kernel = self.x_proj.kernel[...][:, start : start + sizes[index]]
-        out = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), precision="highest")
-        if part == "a":
-            return out + self.base_params[...]
-        if part in ("B", "C"):
-            return out.reshape(out.shape[:-1] + (H, N))
-        return out
+        return kernel.reshape(H, H, N) if part in ("B", "C") else kernel
 
-    def drive(self, x):
-        """``x (..., H)`` (after ``in_proj``) -> the state's input ``B_t^T x + beta_t`` ``(..., N)``."""
-        drive = jnp.einsum("...hn,...h->...n", self._projection(x, "B"), x, precision="highest")
-        return drive + self._projection(x, "beta")
+    def _contract(self, features, weight):
+        return jnp.einsum("...i,io->...o", features, weight.astype(features.dtype), precision="highest")
 
-    def coefficients(self, x):
-        """``x (..., H)`` (after ``in_proj``) -> ``(A_bar (..., N), B_t^T x + beta (..., N))``."""
-        return s7_transition(self._projection(x, "a")), self.drive(x)
+    def coefficients(self, x, weights=None):
+        """``x (..., H)`` (after ``in_proj``) -> ``(A_bar (..., N), B_t^T x + beta (..., N))``.
 
-    def readout(self, s, x):
+        ``weights``: :meth:`contraction_weights` (computed here when None)."""
+        w = self.contraction_weights() if weights is None else weights
+        A_bar = s7_transition(self._contract(x, w["a"]) + self.base_params[...])
+        return A_bar, self._contract(drive_features(x), w["drive"]) + self._contract(x, w["beta"])
+
+    def readout(self, s, x, weights=None):
         """``s (..., N)``, ``x (..., H)`` -> ``y = C_t s + d_t * x`` (..., H)."""
-        y = jnp.einsum("...hn,...n->...h", self._projection(x, "C"), s, precision="highest")
-        return y + self._projection(x, "d") * x
+        w = self.contraction_weights() if weights is None else weights
+        return self._contract(readout_features(x, s), w["readout"]) + self._contract(x, w["d"]) * x
+
+    def contraction_weights(self) -> dict:
+        """The fixed weights of the forward's contractions: ``"a"``, ``"beta"`` ``(H, N)``, ``"d"`` ``(H, H)``,
+        ``"drive"`` (:func:`drive_weights`) and ``"readout"`` (:func:`readout_weights`)."""
+        return {"a": self._weight("a"), "beta": self._weight("beta"), "d": self._weight("d"),
+                "drive": drive_weights(self._weight("B")), "readout": readout_weights(self._weight("C"))}
 
     def output(self, y, u):
         """The gate and the residual: ``sigmoid(W_g GELU(y)) * y + u``."""
         return jax.nn.sigmoid(self.gate_proj(jax.nn.gelu(y, approximate=False))) * y + u
 
     def _by_chunks(self, fn, *sequences):
-        """``fn`` of ``(B, L, ...)`` sequences, ``chunk_size`` steps at a time and rematerialised in the backward
-        (``jax.checkpoint``), so the per-token ``B_t``, ``C_t`` exist one chunk at a time; one call when unchunked."""
+        """``fn`` of ``(B, L, ...)`` sequences, ``chunk_size`` steps at a time, its features recomputed in the
+        backward (``jax.checkpoint`` with :data:`SAVE_CONTRACTIONS`), so they exist one chunk at a time; one call
+        when unchunked."""
         if self.chunk_size is None:
             return fn(*sequences)
         time_major = [jnp.moveaxis(a, 1, 0) for a in sequences]
-        out = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), time_major, batch_size=self.chunk_size)
+        body = jax.checkpoint(lambda chunk: fn(*chunk), policy=SAVE_CONTRACTIONS)
+        out = jax.lax.map(body, time_major, batch_size=self.chunk_size)
         return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), out)
 
     def _forward(self, u, integration_timesteps, mask, lengths, return_cache, cache):
@@ -182,12 +246,15 @@ class S7(LRNN):
             s0 = jnp.zeros((u.shape[0], self.d_state), x.dtype)
         else:
             s0 = cache["lrnn_state"].astype(x.dtype)
-        scanned = diagonal_scan.model_scan(*self._by_chunks(self.coefficients, x), s0, mask, config=self.kernel_config)
+        w = self.contraction_weights()  # once, outside the chunks
+        coefficients = lambda x: self.coefficients(x, w)  # noqa: E731
+        readout = lambda s, x: self.readout(s, x, w)  # noqa: E731
+        scanned = diagonal_scan.model_scan(*self._by_chunks(coefficients, x), s0, mask, config=self.kernel_config)
         if scanned is None:
-            y, s = chunked_scan(self.coefficients, lambda s, x: self.readout(s, x), x, s0, mask, self.chunk_size)
+            y, s = chunked_scan(coefficients, readout, x, s0, mask, self.chunk_size, checkpoint_policy=SAVE_CONTRACTIONS)
         else:
             states, s = scanned
-            y = self._by_chunks(self.readout, states, x)
+            y = self._by_chunks(readout, states, x)
         if not return_cache:
             return self.output(y, u), None
         # the dtype of the given cache (as ``step`` returns it), else the compute dtype
