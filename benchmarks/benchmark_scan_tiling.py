@@ -5,7 +5,8 @@
 
 Each configuration ``KIND:TILE:WARPS:CHUNK[:LOAD]`` (``KIND`` ``fwd`` or ``bwd``; ``TILE`` the state elements per
 program, the module's ``FORWARD_TILE`` / ``BACKWARD_TILE``; ``WARPS`` the warps per program; ``CHUNK`` the steps per
-checkpoint; ``LOAD`` the forward's ``FORWARD_LOAD_STEPS``, the module's when absent) is jitted alone on the issue's shape (B=32, L=2048, D=256, N=16, float32, discretization ``mamba``,
+checkpoint; ``LOAD`` the kernel's steps per pipelined load, ``FORWARD_LOAD_STEPS`` / ``BACKWARD_LOAD_STEPS``, the
+module's when absent) is jitted alone on the issue's shape (B=32, L=2048, D=256, N=16, float32, discretization ``mamba``,
 ``D`` and ``z`` given; random inputs, fixed seed), compiled (the seconds are reported: the Triton lowering is
 part of them) and timed: the median of ``--repeats`` calls after ``--warmup``. The defaults of
 ``selective_scan.py`` cite the rows of this benchmark. GPU only for meaningful numbers.
@@ -38,7 +39,7 @@ def parse_config(text: str) -> dict:
     if len(parts) not in (4, 5) or parts[0] not in KINDS or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
         raise ValueError(f"a configuration is KIND:TILE:WARPS:CHUNK[:LOAD] with KIND in {KINDS} and positive "
                          f"integers, got {text!r}")
-    load = int(parts[4]) if len(parts) == 5 else ss.FORWARD_LOAD_STEPS
+    load = int(parts[4]) if len(parts) == 5 else ss.FORWARD_LOAD_STEPS if parts[0] == "fwd" else ss.BACKWARD_LOAD_STEPS
     return {"kind": parts[0], "tile": int(parts[1]), "warps": int(parts[2]), "chunk": int(parts[3]), "load": load}
 
 
@@ -53,15 +54,18 @@ def make_inputs(batch: int, length: int, dim: int, N: int, seed: int = 0) -> dic
 
 @contextlib.contextmanager
 def tiling(config: dict):
-    """``selective_scan``'s ``FORWARD_TILE`` and ``BACKWARD_TILE`` set to ``config["tile"]`` and its
-    ``FORWARD_LOAD_STEPS`` to ``config["load"]`` (read when a kernel is traced)."""
-    previous = ss.FORWARD_TILE, ss.BACKWARD_TILE, ss.FORWARD_LOAD_STEPS
+    """``selective_scan``'s ``FORWARD_TILE`` and ``BACKWARD_TILE`` set to ``config["tile"]`` and the steps per load of
+    ``config["kind"]`` (``FORWARD_LOAD_STEPS`` or ``BACKWARD_LOAD_STEPS``) to ``config["load"]`` (read when a kernel
+    is traced)."""
+    names = ("FORWARD_TILE", "BACKWARD_TILE", "FORWARD_LOAD_STEPS", "BACKWARD_LOAD_STEPS")
+    previous = {name: getattr(ss, name) for name in names}
     ss.FORWARD_TILE = ss.BACKWARD_TILE = config["tile"]
-    ss.FORWARD_LOAD_STEPS = config["load"]
+    setattr(ss, "FORWARD_LOAD_STEPS" if config["kind"] == "fwd" else "BACKWARD_LOAD_STEPS", config["load"])
     try:
         yield
     finally:
-        ss.FORWARD_TILE, ss.BACKWARD_TILE, ss.FORWARD_LOAD_STEPS = previous
+        for name, value in previous.items():
+            setattr(ss, name, value)
 
 
 def kernel_call(config: dict, inputs: dict, interpret: bool):

@@ -31,8 +31,9 @@ number of chunks, :func:`load_group`; :func:`pallas_kernels.scan_common.pipeline
 issued one load ahead, its stores follow its arithmetic). It writes ``y`` ``(batch, L, D)``, the final state, and
 the state at the start of each chunk ``(batch, L / chunk, D, N)`` (float32): never ``(batch, L, D, N)``.
 
-**Backward kernel.** The same grid; the chunks in reverse. For each chunk a program reloads its
-checkpoint (loaded one chunk ahead with the chunk's inputs and ``dy``), recomputes the chunk's
+**Backward kernel.** The same grid; the chunks in reverse, ``BACKWARD_LOAD_STEPS`` steps (a whole number of
+chunks) per pipelined load. For each chunk a program reloads its checkpoint (loaded one load ahead with the
+chunk's inputs and ``dy``), recomputes the chunk's
 ``chunk + 1`` states on chip (the chunk loop is unrolled, so the states stay in registers), then runs the
 adjoint recurrence ``g_{t-1} = A_bar_t g_t + dh_t`` backwards through them, as mamba_ssm's CUDA backward
 does, and stores the chunk's gradients. It writes ``du``, ``ddelta``, ``ddelta_A``, ``dz``
@@ -53,6 +54,7 @@ asks :func:`choose` itself and keeps its chunked XLA scan as its fallback.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import jax
@@ -78,13 +80,16 @@ DISCRETIZATIONS = ("mamba", "zoh", "bilinear", "dirac")
 #            (512, 4, 8, 8) 0.65, (128, 1, 8, 8) 0.65, (128, 2, 8, 8) 0.81, (256, 1, 8, 8) 1.12, (512, 2, 8, 8) 1.24.
 # The checkpoint interval ``chunk`` is the backward's unrolled chunk: 4, the fastest backward and the shortest
 # compile (a Mamba training step compiled in 4.5 s, against 11-13 s at chunk 8); the forward loads two chunks at a
-# time (``load_group``), its fastest setting at that interval.
+# time (``load_group``), its fastest setting at that interval. The backward loads one: (128, 1, 4) loading 4 steps
+# 1.40 ms, loading 8 2.08 ms and 12.7 s to compile (scan_tiling_bwd_loads_h200.json; the Mamba training step took
+# 3.64 ms with it, training_mamba_backward_load8_h200.json).
 
 #: steps per chunk of the kernels: the forward checkpoints the state every ``chunk`` steps and the
 #: backward keeps ``chunk + 1`` states in registers
 DEFAULT_CHUNK = 4
-#: steps per pipelined load of the forward kernel (a whole number of chunks; at least one chunk)
+#: steps per pipelined load of the forward and of the backward kernel (a whole number of chunks; at least one chunk)
 FORWARD_LOAD_STEPS = 8
+BACKWARD_LOAD_STEPS = 4
 #: state elements (``BLOCK_D * BLOCK_N``) per program of the forward and of the backward kernel (the backward
 #: holds ``chunk + 1`` such tiles), and warps per program (``KernelConfig.num_warps`` overrides both)
 FORWARD_TILE, FORWARD_WARPS = 256, 2
@@ -96,9 +101,10 @@ MAX_BLOCK_N = 256
 #: measured faster: ``"auto"`` takes the kernels on an NVIDIA GPU
 POLICY = ScanPolicy(
     auto=True,
-    evidence="NVIDIA H200, jax 0.11.2: Mamba(d_model=128, d_state=16) forward + backward at B=32, L=2048, float32: "
-             "27.8 ms on the XLA path, 6.57 ms on the kernels (benchmarks/benchmark_training.py; "
-             "benchmarks/results/training_point_h200.json)",
+    evidence="NVIDIA H200, jax 0.11.2: Mamba(d_model=128, d_state=16) forward + backward at B=32, float32 "
+             "(benchmarks/benchmark_training.py): 27.9 ms on the XLA path, 2.91 ms on the kernels at L=2048 "
+             "(training_point3_h200.json, training_mamba_point2_h200.json); 14.1 / 1.92 at L=1024, 7.55 / 1.02 at "
+             "512, 3.88 / 1.05 at 256; 0.65-2.61 / 0.30-0.79 at L=8-128 (training_seq_sweep_h200.json)",
 )
 
 
@@ -157,15 +163,21 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=Non
 
 
 # ----------------------------------------------------------------------------- the kernels
-def load_group(chunk: int) -> int:
-    """Chunks per pipelined load of the forward kernel: ``FORWARD_LOAD_STEPS // chunk`` (at least 1)."""
-    return max(1, FORWARD_LOAD_STEPS // chunk)
+def load_group(chunk: int, load_steps: int) -> int:
+    """Chunks per pipelined load of a kernel that loads ``load_steps`` steps at a time (at least one chunk)."""
+    return max(1, load_steps // chunk)
 
 
 def padded_length(length: int, chunk: int) -> int:
-    """The length the kernels run: ``length`` rounded up to a multiple of ``chunk * load_group(chunk)``."""
-    multiple = chunk * load_group(chunk)
+    """The length the kernels run: ``length`` rounded up to a whole number of both kernels' loads."""
+    multiple = chunk * math.lcm(load_group(chunk, FORWARD_LOAD_STEPS), load_group(chunk, BACKWARD_LOAD_STEPS))
     return -(-length // multiple) * multiple
+
+
+def _check_loads(kernel: str, length: int, chunk: int, group: int):
+    if length % (chunk * group):
+        raise ValueError(f"the {kernel} kernel takes L a multiple of {chunk * group} (chunk={chunk} times {group} "
+                         f"chunks per load), got L={length}")
 
 
 def _blocks(dim: int, N: int, tile: int):
@@ -214,7 +226,7 @@ def _program(pl, plgpu, ref, dim, N, block_d, block_n):
 
 def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
                    chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
-    """The forward kernel; ``L`` must be a multiple of ``chunk * load_group(chunk)`` (:func:`kernel_scan` pads).
+    """The forward kernel; ``L`` must be a whole number of its loads (:func:`padded_length`; :func:`kernel_scan` pads).
 
     Arguments as :func:`selective_scan` (``mask`` float32 1/0; ``h0`` required). Returns ``(y (batch, L, D)``
     ``u.dtype``, ``h_last (batch, D, N)`` float32, ``checkpoints (batch, L / chunk, D, N)`` float32: the state
@@ -224,10 +236,8 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
     pl, plgpu = dispatch.pallas_modules()
     (batch, length, dim, N, num_chunks, block_d, block_n), names, arrays = _setup(
         u, A, chunk, FORWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, h0=h0, D=D, z=z, delta_A=delta_A, mask=mask))
-    group = load_group(chunk)
-    if num_chunks % group:
-        raise ValueError(f"the forward kernel takes L a multiple of {chunk * group} (chunk={chunk} times "
-                         f"{group} chunks per load), got L={length}")
+    group = load_group(chunk, FORWARD_LOAD_STEPS)
+    _check_loads("forward", length, chunk, group)
     steps = chunk * group  # per pipelined load
     f32 = jnp.float32
 
@@ -268,7 +278,8 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
                     chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
     """The backward kernel: the gradients from the cotangents ``dy (batch, L, D)`` and ``dh_last (batch, D, N)``.
 
-    ``L`` a multiple of ``chunk``; ``checkpoints`` from :func:`forward_kernel`. Returns a dict: ``du``,
+    ``L`` a whole number of its loads (:func:`padded_length`); ``checkpoints`` from :func:`forward_kernel`. Returns a
+    dict: ``du``,
     ``ddelta`` (and ``dz``, ``ddelta_A`` when given) ``(batch, L, D)`` in their inputs' dtypes; the float32
     partial sums ``dB``, ``dC`` ``(blocks, batch, L, N)``, ``dA`` ``(batch, D, N)``, ``dD`` ``(batch, D)`` (when
     ``D`` is given); and ``dh0`` ``(batch, D, N)`` float32. :func:`kernel_scan` reduces the partial sums.
@@ -278,6 +289,8 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
     (batch, length, dim, N, num_chunks, block_d, block_n), names, arrays = _setup(
         u, A, chunk, BACKWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, ckpt=checkpoints, dy=dy, dh_last=dh_last,
                                          D=D, z=z, delta_A=delta_A, mask=mask))
+    group = load_group(chunk, BACKWARD_LOAD_STEPS)
+    _check_loads("backward", length, chunk, group)
     blocks = pl.cdiv(dim, block_d)
     f32 = jnp.float32
     seq = lambda a: jax.ShapeDtypeStruct((batch, length, dim), a.dtype)  # noqa: E731
@@ -316,12 +329,15 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             (dcoef,) = coef_vjp((g * h_prev, g))
             return dread, dcoef, jnp.where(tile_ok, a * g, 0.0)  # the adjoint of h_{t-1}
 
-        def load(c):
+        def load_chunk(c):
             """Chunk ``c``'s checkpoint, per-step inputs and output cotangents."""
             steps = [c * chunk + i for i in range(chunk)]
             return (plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0),
                     [step_inputs(t) for t in steps],
                     [plgpu.load(ref["dy"].at[b, t, rows], mask=d_ok, other=0.0).astype(f32) for t in steps])
+
+        def load(k):  # the ``group`` chunks of load ``k``
+            return [load_chunk(k * group + j) for j in range(group)]
 
         def one_chunk(c, chunk_inputs, carry):
             g, dA, dD = carry
@@ -348,7 +364,12 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
                 plgpu.store(out["dC"].at[blk, b, t, cols], dC, mask=n_ok)
             return g, dA, dD
 
-        g, dA, dD = scan_common.pipelined_chunks(num_chunks, load, one_chunk, (g, dA, dD), reverse=True)
+        def one_load(k, loaded, carry):
+            for j in reversed(range(group)):  # the later chunk first
+                carry = one_chunk(k * group + j, loaded[j], carry)
+            return carry
+
+        g, dA, dD = scan_common.pipelined_chunks(num_chunks // group, load, one_load, (g, dA, dD), reverse=True)
         plgpu.store(out["dh0"].at[b, rows, cols], g, mask=tile_ok)
         plgpu.store(out["dA"].at[b, rows, cols], dA, mask=tile_ok)
         if "dD" in out:

@@ -120,9 +120,9 @@ def test_bfloat16_sequences(discretization, event):
 
 def test_states_checkpointed_per_chunk():
     """The forward kernel stores the state before each chunk (h0 first), and the last state: never (B, L, D, N).
-    It loads ``load_group(CHUNK)`` chunks at a time (8 steps): the checkpoints inside a load and between loads."""
+    It loads two chunks at a time (8 steps): the checkpoints inside a load and between loads."""
     length = 16
-    assert ss.load_group(CHUNK) == 2 and ss.padded_length(length, CHUNK) == length
+    assert ss.load_group(CHUNK, ss.FORWARD_LOAD_STEPS) == 2 and ss.padded_length(length, CHUNK) == length
     a = _arrays(4, length=length, event=False)
     mask = jnp.ones((BATCH, length), jnp.float32)
     y, h_last, checkpoints = ss.forward_kernel(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], None, mask,
@@ -138,11 +138,24 @@ def test_states_checkpointed_per_chunk():
     assert relative_error(y, y_r) < F32_TOL and relative_error(h_last, h_r) < F32_TOL
 
 
-def test_forward_kernel_refuses_a_length_that_is_not_whole_loads():
+def test_backward_loading_two_chunks_at_a_time(monkeypatch):
+    """``BACKWARD_LOAD_STEPS`` of two chunks (measured slower on an H200, so not the default): the same gradients,
+    with event mode, lengths and h0; L = 12 is padded to 16 for whole loads."""
+    monkeypatch.setattr(ss, "BACKWARD_LOAD_STEPS", 2 * CHUNK)
+    assert ss.load_group(CHUNK, ss.BACKWARD_LOAD_STEPS) == 2 and ss.padded_length(LENGTH, CHUNK) == 16
+    _compare(_arrays(0), LENGTHS_MASK, "zoh", F32_TOL)
+
+
+def test_kernels_refuse_a_length_that_is_not_whole_loads():
     a = _arrays(4, event=False)  # L = 12: three chunks of 4, not a whole number of loads of 8 steps
-    with pytest.raises(ValueError, match="L a multiple of 8 .* got L=12"):
+    with pytest.raises(ValueError, match="forward kernel takes L a multiple of 8 .* got L=12"):
         ss.forward_kernel(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], None, None, a["h0"],
                           chunk=CHUNK, config=ALWAYS)
+    a = _arrays(4, length=10, event=False)  # L = 10: not a whole number of the backward's loads of 4 steps
+    checkpoints, dy = jnp.zeros((BATCH, 3, DIM, N)), jnp.ones((BATCH, 10, DIM))
+    with pytest.raises(ValueError, match="backward kernel takes L a multiple of 4 .* got L=10"):
+        ss.backward_kernel(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], None, None, checkpoints, dy,
+                           a["h0"], chunk=CHUNK, config=ALWAYS)
 
 
 @pytest.mark.parametrize("discretization", ["zoh"])
