@@ -6,7 +6,7 @@
   block; T given tokens) or :func:`pallas_kernels.fused_generation.run_cell`, the fused
   Pallas kernel (the whole rollout of ``generate``, the one-step kernel of ``model.step``,
   the multi-token kernel of ``model.multi_step``). A cell too large for one program (Mamba,
-  RG-LRU) declares a :class:`~pallas_kernels.cells.Split` and runs each row on several programs
+  RG-LRU, S4) declares a :class:`~pallas_kernels.cells.Split` and runs each row on several programs
   that exchange partial sums every step (``cells.Collectives``). The models' ``step`` methods run their
   cells through these drivers; they do not call the ops below.
 * :func:`selective_state_update` (Mamba's signature: a real diagonal state, per-token

@@ -94,11 +94,15 @@ class Split(NamedTuple):
         whole); every other parameter is held whole by every program.
       state: ``{name: axis}`` of the per-row state leaves split along it (axis of the
         per-row leaf, without the row axes); every state leaf must be named.
+      splits_x: whether each program's step reads only its slice of the step input ``x``
+        (``x`` has the split channels as its features, e.g. S4 without an input layer); the
+        drivers hand it that slice (a one-hot selection in the kernel). False: the whole ``x``.
     """
 
     channels: int
     params: dict
     state: dict
+    splits_x: bool = False
 
 
 class Collectives(NamedTuple):
@@ -148,20 +152,25 @@ def join_along(a, axis: int):
 
 def split_params(cell: Cell, parts: int) -> dict:
     """The cell's parameters as each of ``parts`` programs holds them: split ones ``(parts, *piece)``, the
-    others whole (by top-level name)."""
-    return {name: (split_along(value, cell.split.params[name], parts) if name in cell.split.params else value)
+    others whole (by top-level name; every array of a split name's tree, e.g. both planes of a ``Planes``, is cut
+    along the name's axis)."""
+    return {name: (jax.tree.map(lambda a, axis=cell.split.params[name]: split_along(a, axis, parts), value)
+                   if name in cell.split.params else value)
             for name, value in cell.params.items()}
 
 
 def split_state(cell: Cell, state: dict, parts: int, row_axes: int = 1) -> dict:
-    """Per-row state leaves ``(B, *leaf)`` -> ``(B, parts, *piece)`` (the split axis of each leaf)."""
-    return {name: jnp.moveaxis(split_along(value, row_axes + cell.split.state[name], parts), 0, row_axes)
+    """Per-row state arrays ``(B, *leaf)`` -> ``(B, parts, *piece)`` (the split axis of each top-level name, for
+    every array of its tree)."""
+    return {name: jax.tree.map(lambda a, axis=row_axes + cell.split.state[name]: jnp.moveaxis(
+                split_along(a, axis, parts), 0, row_axes), value)
             for name, value in state.items()}
 
 
 def join_state(cell: Cell, state: dict, row_axes: int = 1) -> dict:
     """The inverse of :func:`split_state`."""
-    return {name: join_along(jnp.moveaxis(value, row_axes, 0), row_axes + cell.split.state[name])
+    return {name: jax.tree.map(lambda a, axis=row_axes + cell.split.state[name]: join_along(
+                jnp.moveaxis(a, row_axes, 0), axis), value)
             for name, value in state.items()}
 
 
@@ -179,11 +188,12 @@ def xla_split_step(cell: Cell, state, x, inputs, parts: int):
     whole = {name: value for name, value in params.items() if name not in cell.split.params}
     pieces = {name: value for name, value in params.items() if name in cell.split.params}
 
-    def one_program(pieces, state):
+    def one_program(pieces, state, x):
         return cell.step({**whole, **pieces}, state, x, inputs, XLA_PRECISION, comm=comm)
 
-    ys, new_state = jax.vmap(one_program, in_axes=(0, 1), out_axes=(0, 1), axis_name=axis)(
-        pieces, split_state(cell, state, parts))
+    xs, x_axis = (split_along(x, -1, parts), 0) if cell.split.splits_x else (x, None)
+    ys, new_state = jax.vmap(one_program, in_axes=(0, 1, x_axis), out_axes=(0, 1), axis_name=axis)(
+        pieces, split_state(cell, state, parts), xs)
     return ys[0], join_state(cell, new_state)
 
 

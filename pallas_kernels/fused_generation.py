@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cells, dispatch
+from pallas_kernels import kernel_math as km
 from pallas_kernels.cells import Cell, Collectives
 
 OP = "fused_generation"
@@ -275,6 +276,8 @@ def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> l
         return collective
 
     comm = Collectives(recorder(False), recorder(True))
+    if cell.split.splits_x:
+        x = jax.ShapeDtypeStruct((lanes(cell.split.channels // parts),), x.dtype)
     jax.eval_shape(lambda p, h, v, i: cell.step(p, h, v, i, precision, comm=comm), params, state, x, inputs)
     return calls
 
@@ -355,6 +358,14 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
         def param(i):
             return ref["params", i][part] if split_leaf[i] else ref["params", i][...]
 
+        def step_input(x):
+            """The step's ``x``: the program's slice of the split channels where the cell's split says so."""
+            if parts is None or not cell.split.splits_x:
+                return x
+            width = lanes(cell.split.channels // parts)
+            one_hot = jnp.arange(Hp)[:, None] == part * (cell.split.channels // parts) + jnp.arange(width)[None, :]
+            return km.contract(x, one_hot.astype(jnp.float32), 0, precision)
+
         kept = {i: param(i) for i in hoisted}
         x = x0_ref[sel]
         state = [ref["state", i][where_state] for i in range(n_state)]
@@ -369,8 +380,8 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             per_step = jax.tree.unflatten(treedefs["step"], [ref["step", i][sel, t] for i in range(len(flat["step"]))])
             options = {} if parts is None else {"comm": comm_of_step(t)}
             y, new_state = cell.step(jax.tree.unflatten(treedefs["params"], p),
-                                     jax.tree.unflatten(treedefs["state"], state), x, {**inputs, **per_step}, precision,
-                                     **options)
+                                     jax.tree.unflatten(treedefs["state"], state), step_input(x),
+                                     {**inputs, **per_step}, precision, **options)
             where = (t, sel) if time_major else (sel, t)
             plgpu.store(ys_ref.at[(*where, pl.ds(zero, Hp))], y, mask=ok)
             return y, jax.tree.leaves(new_state)

@@ -84,6 +84,8 @@ CASES = [
     Case("S4D bilinear c2 gate2 swap", "lti.S4D", dict(d_model=H, d_state=N, disc="bilinear", channels=2, gate=2,
                                                          swap_channels=True, transposed=False)),
     Case("S4", "lti.S4", dict(d_model=H, d_state=N, transposed=False)),
+    Case("S4 B=1 split 8", "lti.S4", dict(d_model=H, d_state=N, transposed=False), batch=1,
+         config=dispatch.KernelConfig(use_kernels="always", split_programs=8)),
     Case("S4 legt rank 2 bottleneck 2 c2 swap", "lti.S4", dict(d_model=H, d_state=N, rank=2, init="legt", bottleneck=2,
                                                                  channels=2, swap_channels=True, transposed=False)),
     # S7's x_proj holds 2 H^2 N weights: H=128, N=64 does not fit on chip (see FALLBACKS)
@@ -105,7 +107,7 @@ CASES = [
 
 #: models and sizes that must take the documented fallback
 FALLBACKS = [
-    ("S4 H=512 (too large)", "lti.S4", dict(d_model=512, d_state=64, transposed=False)),
+    ("S4 H=2048 (too large, even split)", "lti.S4", dict(d_model=2048, d_state=64, transposed=False)),
     ("S4D H=512 (too large)", "lti.S4D", dict(d_model=512, d_state=64, transposed=False)),
     ("S7 H=128 N=64 (too large)", "ltv.S7", dict(d_model=128, d_state=64)),
     ("LRU H=512 N=256 (too large)", "lti.LRU", dict(d_model=512, d_state=256)),

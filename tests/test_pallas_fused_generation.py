@@ -313,12 +313,16 @@ def test_one_step_and_multi_token_kernels_lower_to_triton(lower_for_h100, name):
 
 # ----------------------------------------------------------------------------- split cells
 #: cells whose parameters are cut over the programs of a row: Mamba (x_proj and out_proj completed by psum; the
-#: in_proj, conv and out_proj biases, 3 taps, bilinear; event mode) and RG-LRU (gates by psum_scatter; biases, 2 taps)
+#: in_proj, conv and out_proj biases, 3 taps, bilinear; event mode), RG-LRU (gates by psum_scatter; biases, 2 taps)
+#: and S4 (complex planes cut over the SSM channels; 2 channels with each program's slice of x; a bottleneck with
+#: the full gate completed by psum)
 SPLIT = {
     "Mamba-bilinear-k3-bias": ("ltv.Mamba", dict(d_model=32, d_state=16, d_conv=3, discretization="bilinear",
                                                  bias=True, **MAMBA_DT), None),
     "Mamba-zoh-event": ("ltv.Mamba", dict(d_model=32, d_state=16, discretization="zoh", **MAMBA_DT), "step"),
     "RGLRU-k2-bias": ("ltv.RGLRU", dict(d_model=32, d_conv=2, bias=True, conv_bias=False), None),
+    "S4-channels2": ("lti.S4", dict(d_model=32, d_state=8, transposed=False, channels=2), None),
+    "S4-gate-bottleneck": ("lti.S4", dict(d_model=64, d_state=8, transposed=False, gate=2, bottleneck=2), None),
 }
 
 
@@ -330,7 +334,8 @@ def _split_model(name, seed=0):
 
 
 @pytest.mark.parametrize("name,parts", [("Mamba-bilinear-k3-bias", 2), ("Mamba-bilinear-k3-bias", 4),
-                                        ("Mamba-zoh-event", 4), ("RGLRU-k2-bias", 2)])  # slices of >= 16 channels
+                                        ("Mamba-zoh-event", 4), ("RGLRU-k2-bias", 2), ("S4-channels2", 2),
+                                        ("S4-gate-bottleneck", 2)])  # slices of >= 16 channels
 def test_split_step_equals_the_whole_step(name, parts):
     """The cell's split declaration and its collectives: the step emulated on ``parts`` programs (``jax.vmap``
     with ``psum`` / ``psum_scatter``) equals the whole step, outputs and every state leaf, from a random state."""
@@ -347,8 +352,9 @@ def test_split_step_equals_the_whole_step(name, parts):
     chex.assert_trees_all_equal_shapes_and_dtypes((y_split, new_split), (y, new_state))
     # float32 sums over the channels regrouped by program: a few ulps of the outputs' scale
     assert relative_error(y_split, y) < 1e-6
-    for key in new_state:
-        assert relative_error(new_split[key], new_state[key]) < 1e-6, key
+    for key in new_state:  # every array of each leaf (both planes of a complex state)
+        for got, want in zip(jax.tree.leaves(new_split[key]), jax.tree.leaves(new_state[key])):
+            assert relative_error(got, want) < 1e-6, key
 
 
 @pytest.mark.parametrize("name", list(SPLIT))
@@ -399,10 +405,15 @@ def test_split_plan(monkeypatch):
         dispatch.KernelConfig(split_programs=3)
     small = fg.abstract_cell(selftest.abstract_model("ltv.Mamba", dict(d_model=16, d_state=4)))
     assert fg.split_plan(small, 4, auto) == (None, None)  # its parameters fit one program's registers
+    # S4 (H=128, N=64, rank 1: 394 KB of parameters) over its 128 SSM channels; S4D declares no split
+    s4 = fg.abstract_cell(selftest.abstract_model("lti.S4", dict(d_model=128, d_state=64, transposed=False)))
+    assert [fg.split_plan(s4, b, auto) for b in (1, 32)] == [(8, None), (4, None)] and s4.split.splits_x
+    s4d = fg.abstract_cell(selftest.abstract_model("lti.S4D", dict(d_model=128, d_state=64, transposed=False)))
+    assert s4d.split is None
 
 
 @TRITON_DEPRECATION
-@pytest.mark.parametrize("name", ["Mamba-zoh-event", "RGLRU-k2-bias"])
+@pytest.mark.parametrize("name", ["Mamba-zoh-event", "RGLRU-k2-bias", "S4-channels2"])
 def test_split_kernel_lowers_to_triton(lower_for_h100, name):
     """Split over 2 programs per row: the atomic barrier, the spin loop, the exchange stores and volatile loads."""
     model, event = _split_model(name)

@@ -298,6 +298,7 @@ class S4(S4Layer):
     """
 
     low_rank = True
+    split_channels = True
     cache_carry = {"lrnn_state": "dense"}  # the DPLR step mixes the state (diag(A_bar) - L R^T)
     lrnnx_ignored_entries = S4Layer.lrnnx_ignored_entries + ("layer.kernel.P",)
     kernel_policy = KernelPolicy(
@@ -306,7 +307,7 @@ class S4(S4Layer):
                  "the XLA program (which steps in the factored O(N r) form) at B=32 / 128 / 4096; one-step kernel "
                  "against the XLA step 51.1 vs 36.8 us at B=1, 43.9 vs 46.2 at B=32, 636 vs 300 at B=4096. The XLA "
                  "program at unroll 2 against 8: capture 1.68 vs 6.46 s at B=1 (9.3 vs 9.8 us per step), 2.31 vs 6.22 s "
-                 "at B=32 (12.6 vs 12.0 us)",
+                 "at B=32 (12.6 vs 12.0 us). The rollout split over programs (split_channels) was not measured yet",
         xla_unroll=2,
     )
 

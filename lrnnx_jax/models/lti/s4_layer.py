@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
@@ -59,7 +60,7 @@ from lrnnx_jax.core.base import LRNN, compute_dtype, in_compute_dtype, lrnnx_ent
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from pallas_kernels import complex_lib as cl
 from pallas_kernels import kernel_math as km
-from pallas_kernels.cells import Cell, KernelPolicy
+from pallas_kernels.cells import UNSPLIT, Cell, Collectives, KernelPolicy, Split
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 NPLR_MEASURES = ("legs", "legt", "fourier", "fout")
@@ -351,7 +352,7 @@ def _state_sum(z: cl.Planes) -> cl.Planes:
 
 
 def block_step(params, state, x, inputs, precision, *, channels: int, rank: int, has_input_linear: bool,
-               gate: Optional[str], final_linear: bool):
+               gate: Optional[str], final_linear: bool, comm: Collectives = UNSPLIT):
     """The S4/S4D block's step (the cell of :meth:`S4Layer.cell`): ``x (..., H) -> (y (..., H), state)``.
 
     One row (``x (H,)``, ``state["h"] (H', S)``) or a block of rows (a leading ``(R,)``
@@ -364,6 +365,12 @@ def block_step(params, state, x, inputs, precision, *, channels: int, rank: int,
     ``v`` split into blocks, ``Wv{j}``) or ``"full"`` (``G{j}`` map the blocks to one gate
     vector). Without an output layer, ``O{j}`` are one-hot maps of the blocks to the
     output features (exact). ``inputs["drop{j}"]`` (training mode): dropout masks of the blocks.
+
+    Split over programs (:meth:`S4Layer.cell`'s ``Split``; ``comm``), each program holds a slice of the ``H'`` SSM
+    channels (their ``a``, ``B``, ``L``, ``R``, ``C``, ``D``, the ``Win`` columns, the ``Wv{j}`` columns and the rows
+    of ``G{j}`` and ``O{j}``; without an input layer, ``x`` is its slice of the features, ``Split.splits_x``): the
+    maps that read the blocks (the full gate and the output) sum their partial
+    products over the programs (``comm.psum``).
     """
     p = params
     u = km.project(x, p["Win"], 0, precision) + p["Win_b"] if has_input_linear else x
@@ -373,7 +380,7 @@ def block_step(params, state, x, inputs, precision, *, channels: int, rank: int,
         h_new = cl.sub(h_new, cl.mul(p[f"L{r}"], _state_sum(cl.mul(p[f"R{r}"], h))))
     blocks = [km.gelu(jnp.sum(cl.real(cl.mul(p[f"C{j}"], h_new)), axis=-1) + p[f"D{j}"] * u) for j in range(channels)]
     if gate == "full":
-        g = sum(km.project(z, p[f"G{j}"], 0, precision) for j, z in enumerate(blocks)) + p["G_b"]
+        g = comm.psum(sum(km.project(z, p[f"G{j}"], 0, precision) for j, z in enumerate(blocks))) + p["G_b"]
         blocks = [g * km.gelu(km.project(x, p["Wv0"], 0, precision) + p["Wv0_b"])]
     elif gate == "blocks":
         blocks = [z * km.gelu(km.project(x, p[f"Wv{j}"], 0, precision) + p[f"Wv{j}_b"]) for j, z in enumerate(blocks)]
@@ -383,6 +390,8 @@ def block_step(params, state, x, inputs, precision, *, channels: int, rank: int,
     # the output layer is a dense projection; the one-hot maps (no output layer) must stay exact
     output = km.project if final_linear else km.contract
     out = sum(output(z, p[f"O{j}"], 0, precision) for j, z in enumerate(blocks))
+    if gate != "full":  # the blocks are slices of the split channels (a full gate formed one whole block)
+        out = comm.psum(out)
     y = km.gelu(out + p["O_b"]) if final_linear else out
     return y, {"h": h_new.astype(h.dtype)}
 
@@ -424,6 +433,9 @@ class S4Layer(LRNN):
 
     #: S4 registers the low-rank factor ``P``; S4D does not.
     low_rank: ClassVar[bool] = False
+    #: whether the cell declares its split over the ``H'`` SSM channels (:meth:`cell`): S4, whose parameters (394 KB at
+    #: H=128, N=64) do not fit one program; S4D's fused rollout was measured unsplit.
+    split_channels: ClassVar[bool] = False
     #: lrnnx's kernel module holds references to the same parameters: duplicates, ignored on load.
     lrnnx_ignored_entries = tuple(f"layer.kernel.{name}" for name in ("inv_dt", "A_real", "A_imag", "B", "C"))
 
@@ -699,7 +711,24 @@ class S4Layer(LRNN):
         step = functools.partial(block_step, channels=self.channels, rank=len(low_rank),
                                  has_input_linear=self.input_linear is not None, gate=gate,
                                  final_linear=self.output_linear is not None)
-        return Cell(step, p, policy=self.kernel_policy)
+        return Cell(step, p, policy=self.kernel_policy, split=self._cell_split(p, gate))
+
+    def _cell_split(self, params: dict, gate: Optional[str]) -> Optional[Split]:
+        """The cell's split over the ``H'`` SSM channels (see :func:`block_step`), where :data:`split_channels`:
+        the SSM's tiles and ``D{j}``, ``G{j}``, ``Win_b`` (and, with the block gate, ``Wv{j}_b``) along their first
+        axis, ``Win`` (and ``Wv{j}``) along their second, and ``O{j}`` along their rows unless a full gate made one
+        block of ``H * gate`` features (every program then forms it whole, and the output is not summed); without
+        an input layer (``H' = H``) each program reads its slice of ``x`` (``splits_x``), and then there is no split
+        with a gate, which reads the whole ``x``."""
+        if not self.split_channels or self.input_linear is None and gate is not None:
+            return None  # (a gate without an input layer reads the whole x besides each program's slice: unsplit)
+        axes = {r"a|B|[LRCDG]\d+|Win_b": 0, r"Win": 1}
+        if gate == "blocks":
+            axes.update({r"Wv\d+": 1, r"Wv\d+_b": 0})
+        if gate != "full":
+            axes[r"O\d+"] = 0
+        along = {name: axis for name in params for pattern, axis in axes.items() if re.fullmatch(pattern, name)}
+        return Split(channels=self.d_inner, params=along, state={"h": 0}, splits_x=self.input_linear is None)
 
     def cell_state(self, cache):
         """``{"h": Planes (B, H', state_size)}`` of ``cache["lrnn_state"]``."""
