@@ -13,6 +13,9 @@
 #                                   form), bounded by --time-budget
 #   scripts/gpu_session.sh sweeps   benchmark_training's sweeps and its large configuration, bounded by --time-budget
 #   scripts/gpu_session.sh multi    (2 GPUs: kind nvidia-h200-x2) benchmarks/benchmark_multi_gpu.py
+#   scripts/gpu_session.sh s4split  S4's rollout split over programs: its self-test cases against the unfused generate,
+#                                   then the fused rollout (split) against the XLA program at B=1, 8 and 32 and the
+#                                   programs per row at B=1 (S4's policy keeps the XLA program until this is measured)
 #   scripts/gpu_session.sh fused    issue 15's table: benchmark_fused_generation for every model at B=1, 32, 256 and
 #                                   4096 (fused and XLA program), then capture_graph's cold and warm times
 # Results go to $OUT. The parity tests need the fixtures: carry a copy of ../shared/fixtures in .fixtures (LRNNX_FIXTURES).
@@ -66,6 +69,15 @@ case "${1:-checks}" in
       --warmup 2 --out "$OUT/fused_generation.json" > "$OUT/fused_generation.txt" 2>&1
     timeout 150 python -m benchmarks.benchmark_capture --models Mamba,RGLRU,S7,S4,LRU --batches 1 32 \
       --out "$OUT/capture.json" > "$OUT/capture.txt" 2>&1
+    ;;
+  s4split)
+    timeout 150 python -m pallas_kernels.gpu_fused_selftest --only S4 --out "$OUT/fused_selftest_s4.json" \
+      > "$OUT/fused_selftest_s4.txt" 2>&1
+    timeout 200 python -m benchmarks.benchmark_fused_generation --models S4 --batches 1 8 32 --no-loop --repeats 10 \
+      --warmup 2 --out "$OUT/fused_s4_split.json" > "$OUT/fused_s4_split.txt" 2>&1
+    timeout 150 python -m benchmarks.benchmark_fused_generation --models S4 --batches 1 --no-loop --no-xla \
+      --split-programs 2 4 8 16 --repeats 10 --warmup 2 --out "$OUT/fused_s4_programs.json" \
+      > "$OUT/fused_s4_programs.txt" 2>&1
     ;;
   multi)
     NCCL_NVLS_ENABLE=0 timeout 560 python -m benchmarks.benchmark_multi_gpu --time-budget 500 \
