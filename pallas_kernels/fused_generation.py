@@ -484,15 +484,13 @@ def unsupported_reason(cell: Cell, batch_size: int, dtype=None,
     wide = [leaf.dtype for leaf in leaves if leaf.dtype != jnp.float32]
     if wide:
         return f"parameters of dtype {jnp.dtype(wide[0]).name} (the fused kernels take float32 parameters)"
-    shapes = [tuple(lanes(d) for d in leaf.shape) for leaf in leaves]
-    sizes = [math.prod(s) for s in shapes]
-    largest, total = max(sizes), sum(sizes)
     parts, reason = split_plan(cell, int(batch_size), dispatch.resolve(config))
     if parts is not None or reason is not None:
         return reason
-    if largest > MAX_TILE or total > MAX_PARAMS:
-        return (f"parameters too large for one program: {total} padded numbers (largest tile {shapes[sizes.index(largest)]}) "
-                f"over the on-chip limits of {MAX_TILE} per tile and {MAX_PARAMS} in total")
+    sizes = _padded_sizes(cell.params, {}, 1)
+    if not _fits_one_program(sizes, MAX_PARAMS):
+        return (f"parameters too large for one program: {sum(sizes)} padded numbers (largest tile {max(sizes)}) over "
+                f"the on-chip limits of {MAX_TILE} per tile and {MAX_PARAMS} in total")
     return None
 
 
