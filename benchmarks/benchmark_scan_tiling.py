@@ -98,7 +98,10 @@ def measure(config: dict, inputs: dict, warmup: int, repeats: int, interpret: bo
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["fwd:256:2:8", "bwd:128:2:8"], help="KIND:TILE:WARPS:CHUNK")
+    defaults = [f"fwd:{ss.FORWARD_TILE}:{ss.FORWARD_WARPS}:{ss.DEFAULT_CHUNK}",
+                f"bwd:{ss.BACKWARD_TILE}:{ss.BACKWARD_WARPS}:{ss.DEFAULT_CHUNK}"]
+    parser.add_argument("--configs", nargs="+", default=defaults,
+                        help="KIND:TILE:WARPS:CHUNK[:LOAD] (default: the module's tiling)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=256, help="D (d_inner)")

@@ -267,18 +267,13 @@ class S7(LRNN):
         The parameters hold ``2 H^2 N`` numbers of ``x_proj`` weights (the 3-D blocks ``WB``
         and ``WC``), so the fused kernels take only small ``H, N``.
         """
-        H, N = self.d_model, self.d_state
-
-        W_x = in_compute_dtype(self.x_proj.kernel[...])  # (H, N + 2 H N + H + N): a, B, C, d, beta, with B and C (h n) flattened
-        sizes = dict(zip(PARTS, (N, H * N, H * N, H, N)))
-        starts = {part: sum(list(sizes.values())[:i]) for i, part in enumerate(PARTS)}
-        W = {part: W_x[:, starts[part]:starts[part] + sizes[part]] for part in PARTS}
+        W = {part: in_compute_dtype(self._weight(part)) for part in PARTS}
         params = {
             "Win": in_compute_dtype(self.in_proj.kernel[...]),
             "Wa": W["a"],
             "base": in_compute_dtype(self.base_params[...]),
-            "WB": W["B"].reshape(H, H, N),
-            "WC": W["C"].reshape(H, H, N),
+            "WB": W["B"],
+            "WC": W["C"],
             "Wd": W["d"],
             "Wbeta": W["beta"],
             "Wg": in_compute_dtype(self.gate_proj.kernel[...]),
