@@ -248,10 +248,10 @@ def test_cell_lowers_to_triton(lower_for_h100):
                    jnp.ones((2, model.d_model)), cache)
 
 
-@pytest.mark.parametrize("H,N", [(5, 3), (8, 4), (2, 2)])
-def test_quadratic_and_bilinear_forms_equal_the_per_token_projections(H, N):
+@pytest.mark.parametrize("H,N,blocks", [(8, 4, 4), (6, 3, 2), (5, 3, 1)])
+def test_quadratic_and_bilinear_forms_equal_the_per_token_projections(H, N, blocks):
     """The drive ``B_t^T x`` as block-symmetric features of ``x`` and the readout ``C_t s`` as features of ``x`` and
-    ``s`` equal the definitions (``B_t[h, n] = sum_i x_i WB[i, h, n]``) in float64, for blocks of unequal sizes."""
+    ``s`` equal the definitions (``B_t[h, n] = sum_i x_i WB[i, h, n]``) in float64, for 4, 2 and 1 blocks."""
     rng = np.random.default_rng(H)
     WB, WC = rng.standard_normal((2, H, H, N))
     x, s = rng.standard_normal((3, 7, H)), rng.standard_normal((3, 7, N))
@@ -261,8 +261,7 @@ def test_quadratic_and_bilinear_forms_equal_the_per_token_projections(H, N):
     B_t, C_t = np.einsum("bti,ihn->bthn", x, WB), np.einsum("bti,ihn->bthn", x, WC)
     np.testing.assert_allclose(drive, np.einsum("bthn,bth->btn", B_t, x), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(readout, np.einsum("bthn,btn->bth", C_t, s), rtol=1e-12, atol=1e-12)
-    blocks = min(s7_module.DRIVE_BLOCKS, H)
-    sizes = [len(b) for b in np.array_split(np.arange(H), blocks)]
-    features = sum(sizes[a] * sizes[b] for a in range(blocks) for b in range(a, blocks))
+    assert s7_module.drive_blocks(H) == blocks
+    # k (k + 1) / 2 block pairs of (H / k)^2 products: 5/8 of H^2 for 4 blocks, 3/4 for 2
+    features = blocks * (blocks + 1) // 2 * (H // blocks) ** 2
     chex.assert_shape(s7_module.drive_features(jnp.asarray(x, jnp.float32)), (3, 7, features))
-    assert features < H * H or H == 1

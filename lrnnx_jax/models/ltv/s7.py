@@ -22,11 +22,14 @@ with a fixed weight::
 
 where ``WB, WC (H, H, N)`` are the ``B`` and ``C`` parts of ``x_proj``. The quadratic form is
 symmetric in ``(i, h)``: :func:`drive_features` keeps the products of channel blocks ``a <= b``
-(:data:`DRIVE_BLOCKS` blocks: 10 of the 16 block pairs for 4 blocks) and :func:`drive_weights`
+(up to :data:`DRIVE_BLOCKS` equal blocks: 10 of the 16 block pairs for 4 blocks) and :func:`drive_weights`
 folds ``WB[b, a]`` into ``WB[a, b]``, so the drive costs 5/8 of ``H^2 N`` multiply-adds per token.
 The features are elementwise products of ``x`` and ``s``: the chunked forward saves only the
 contractions' small outputs and recomputes the features in the backward (a ``jax.checkpoint``
 policy), so the backward repeats no contraction and memory stays ``O(B * chunk * H * N)``.
+The contractions carry ``x_proj``'s weights, so they run at its precision: the default matmul
+precision, as every ``nnx.Linear`` (TF32 on a GPU unless ``jax.default_matmul_precision`` says
+otherwise). The features round ``x_i x_h`` where ``x_proj`` rounds ``x_i``: the same order of error.
 
 The state is shared by the channels, so the recurrence is elementwise over ``N`` lanes:
 where :func:`pallas_kernels.diagonal_scan.choose` selects them (``kernel_config``), it runs
@@ -56,7 +59,7 @@ from pallas_kernels.cells import Cell, KernelPolicy
 
 #: the parts of the ``x_proj`` output, in order
 PARTS = ("a", "B", "C", "d", "beta")
-#: channel blocks of the drive's symmetric quadratic form (:func:`drive_features`)
+#: the most channel blocks of the drive's symmetric quadratic form (:func:`drive_blocks`, :func:`drive_features`)
 DRIVE_BLOCKS = 4
 #: what the chunked forward keeps for the backward: the outputs of the contractions (never the features, which are
 #: elementwise products recomputed from ``x`` and the states)
@@ -81,35 +84,37 @@ def s7_transition(a):
     return 1.0 - 1.0 / (a * a + 0.5)
 
 
-def _channel_blocks(H: int) -> list[slice]:
-    """``min(DRIVE_BLOCKS, H)`` contiguous blocks of the ``H`` channels (sizes differing by at most one)."""
-    bounds = np.cumsum([0] + [len(b) for b in np.array_split(np.arange(H), min(DRIVE_BLOCKS, H))])
-    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def _block_pairs(H: int):
-    blocks = _channel_blocks(H)
-    return [(blocks[a], blocks[b]) for a in range(len(blocks)) for b in range(a, len(blocks))]
+def drive_blocks(H: int) -> int:
+    """The number ``k`` of equal channel blocks of the drive's quadratic form: the largest power of two up to
+    :data:`DRIVE_BLOCKS` that divides ``H``."""
+    k = DRIVE_BLOCKS
+    while H % k:
+        k //= 2
+    return k
 
 
 def drive_features(x):
-    """``x (..., H)`` -> the products ``x_i x_h`` of channel blocks ``a <= b`` ``(..., F)``, block pair by block pair
-    (each ``(|a|, |b|)`` flattened); ``F = sum |a| |b|``."""
-    return jnp.concatenate([(x[..., a, None] * x[..., None, b]).reshape(x.shape[:-1] + (-1,))
-                            for a, b in _block_pairs(x.shape[-1])], axis=-1)
+    """``x (..., H)`` -> the products ``x_i x_h`` of channel blocks ``a <= b`` ``(..., F)``: for each block pair (in
+    ``np.triu_indices`` order) the ``(w, w)`` outer product of the two blocks, flattened; ``k`` blocks of ``w = H / k``
+    channels (:func:`drive_blocks`), ``F = k (k + 1) / 2 * w^2``. One broadcast product (its backward one reduction)."""
+    H = x.shape[-1]
+    k = drive_blocks(H)
+    blocks = x.reshape(x.shape[:-1] + (k, H // k))
+    first, second = np.triu_indices(k)
+    return (blocks[..., first, :, None] * blocks[..., second, None, :]).reshape(x.shape[:-1] + (-1,))
 
 
 def drive_weights(WB):
     """``WB (H, H, N)`` -> ``(F, N)``: for the block pair ``(a, b)``, ``WB[a, b]`` plus (``a != b``) ``WB[b, a]``
     transposed, so that ``drive_features(x) @ drive_weights(WB) = sum_{i,h} x_i x_h WB[i, h]``."""
-    N = WB.shape[-1]
-    pieces = []
-    for a, b in _block_pairs(WB.shape[0]):
-        w = WB[a, b]
-        if a != b:
-            w = w + jnp.swapaxes(WB[b, a], 0, 1)
-        pieces.append(w.reshape(-1, N))
-    return jnp.concatenate(pieces, axis=0)
+    H, _, N = WB.shape
+    k = drive_blocks(H)
+    tiles = WB.reshape(k, H // k, k, H // k, N)  # [a, i, b, h, n]
+    first, second = np.triu_indices(k)
+    direct = tiles[first, :, second]  # (pairs, i in a, h in b, N)
+    mirrored = jnp.swapaxes(tiles[second, :, first], 1, 2)  # WB[b, a] transposed: (pairs, i in a, h in b, N)
+    off_diagonal = jnp.asarray(first != second, WB.dtype)[:, None, None, None]
+    return (direct + off_diagonal * mirrored).reshape(-1, N)
 
 
 def readout_features(x, s):
@@ -204,7 +209,10 @@ class S7(LRNN):
         return kernel.reshape(H, H, N) if part in ("B", "C") else kernel
 
     def _contract(self, features, weight):
-        return jnp.einsum("...i,io->...o", features, weight.astype(features.dtype), precision="highest")
+        """``features (..., F) @ weight (F, O)`` at the default matmul precision: the weights are ``x_proj``'s, so the
+        contraction runs at the precision ``x_proj`` (an ``nnx.Linear``) runs at, as lrnnx forms ``B_t``, ``C_t``
+        (``jax.default_matmul_precision`` selects it; on a GPU XLA's default is TF32)."""
+        return jnp.einsum("...i,io->...o", features, weight.astype(features.dtype))
 
     def coefficients(self, x, weights=None):
         """``x (..., H)`` (after ``in_proj``) -> ``(A_bar (..., N), B_t^T x + beta (..., N))``.
