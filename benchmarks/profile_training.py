@@ -1,0 +1,131 @@
+"""Where a model's training step spends its device time: the kernels of one ``jit(value_and_grad)`` step, by name.
+
+Runs :func:`benchmarks.benchmark_training.training_step` for each model on one path, warms it up, traces
+``--steps`` steps with ``jax.profiler`` (a Perfetto trace) and sums the device events by kernel name, per step::
+
+    python -m benchmarks.profile_training --models Mamba --path kernels --out benchmark_results/profile.json
+
+Prints, for each model, the median step time, the summed kernel time per step and the ``--top`` kernels (ms per step,
+share of the kernel time, launches per step). On a machine without a GPU there are no device streams, and the table
+says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import sys
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import benchmark_training as training
+from benchmarks.timing import median_seconds
+
+
+def device_events(trace: dict) -> list[dict]:
+    """The complete (``"ph": "X"``) events of a Perfetto/Chrome trace whose process is a device (its
+    ``process_name`` names ``/device:``), each ``{"name", "dur"}`` with ``dur`` in microseconds."""
+    devices = {event["pid"] for event in trace.get("traceEvents", [])
+               if event.get("ph") == "M" and event.get("name") == "process_name"
+               and "/device:" in str(event.get("args", {}).get("name", ""))}
+    return [{"name": event["name"], "dur": float(event.get("dur", 0.0))} for event in trace.get("traceEvents", [])
+            if event.get("ph") == "X" and event.get("pid") in devices]
+
+
+def kernel_table(events: list[dict], steps: int) -> list[dict]:
+    """``events`` summed by name: ``{"name", "ms_per_step", "launches_per_step"}``, the longest first."""
+    total, count = collections.defaultdict(float), collections.Counter()
+    for event in events:
+        total[event["name"]] += event["dur"]
+        count[event["name"]] += 1
+    return sorted(({"name": name, "ms_per_step": us / 1e3 / steps, "launches_per_step": count[name] / steps}
+                   for name, us in total.items()), key=lambda row: -row["ms_per_step"])
+
+
+def read_trace(log_dir: pathlib.Path) -> dict:
+    """The newest ``perfetto_trace.json.gz`` under ``log_dir``."""
+    found = sorted(log_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {log_dir}")
+    with gzip.open(found[-1], "rt") as f:
+        return json.load(f)
+
+
+def profile_model(spec: training.TrainModel, path: str, point: dict, args) -> dict:
+    config = training.PATHS[path]
+    model = spec.build(point["H"], args.d_state, args.seed, **({} if config is None else {"kernel_config": config}))
+    step, params, _ = training.training_step(model)
+    x = jax.random.normal(jax.random.key(args.seed), (point["B"], point["L"], point["H"]), jnp.float32)
+    median_ms = median_seconds(lambda: step(params, x), args.warmup, args.repeats) * 1e3
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                jax.block_until_ready(step(params, x))
+        table = kernel_table(device_events(read_trace(pathlib.Path(log_dir))), args.steps)
+    return {"model": spec.name, "path": path, **point, "median_ms": median_ms,
+            "kernel_ms_per_step": sum(row["ms_per_step"] for row in table), "kernels": table}
+
+
+def format_profile(result: dict, top: int) -> str:
+    head = (f"## {result['model']} ({result['path']}), B={result['B']} H={result['H']} L={result['L']}: step "
+            f"{result['median_ms']:.3f} ms (median), kernels {result['kernel_ms_per_step']:.3f} ms per step")
+    if not result["kernels"]:
+        return head + "\n(no device events: no GPU stream in the trace)"
+    lines = [head, "", "| kernel | ms / step | share | launches / step |", "|---|---:|---:|---:|"]
+    for row in result["kernels"][:top]:
+        share = row["ms_per_step"] / result["kernel_ms_per_step"]
+        lines.append(f"| `{row['name'][:90]}` | {row['ms_per_step']:.4f} | {share:.1%} | {row['launches_per_step']:g} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]]):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_training", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=lambda t: t.split(","), default=["Mamba"],
+                        help=f"comma-separated subset of {','.join(training.BY_NAME)}")
+    parser.add_argument("--path", choices=tuple(training.PATHS), default="auto")
+    for key, value in training.POINT.items():
+        parser.add_argument(f"--{dict(B='batch', H='dim', L='length')[key]}", type=int, default=value)
+    parser.add_argument("--d-state", type=int, default=64, help="state size (Mamba keeps 16)")
+    parser.add_argument("--steps", type=int, default=5, help="traced steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON of every kernel, per model")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.models if name not in training.BY_NAME]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; expected names from {list(training.BY_NAME)}")
+    for name in ("steps", "warmup", "repeats", "top", "batch", "dim", "length"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            parser.error(f"--{name}: expected a positive count, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    point = dict(B=args.batch, H=args.dim, L=args.length)
+    results = []
+    for name in args.models:
+        result = profile_model(training.BY_NAME[name], args.path, point, args)
+        print(format_profile(result, args.top), flush=True)
+        results.append(result)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        device = jax.devices()[0]
+        environment = {"device": f"{device.platform}: {getattr(device, 'device_kind', str(device))}",
+                       "jax": jax.__version__, "command": "python -m benchmarks.profile_training " + " ".join(argv),
+                       "config": {**point, "path": args.path, "d_state": args.d_state, "steps": args.steps}}
+        args.out.write_text(json.dumps({"environment": environment, "results": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
