@@ -302,12 +302,13 @@ class S4(S4Layer):
     cache_carry = {"lrnn_state": "dense"}  # the DPLR step mixes the state (diag(A_bar) - L R^T)
     lrnnx_ignored_entries = S4Layer.lrnnx_ignored_entries + ("layer.kernel.P",)
     kernel_policy = KernelPolicy(
-        rollout_max_batch=0, step_max_batch=0,
-        evidence="H200 (H=128, N=64, rank 1): fused rollout 11.8 / 14.3 / 392 us/step against 11.0 / 14.3 / 241 for "
-                 "the XLA program (which steps in the factored O(N r) form) at B=32 / 128 / 4096; one-step kernel "
-                 "against the XLA step 51.1 vs 36.8 us at B=1, 43.9 vs 46.2 at B=32, 636 vs 300 at B=4096. The XLA "
-                 "program at unroll 2 against 8: capture 1.68 vs 6.46 s at B=1 (9.3 vs 9.8 us per step), 2.31 vs 6.22 s "
-                 "at B=32 (12.6 vs 12.0 us). The rollout split over programs (split_channels) was not measured yet",
+        rollout_max_batch=32, step_max_batch=0,
+        evidence="H200 (H=128, N=64, rank 1): the fused rollout split over programs (split_channels: 8 programs per "
+                 "row at B=1, 4 at B=32) 4.13 / 4.64 / 5.13 us/step against 9.68 / 11.2 / 10.4 for the XLA program at "
+                 "B=1 / 8 / 32; unsplit, 14.3 / 392 against 14.3 / 241 at B=128 / 4096 (the XLA program steps in the "
+                 "factored O(N r) form). One-step kernel against the XLA step 51.1 vs 36.8 us at B=1, 43.9 vs 46.2 at "
+                 "B=32, 636 vs 300 at B=4096. The XLA program at unroll 2 against 8: capture 1.68 vs 6.46 s at B=1 "
+                 "(9.3 vs 9.8 us per step), 2.31 vs 6.22 s at B=32 (12.6 vs 12.0 us)",
         xla_unroll=2,
     )
 
