@@ -12,17 +12,19 @@ from benchmarks import profile_training as profile
 
 def _trace():
     meta = lambda pid, name: {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}  # noqa: E731
-    kernel = lambda pid, name, dur: {"ph": "X", "pid": pid, "name": name, "dur": dur}  # noqa: E731
+    kernel = lambda pid, name, ts, dur: {"ph": "X", "pid": pid, "name": name, "ts": ts, "dur": dur}  # noqa: E731
     return {"traceEvents": [
         meta(1, "/host:CPU"), meta(2, "/device:GPU:0"), meta(3, "/device:GPU:0 Compute"),
-        kernel(1, "host_op", 500.0), kernel(2, "fwd_kernel", 120.0), kernel(2, "fwd_kernel", 100.0),
-        kernel(3, "loop_fusion", 30.0), {"ph": "i", "pid": 2, "name": "instant"},
+        kernel(1, "host_op", 0.0, 500.0), kernel(2, "fwd_kernel", 0.0, 120.0), kernel(2, "fwd_kernel", 200.0, 100.0),
+        kernel(3, "loop_fusion", 110.0, 30.0), {"ph": "i", "pid": 2, "name": "instant"},
     ]}
 
 
 def test_device_events_sum_per_step_by_name(tmp_path):
     events = profile.device_events(_trace())
     assert sorted(e["name"] for e in events) == ["fwd_kernel", "fwd_kernel", "loop_fusion"]
+    # [0, 120] and [110, 140] overlap, [200, 300] does not: busy 140 + 100 us
+    assert profile.busy_ms(events) == pytest.approx(0.24)
     table = profile.kernel_table(events, steps=2)
     assert table == [{"name": "fwd_kernel", "ms_per_step": pytest.approx(0.11), "launches_per_step": 1.0},
                      {"name": "loop_fusion", "ms_per_step": pytest.approx(0.015), "launches_per_step": 0.5}]
@@ -38,8 +40,10 @@ def test_device_events_sum_per_step_by_name(tmp_path):
 def test_cpu_run_times_the_step_and_reports_no_device_stream(tmp_path, capsys):
     out = tmp_path / "profile.json"
     (result,) = profile.main(["--models", "LRU", "--batch", "2", "--dim", "4", "--length", "8", "--d-state", "2",
-                              "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", str(out)])
+                              "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", str(out),
+                              "--hlo-dir", str(tmp_path / "hlo")])
     assert result["median_ms"] > 0 and result["kernels"] == [] and result["kernel_ms_per_step"] == 0
+    assert "ENTRY" in (tmp_path / "hlo" / "LRU_auto.hlo.txt").read_text()
     assert "no device events" in capsys.readouterr().out
     assert json.loads(out.read_text())["results"][0]["model"] == "LRU"
 

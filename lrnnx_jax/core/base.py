@@ -362,6 +362,28 @@ def torch_linear(in_features: int, out_features: int, *, use_bias: bool, rngs: n
     )
 
 
+def linear_blocks(linear: nnx.Linear, inputs, sizes) -> list:
+    """``linear(inputs)`` split into blocks of ``sizes`` output columns (summing to its output features), computed
+    as one contraction per block of the kernel's columns, with ``nnx.Linear``'s dtype promotion and precision.
+
+    The value equals ``jnp.split(linear(inputs), ...)`` (up to the order of the sums); the gradient differs in cost: the input's gradient is the
+    sum of the blocks' contractions, so the output gradients are never concatenated into one ``(..., out)`` array.
+    """
+    if sum(sizes) != linear.out_features:
+        raise ValueError(f"sizes must sum to the {linear.out_features} output features, got {tuple(sizes)}")
+    kernel = linear.kernel[...]
+    bias = linear.bias[...] if linear.bias is not None else None
+    inputs, kernel, bias = linear.promote_dtype((inputs, kernel, bias), dtype=linear.dtype)
+    extra = {} if linear.preferred_element_type is None else {"preferred_element_type": linear.preferred_element_type}
+    blocks, start = [], 0
+    for size in sizes:
+        y = linear.dot_general(inputs, kernel[:, start : start + size], (((inputs.ndim - 1,), (0,)), ((), ())),
+                               precision=linear.precision, **extra)
+        blocks.append(y if bias is None else y + bias[start : start + size])
+        start += size
+    return blocks
+
+
 def lrnnx_linear_entries(name: str, linear: nnx.Linear) -> dict[str, LrnnxEntry]:
     """The lrnnx entries ``name.weight`` (torch layout ``(out, in)``) and ``name.bias`` of ``linear``."""
     kernel = linear.kernel

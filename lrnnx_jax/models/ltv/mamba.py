@@ -50,7 +50,7 @@ from flax import nnx
 
 from lrnnx_jax.core import conv, speculative
 from lrnnx_jax.core import discretization as disc
-from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, linear_blocks, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
 from pallas_kernels import dispatch
@@ -308,12 +308,12 @@ class Mamba(LRNN):
         return None if self.conv_bias is None else self.conv_bias[...]
 
     def _split_in_proj(self, x):
-        """``x (..., H)`` -> ``(x_in, z)``, each ``(..., D)``."""
-        return jnp.split(self.in_proj(x), 2, axis=-1)
+        """``x (..., H)`` -> ``(x_in, z)``, each ``(..., D)`` (one contraction each: :func:`linear_blocks`)."""
+        return linear_blocks(self.in_proj, x, (self.d_inner, self.d_inner))
 
     def _x_proj(self, u):
         """``(r (..., dt_rank), B_t (..., N), C_t (..., N))`` from the conv output ``u (..., D)``."""
-        return jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        return linear_blocks(self.x_proj, u, (self.dt_rank, self.d_state, self.d_state))
 
     def _ssm_inputs(self, u, z, tau):
         """The per-token inputs of the recurrence from the conv output ``u`` and gate ``z`` ``(..., D)``."""

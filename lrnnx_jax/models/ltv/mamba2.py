@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from lrnnx_jax.core import conv, speculative
-from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, linear_blocks, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import chunked_scan
 from lrnnx_jax.core.ssd import ssd_chunked
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
@@ -232,9 +232,9 @@ class Mamba2(LRNN):
 
     # ------------------------------------------------- shared by forward and cell
     def _split_in_proj(self, u):
-        """``u (..., H)`` -> ``(z (..., D), xBC (..., D + 2GN), dt (..., nheads))``."""
-        D = self.d_inner
-        return jnp.split(self.in_proj(u), [D, D + self.conv_dim], axis=-1)
+        """``u (..., H)`` -> ``(z (..., D), xBC (..., D + 2GN), dt (..., nheads))`` (one contraction each:
+        :func:`linear_blocks`)."""
+        return linear_blocks(self.in_proj, u, (self.d_inner, self.conv_dim, self.nheads))
 
     def _per_channel(self, a):
         """A per-head ``(..., nheads)`` array repeated over each head's channels: ``(..., D)``."""
