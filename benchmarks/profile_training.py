@@ -5,8 +5,10 @@ Runs :func:`benchmarks.benchmark_training.training_step` for each model on one p
 
     python -m benchmarks.profile_training --models Mamba --path kernels --out benchmark_results/profile.json
 
-Prints, for each model, the median step time, the summed kernel time per step and the ``--top`` kernels (ms per step,
-share of the kernel time, launches per step). On a machine without a GPU there are no device streams, and the table
+Prints, for each model, the median step time, the summed kernel time per step, the time the device is busy (the
+union of the kernels' intervals: below the sum where kernels overlap, and the step time less this is where the device
+waits), the ``--top`` kernels (ms per step,
+share of the kernel time, launches per step) and the ``--top`` idle gaps of the device (between which kernels). On a machine without a GPU there are no device streams, and the table
 says so.
 """
 
@@ -34,8 +36,20 @@ def device_events(trace: dict) -> list[dict]:
     devices = {event["pid"] for event in trace.get("traceEvents", [])
                if event.get("ph") == "M" and event.get("name") == "process_name"
                and "/device:" in str(event.get("args", {}).get("name", ""))}
-    return [{"name": event["name"], "dur": float(event.get("dur", 0.0))} for event in trace.get("traceEvents", [])
-            if event.get("ph") == "X" and event.get("pid") in devices]
+    return [{"name": event["name"], "ts": float(event.get("ts", 0.0)), "dur": float(event.get("dur", 0.0))}
+            for event in trace.get("traceEvents", []) if event.get("ph") == "X" and event.get("pid") in devices]
+
+
+def busy_ms(events: list[dict]) -> float:
+    """The time (ms) at least one of ``events`` runs: the union of their intervals."""
+    total, end = 0.0, None
+    for event in sorted(events, key=lambda e: e["ts"]):
+        start, stop = event["ts"], event["ts"] + event["dur"]
+        if end is None or start > end:
+            total, end = total + stop - start, stop
+        elif stop > end:
+            total, end = total + stop - end, stop
+    return total / 1e3
 
 
 def kernel_table(events: list[dict], steps: int) -> list[dict]:
@@ -46,6 +60,23 @@ def kernel_table(events: list[dict], steps: int) -> list[dict]:
         count[event["name"]] += 1
     return sorted(({"name": name, "ms_per_step": us / 1e3 / steps, "launches_per_step": count[name] / steps}
                    for name, us in total.items()), key=lambda row: -row["ms_per_step"])
+
+
+def idle_gaps(events: list[dict], steps: int, top: int) -> list[dict]:
+    """The device's idle gaps (no event running) inside the traced window, summed by the kernels around them:
+    ``{"before", "after", "ms_per_step", "count_per_step"}``, the longest first, at most ``top``."""
+    total, count = collections.defaultdict(float), collections.Counter()
+    end, last = None, None
+    for event in sorted(events, key=lambda e: e["ts"]):
+        if end is not None and event["ts"] > end:
+            key = (last, event["name"])
+            total[key] += event["ts"] - end
+            count[key] += 1
+        if end is None or event["ts"] + event["dur"] > end:
+            end, last = event["ts"] + event["dur"], event["name"]
+    rows = [{"before": before, "after": after, "ms_per_step": us / 1e3 / steps, "count_per_step": count[before, after] / steps}
+            for (before, after), us in total.items()]
+    return sorted(rows, key=lambda row: -row["ms_per_step"])[:top]
 
 
 def read_trace(log_dir: pathlib.Path) -> dict:
@@ -67,20 +98,30 @@ def profile_model(spec: training.TrainModel, path: str, point: dict, args) -> di
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
             for _ in range(args.steps):
                 jax.block_until_ready(step(params, x))
-        table = kernel_table(device_events(read_trace(pathlib.Path(log_dir))), args.steps)
+        events = device_events(read_trace(pathlib.Path(log_dir)))
+    if args.hlo_dir is not None:
+        args.hlo_dir.mkdir(parents=True, exist_ok=True)
+        (args.hlo_dir / f"{spec.name}_{path}.hlo.txt").write_text(step.lower(params, x).compile().as_text())
+    table = kernel_table(events, args.steps)
     return {"model": spec.name, "path": path, **point, "median_ms": median_ms,
-            "kernel_ms_per_step": sum(row["ms_per_step"] for row in table), "kernels": table}
+            "kernel_ms_per_step": sum(row["ms_per_step"] for row in table),
+            "busy_ms_per_step": busy_ms(events) / args.steps, "kernels": table,
+            "idle_gaps": idle_gaps(events, args.steps, args.top)}
 
 
 def format_profile(result: dict, top: int) -> str:
     head = (f"## {result['model']} ({result['path']}), B={result['B']} H={result['H']} L={result['L']}: step "
-            f"{result['median_ms']:.3f} ms (median), kernels {result['kernel_ms_per_step']:.3f} ms per step")
+            f"{result['median_ms']:.3f} ms (median), kernels {result['kernel_ms_per_step']:.3f} ms per step, the device "
+            f"busy {result['busy_ms_per_step']:.3f} ms per step")
     if not result["kernels"]:
         return head + "\n(no device events: no GPU stream in the trace)"
     lines = [head, "", "| kernel | ms / step | share | launches / step |", "|---|---:|---:|---:|"]
     for row in result["kernels"][:top]:
         share = row["ms_per_step"] / result["kernel_ms_per_step"]
         lines.append(f"| `{row['name'][:90]}` | {row['ms_per_step']:.4f} | {share:.1%} | {row['launches_per_step']:g} |")
+    lines += ["", "| idle gap after the kernel | and before the kernel | ms / step | gaps / step |", "|---|---|---:|---:|"]
+    lines += [f"| `{row['before'][:60]}` | `{row['after'][:60]}` | {row['ms_per_step']:.4f} | {row['count_per_step']:g} |"
+              for row in result["idle_gaps"]]
     return "\n".join(lines)
 
 
@@ -98,6 +139,8 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON of every kernel, per model")
+    parser.add_argument("--hlo-dir", type=pathlib.Path, default=None,
+                        help="write each step's compiled HLO (MODEL_PATH.hlo.txt) here, to find the fusions by name")
     args = parser.parse_args(argv)
     unknown = [name for name in args.models if name not in training.BY_NAME]
     if unknown:
