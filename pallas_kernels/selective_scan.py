@@ -9,7 +9,9 @@ For every batch row, channel ``d`` and state ``n`` (shapes below)::
 and where ``mask_t`` is False the step leaves the state unchanged (``A_bar = 1``, input 0; the
 output is still read out, as :func:`lrnnx_jax.core.scan.chunked_scan` does). Discretizations
 ``"mamba"``, ``"zoh"``, ``"bilinear"``, ``"dirac"`` (event mode passes ``delta_A``), all by
-:func:`pallas_kernels.kernel_math.discretize`.
+:func:`pallas_kernels.kernel_math.discretize`. With ``delta_softplus`` (mamba_ssm's flag) ``delta`` is the step
+before its softplus, which :func:`coefficients` applies: the kernels read the projection's output and return its
+gradient, so neither the step after its softplus nor its gradient before it passes through memory.
 
 The math of one step is written once, in :func:`coefficients` and :func:`readout`. The pure-JAX
 :func:`reference` (a ``lax.scan`` over time), the forward kernel and the backward kernel all call
@@ -109,12 +111,15 @@ POLICY = ScanPolicy(
 
 
 # ----------------------------------------------------------------------------- the step, once
-def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None):
+def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta_softplus: bool = False):
     """``(A_bar, x)`` of ``h_t = A_bar h_{t-1} + x`` for one step, any leading axes ``(...)``.
 
     ``A`` ``(D, N)`` (or a tile), ``delta``, ``delta_A`` (None: ``delta``), ``u_t`` ``(..., D)``, ``B_t``
-    ``(..., N)``, ``m`` None or a boolean ``(...)``: where False, ``A_bar = 1`` and ``x = 0``.
+    ``(..., N)``, ``m`` None or a boolean ``(...)``: where False, ``A_bar = 1`` and ``x = 0``. With
+    ``delta_softplus``, ``delta`` is the step before its softplus, applied here.
     """
+    if delta_softplus:
+        delta = km.softplus(delta)
     step_A = None if delta_A is None else delta_A[..., None]
     A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A)
     x = gamma * (B_t[..., None, :] * u_t[..., None])
@@ -137,7 +142,8 @@ def readout(h, C_t, u_t, D=None, z_t=None):
 
 
 # ----------------------------------------------------------------------------- the reference
-def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba"):
+def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
+              delta_softplus: bool = False):
     """The oracle: a ``lax.scan`` over time of :func:`coefficients` and :func:`readout`.
 
     Computes in float32 (float64 for float64 inputs). Returns ``(y (batch, L, D)`` in ``u.dtype``,
@@ -154,7 +160,7 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=Non
     Af, Df = A.astype(f), None if D is None else D.astype(f)
 
     def step(h, s):
-        a, x = coefficients(discretization, Af, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
+        a, x = coefficients(discretization, Af, s["delta"], s["delta_A"], s["B"], s["u"], s["m"], delta_softplus)
         h = a * h + x
         return h, readout(h, s["C"], s["u"], Df, s["z"])
 
@@ -225,7 +231,8 @@ def _program(pl, plgpu, ref, dim, N, block_d, block_n):
 
 
 def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
-                   chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
+                   chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None,
+                   delta_softplus: bool = False):
     """The forward kernel; ``L`` must be a whole number of its loads (:func:`padded_length`; :func:`kernel_scan` pads).
 
     Arguments as :func:`selective_scan` (``mask`` float32 1/0; ``h0`` required). Returns ``(y (batch, L, D)``
@@ -256,7 +263,8 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
             for i, s in enumerate(inputs):  # unrolled
                 if i % chunk == 0:
                     checkpoints.append(h)
-                a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
+                a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"],
+                                    delta_softplus)
                 h = jnp.where(tile_ok, a * h + x, 0.0)
                 ys.append(readout(h, s["C"], s["u"], D_vec, s["z"]))
             for j, checkpoint in enumerate(checkpoints):
@@ -275,7 +283,8 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
 
 
 def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last, *, discretization="mamba",
-                    chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
+                    chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None,
+                    delta_softplus: bool = False):
     """The backward kernel: the gradients from the cotangents ``dy (batch, L, D)`` and ``dh_last (batch, D, N)``.
 
     ``L`` a whole number of its loads (:func:`padded_length`); ``checkpoints`` from :func:`forward_kernel`. Returns a
@@ -319,7 +328,8 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             coef_in = {k: v for k, v in (("A", A_tile), ("delta", s["delta"]), ("delta_A", s["delta_A"]),
                                           ("B", s["B"]), ("u", s["u"])) if v is not None}
             (a, _), coef_vjp = jax.vjp(
-                lambda p: coefficients(discretization, p["A"], p["delta"], p.get("delta_A"), p["B"], p["u"], s["m"]),
+                lambda p: coefficients(discretization, p["A"], p["delta"], p.get("delta_A"), p["B"], p["u"], s["m"],
+                                       delta_softplus),
                 coef_in)
             read_in = {k: v for k, v in (("h", h), ("C", s["C"]), ("u", s["u"]), ("D", D_vec), ("z", s["z"]))
                        if v is not None}
@@ -344,7 +354,8 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             h, inputs, dys = chunk_inputs
             states = [h]
             for s in inputs:  # unrolled: the chunk's states stay in registers
-                a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"])
+                a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"],
+                                    delta_softplus)
                 h = jnp.where(tile_ok, a * h + x, 0.0)
                 states.append(h)
             grads = [None] * chunk
@@ -386,25 +397,26 @@ def _scan(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
 
 
 def _scan_fwd(static, u, delta, A, B, C, D, z, delta_A, mask, h0):
-    discretization, chunk, config = static
+    discretization, chunk, config, delta_softplus = static
     length = u.shape[1]
     pad = padded_length(length, chunk) - length  # kernel_scan passes a mask when pad > 0
     seqs = [scan_common.pad_time(a, pad) for a in (u, delta, B, C, z, delta_A, mask)]
     pu, pdelta, pB, pC, pz, pdelta_A, pmask = seqs
     y, h_last, checkpoints = forward_kernel(pu, pdelta, A, pB, pC, D, pz, pdelta_A, pmask, h0,
-                                            discretization=discretization, chunk=chunk, config=config)
+                                            discretization=discretization, chunk=chunk, config=config,
+                                            delta_softplus=delta_softplus)
     residuals = (pu, pdelta, A, pB, pC, D, pz, pdelta_A, pmask, h0, checkpoints)
     return (y[:, :length], h_last), residuals
 
 
 def _scan_bwd(static, residuals, cotangents):
-    discretization, chunk, config = static
+    discretization, chunk, config, delta_softplus = static
     u, delta, A, B, C, D, z, delta_A, mask, h0, checkpoints = residuals
     dy, dh_last = cotangents
     length = dy.shape[1]
     dy = scan_common.pad_time(dy, u.shape[1] - length)
     grads = backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last.astype(jnp.float32),
-                            discretization=discretization, chunk=chunk, config=config)
+                            discretization=discretization, chunk=chunk, config=config, delta_softplus=delta_softplus)
     cut = lambda a, like: a[:, :length].astype(like.dtype)  # noqa: E731
     return (
         cut(grads["du"], u), cut(grads["ddelta"], delta), jnp.sum(grads["dA"], 0).astype(A.dtype),
@@ -421,7 +433,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *, discretization="mamba",
-                chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None):
+                chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None,
+                delta_softplus: bool = False):
     """The kernel pair under ``jax.custom_vjp``; same contract as :func:`selective_scan` (no dispatch).
 
     Under a data-parallel mesh the pair runs per shard (:func:`pallas_kernels.dispatch.per_shard`; the gradients of
@@ -437,7 +450,7 @@ def kernel_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=N
         mask = jnp.ones(u.shape[:2], jnp.float32)  # the padded steps are masked
     if mask is not None:
         mask = mask.astype(jnp.float32)
-    scan = functools.partial(_scan, (discretization, int(chunk), config))
+    scan = functools.partial(_scan, (discretization, int(chunk), config, bool(delta_softplus)))
     args = (u, delta, A, B, C, D, z, delta_A, mask, h0)
     return dispatch.per_shard(scan, args, (0, 0, None, 0, 0, None, 0, 0, 0, 0), 0)  # forward and backward
 
@@ -467,11 +480,11 @@ def choose(u, delta, A, B, C, D=None, z=None, delta_A=None, h0=None, *, chunk: i
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=None, *,
                    discretization: str = "mamba", chunk: int = DEFAULT_CHUNK,
-                   config: Optional[dispatch.KernelConfig] = None):
+                   config: Optional[dispatch.KernelConfig] = None, delta_softplus: bool = False):
     """The selective SSM over a sequence: the Pallas kernels (:func:`kernel_scan`) or :func:`reference`.
 
     Args:
-      u, delta: ``(batch, L, D)``: the input and the step (after softplus).
+      u, delta: ``(batch, L, D)``: the input and the step (after softplus; before it with ``delta_softplus``).
       A: ``(D, N)`` real (negative). B, C: ``(batch, L, N)``.
       D: optional ``(D,)`` skip. z: optional gate ``(batch, L, D)``: the output is multiplied by ``silu(z)``.
       delta_A: optional A-step of event mode ``(batch, L, D)``.
@@ -481,6 +494,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
       chunk: steps per checkpoint of the kernels (see the module docstring).
       config: a :class:`~pallas_kernels.dispatch.KernelConfig`; the default when None. ``"auto"`` keeps the
         reference until :data:`POLICY` says the kernels were measured faster.
+      delta_softplus: ``delta`` is the step before its softplus (mamba_ssm's flag), which the kernels apply as they
+        load it: the step is never written to memory after its softplus, nor its gradient before it.
 
     Returns:
       ``(y (batch, L, D)`` in ``u.dtype``, ``h_last (batch, D, N)`` float32 (float64 on the reference for float64
@@ -490,8 +505,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
     config = dispatch.resolve(config)
     if choose(u, delta, A, B, C, D, z, delta_A, h0, chunk=chunk, config=config):
         return kernel_scan(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization=discretization, chunk=chunk,
-                           config=config)
-    return reference(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization=discretization)
+                           config=config, delta_softplus=delta_softplus)
+    return reference(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization=discretization,
+                     delta_softplus=delta_softplus)
 
 
 def _check(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization, chunk):

@@ -227,10 +227,35 @@ def test_bad_arguments():
         ss.selective_scan(**{**a, "B": a["B"][:, :, :2]})
 
 
+@pytest.mark.parametrize("discretization,event", [("mamba", False), ("zoh", True)])
+def test_softplus_of_the_step_inside_the_kernels(discretization, event):
+    """``delta_softplus``: the kernels take the step before its softplus (raw values from -5 to 2, and one above the
+    threshold of 20 where softplus returns its input) and give the gradient with respect to it; the reference applies
+    ``jax.nn.softplus`` outside, and both match within float32 rounding."""
+    arrays = _arrays(5, event=event)
+    rng = np.random.default_rng(6)
+    raw = rng.uniform(-5.0, 2.0, arrays["delta"].shape)
+    raw[0, 3, 1] = 21.0
+    arrays["delta"] = jnp.asarray(raw, jnp.float32)
+
+    def kernels(**a):
+        return _kernels(**a, delta_softplus=True)
+
+    def reference(delta, **a):
+        return ss.reference(delta=jax.nn.softplus(delta), **a)
+
+    (y_k, h_k), grads_k = _outputs_and_grads(kernels, arrays, LENGTHS_MASK, discretization)
+    (y_r, h_r), grads_r = _outputs_and_grads(reference, arrays, LENGTHS_MASK, discretization)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads_k, grads_r)
+    _assert_close({"y": y_k, "h_last": h_k}, {"y": y_r, "h_last": h_r}, F32_TOL)
+    _assert_close(grads_k, grads_r, F32_TOL)
+
+
 @TRITON_DEPRECATION
 @pytest.mark.parametrize("discretization", ss.DISCRETIZATIONS)
 def test_kernels_lower_to_triton(lower_for_h100, discretization):
-    """The forward and backward kernels (bfloat16 sequences, event mode, a mask, a ragged D = 40 and N = 5)."""
+    """The forward and backward kernels (bfloat16 sequences, event mode, a mask, a ragged D = 40 and N = 5; the
+    softplus of the step inside them for "mamba")."""
     config = KernelConfig(use_kernels="always", interpret=False)
     bf = jnp.bfloat16
     seq = jnp.ones((2, 12, 40), bf)
@@ -238,7 +263,7 @@ def test_kernels_lower_to_triton(lower_for_h100, discretization):
 
     def loss(u, delta, A, B, C, D, z, delta_A, h0):
         y, h = ss.kernel_scan(u, delta, A, B, C, D, z, delta_A, mask, h0, discretization=discretization, chunk=CHUNK,
-                              config=config)
+                              config=config, delta_softplus=discretization == "mamba")
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     lower_for_h100(jax.grad(loss, argnums=tuple(range(9))), seq, seq, -jnp.ones((40, 5)), jnp.ones((2, 12, 5), bf),

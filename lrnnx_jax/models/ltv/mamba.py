@@ -143,13 +143,24 @@ def selective_scan(inputs, A, dtA_bias, D, h0, mask=None, *, discretization: str
 def kernel_scan(inputs, A, dtA_bias, D, h0, mask, discretization: str, config):
     """:func:`selective_scan` on the Pallas training-scan kernels (:mod:`pallas_kernels.selective_scan`,
     forward and backward) when :func:`pallas_kernels.selective_scan.choose` selects them under ``config``
-    (a ``KernelConfig``, or None: the default read when this is traced); None otherwise."""
+    (a ``KernelConfig``, or None: the default read when this is traced); None otherwise.
+
+    ``inputs`` holds ``"dt"``, the step before its softplus, in place of ``"delta"`` (:func:`with_delta`): the
+    kernels apply the softplus (``delta_softplus``)."""
     delta_A = event_step(inputs["tau"], dtA_bias) if "tau" in inputs else None
-    args = (inputs["u"], inputs["delta"], A, inputs["B"], inputs["C"], D, inputs["z"], delta_A)
+    args = (inputs["u"], inputs["dt"], A, inputs["B"], inputs["C"], D, inputs["z"], delta_A)
     if not scan_kernels.choose(*args, h0, config=config):
         return None
-    y, h_last = scan_kernels.kernel_scan(*args, mask, h0, discretization=discretization, config=dispatch.resolve(config))
+    y, h_last = scan_kernels.kernel_scan(*args, mask, h0, discretization=discretization, config=dispatch.resolve(config),
+                                         delta_softplus=True)
     return y, h_last.astype(h0.dtype)
+
+
+def with_delta(inputs):
+    """``inputs`` with the step ``"delta" = softplus(dt)`` in place of ``"dt"`` (as :func:`selective_scan` takes
+    them)."""
+    rest = {k: v for k, v in inputs.items() if k != "dt"}
+    return {**rest, "delta": jax.nn.softplus(inputs["dt"])}
 
 
 def _bias(params, name):
@@ -316,9 +327,10 @@ class Mamba(LRNN):
         return linear_blocks(self.x_proj, u, (self.dt_rank, self.d_state, self.d_state))
 
     def _ssm_inputs(self, u, z, tau):
-        """The per-token inputs of the recurrence from the conv output ``u`` and gate ``z`` ``(..., D)``."""
+        """The per-token inputs of the recurrence from the conv output ``u`` and gate ``z`` ``(..., D)``: the step
+        as ``"dt"``, before its softplus (:func:`kernel_scan`; :func:`with_delta` for the XLA path)."""
         r, B_t, C_t = self._x_proj(u)
-        inputs = {"u": u, "z": z, "delta": jax.nn.softplus(self.dt_proj(r)), "B": B_t, "C": C_t}
+        inputs = {"u": u, "z": z, "dt": self.dt_proj(r), "B": B_t, "C": C_t}
         if tau is not None:
             inputs["tau"] = tau.astype(u.dtype)
         return inputs
@@ -341,7 +353,7 @@ class Mamba(LRNN):
                               self.kernel_config)
         if scanned is None:  # the XLA path
             scanned = selective_scan(
-                inputs, self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask,
+                with_delta(inputs), self._A(), self.dtA_proj.bias[...], self.D[...], h0, mask,
                 discretization=self.discretization, chunk_size=self.chunk_size,
             )
         y, h_last = scanned
