@@ -60,7 +60,10 @@ SCAN_POLICY = ScanPolicy(
     auto=True,
     evidence="NVIDIA H200, jax 0.11.2: RGLRU(d_model=128) forward + backward at B=32, L=2048, float32: 2.88 ms on the "
              "XLA scan, 1.29 ms on the kernels (benchmarks/benchmark_training.py; "
-             "benchmarks/results/training_point2_h200.json)",
+             "benchmarks/results/training_point2_h200.json); the sweeps at L=2048 (XLA / kernels, ms): H=16, 32, 64, 256 "
+             "at B=32 1.87 / 0.51, 2.31 / 0.84, 2.18 / 0.87, 5.07 / 2.17; B=8, 16, 64 at H=128 1.67 / 0.72, "
+             "2.28 / 1.20, 5.80 / 1.99; d_model 1024, B=8, L=4096 12.5 / 6.23 (training_dim_batch_rglru_h200.json, "
+             "training_batch_rest_h200.json, training_sweeps_mamba_rglru_h200.json)",
 )
 
 
