@@ -105,7 +105,7 @@ POLICY = ScanPolicy(
     auto=True,
     evidence="NVIDIA H200, jax 0.11.2: Mamba(d_model=128, d_state=16) forward + backward at B=32, float32 "
              "(benchmarks/benchmark_training.py): 27.9 ms on the XLA path, 2.91 ms on the kernels at L=2048 (2.78-3.20 "
-             "over eleven later runs on other days' machines) "
+             "over ten later runs, each on a fresh allocation of the device) "
              "(training_point3_h200.json, training_mamba_point2_h200.json); 14.1 / 1.92 at L=1024, 7.55 / 1.02 at "
              "512, 3.88 / 1.05 at 256; 0.65-2.61 / 0.30-0.79 at L=8-128 (training_seq_sweep_h200.json); at L=2048, "
              "H=16, 32, 64, 256 (B=32) 3.89 / 1.54, 5.94 / 1.72, 11.8 / 2.00, 44.7 / 5.25; B=8, 16, 64, 128 (H=128) "
