@@ -26,8 +26,9 @@ plus ``B * (L / C) * D * N`` (the chunk boundaries), not as ``B * L * D * N``
 (benchmarks/benchmark_scan_memory.py). The forward starts from an inference cache
 when given one (the conv history and ``h``), so a prompt can be prefilled in chunks.
 Where :func:`pallas_kernels.selective_scan.choose` selects them (``kernel_config``), the
-forward runs the Pallas training-scan kernels instead (:func:`kernel_scan`); ``"auto"``
-keeps this XLA path until the kernels are measured on a GPU.
+forward runs the Pallas training-scan kernels instead (:func:`kernel_scan`, the step's softplus
+inside them); on an NVIDIA GPU ``"auto"`` takes them (measured faster than this XLA path at
+every point of the training sweeps: :data:`pallas_kernels.selective_scan.POLICY`).
 
 The single step is written once, as the cell :func:`mamba_cell_step` (see
 :mod:`pallas_kernels.cells`): ``model.step``, ``model.multi_step`` and the fused
