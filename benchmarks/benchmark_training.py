@@ -513,11 +513,30 @@ def environment(args, argv) -> dict:
                                                  "model_dims", "batch_sizes", "d_state", "warmup", "repeats",
                                                  "matmul_precision", "check_precision", "rtol",
                                                  "hbm_bandwidth", "memory_fraction", "time_budget", "seed")},
+        "constants": {f"{module}.{name}": value for module, name, value in args.set},
         "loss": "jit(value_and_grad(sum(model(x)))) w.r.t. every nnx.Param and x, float32",
     }
 
 
 # ------------------------------------------------------------------ command line
+def kernel_constant(text: str) -> tuple[str, str, int]:
+    """``"pallas_kernels.MODULE.NAME=VALUE"`` (a tiling constant of a kernel module, e.g.
+    ``pallas_kernels.diagonal_scan.CHUNK=8``) -> ``(module, name, value)``; an ``argparse`` error names the text and
+    what was expected: a module of ``pallas_kernels``, an integer constant it has, an integer value."""
+    target, _, value = text.partition("=")
+    module, _, name = target.rpartition(".")
+    if not module.startswith("pallas_kernels.") or not name or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected pallas_kernels.MODULE.NAME=INTEGER")
+    try:
+        current = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {module}.{name} does not exist ({error})") from None
+    if isinstance(current, bool) or not isinstance(current, int):
+        raise argparse.ArgumentTypeError(f"{text!r}: {module}.{name} is {current!r}, not an integer constant")
+    return module, name, int(value)
+
+
+
 def parse_args(argv):
     def ints(text):
         return [int(v) for v in text.split(",") if v]
@@ -557,6 +576,9 @@ def parse_args(argv):
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: stop between measurements once spent, writing what was measured")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", type=kernel_constant, action="append", default=[], metavar="MODULE.NAME=VALUE",
+                        help="override an integer tiling constant of a kernel module before tracing, e.g. "
+                             "pallas_kernels.diagonal_scan.CHUNK=8 (repeatable; for tuning runs)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke run (CPU): tiny shapes, one repeat, models {','.join(QUICK['models'])} unless "
                         "--models names others (interpret-mode kernels compile for 5-15 s each)")
@@ -582,6 +604,26 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    with kernel_constants(args.set):
+        return run(args, argv)
+
+
+@contextlib.contextmanager
+def kernel_constants(settings: list):
+    """``--set``'s ``(module, name, value)`` overrides, undone on exit."""
+    modules = [importlib.import_module(module) for module, _, _ in settings]
+    before = [getattr(module, name) for module, (_, name, _) in zip(modules, settings)]
+    try:
+        for module, (_, name, value) in zip(modules, settings):
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, (_, name, _), value in reversed(list(zip(modules, settings, before))):
+            setattr(module, name, value)
+
+
+def run(args, argv) -> dict:
+    """:func:`main` after parsing (and under ``--set``'s constants)."""
     args.memory_limit = device_memory_limit(jax.devices()[0])
     env = environment(args, argv)
     lrnnx = anchors_lib.anchors(env["device_kind"], args.anchors, benchmark="train")

@@ -5,11 +5,14 @@ Runs :func:`benchmarks.benchmark_training.training_step` for each model on one p
 
     python -m benchmarks.profile_training --models Mamba --path kernels --out benchmark_results/profile.json
 
-Prints, for each model, the median step time, the summed kernel time per step, the time the device is busy (the
-union of the kernels' intervals: below the sum where kernels overlap, and the step time less this is where the device
-waits), the ``--top`` kernels (ms per step,
-share of the kernel time, launches per step) and the ``--top`` idle gaps of the device (between which kernels). On a machine without a GPU there are no device streams, and the table
-says so.
+Prints, for each model, the median step time (synchronous calls, as :mod:`benchmarks.benchmark_training` times
+them), the step time with ``--pipeline`` calls in flight (the host's per-call work hidden behind the device's, as in
+a training loop) and the time a call takes to return (the host's dispatch), the summed kernel time per step, the time
+the device is busy (the union of the kernels' intervals: below the sum where kernels overlap, and the step time less
+this is where the device waits), the ``--top`` kernels (ms per step, share of the kernel time, launches per step),
+the ``--top`` idle gaps of the device (between which kernels) and the ``--top`` host events (the trace's other
+processes: Python frames, the runtime's dispatch, graph launches; nested events each count their whole duration).
+On a machine without a GPU there are no device streams, and the kernel table says so.
 """
 
 from __future__ import annotations
@@ -27,17 +30,19 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import benchmark_training as training
-from benchmarks.timing import median_seconds
+from benchmarks.timing import dispatch_seconds, median_seconds, pipelined_seconds
 
 
-def device_events(trace: dict) -> list[dict]:
+def device_events(trace: dict, device: bool = True) -> list[dict]:
     """The complete (``"ph": "X"``) events of a Perfetto/Chrome trace whose process is a device (its
-    ``process_name`` names ``/device:``), each ``{"name", "dur"}`` with ``dur`` in microseconds."""
+    ``process_name`` names ``/device:``; ``device=False``: every other process, the host's), each ``{"name", "ts",
+    "dur"}`` with ``ts`` and ``dur`` in microseconds."""
     devices = {event["pid"] for event in trace.get("traceEvents", [])
                if event.get("ph") == "M" and event.get("name") == "process_name"
                and "/device:" in str(event.get("args", {}).get("name", ""))}
     return [{"name": event["name"], "ts": float(event.get("ts", 0.0)), "dur": float(event.get("dur", 0.0))}
-            for event in trace.get("traceEvents", []) if event.get("ph") == "X" and event.get("pid") in devices]
+            for event in trace.get("traceEvents", [])
+            if event.get("ph") == "X" and (event.get("pid") in devices) == device]
 
 
 def busy_ms(events: list[dict]) -> float:
@@ -93,28 +98,37 @@ def profile_model(spec: training.TrainModel, path: str, point: dict, args) -> di
     model = spec.build(point["H"], args.d_state, args.seed, **({} if config is None else {"kernel_config": config}))
     step, params, _ = training.training_step(model)
     x = jax.random.normal(jax.random.key(args.seed), (point["B"], point["L"], point["H"]), jnp.float32)
-    median_ms = median_seconds(lambda: step(params, x), args.warmup, args.repeats) * 1e3
+    call = lambda: step(params, x)  # noqa: E731
+    median_ms = median_seconds(call, args.warmup, args.repeats) * 1e3
+    host = {"pipelined_ms": pipelined_seconds(call, args.warmup, args.repeats, args.pipeline) * 1e3,
+            "dispatch_ms": dispatch_seconds(call, args.warmup, args.repeats) * 1e3}
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
             for _ in range(args.steps):
-                jax.block_until_ready(step(params, x))
-        events = device_events(read_trace(pathlib.Path(log_dir)))
+                jax.block_until_ready(call())
+        trace = read_trace(pathlib.Path(log_dir))
+        events = device_events(trace)
     if args.hlo_dir is not None:
         args.hlo_dir.mkdir(parents=True, exist_ok=True)
         (args.hlo_dir / f"{spec.name}_{path}.hlo.txt").write_text(step.lower(params, x).compile().as_text())
     table = kernel_table(events, args.steps)
-    return {"model": spec.name, "path": path, **point, "median_ms": median_ms,
+    return {"model": spec.name, "path": path, **point, "median_ms": median_ms, **host,
             "kernel_ms_per_step": sum(row["ms_per_step"] for row in table),
             "busy_ms_per_step": busy_ms(events) / args.steps, "kernels": table,
-            "idle_gaps": idle_gaps(events, args.steps, args.top)}
+            "idle_gaps": idle_gaps(events, args.steps, args.top),
+            "host_events": kernel_table(device_events(trace, device=False), args.steps)[:args.top]}
 
 
 def format_profile(result: dict, top: int) -> str:
     head = (f"## {result['model']} ({result['path']}), B={result['B']} H={result['H']} L={result['L']}: step "
             f"{result['median_ms']:.3f} ms (median), kernels {result['kernel_ms_per_step']:.3f} ms per step, the device "
-            f"busy {result['busy_ms_per_step']:.3f} ms per step")
+            f"busy {result['busy_ms_per_step']:.3f} ms per step; {result['pipelined_ms']:.3f} ms per step with calls in "
+            f"flight, a call returns after {result['dispatch_ms']:.3f} ms")
+    host = ["", "| host event | ms / step | calls / step |", "|---|---:|---:|"]
+    host += [f"| `{row['name'][:90]}` | {row['ms_per_step']:.4f} | {row['launches_per_step']:g} |"
+             for row in result["host_events"]]
     if not result["kernels"]:
-        return head + "\n(no device events: no GPU stream in the trace)"
+        return "\n".join([head + "\n(no device events: no GPU stream in the trace)", *host])
     lines = [head, "", "| kernel | ms / step | share | launches / step |", "|---|---:|---:|---:|"]
     for row in result["kernels"][:top]:
         share = row["ms_per_step"] / result["kernel_ms_per_step"]
@@ -122,7 +136,7 @@ def format_profile(result: dict, top: int) -> str:
     lines += ["", "| idle gap after the kernel | and before the kernel | ms / step | gaps / step |", "|---|---|---:|---:|"]
     lines += [f"| `{row['before'][:60]}` | `{row['after'][:60]}` | {row['ms_per_step']:.4f} | {row['count_per_step']:g} |"
               for row in result["idle_gaps"]]
-    return "\n".join(lines)
+    return "\n".join(lines + host)
 
 
 def parse_args(argv: Optional[list[str]]):
@@ -136,6 +150,7 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--steps", type=int, default=5, help="traced steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--pipeline", type=int, default=10, help="calls in flight for the pipelined step time")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON of every kernel, per model")
@@ -145,7 +160,7 @@ def parse_args(argv: Optional[list[str]]):
     unknown = [name for name in args.models if name not in training.BY_NAME]
     if unknown:
         parser.error(f"--models: unknown {unknown}; expected names from {list(training.BY_NAME)}")
-    for name in ("steps", "warmup", "repeats", "top", "batch", "dim", "length"):
+    for name in ("steps", "warmup", "repeats", "pipeline", "top", "batch", "dim", "length"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name}: expected a positive count, got {getattr(args, name)}")
     return args

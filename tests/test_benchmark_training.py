@@ -4,6 +4,7 @@ points, and lrnnx's times and the issue's targets only on their device kind and 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -149,3 +150,25 @@ def test_lrnnx_times_and_targets_fill_rows_on_an_h200_at_their_configuration():
     for lrnnx, targets in zip(elsewhere[::2], elsewhere[1::2]):
         bt.compare_with_anchors(rows, lrnnx, targets)
         assert all(r["lrnnx_ms"] is None and r["target_ms"] is None for r in rows)
+
+
+def test_set_overrides_a_kernel_constant_for_the_run_only(monkeypatch):
+    from pallas_kernels import diagonal_scan
+    before = diagonal_scan.CHUNK
+    seen = {}
+
+    def fake_run(args, argv):
+        args.memory_limit = 1 << 30
+        seen.update(chunk=diagonal_scan.CHUNK, recorded=bt.environment(args, argv)["constants"])
+        return {}
+
+    monkeypatch.setattr(bt, "run", fake_run)
+    bt.main(["--quick", "--set", f"pallas_kernels.diagonal_scan.CHUNK={before // 2}"])
+    assert seen == {"chunk": before // 2, "recorded": {"pallas_kernels.diagonal_scan.CHUNK": before // 2}}
+    assert diagonal_scan.CHUNK == before  # restored
+    for bad, message in (("diagonal_scan.CHUNK=4", "pallas_kernels.MODULE.NAME"),
+                         ("pallas_kernels.diagonal_scan.NO_SUCH=4", "does not exist"),
+                         ("pallas_kernels.diagonal_scan.OP=4", "not an integer constant"),
+                         ("pallas_kernels.diagonal_scan.CHUNK=four", "INTEGER")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            bt.kernel_constant(bad)

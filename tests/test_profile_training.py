@@ -28,6 +28,7 @@ def test_device_events_sum_per_step_by_name(tmp_path):
     # one idle gap, [140, 200], after loop_fusion (the event that ended last) and before the second fwd_kernel
     assert profile.idle_gaps(events, steps=2, top=5) == [
         {"before": "loop_fusion", "after": "fwd_kernel", "ms_per_step": pytest.approx(0.03), "count_per_step": 0.5}]
+    assert profile.device_events(_trace(), device=False) == [{"name": "host_op", "ts": 0.0, "dur": 500.0}]
     table = profile.kernel_table(events, steps=2)
     assert table == [{"name": "fwd_kernel", "ms_per_step": pytest.approx(0.11), "launches_per_step": 1.0},
                      {"name": "loop_fusion", "ms_per_step": pytest.approx(0.015), "launches_per_step": 0.5}]
@@ -46,6 +47,10 @@ def test_cpu_run_times_the_step_and_reports_no_device_stream(tmp_path, capsys):
                               "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", str(out),
                               "--hlo-dir", str(tmp_path / "hlo")])
     assert result["median_ms"] > 0 and result["kernels"] == [] and result["kernel_ms_per_step"] == 0
+    assert result["pipelined_ms"] > 0 and 0 < result["dispatch_ms"]
+    # the host's events: the traced calls' Python frames and the runtime's execution, each traced step once at least
+    assert result["host_events"] and all(row["ms_per_step"] >= 0 for row in result["host_events"])
+    assert max(row["launches_per_step"] for row in result["host_events"]) >= 1
     assert "ENTRY" in (tmp_path / "hlo" / "LRU_auto.hlo.txt").read_text()
     assert "no device events" in capsys.readouterr().out
     assert json.loads(out.read_text())["results"][0]["model"] == "LRU"
@@ -56,3 +61,5 @@ def test_bad_arguments_are_refused():
         profile.parse_args(["--models", "NotAModel"])
     with pytest.raises(SystemExit):
         profile.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        profile.parse_args(["--pipeline", "0"])
