@@ -62,8 +62,9 @@ SCAN_POLICY = ScanPolicy(
              "XLA scan, 1.29 ms on the kernels (benchmarks/benchmark_training.py; "
              "benchmarks/results/training_point2_h200.json); the sweeps at L=2048 (XLA / kernels, ms): H=16, 32, 64, 256 "
              "at B=32 1.87 / 0.51, 2.31 / 0.84, 2.18 / 0.87, 5.07 / 2.17; B=8, 16, 64 at H=128 1.67 / 0.72, "
-             "2.28 / 1.20, 5.80 / 1.99; d_model 1024, B=8, L=4096 12.5 / 6.23 (training_dim_batch_rglru_h200.json, "
-             "training_batch_rest_h200.json, training_sweeps_mamba_rglru_h200.json)",
+             "2.28 / 1.20, 5.80 / 1.99, B=128 11.6 / 3.31; d_model 1024, B=8, L=4096 12.5 / 6.23 "
+             "(training_dim_batch_rglru_h200.json, training_batch_rest_h200.json, training_batch128_rglru_h200.json, "
+             "training_sweeps_mamba_rglru_h200.json)",
 )
 
 
