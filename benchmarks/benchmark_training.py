@@ -536,7 +536,6 @@ def kernel_constant(text: str) -> tuple[str, str, int]:
     return module, name, int(value)
 
 
-
 def parse_args(argv):
     def ints(text):
         return [int(v) for v in text.split(",") if v]

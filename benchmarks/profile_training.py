@@ -33,16 +33,16 @@ from benchmarks import benchmark_training as training
 from benchmarks.timing import dispatch_seconds, median_seconds, pipelined_seconds
 
 
-def device_events(trace: dict, device: bool = True) -> list[dict]:
+def trace_events(trace: dict, on_device: bool = True) -> list[dict]:
     """The complete (``"ph": "X"``) events of a Perfetto/Chrome trace whose process is a device (its
-    ``process_name`` names ``/device:``; ``device=False``: every other process, the host's), each ``{"name", "ts",
-    "dur"}`` with ``ts`` and ``dur`` in microseconds."""
+    ``process_name`` names ``/device:``; ``on_device=False``: every other process, the host's), each ``{"name",
+    "ts", "dur"}`` with ``ts`` and ``dur`` in microseconds."""
     devices = {event["pid"] for event in trace.get("traceEvents", [])
                if event.get("ph") == "M" and event.get("name") == "process_name"
                and "/device:" in str(event.get("args", {}).get("name", ""))}
     return [{"name": event["name"], "ts": float(event.get("ts", 0.0)), "dur": float(event.get("dur", 0.0))}
             for event in trace.get("traceEvents", [])
-            if event.get("ph") == "X" and (event.get("pid") in devices) == device]
+            if event.get("ph") == "X" and (event.get("pid") in devices) == on_device]
 
 
 def busy_ms(events: list[dict]) -> float:
@@ -107,7 +107,7 @@ def profile_model(spec: training.TrainModel, path: str, point: dict, args) -> di
             for _ in range(args.steps):
                 jax.block_until_ready(call())
         trace = read_trace(pathlib.Path(log_dir))
-        events = device_events(trace)
+        events = trace_events(trace)
     if args.hlo_dir is not None:
         args.hlo_dir.mkdir(parents=True, exist_ok=True)
         (args.hlo_dir / f"{spec.name}_{path}.hlo.txt").write_text(step.lower(params, x).compile().as_text())
@@ -116,7 +116,7 @@ def profile_model(spec: training.TrainModel, path: str, point: dict, args) -> di
             "kernel_ms_per_step": sum(row["ms_per_step"] for row in table),
             "busy_ms_per_step": busy_ms(events) / args.steps, "kernels": table,
             "idle_gaps": idle_gaps(events, args.steps, args.top),
-            "host_events": kernel_table(device_events(trace, device=False), args.steps)[:args.top]}
+            "host_events": kernel_table(trace_events(trace, on_device=False), args.steps)[:args.top]}
 
 
 def format_profile(result: dict, top: int) -> str:

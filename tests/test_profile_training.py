@@ -20,15 +20,15 @@ def _trace():
     ]}
 
 
-def test_device_events_sum_per_step_by_name(tmp_path):
-    events = profile.device_events(_trace())
+def test_trace_events_sum_per_step_by_name(tmp_path):
+    events = profile.trace_events(_trace())
     assert sorted(e["name"] for e in events) == ["fwd_kernel", "fwd_kernel", "loop_fusion"]
     # [0, 120] and [110, 140] overlap, [200, 300] does not: busy 140 + 100 us
     assert profile.busy_ms(events) == pytest.approx(0.24)
     # one idle gap, [140, 200], after loop_fusion (the event that ended last) and before the second fwd_kernel
     assert profile.idle_gaps(events, steps=2, top=5) == [
         {"before": "loop_fusion", "after": "fwd_kernel", "ms_per_step": pytest.approx(0.03), "count_per_step": 0.5}]
-    assert profile.device_events(_trace(), device=False) == [{"name": "host_op", "ts": 0.0, "dur": 500.0}]
+    assert profile.trace_events(_trace(), on_device=False) == [{"name": "host_op", "ts": 0.0, "dur": 500.0}]
     table = profile.kernel_table(events, steps=2)
     assert table == [{"name": "fwd_kernel", "ms_per_step": pytest.approx(0.11), "launches_per_step": 1.0},
                      {"name": "loop_fusion", "ms_per_step": pytest.approx(0.015), "launches_per_step": 0.5}]
