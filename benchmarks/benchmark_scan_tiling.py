@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import median_seconds, overridden
 from pallas_kernels import KernelConfig
 from pallas_kernels import selective_scan as ss
 
@@ -57,15 +57,9 @@ def tiling(config: dict):
     """``selective_scan``'s ``FORWARD_TILE`` and ``BACKWARD_TILE`` set to ``config["tile"]`` and the steps per load of
     ``config["kind"]`` (``FORWARD_LOAD_STEPS`` or ``BACKWARD_LOAD_STEPS``) to ``config["load"]`` (read when a kernel
     is traced)."""
-    names = ("FORWARD_TILE", "BACKWARD_TILE", "FORWARD_LOAD_STEPS", "BACKWARD_LOAD_STEPS")
-    previous = {name: getattr(ss, name) for name in names}
-    ss.FORWARD_TILE = ss.BACKWARD_TILE = config["tile"]
-    setattr(ss, "FORWARD_LOAD_STEPS" if config["kind"] == "fwd" else "BACKWARD_LOAD_STEPS", config["load"])
-    try:
+    load = "FORWARD_LOAD_STEPS" if config["kind"] == "fwd" else "BACKWARD_LOAD_STEPS"
+    with overridden(ss, FORWARD_TILE=config["tile"], BACKWARD_TILE=config["tile"], **{load: config["load"]}):
         yield
-    finally:
-        for name, value in previous.items():
-            setattr(ss, name, value)
 
 
 def kernel_call(config: dict, inputs: dict, interpret: bool):

@@ -92,7 +92,7 @@ from benchmarks import anchors as anchors_lib
 from benchmarks.benchmark_scan_memory import device_memory_limit, memory_stats
 from benchmarks.benchmark_train_scan import relative_errors
 from benchmarks.reporting import Progress, add_plot_and_anchor_arguments, pyplot, save, write_plot
-from benchmarks.timing import median_seconds
+from benchmarks.timing import median_seconds, overridden
 from pallas_kernels import KernelConfig
 
 MiB = 2**20
@@ -610,15 +610,10 @@ def main(argv=None) -> dict:
 @contextlib.contextmanager
 def kernel_constants(settings: list):
     """``--set``'s ``(module, name, value)`` overrides, undone on exit."""
-    modules = [importlib.import_module(module) for module, _, _ in settings]
-    before = [getattr(module, name) for module, (_, name, _) in zip(modules, settings)]
-    try:
-        for module, (_, name, value) in zip(modules, settings):
-            setattr(module, name, value)
+    with contextlib.ExitStack() as stack:
+        for module, name, value in settings:
+            stack.enter_context(overridden(importlib.import_module(module), **{name: value}))
         yield
-    finally:
-        for module, (_, name, _), value in reversed(list(zip(modules, settings, before))):
-            setattr(module, name, value)
 
 
 def run(args, argv) -> dict:
