@@ -24,7 +24,10 @@ the step reduces over the channels (``comm.psum`` / ``comm.psum_scatter``), each
 its partial sums to a double-buffered exchange array in global memory, the ``P`` programs of the
 row meet at a barrier (an acquire-release atomic counter per row, then a spin on it), and each
 reads the ``P`` partials back from L2 and adds them in the same order, so every program holds the
-same bits. All programs must be resident at once: ``rows x P`` is at most the GPU's SM count, which
+same bits. A split cell that is also ``blockable`` may give each program a block of rows
+(``KernelConfig.block_batch``): the ``P`` programs of a block hold one slice of the channels for all
+its rows (tensor-core dots), so ``B / block x P`` programs share the parameters once per block instead
+of once per row. All programs must be resident at once: ``row groups x P`` is at most the GPU's SM count, which
 assumes the kernel has the GPU to itself (XLA runs one stream; a GPU shared with other processes
 through MPS could leave a row's programs waiting for one that cannot start).
 Interpret mode runs programs one after another (a barrier among several would never return), so
@@ -152,11 +155,19 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
     if not fitting:
         return None, (f"no split of its {channels} channels into {candidates} programs fits {MAX_SPLIT_PARAMS} "
                       f"parameter numbers per program")
-    resident_parts = [parts for parts in fitting if batch * parts <= resident]
+    groups = -(-batch // split_block(cell, config))
+    resident_parts = [parts for parts in fitting if groups * parts <= resident]
     if not resident_parts:
-        return None, (f"{batch} rows x {min(fitting)} programs each: over the {resident} programs that can be "
+        what = f"{batch} rows" if groups == batch else f"{groups} blocks of rows"
+        return None, (f"{what} x {min(fitting)} programs each: over the {resident} programs that can be "
                       f"resident at once (the programs of a row wait for each other every step)")
     return max(resident_parts), None
+
+
+def split_block(cell: Cell, config: dispatch.KernelConfig) -> int:
+    """Rows per program of a split run: ``KernelConfig.block_batch`` for a ``blockable`` cell, else 1 (a split
+    takes a block of rows only when asked: the one-row split is the measured default)."""
+    return config.block_batch if cell.blockable and config.block_batch else 1
 
 
 def split_num_warps(parts: int) -> int:
@@ -266,7 +277,7 @@ def run_parts(cell: Cell, batch: int, config: dispatch.KernelConfig) -> Optional
 
 def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> list:
     """The collectives one step of a split program calls, in order: each call's leaf shapes (traced abstractly on
-    one program's padded slices)."""
+    one program's padded slices; ``x`` ``(Hp,)`` for one row, ``(block, Hp)`` for a block)."""
     calls = []
 
     def recorder(scatter: bool):
@@ -277,7 +288,7 @@ def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> l
 
     comm = Collectives(recorder(False), recorder(True))
     if cell.split.splits_x:
-        x = jax.ShapeDtypeStruct((lanes(cell.split.channels // parts),), x.dtype)
+        x = jax.ShapeDtypeStruct((*x.shape[:-1], lanes(cell.split.channels // parts)), x.dtype)
     jax.eval_shape(lambda p, h, v, i: cell.step(p, h, v, i, precision, comm=comm), params, state, x, inputs)
     return calls
 
@@ -289,7 +300,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     batch, H = x0.shape
     Hp = lanes(H)
     parts = run_parts(cell, batch, config)
-    block = 1 if parts is not None else effective_block_batch(cell.blockable, batch, config)
+    block = split_block(cell, config) if parts is not None else effective_block_batch(cell.blockable, batch, config)
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
     precision = dispatch.dot_precision(config)
@@ -327,12 +338,14 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     n_state = len(flat["state"])
     exchanges = []
     if parts is not None:
-        one_row = lambda tree, lead: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[lead:], a.dtype), tree)  # noqa: E731
+        rows_axes = () if block == 1 else (block,)  # a program's rows: one (no axis) or a block
+        one_program = lambda tree, lead: jax.tree.map(  # noqa: E731
+            lambda a: jax.ShapeDtypeStruct((*rows_axes, *a.shape[lead:]), a.dtype), tree)
         exchanges = _exchanges(
             cell, jax.tree.unflatten(treedefs["params"], [jax.ShapeDtypeStruct(a.shape[int(cut):], a.dtype)
                                                           for a, cut in zip(flat["params"], split_leaf)]),
-            one_row(groups["state"], 2), jax.ShapeDtypeStruct((Hp,), jnp.float32),
-            {**one_row(groups["row"], 1), **one_row(groups["step"], 2)}, precision, parts)
+            one_program(groups["state"], 2), jax.ShapeDtypeStruct((*rows_axes, Hp), jnp.float32),
+            {**one_program(groups["row"], 1), **one_program(groups["step"], 2)}, precision, parts)
     exchange_shapes = [shape for shapes in exchanges for shape in shapes]
 
     def body(x0_ref, *refs):
@@ -353,7 +366,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             part = pl.program_id(1)
             where_state, ok = (sel, part), ok & (part == 0)  # every program of a row holds the same output
             comm_of_step = _exchange_collectives(plgpu, pl, outputs[1 + n_state], outputs[2 + n_state:], exchanges,
-                                                 sel, part, parts, zero, interpret)
+                                                 program, part, parts, zero, interpret)
 
         def param(i):
             return ref["params", i][part] if split_leaf[i] else ref["params", i][...]
@@ -364,7 +377,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
                 return x
             width = lanes(cell.split.channels // parts)
             one_hot = jnp.arange(Hp)[:, None] == part * (cell.split.channels // parts) + jnp.arange(width)[None, :]
-            return km.contract(x, one_hot.astype(jnp.float32), 0, precision)
+            return km.contract(x, one_hot.astype(jnp.float32), 0, precision)  # (width,) or (block, width)
 
         kept = {i: param(i) for i in hoisted}
         x = x0_ref[sel]
@@ -397,15 +410,16 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     ]
     operands = [x0p, *(flat[g][i] for g, i in order)]
     aliases = {}
-    if parts is not None:  # the barrier counters (one per row, from zero) and the exchange arrays (2 slots each)
+    if parts is not None:  # the barrier counters (one per row group, from zero) and the exchange arrays (2 slots)
         aliases = {len(operands): len(out_shape)}
-        operands.append(jnp.zeros((rows,), jnp.int32))
-        out_shape += [jax.ShapeDtypeStruct((rows,), jnp.int32),
-                      *(jax.ShapeDtypeStruct((2, rows, parts, *shape), jnp.float32) for shape in exchange_shapes)]
+        operands.append(jnp.zeros((rows // block,), jnp.int32))
+        out_shape += [jax.ShapeDtypeStruct((rows // block,), jnp.int32),
+                      *(jax.ShapeDtypeStruct((2, rows // block, parts, *shape), jnp.float32)
+                        for shape in exchange_shapes)]
     call = pl.pallas_call(
         body,
         out_shape=tuple(out_shape),
-        grid=(rows // block,) if parts is None else (rows, parts),
+        grid=(rows // block,) if parts is None else (rows // block, parts),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -420,11 +434,12 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
 
 
 def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part, parts: int, zero, interpret: bool):
-    """``comm_of_step(t) -> Collectives`` of a split program: each call writes its partial sums to its exchange
-    arrays (slot ``n % 2`` for the ``n``-th exchange of the rollout), meets the row's other programs at barrier
-    ``n`` and sums their partials (volatile loads: strong loads, served by L2, never by the incoherent L1). Two
-    slots suffice: a program writes a slot again only after barrier ``n + 1``, which every program reaches after
-    reading slot ``n``."""
+    """``comm_of_step(t) -> Collectives`` of a split program (of row group ``row``: one row, or a block of rows):
+    each call writes its partial sums to its exchange arrays (slot ``n % 2`` for the ``n``-th exchange of the
+    rollout), meets the group's other programs at barrier ``n`` and adds their partials one program at a time, in
+    program order (volatile loads: strong loads, served by L2, never by the incoherent L1; one partial at a time
+    keeps a block's partials out of the registers). Two slots suffice: a program writes a slot again only after
+    barrier ``n + 1``, which every program reaches after reading slot ``n``."""
     per_call = []
     for shapes in exchanges:
         per_call.append(buffers[:len(shapes)])
@@ -454,11 +469,14 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
             barrier(number)
             summed = []
             for leaf, buffer in zip(leaves, per_call[k]):
-                index = (slot, row)
+                lanes_index = ()
                 if scatter:
                     width = leaf.shape[-1] // parts
-                    index = (slot, row, slice(None), *(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
-                summed.append(jnp.sum(plgpu.load(buffer.at[index], volatile=True), axis=0))
+                    lanes_index = (*(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
+                total = plgpu.load(buffer.at[(slot, row, zero, *lanes_index)], volatile=True)
+                for other in range(1, parts):  # (traced indices: a Python int does not index a Triton ref)
+                    total = total + plgpu.load(buffer.at[(slot, row, zero + other, *lanes_index)], volatile=True)
+                summed.append(total)
             return jax.tree.unflatten(treedef, summed)
 
         return Collectives(lambda tree: exchange(tree, False), lambda tree: exchange(tree, True))

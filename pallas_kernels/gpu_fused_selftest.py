@@ -77,6 +77,11 @@ CASES = [
          config=dispatch.KernelConfig(use_kernels="always", split_programs=16)),
     Case("Mamba B=16 split 8", "ltv.Mamba", dict(d_model=H, d_state=16), batch=16,
          config=dispatch.KernelConfig(use_kernels="always", split_programs=8)),
+    Case("Mamba B=32 block 16 split 16", "ltv.Mamba", dict(d_model=H, d_state=16),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=16, split_programs=16)),
+    Case("Mamba zoh event/step B=20 block 16 split 8", "ltv.Mamba",
+         dict(d_model=H, d_state=16, discretization="zoh", dt_min=0.01, dt_max=0.3), batch=20, event="step",
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=16, split_programs=8)),
     Case("RG-LRU B=1", "ltv.RGLRU", dict(d_model=H), batch=1),
     Case("RG-LRU B=3 split 8", "ltv.RGLRU", dict(d_model=H), batch=3,
          config=dispatch.KernelConfig(use_kernels="always", split_programs=8)),
@@ -180,7 +185,8 @@ def path_of(case: Case, model) -> str:
     cell = model.cell()
     parts = fg.run_parts(cell, case.batch, case.config)
     if parts is not None:
-        return f"split over {parts} programs per row"
+        block = fg.split_block(cell, case.config)
+        return f"split over {parts} programs per " + ("row" if block == 1 else f"block of {block} rows")
     block = fg.effective_block_batch(cell.blockable, case.batch, case.config)
     return "rows" if block == 1 else f"block {block} {case.config.precision}"
 

@@ -14,6 +14,7 @@ import warnings
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -326,6 +327,21 @@ SPLIT = {
 }
 
 
+def pallas_grids(fn, *args) -> list:
+    """The grids of the ``pallas_call``s in ``fn``'s program (every nested jaxpr), in order."""
+    grids = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
 def _split_model(name, seed=0):
     lrnnx_name, kwargs, event = SPLIT[name]
     model = model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(seed))
@@ -384,6 +400,27 @@ def test_split_kernel_against_unfused_generate(name):
         assert relative_error(got_cache[key], want_cache[key]) < TOL, key
 
 
+@pytest.mark.parametrize("name", ["Mamba-bilinear-k3-bias", "Mamba-zoh-event"])
+def test_split_block_kernel_against_unfused_generate(name):
+    """A split cell with a block of rows per program (``block_batch=16``; 20 rows: a full block and a ragged one)
+    against the unfused ``generate``: the step on a block (tensor-core dots at 3-pass precision on a GPU), the
+    block's exchange arrays and barrier."""
+    model, event = _split_model(name, seed=1)
+    batch = 20
+    rng = np.random.default_rng(6)
+    x0 = jnp.asarray(rng.standard_normal((batch, model.d_model)), jnp.float32)
+    taus = None if event is None else jnp.asarray(rng.uniform(0.05, 1.5, (batch, STEPS)), jnp.float32)
+    config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=16)
+    cell = model.cell()
+    assert cell.blockable and fg.split_block(cell, config) == 16 and fg.run_parts(cell, batch, config) == 1
+    # one program per block and part: 2 blocks x 1 part (P = 1 in interpret mode); a program per row would leave
+    # programs outside the rows, waiting at barriers for programs that can never be resident on a GPU
+    assert pallas_grids(lambda x0: fg.fused_generate(model, x0, STEPS, taus, config=config), x0) == [(2, 1)]
+    ys = fg.fused_generate(model, x0, STEPS, taus, config=config)
+    chex.assert_shape(ys, (batch, STEPS, model.d_model))
+    assert relative_error(ys, _unfused(model, x0, STEPS, taus)) < TOL
+
+
 def test_split_plan(monkeypatch):
     """How many programs a row gets, and the reasons when none fits (an H200's 132 SMs)."""
     monkeypatch.setattr(fg, "resident_programs", lambda: 132)
@@ -403,6 +440,11 @@ def test_split_plan(monkeypatch):
     assert "split_programs=32 does not cut 256 channels into powers of two of at least 16" in reason
     with pytest.raises(ValueError, match="split_programs must be a power of two"):
         dispatch.KernelConfig(split_programs=3)
+    # blocks of 16 rows: 2 blocks at B=32 take 16 programs each, 16 blocks at B=256 take 8 (128 of 132 SMs)
+    blocks = dataclasses.replace(auto, block_batch=16)
+    assert [fg.split_plan(mamba, b, blocks) for b in (32, 256)] == [(16, None), (8, None)]
+    reason = fg.split_plan(mamba, 4096, dataclasses.replace(blocks, split_programs=4))[1]
+    assert "256 blocks of rows x 4 programs each: over the 132 programs" in reason
     small = fg.abstract_cell(selftest.abstract_model("ltv.Mamba", dict(d_model=16, d_state=4)))
     assert fg.split_plan(small, 4, auto) == (None, None)  # its parameters fit one program's registers
     # S4 (H=128, N=64, rank 1: 394 KB of parameters) over its 128 SSM channels; S4D declares no split
@@ -421,6 +463,20 @@ def test_split_kernel_lowers_to_triton(lower_for_h100, name):
     x0 = jnp.tile(x0[:, :1], (1, model.d_model))
     leaves, treedef = jax.tree.flatten(model)
     config = dispatch.KernelConfig(interpret=False, split_programs=2)
+    text = lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS,
+                                                                    taus, config=config), leaves, x0, taus)
+    assert "atomic_rmw" in text
+
+
+@TRITON_DEPRECATION
+def test_split_block_kernel_lowers_to_triton(lower_for_h100):
+    """Split over 2 programs per block of 16 rows: the step's dots and 3-D state tiles, the block's exchanges."""
+    model, event = _split_model("Mamba-zoh-event")
+    rng = np.random.default_rng(7)
+    x0 = jnp.asarray(rng.standard_normal((20, model.d_model)), jnp.float32)
+    taus = jnp.asarray(rng.uniform(0.05, 1.5, (20, STEPS)), jnp.float32)
+    leaves, treedef = jax.tree.flatten(model)
+    config = dispatch.KernelConfig(interpret=False, split_programs=2, block_batch=16)
     text = lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS,
                                                                     taus, config=config), leaves, x0, taus)
     assert "atomic_rmw" in text

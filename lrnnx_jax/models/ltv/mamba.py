@@ -386,7 +386,7 @@ class Mamba(LRNN):
         p["Wout"] = in_compute_dtype(self.out_proj.kernel[...])
         if self.out_proj.bias is not None:
             p["Wout_b"] = in_compute_dtype(self.out_proj.bias[...])
-        return Cell(_CELL_STEPS[self.discretization], p, pad_values={"A": -1.0}, blockable=False, policy=POLICY,
+        return Cell(_CELL_STEPS[self.discretization], p, pad_values={"A": -1.0}, blockable=True, policy=POLICY,
                     split=mamba_split(D, self.d_conv))
 
     def cell_state(self, cache):
