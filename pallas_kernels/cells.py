@@ -17,7 +17,8 @@ A model describes its single step as a :class:`Cell`:
 * ``pad_values``: the value padded lanes of a parameter take in the kernels (0 unless
   named: e.g. a nonzero ``A`` where a discretization divides by it);
 * ``blockable``: whether the kernel may give a program a block of rows (tensor-core dots; a split
-  run takes blocks only when ``KernelConfig.block_batch`` asks for them);
+  run takes blocks where one row per program would not be resident, or when ``KernelConfig.block_batch``
+  asks for them);
 * ``policy``: a :class:`KernelPolicy`, where ``use_kernels="auto"`` runs the kernels;
 * ``split``: a :class:`Split` when the step can run with its channels split over several
   programs (parameters too large for one; :func:`pallas_kernels.fused_generation.run_cell`). The step then

@@ -24,10 +24,10 @@ the step reduces over the channels (``comm.psum`` / ``comm.psum_scatter``), each
 its partial sums to a double-buffered exchange array in global memory, the ``P`` programs of the
 row meet at a barrier (an acquire-release atomic counter per row, then a spin on it), and each
 reads the ``P`` partials back from L2 and adds them in the same order, so every program holds the
-same bits. A split cell that is also ``blockable`` may give each program a block of rows
-(``KernelConfig.block_batch``): the ``P`` programs of a block hold one slice of the channels for all
-its rows (tensor-core dots), so ``B / block x P`` programs share the parameters once per block instead
-of once per row. All programs must be resident at once: ``row groups x P`` is at most the GPU's SM count, which
+same bits. A split cell that is also ``blockable`` gives each program a block of rows where one row
+per program would not be resident (:func:`split_block`, or ``KernelConfig.block_batch``): the ``P``
+programs of a block hold one slice of the channels for all its rows (tensor-core dots), so
+``B / block x P`` programs share the parameters once per block instead of once per row. All programs must be resident at once: ``row groups x P`` is at most the GPU's SM count, which
 assumes the kernel has the GPU to itself (XLA runs one stream; a GPU shared with other processes
 through MPS could leave a row's programs waiting for one that cannot start).
 Interpret mode runs programs one after another (a barrier among several would never return), so
@@ -134,40 +134,63 @@ def _fits_one_program(sizes: list, limit: int) -> bool:
     return max(sizes) <= MAX_TILE and sum(sizes) <= limit
 
 
-def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
-    """``(P, None)``: the programs per row of a split run of ``cell`` (``KernelConfig.split_programs``, or the
-    most that can be resident at once: measured fastest, each program's share of the step shrinking with ``P``;
-    H200, 512 steps, µs per step: Mamba (H=128, N=16) at B=1 13.2 / 5.7 / 5.2 with P = 4 / 8 / 16, RG-LRU
-    (H=128) at B=1 7.3 / 5.5 with P = 4 / 8); ``(None, reason)`` when there is none. ``P`` divides the split
-    channels into powers of two of at least :data:`MIN_LANES` (so that padded slices tile the padded whole),
-    each program's slices fit :data:`MAX_SPLIT_PARAMS`, and ``batch x P`` programs must be resident at once."""
+def _fitting_programs(cell: Cell, config: dispatch.KernelConfig) -> tuple[list, Optional[str]]:
+    """``(fitting, None)``: the programs per row group ``P`` (ascending) into which ``cell``'s split can cut its
+    channels (``KernelConfig.split_programs``, or every candidate): powers of two of at least :data:`MIN_LANES`
+    channels each (so that padded slices tile the padded whole), each program's slices within
+    :data:`MAX_SPLIT_PARAMS`; ``([], reason)`` when none."""
     channels = cell.split.channels
     candidates = [1 << k for k in range(MAX_SPLIT_PROGRAMS.bit_length())
                   if channels % (1 << k) == 0 and channels >> k >= MIN_LANES and lanes(channels >> k) == channels >> k]
     if config.split_programs is not None:
         if config.split_programs not in candidates:
-            return None, (f"split_programs={config.split_programs} does not cut {channels} channels into powers of "
-                          f"two of at least {MIN_LANES} (possible: {candidates})")
+            return [], (f"split_programs={config.split_programs} does not cut {channels} channels into powers of "
+                        f"two of at least {MIN_LANES} (possible: {candidates})")
         candidates = [config.split_programs]
-    resident = resident_programs()
     fitting = [parts for parts in candidates
                if _fits_one_program(_padded_sizes(cell.params, cell.split.params, parts), MAX_SPLIT_PARAMS)]
     if not fitting:
-        return None, (f"no split of its {channels} channels into {candidates} programs fits {MAX_SPLIT_PARAMS} "
-                      f"parameter numbers per program")
-    groups = -(-batch // split_block(cell, config))
+        return [], (f"no split of its {channels} channels into {candidates} programs fits {MAX_SPLIT_PARAMS} "
+                    f"parameter numbers per program")
+    return fitting, None
+
+
+def split_block(cell: Cell, batch: int, config: dispatch.KernelConfig) -> int:
+    """Rows per program of a split run of ``batch`` rows: ``KernelConfig.block_batch`` for a ``blockable`` cell;
+    by default one row while ``batch`` rows of the fewest programs that fit are resident at once, and beyond
+    that (a ``blockable`` cell) blocks of :data:`DEFAULT_BLOCK_BATCH` rows.
+
+    Measured on an H200 (Mamba H=128, N=16, 512 steps, µs per step): one row per program 10.9 at B=32 (4
+    programs), blocks of 16 rows 16.9-20.2 there with 4-16 programs; blocks of 32 rows 29-517
+    (``benchmarks/results/fused_mamba_block_split_h200.json``)."""
+    if not cell.blockable:
+        return 1
+    if config.block_batch is not None:
+        return config.block_batch
+    fitting, _ = _fitting_programs(cell, config)
+    return 1 if not fitting or batch * fitting[0] <= resident_programs() else DEFAULT_BLOCK_BATCH
+
+
+def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
+    """``(P, None)``: the programs per row group (a row, or a block of :func:`split_block` rows) of a split run of
+    ``cell``; ``(None, reason)`` when there is none. ``P`` is ``KernelConfig.split_programs``, or one of
+    :func:`_fitting_programs` such that ``groups x P`` programs are resident at once: for rows the most
+    (measured fastest, each program's share of the step shrinking with ``P``; H200, 512 steps, µs per step:
+    Mamba (H=128, N=16) at B=1 13.2 / 5.7 / 5.2 with P = 4 / 8 / 16, RG-LRU (H=128) at B=1 7.3 / 5.5 with
+    P = 4 / 8), for blocks of rows the fewest (Mamba, blocks of 16 rows, P = 4 / 8 / 16: 17.3 / 18.9 / 20.0 at
+    B=64, 17.8 / 18.1 / 20.4 at B=128, 16.9 / 17.6 / - at B=256)."""
+    fitting, reason = _fitting_programs(cell, config)
+    if reason is not None:
+        return None, reason
+    resident = resident_programs()
+    block = split_block(cell, batch, config)
+    groups = -(-batch // block)
     resident_parts = [parts for parts in fitting if groups * parts <= resident]
     if not resident_parts:
-        what = f"{batch} rows" if groups == batch else f"{groups} blocks of rows"
+        what = f"{batch} rows" if block == 1 else f"{groups} blocks of {block} rows"
         return None, (f"{what} x {min(fitting)} programs each: over the {resident} programs that can be "
                       f"resident at once (the programs of a row wait for each other every step)")
-    return max(resident_parts), None
-
-
-def split_block(cell: Cell, config: dispatch.KernelConfig) -> int:
-    """Rows per program of a split run: ``KernelConfig.block_batch`` for a ``blockable`` cell, else 1 (a split
-    takes a block of rows only when asked: the one-row split is the measured default)."""
-    return config.block_batch if cell.blockable and config.block_batch else 1
+    return (max if block == 1 else min)(resident_parts), None
 
 
 def split_num_warps(parts: int) -> int:
@@ -245,7 +268,8 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
 
 
 def split_plan(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
-    """``(P, None)``: run ``cell`` split over ``P`` programs per row; ``(None, None)``: not split; ``(None, reason)``:
+    """``(P, None)``: run ``cell`` split over ``P`` programs per row group (a row, or a block of :func:`split_block`
+    rows); ``(None, None)``: not split; ``(None, reason)``:
     a split was needed (asked for by ``KernelConfig.split_programs``, or the parameters do not fit one program)
     and none fits.
 
@@ -300,7 +324,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     batch, H = x0.shape
     Hp = lanes(H)
     parts = run_parts(cell, batch, config)
-    block = split_block(cell, config) if parts is not None else effective_block_batch(cell.blockable, batch, config)
+    block = split_block(cell, batch, config) if parts is not None else effective_block_batch(cell.blockable, batch, config)
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
     precision = dispatch.dot_precision(config)

@@ -185,7 +185,7 @@ def path_of(case: Case, model) -> str:
     cell = model.cell()
     parts = fg.run_parts(cell, case.batch, case.config)
     if parts is not None:
-        block = fg.split_block(cell, case.config)
+        block = fg.split_block(cell, case.batch, case.config)
         return f"split over {parts} programs per " + ("row" if block == 1 else f"block of {block} rows")
     block = fg.effective_block_batch(cell.blockable, case.batch, case.config)
     return "rows" if block == 1 else f"block {block} {case.config.precision}"

@@ -412,7 +412,7 @@ def test_split_block_kernel_against_unfused_generate(name):
     taus = None if event is None else jnp.asarray(rng.uniform(0.05, 1.5, (batch, STEPS)), jnp.float32)
     config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=16)
     cell = model.cell()
-    assert cell.blockable and fg.split_block(cell, config) == 16 and fg.run_parts(cell, batch, config) == 1
+    assert cell.blockable and fg.split_block(cell, batch, config) == 16 and fg.run_parts(cell, batch, config) == 1
     # one program per block and part: 2 blocks x 1 part (P = 1 in interpret mode); a program per row would leave
     # programs outside the rows, waiting at barriers for programs that can never be resident on a GPU
     assert pallas_grids(lambda x0: fg.fused_generate(model, x0, STEPS, taus, config=config), x0) == [(2, 1)]
@@ -429,10 +429,14 @@ def test_split_plan(monkeypatch):
     # the most programs that can be resident: 256 channels into 16 at B=1, 4 at B=32 (128 of 132 SMs)
     assert [fg.split_plan(mamba, b, auto) for b in (1, 8, 32)] == [(16, None), (16, None), (4, None)]
     assert fg.split_plan(mamba, 4, dataclasses.replace(auto, split_programs=8)) == (8, None)
-    # 34 rows x 4 > 132, and 2 programs per row do not hold the parameters: the unsplit path (which fits the
+    # 34 rows x 4 > 132 (and 2 programs per row do not hold the parameters): blocks of 16 rows, each over the fewest
+    # programs (4), up to 33 blocks x 4 = 132 programs at B=528; beyond, the unsplit path (which fits the
     # one-program limits, re-reading parameters every step)
-    assert fg.split_plan(mamba, 34, auto) == (None, None) and fg.unsupported_reason(mamba, 34) is None
-    reason = fg.split_plan(mamba, 34, dataclasses.replace(auto, split_programs=4))[1]
+    assert [fg.split_block(mamba, b, auto) for b in (1, 33, 34, 512)] == [1, 1, 16, 16]  # 33 x 4 = 132
+    assert [fg.split_plan(mamba, b, auto) for b in (34, 528, 529)] == [(4, None), (4, None), (None, None)]
+    assert fg.unsupported_reason(mamba, 529) is None
+    rows = dataclasses.replace(auto, split_programs=4, block_batch=1)
+    reason = fg.split_plan(mamba, 34, rows)[1]
     assert "34 rows x 4 programs each: over the 132 programs" in reason
     reason = fg.unsupported_reason(mamba, 1, config=dataclasses.replace(auto, split_programs=2))
     assert "no split of its 256 channels into [2] programs fits" in reason
@@ -440,11 +444,12 @@ def test_split_plan(monkeypatch):
     assert "split_programs=32 does not cut 256 channels into powers of two of at least 16" in reason
     with pytest.raises(ValueError, match="split_programs must be a power of two"):
         dispatch.KernelConfig(split_programs=3)
-    # blocks of 16 rows: 2 blocks at B=32 take 16 programs each, 16 blocks at B=256 take 8 (128 of 132 SMs)
+    # blocks of 16 rows asked for: the fewest programs per block (4), whatever the batch
     blocks = dataclasses.replace(auto, block_batch=16)
-    assert [fg.split_plan(mamba, b, blocks) for b in (32, 256)] == [(16, None), (8, None)]
+    assert [fg.split_block(mamba, b, blocks) for b in (1, 32)] == [16, 16]
+    assert [fg.split_plan(mamba, b, blocks) for b in (32, 256)] == [(4, None), (4, None)]
     reason = fg.split_plan(mamba, 4096, dataclasses.replace(blocks, split_programs=4))[1]
-    assert "256 blocks of rows x 4 programs each: over the 132 programs" in reason
+    assert "256 blocks of 16 rows x 4 programs each: over the 132 programs" in reason
     small = fg.abstract_cell(selftest.abstract_model("ltv.Mamba", dict(d_model=16, d_state=4)))
     assert fg.split_plan(small, 4, auto) == (None, None)  # its parameters fit one program's registers
     # S4 (H=128, N=64, rank 1: 394 KB of parameters) over its 128 SSM channels; S4D declares no split
