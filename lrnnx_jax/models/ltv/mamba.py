@@ -64,14 +64,16 @@ DT_INITS = ("random", "constant")
 
 #: where ``use_kernels="auto"`` runs Mamba's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
-    rollout_max_batch=32,
+    rollout_max_batch=512,
     step_max_batch=0,
-    evidence=("H200 (H=128, d_state=16, 512 steps), the fused rollout split over programs per row (each holding a "
-              "slice of d_inner) against the compile-once XLA program: 5.0 vs 13.3 us per step at B=1 (16 programs, "
-              "4 warps), 5.9 / 6.5 / 6.4 vs 14.0 / 14.8 / 15.5 at B=2 / 8 / 16, 10.9 vs 17.7 at B=32 (4 programs, "
-              "8 warps); above 33 rows the split does not fit the 132 SMs, and unsplit the rollout took 66.7 / 1,910 "
-              "us against 21.0 / 116 at B=128 / 4096. The one-step kernel was not measured split; unsplit 30.9 vs "
-              "16.9 us at B=1, 33.4 vs 27.6 at B=32: the XLA step is kept. The XLA program (above 32 rows) at "
+    evidence=("H200 (H=128, d_state=16, 512 steps), the fused rollout split over programs (each holding a slice of "
+              "d_inner) against the compile-once XLA program: 5.0 vs 13.3 us per step at B=1 (16 programs per row, "
+              "4 warps), 5.9 / 6.5 / 6.4 vs 14.0 / 14.8 / 15.5 at B=2 / 8 / 16, 9.4-10.9 vs 17.7-23.3 at B=32 (4 "
+              "programs per row, 8 warps); from 34 rows on, blocks of 16 rows over 4 programs each (tensor-core dots): "
+              "16.9 / 17.3 / 17.2 / 17.2 / 17.8 vs 21.9 / 21.7 / 22.5 / 25.6 / 31.3 at B=48 / 64 / 128 / 256 / 512 "
+              "(event mode 17.0-20.8 vs 22.8-33.7); above 528 rows no split is resident on 132 SMs, and unsplit the "
+              "rollout took 1,910 us against 116 at B=4096. The one-step kernel was not measured split; unsplit 30.9 "
+              "vs 16.9 us at B=1, 33.4 vs 27.6 at B=32: the XLA step is kept. The XLA program (above 512 rows) at "
               "unroll 2 against 8 at B=256: capture 2.06 vs 3.65 s, 24.1 vs 23.5 us per step"),
     xla_unroll=2,
 )
