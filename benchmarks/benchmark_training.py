@@ -298,7 +298,7 @@ def measure_path(model, path: str, x, args, large: bool) -> tuple[dict, Optional
             step, params, forward = training_step(model)
             start = time.perf_counter()
             traced = step.trace(params, x)
-            compiled = traced.lower().compile()
+            compiled = traced.lower().compile(args.compiler_options)
             row["compile_s"] = time.perf_counter() - start
             scan_ops = pallas_scan_ops(jax.make_jaxpr(forward)(params, x).jaxpr) if large else []
     except Exception as error:  # an out-of-memory or failing compile: recorded, the sweep goes on
@@ -511,7 +511,7 @@ def environment(args, argv) -> dict:
         "command": "python -m benchmarks.benchmark_training " + " ".join(argv),
         "config": {k: getattr(args, k) for k in ("models", "paths", "sweeps", "point", "large", "seq_lengths",
                                                  "model_dims", "batch_sizes", "d_state", "warmup", "repeats",
-                                                 "matmul_precision", "check_precision", "rtol",
+                                                 "matmul_precision", "compiler_options", "check_precision", "rtol",
                                                  "hbm_bandwidth", "memory_fraction", "time_budget", "seed")},
         "constants": {f"{module}.{name}": value for module, name, value in args.set},
         "loss": "jit(value_and_grad(sum(model(x)))) w.r.t. every nnx.Param and x, float32",
@@ -519,6 +519,17 @@ def environment(args, argv) -> dict:
 
 
 # ------------------------------------------------------------------ command line
+def xla_options(text: str) -> dict:
+    """``--compiler-options``: a JSON object of XLA option names to scalar values; an ``argparse`` error otherwise."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {error}") from None
+    if not isinstance(options, dict) or not all(isinstance(v, (bool, int, float, str)) for v in options.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of XLA option names to scalar values")
+    return options
+
+
 def kernel_constant(text: str) -> tuple[str, str, int]:
     """``"pallas_kernels.MODULE.NAME=VALUE"`` (a tiling constant of a kernel module, e.g.
     ``pallas_kernels.diagonal_scan.CHUNK=8``) -> ``(module, name, value)``; an ``argparse`` error names the text and
@@ -565,6 +576,9 @@ def parse_args(argv):
     parser.add_argument("--matmul-precision", choices=("default", "high", "highest"), default=None,
                         help="jax_default_matmul_precision of the programs (default: JAX's own; on GPUs float32 dots "
                         "may then use TF32, where PyTorch lrnnx's float32 does not by default)")
+    parser.add_argument("--compiler-options", type=xla_options, default=None, metavar="JSON",
+                        help='XLA options the timed programs are compiled with, a JSON object, e.g. '
+                             '\'{"xla_gpu_enable_triton_gemm": false}\' (as jax.stages.Lowered.compile takes them)')
     parser.add_argument("--rtol", type=float, default=1e-5, help="largest relative gradient error vs the xla path")
     parser.add_argument("--check-precision", choices=("same", "default", "high", "highest"), default="highest",
                         help="matmul precision of the programs whose gradients are compared (default highest; same: "

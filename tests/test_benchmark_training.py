@@ -172,3 +172,18 @@ def test_set_overrides_a_kernel_constant_for_the_run_only(monkeypatch):
                          ("pallas_kernels.diagonal_scan.CHUNK=four", "INTEGER")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             bt.kernel_constant(bad)
+
+
+def test_compiler_options_reach_the_timed_compile(tmp_path):
+    """``--compiler-options``: recorded, and passed to XLA (which rejects an option it does not know)."""
+    out = tmp_path / "t.json"
+    base = [*ONE_POINT, "--sweeps", "seq", "--models", "LRU", "--paths", "xla", "--out", str(out)]
+    result = bt.main([*base, "--compiler-options", '{"xla_gpu_enable_triton_gemm": false}'])
+    assert result["environment"]["config"]["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
+    assert [row["status"] for row in result["results"]] == ["ok"]
+    result = bt.main([*base, "--compiler-options", '{"no_such_xla_option": 1}'])
+    (row,) = result["results"]
+    assert row["status"].startswith("error") and "no_such_xla_option" in row["status"]
+    for bad in ('[1, 2]', '{"xla_gpu_autotune_level": [0]}', "{not json"):
+        with pytest.raises(argparse.ArgumentTypeError, match="JSON"):
+            bt.xla_options(bad)

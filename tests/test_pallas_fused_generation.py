@@ -400,7 +400,7 @@ def test_split_kernel_against_unfused_generate(name):
         assert relative_error(got_cache[key], want_cache[key]) < TOL, key
 
 
-@pytest.mark.parametrize("name", ["Mamba-bilinear-k3-bias", "Mamba-zoh-event"])
+@pytest.mark.parametrize("name", ["Mamba-bilinear-k3-bias", "Mamba-zoh-event", "RGLRU-k2-bias"])
 def test_split_block_kernel_against_unfused_generate(name):
     """A split cell with a block of rows per program (``block_batch=16``; 20 rows: a full block and a ragged one)
     against the unfused ``generate``: the step on a block (tensor-core dots at 3-pass precision on a GPU), the
@@ -474,12 +474,13 @@ def test_split_kernel_lowers_to_triton(lower_for_h100, name):
 
 
 @TRITON_DEPRECATION
-def test_split_block_kernel_lowers_to_triton(lower_for_h100):
+@pytest.mark.parametrize("name", ["Mamba-zoh-event", "RGLRU-k2-bias"])
+def test_split_block_kernel_lowers_to_triton(lower_for_h100, name):
     """Split over 2 programs per block of 16 rows: the step's dots and 3-D state tiles, the block's exchanges."""
-    model, event = _split_model("Mamba-zoh-event")
+    model, event = _split_model(name)
     rng = np.random.default_rng(7)
     x0 = jnp.asarray(rng.standard_normal((20, model.d_model)), jnp.float32)
-    taus = jnp.asarray(rng.uniform(0.05, 1.5, (20, STEPS)), jnp.float32)
+    taus = None if event is None else jnp.asarray(rng.uniform(0.05, 1.5, (20, STEPS)), jnp.float32)
     leaves, treedef = jax.tree.flatten(model)
     config = dispatch.KernelConfig(interpret=False, split_programs=2, block_batch=16)
     text = lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS,
@@ -516,8 +517,8 @@ def test_other_refusals_and_the_policies(monkeypatch):
     assert not fg.use_fused_rollout(lru, 4, False, config=NEVER)
     monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda: True)
     assert fg.use_fused_rollout(lru, 4, False)
-    assert fg.use_fused_rollout(mamba, 32, False)  # its cell declares the fused rollout faster up to 32 rows
-    assert not fg.use_fused_rollout(mamba, 33, False)  # and the XLA program above
+    assert fg.use_fused_rollout(mamba, 512, False)  # its cell declares the fused rollout faster up to 512 rows
+    assert not fg.use_fused_rollout(mamba, 513, False)  # and the XLA program above
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert not fg.use_fused_rollout(lru, 4, True)

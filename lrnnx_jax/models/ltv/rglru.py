@@ -263,7 +263,7 @@ class RGLRU(LRNN):
             if linear.bias is not None:
                 p[name + "_b"] = in_compute_dtype(linear.bias[...])
         p["a_log"] = in_compute_dtype(self.a_log[...][:, 0])
-        return Cell(_cell_step(self.c), p, blockable=False, policy=POLICY, split=rglru_split(self.d_inner, self.d_conv))
+        return Cell(_cell_step(self.c), p, blockable=True, policy=POLICY, split=rglru_split(self.d_inner, self.d_conv))
 
     def cell_state(self, cache):
         """``{"conv0".."conv{K-1}": (B, D), "h": (B, D)}`` from the cache, in the compute dtype."""
