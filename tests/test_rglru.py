@@ -206,8 +206,8 @@ def test_cell_layout_dtypes_and_policy():
     chex.assert_shape([state["conv1"], state["h"]], [(3, D), (3, D)])
     assert_caches_close(model.cell_cache(state, cache), cache)
     # measured on an H200: the split rollout faster than the XLA program up to B=32, the one-step kernel mixed
-    assert cell.policy.slower_reason("rollout", 32) is None and "H200" in cell.policy.evidence
-    assert cell.policy.slower_reason("rollout", 33) is not None
+    assert cell.policy.slower_reason("rollout", 512) is None and "H200" in cell.policy.evidence
+    assert cell.policy.slower_reason("rollout", 513) is not None
     assert cell.policy.slower_reason("step", 1) is not None
     assert cell.split.params["Wr"] == 0 and cell.split.state == {"h": 0, "conv0": 0, "conv1": 0}
 

@@ -43,13 +43,15 @@ from pallas_kernels.cells import UNSPLIT, Cell, Collectives, KernelPolicy, Split
 
 #: where ``use_kernels="auto"`` runs RG-LRU's cell kernels (measured on an H200, BENCHMARKS.md section 6)
 POLICY = KernelPolicy(
-    rollout_max_batch=32,
+    rollout_max_batch=512,
     step_max_batch=0,
-    evidence=("H200 (H=128, 512 steps), the fused rollout split over programs per row (each holding a slice of D) "
-              "against the compile-once XLA program: 4.9 vs 14.1 us per step at B=1 (8 programs, 4 warps), "
+    evidence=("H200 (H=128, 512 steps), the fused rollout split over programs (each holding a slice of D) against "
+              "the compile-once XLA program: 4.9 vs 14.1 us per step at B=1 (8 programs per row, 4 warps), "
               "6.1 / 6.6 / 5.8 vs 15.2 / 11.9 / 12.2 at B=2 / 8 / 16 (8 warps), 5.6 vs 12.4 at B=32 (4 programs, "
-              "8 warps); above 33 rows the split does not fit the 132 SMs, and unsplit the rollout took 22.5 / 675 us "
-              "against 17.1 / 44.6 at B=128 / 4096. The one-step kernel against the XLA step (unsplit): 14.7 vs "
+              "8 warps); from 34 rows on, blocks of 16 rows over 4 programs each (tensor-core dots): 10.2-10.8 / "
+              "10.4-11.6 / 10.2-11.2 vs 14.6 / 15.8 / 18.0 at B=48 / 128 / 512 (8 programs per block: 12.1-12.2); "
+              "above 528 rows no split is resident on 132 SMs, and unsplit the rollout took 675 us against 44.6 at "
+              "B=4096. The one-step kernel against the XLA step (unsplit): 14.7 vs "
               "13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept). The XLA program keeps unroll 8: at 2 it "
               "captured in 1.93 instead of 4.18 s at B=256 but stepped in 17.1 instead of 12.8 us"),
 )
