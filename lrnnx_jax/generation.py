@@ -92,7 +92,10 @@ class GenerationConfig:
         stays hashable); None: XLA's defaults. They apply to the whole compiled program
         (for the fused program, to the XLA code around its kernel). On an H200,
         ``xla_gpu_autotune_level=0`` shortened S7's capture by 0.4-2.8 s but made its
-        step at B=32 1.6x slower (BENCHMARKS.md §9), so the default keeps autotuning.
+        step at B=32 1.6x slower, and ``{"xla_gpu_enable_triton_gemm": False}`` (cuBLAS for
+        every GEMM, no Triton GEMM candidates to compile) took its capture at B=32 from
+        3.0-3.5 to 1.3 s for a 4 % slower step (BENCHMARKS.md §9), so the default keeps
+        XLA's autotuning.
     """
 
     chunk_size: int = 512
