@@ -421,6 +421,24 @@ def test_split_block_kernel_against_unfused_generate(name):
     assert relative_error(ys, _unfused(model, x0, STEPS, taus)) < TOL
 
 
+def test_hoisted_parameters_are_the_smallest_that_fit_the_registers():
+    """``split_hoisted``: the smallest leaves, up to ``num_warps * HOIST_PER_WARP`` numbers, stay in registers; the
+    rest is re-read every step. S5 LTI at H=128, N=64 (49 K numbers: 16 warps, the cap): its dense 128 x 128 skip
+    ``DT`` is the one leaf re-read."""
+    s5 = fg.abstract_cell(selftest.abstract_model("lti.S5", dict(d_model=128, d_state=64, discretization="zoh")))
+    leaves = jax.tree_util.tree_flatten_with_path(s5.params)[0]
+    names = [jax.tree_util.keystr(path) for path, _ in leaves]
+    sizes = fg._padded_sizes(s5.params, {}, 1)
+    assert sorted(zip(names, sizes)) == sorted([("['B'].re", 8192), ("['B'].im", 8192), ("['CT'].re", 8192),
+                                               ("['CT'].im", 8192), ("['DT']", 16384), ("['a'].re", 64),
+                                               ("['a'].im", 64)])
+    warps = fg._auto_num_warps(sizes, 1, dispatch.KernelConfig())
+    hoisted, streamed = fg.split_hoisted(sizes, warps)
+    assert warps == 16 and [names[i] for i in streamed] == ["['DT']"] and len(hoisted) == 6
+    assert fg.split_hoisted(sizes, 32) == (list(range(7)), [])
+    assert fg.split_hoisted([fg.HOIST_PER_WARP + 1], 1) == ([], [0])
+
+
 def test_split_plan(monkeypatch):
     """How many programs a row gets, and the reasons when none fits (an H200's 132 SMs)."""
     monkeypatch.setattr(fg, "resident_programs", lambda: 132)
