@@ -27,9 +27,10 @@ reads the ``P`` partials back from L2 and adds them in the same order, so every 
 same bits. A split cell that is also ``blockable`` gives each program a block of rows where one row
 per program would not be resident (:func:`split_block`, or ``KernelConfig.block_batch``): the ``P``
 programs of a block hold one slice of the channels for all its rows (tensor-core dots), so
-``B / block x P`` programs share the parameters once per block instead of once per row. All programs must be resident at once: ``row groups x P`` is at most the GPU's SM count, which
-assumes the kernel has the GPU to itself (XLA runs one stream; a GPU shared with other processes
-through MPS could leave a row's programs waiting for one that cannot start).
+``B / block x P`` programs share the parameters once per block instead of once per row. All programs
+must be resident at once: ``row groups x P`` is at most the GPU's SM count, which assumes the kernel
+has the GPU to itself (XLA runs one stream; a GPU shared with other processes through MPS could leave
+a row's programs waiting for one that cannot start).
 Interpret mode runs programs one after another (a barrier among several would never return), so
 there a split cell runs with ``P = 1`` through the same exchange code.
 
@@ -160,7 +161,7 @@ def split_block(cell: Cell, batch: int, config: dispatch.KernelConfig) -> int:
     by default one row while ``batch`` rows of the fewest programs that fit are resident at once, and beyond
     that (a ``blockable`` cell) blocks of :data:`DEFAULT_BLOCK_BATCH` rows.
 
-    Measured on an H200 (Mamba H=128, N=16, 512 steps, µs per step): one row per program 10.9 at B=32 (4
+    Measured on an H200 (Mamba H=128, N=16, 512 steps, µs per step): one row per program 9.4-10.9 at B=32 (4
     programs), blocks of 16 rows 16.9-20.2 there with 4-16 programs; blocks of 32 rows 29-517
     (``benchmarks/results/fused_mamba_block_split_h200.json``)."""
     if not cell.blockable:
@@ -324,7 +325,8 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     batch, H = x0.shape
     Hp = lanes(H)
     parts = run_parts(cell, batch, config)
-    block = split_block(cell, batch, config) if parts is not None else effective_block_batch(cell.blockable, batch, config)
+    block = (split_block(cell, batch, config) if parts is not None
+             else effective_block_batch(cell.blockable, batch, config))
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
     precision = dispatch.dot_precision(config)
