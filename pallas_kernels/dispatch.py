@@ -64,14 +64,17 @@ class KernelConfig:
       block_batch: batch rows per program of ``simplified_state_update`` and of the fused
         cell kernels: 1 (float32 multiply-adds, one row per program) or a power of two
         >= 16 (tensor-core dots; cells that declare a block path); None: by the batch
-        (one row per program up to 256 rows, blocks of 16 above).
+        (one row per program up to 256 rows, blocks of 16 above; for a split cell, one row
+        per program while the row split is resident, blocks of 16 beyond:
+        ``fused_generation.split_block``).
       precision: the dots of the block paths on the GPU: ``"highest"`` (3-pass TF32,
         float32 accuracy), ``"ieee"`` (float32 multiply-adds) or ``"fast"`` (1-pass TF32,
         about 1e-3 relative per product: an explicit opt-in). One-row paths always use
         float32 multiply-adds; interpret mode and the XLA drivers use ``HIGHEST``.
-      split_programs: programs per batch row of the fused cell kernels for a cell whose
-        parameters do not fit one program's registers (``Cell.split``; a power of two); None: the
-        most that can be resident at once (``fused_generation.split_programs``).
+      split_programs: programs per batch row (or block of rows) of the fused cell kernels for a
+        cell whose parameters do not fit one program's registers (``Cell.split``; a power of
+        two); None: for rows the most that can be resident at once, for blocks the fewest that
+        fit (``fused_generation.split_programs``).
     """
 
     use_kernels: str = "auto"
