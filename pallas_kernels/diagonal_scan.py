@@ -81,9 +81,12 @@ POLICY = ScanPolicy(
              "(training_s7_point_h200.json). Again in one call with CHUNK 16 and 8 (benchmark_training --set; "
              "training_diagonal_chunk{16,8}_h200.json): LRU 1.14 / 0.95 (chunk 8: 1.22) ms, S5 1.32 / 1.11 (1.29), "
              "S5 LTV 1.28 / 1.06 (1.13), the kernels compiling in 13.0 / 11.2 / 8.0 s at chunk 16 and 10.7 / 7.1 / "
-             "2.1 s at chunk 8. Measured at this one point only (the sweeps of other lengths, widths and batches "
-             "were not run for these models); the XLA paths meet the issue's time targets there, and the kernels "
-             "of LRU and S5 compile over the 10 s budget, so 'auto' keeps them",
+             "2.1 s at chunk 8. The sweeps with cuBLAS GEMMs (benchmark_training --compiler-options "
+             "'{\"xla_gpu_enable_triton_gemm\": false}', training_sweeps_diagonal_cublas_h200.json, 25 points): "
+             "kernels / XLA path, LRU at H=16 1.02 / 0.63 ms, B=16 1.13 / 0.92, L=8 0.39 / 0.32, B=128 2.82 / 4.04; "
+             "S5 LTV at L=8..64 1.09-1.27x slower: the kernels lose at short sequences, small widths and small "
+             "batches. Not faster at every point, and the kernels of LRU and S5 compile over the 10 s budget, so "
+             "'auto' keeps the XLA paths",
 )
 
 
