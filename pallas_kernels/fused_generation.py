@@ -164,11 +164,15 @@ def split_block(cell: Cell, batch: int, config: dispatch.KernelConfig) -> int:
     Measured on an H200 (Mamba H=128, N=16, 512 steps, µs per step): one row per program 9.4-10.9 at B=32 (4
     programs), blocks of 16 rows 16.9-20.2 there with 4-16 programs; blocks of 32 rows 29-517
     (``benchmarks/results/fused_mamba_block_split_h200.json``)."""
+    return _rows_per_program(cell, batch, config, _fitting_programs(cell, config)[0])
+
+
+def _rows_per_program(cell: Cell, batch: int, config: dispatch.KernelConfig, fitting: list) -> int:
+    """:func:`split_block` given the split's ``fitting`` programs (:func:`_fitting_programs`)."""
     if not cell.blockable:
         return 1
     if config.block_batch is not None:
         return config.block_batch
-    fitting, _ = _fitting_programs(cell, config)
     return 1 if not fitting or batch * fitting[0] <= resident_programs() else DEFAULT_BLOCK_BATCH
 
 
@@ -184,7 +188,7 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
     if reason is not None:
         return None, reason
     resident = resident_programs()
-    block = split_block(cell, batch, config)
+    block = _rows_per_program(cell, batch, config, fitting)
     groups = -(-batch // block)
     resident_parts = [parts for parts in fitting if groups * parts <= resident]
     if not resident_parts:
