@@ -14,12 +14,12 @@ import warnings
 
 import chex
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.benchmark_training import equations
 from conftest import relative_error
 from lrnnx_jax import generation
 from lrnnx_jax.convert import model_class
@@ -329,17 +329,8 @@ SPLIT = {
 
 def pallas_grids(fn, *args) -> list:
     """The grids of the ``pallas_call``s in ``fn``'s program (every nested jaxpr), in order."""
-    grids = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call":
-                grids.append(tuple(eqn.params["grid_mapping"].grid))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return grids
+    return [tuple(eqn.params["grid_mapping"].grid) for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr)
+            if eqn.primitive.name == "pallas_call"]
 
 
 def _split_model(name, seed=0):
