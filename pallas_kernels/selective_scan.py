@@ -126,7 +126,8 @@ def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta
         delta = km.softplus(delta)
     step_A = None if delta_A is None else delta_A[..., None]
     A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A)
-    x = gamma * (B_t[..., None, :] * u_t[..., None])
+    x = (gamma * u_t[..., None]) * B_t[..., None, :]  # gamma * u first: (..., D, 1) for "mamba" and "dirac", so
+    # the backward reduces g * B over the states once for both gradients (of delta and of u)
     A_bar = jnp.broadcast_to(A_bar, x.shape)
     if m is not None:
         on = m[..., None, None]
@@ -205,20 +206,33 @@ def _setup(u, A, chunk, tile, inputs: dict):
     return (batch, length, dim, N, length // chunk, *_blocks(dim, N, tile)), list(present), list(present.values())
 
 
+def _load(plgpu, view, ok, other=0.0):
+    """``view`` loaded, lanes where ``ok`` is False reading ``other`` (``ok`` None: every lane is in bounds)."""
+    return plgpu.load(view) if ok is None else plgpu.load(view, mask=ok, other=other)
+
+
+def _inside(ok, value):
+    """``value``, zero where ``ok`` is False (the padded lanes; ``ok`` None: there are none)."""
+    return value if ok is None else jnp.where(ok, value, 0.0)
+
+
 def _program(pl, plgpu, ref, dim, N, block_d, block_n):
     """The program's indices, masks and loaders, shared by both kernels."""
     b, blk = pl.program_id(0), pl.program_id(1)
-    d_ok = blk * block_d + jnp.arange(block_d) < dim
-    n_ok = jnp.arange(block_n) < N
-    tile_ok = d_ok[:, None] & n_ok[None, :]
+    if dim % block_d == 0 and N == block_n:  # no lane out of bounds: no masks (each costs a select per element)
+        d_ok = n_ok = tile_ok = None
+    else:
+        d_ok = blk * block_d + jnp.arange(block_d) < dim
+        n_ok = jnp.arange(block_n) < N
+        tile_ok = d_ok[:, None] & n_ok[None, :]
     rows, cols = pl.ds(blk * block_d, block_d), pl.ds(0, block_n)
     f32 = jnp.float32
 
     def along_d(name, *lead):  # (BLOCK_D,) channels
-        return plgpu.load(ref[name].at[(*lead, rows)], mask=d_ok, other=0.0).astype(f32)
+        return _load(plgpu, ref[name].at[(*lead, rows)], d_ok).astype(f32)
 
     def along_n(name, *lead):  # (BLOCK_N,) states
-        return plgpu.load(ref[name].at[(*lead, cols)], mask=n_ok, other=0.0).astype(f32)
+        return _load(plgpu, ref[name].at[(*lead, cols)], n_ok).astype(f32)
 
     def step_inputs(t):
         """The per-step inputs of row ``b`` at time ``t``, float32."""
@@ -229,7 +243,7 @@ def _program(pl, plgpu, ref, dim, N, block_d, block_n):
         return s
 
     # padded lanes of A: -1, a finite nonzero value (zoh divides by A); their states stay 0
-    A_tile = plgpu.load(ref["A"].at[rows, cols], mask=tile_ok, other=-1.0).astype(f32)
+    A_tile = _load(plgpu, ref["A"].at[rows, cols], tile_ok, other=-1.0).astype(f32)
     D_vec = along_d("D") if "D" in ref else None
     return b, blk, d_ok, n_ok, tile_ok, rows, cols, A_tile, D_vec, step_inputs
 
@@ -257,7 +271,7 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
         y_ref, last_ref, ckpt_ref = refs[len(names):]
         b, _, d_ok, _, tile_ok, rows, cols, A_tile, D_vec, step_inputs = _program(
             pl, plgpu, ref, dim, N, block_d, block_n)
-        h = plgpu.load(ref["h0"].at[b, rows, cols], mask=tile_ok, other=0.0).astype(f32)
+        h = _load(plgpu, ref["h0"].at[b, rows, cols], tile_ok).astype(f32)
 
         def load(k):
             return [step_inputs(k * steps + i) for i in range(steps)]
@@ -269,7 +283,7 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
                     checkpoints.append(h)
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"],
                                     delta_softplus)
-                h = jnp.where(tile_ok, a * h + x, 0.0)
+                h = _inside(tile_ok, a * h + x)
                 ys.append(readout(h, s["C"], s["u"], D_vec, s["z"]))
             for j, checkpoint in enumerate(checkpoints):
                 plgpu.store(ckpt_ref.at[b, k * group + j, rows, cols], checkpoint, mask=tile_ok)
@@ -323,7 +337,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
         out = dict(zip(out_names, refs[len(names):]))
         b, blk, d_ok, n_ok, tile_ok, rows, cols, A_tile, D_vec, step_inputs = _program(
             pl, plgpu, ref, dim, N, block_d, block_n)
-        g = plgpu.load(ref["dh_last"].at[b, rows, cols], mask=tile_ok, other=0.0).astype(f32)
+        g = _load(plgpu, ref["dh_last"].at[b, rows, cols], tile_ok).astype(f32)
         dA = jnp.zeros((block_d, block_n), f32)
         dD = jnp.zeros((block_d,), f32)
 
@@ -339,16 +353,16 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
                        if v is not None}
             _, read_vjp = jax.vjp(lambda p: readout(p["h"], p["C"], p["u"], p.get("D"), p.get("z")), read_in)
             (dread,) = read_vjp(dy_t)
-            g = jnp.where(tile_ok, g + dread["h"], 0.0)  # the adjoint of h_t
+            g = _inside(tile_ok, g + dread["h"])  # the adjoint of h_t
             (dcoef,) = coef_vjp((g * h_prev, g))
-            return dread, dcoef, jnp.where(tile_ok, a * g, 0.0)  # the adjoint of h_{t-1}
+            return dread, dcoef, _inside(tile_ok, a * g)  # the adjoint of h_{t-1}
 
         def load_chunk(c):
             """Chunk ``c``'s checkpoint, per-step inputs and output cotangents."""
             steps = [c * chunk + i for i in range(chunk)]
-            return (plgpu.load(ref["ckpt"].at[b, c, rows, cols], mask=tile_ok, other=0.0),
+            return (_load(plgpu, ref["ckpt"].at[b, c, rows, cols], tile_ok),
                     [step_inputs(t) for t in steps],
-                    [plgpu.load(ref["dy"].at[b, t, rows], mask=d_ok, other=0.0).astype(f32) for t in steps])
+                    [_load(plgpu, ref["dy"].at[b, t, rows], d_ok).astype(f32) for t in steps])
 
         def load(k):  # the ``group`` chunks of load ``k``
             return [load_chunk(k * group + j) for j in range(group)]
@@ -360,7 +374,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             for s in inputs:  # unrolled: the chunk's states stay in registers
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"],
                                     delta_softplus)
-                h = jnp.where(tile_ok, a * h + x, 0.0)
+                h = _inside(tile_ok, a * h + x)
                 states.append(h)
             grads = [None] * chunk
             for i in reversed(range(chunk)):

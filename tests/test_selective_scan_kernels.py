@@ -43,16 +43,16 @@ BF16_TOL = 2.0**-7
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_A", "h0")
 
 
-def _arrays(seed, *, length=LENGTH, dtype=jnp.float32, event=True, optional=True):
+def _arrays(seed, *, length=LENGTH, dtype=jnp.float32, event=True, optional=True, dim=DIM, n=N):
     """Random inputs at realistic scales: Mamba's delta (softplus of its projection) and A = -exp(A_log)."""
     rng = np.random.default_rng(seed)
     seq = lambda *shape: rng.standard_normal((BATCH, length, *shape))  # noqa: E731
-    a = {"u": seq(DIM), "delta": rng.uniform(0.01, 0.5, (BATCH, length, DIM)), "A": -np.exp(rng.uniform(-1, 1.5, (DIM, N))),
-         "B": seq(N), "C": seq(N)}
+    a = {"u": seq(dim), "delta": rng.uniform(0.01, 0.5, (BATCH, length, dim)), "A": -np.exp(rng.uniform(-1, 1.5, (dim, n))),
+         "B": seq(n), "C": seq(n)}
     if optional:
-        a.update(D=rng.standard_normal(DIM), z=seq(DIM), h0=rng.standard_normal((BATCH, DIM, N)))
+        a.update(D=rng.standard_normal(dim), z=seq(dim), h0=rng.standard_normal((BATCH, dim, n)))
     if event:
-        a["delta_A"] = rng.uniform(0.01, 1.0, (BATCH, length, DIM))
+        a["delta_A"] = rng.uniform(0.01, 1.0, (BATCH, length, dim))
     params = ("A", "D", "h0")  # parameters and the cached state stay float32
     return {k: jnp.asarray(v, jnp.float32 if k in params else dtype) for k, v in a.items()}
 
@@ -103,6 +103,14 @@ LENGTHS_MASK = jnp.arange(LENGTH)[None, :] < jnp.asarray([LENGTH, 7])[:, None]
 def test_event_mode_lengths_and_h0_match_the_reference(discretization):
     """Every input and option at once: event mode (delta_A), a mask from lengths (12, 7), h0, D and z."""
     _compare(_arrays(0), LENGTHS_MASK, discretization, F32_TOL)
+
+
+@pytest.mark.parametrize("discretization", ["mamba", "zoh"])
+def test_ragged_tiles_mask_their_padded_lanes(discretization):
+    """D = 40 and N = 5: tiles of 16 channels (the last one ragged) and 8 state lanes (3 padded), the masked loads,
+    stores and state updates (DIM = 8, N = 4 elsewhere fill their tiles, where the kernels run without masks)."""
+    assert ss._blocks(40, 5, ss.BACKWARD_TILE) == (16, 8) and ss._blocks(DIM, N, ss.BACKWARD_TILE) == (DIM, N)
+    _compare(_arrays(5, dim=40, n=5), LENGTHS_MASK, discretization, F32_TOL)
 
 
 @pytest.mark.parametrize("discretization", ["mamba", "zoh"])
