@@ -326,8 +326,14 @@ class Mamba(LRNN):
         return linear_blocks(self.in_proj, x, (self.d_inner, self.d_inner))
 
     def _x_proj(self, u):
-        """``(r (..., dt_rank), B_t (..., N), C_t (..., N))`` from the conv output ``u (..., D)``."""
-        return linear_blocks(self.x_proj, u, (self.dt_rank, self.d_state, self.d_state))
+        """``(r (..., dt_rank), B_t (..., N), C_t (..., N))`` from the conv output ``u (..., D)``.
+
+        One contraction, then split (not :func:`linear_blocks`): its output is narrow (``dt_rank + 2 N`` columns
+        against ``D`` inputs), so the gradient w.r.t. ``u`` is best one contraction of the joined ``(...,
+        dt_rank + 2 N)`` gradient; by blocks it would be three, each writing a ``(..., D)`` array (on an H200 at
+        B=32, L=2048, D=256: three GEMMs and a sum over 0.2 ms of the training step).
+        """
+        return jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
 
     def _ssm_inputs(self, u, z, tau):
         """The per-token inputs of the recurrence from the conv output ``u`` and gate ``z`` ``(..., D)``: the step
