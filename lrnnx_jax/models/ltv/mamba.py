@@ -330,8 +330,8 @@ class Mamba(LRNN):
 
         One contraction, then split (not :func:`linear_blocks`): its output is narrow (``dt_rank + 2 N`` columns
         against ``D`` inputs), so the gradient w.r.t. ``u`` is best one contraction of the joined ``(...,
-        dt_rank + 2 N)`` gradient; by blocks it would be three, each writing a ``(..., D)`` array (on an H200 at
-        B=32, L=2048, D=256: three GEMMs and a sum over 0.2 ms of the training step).
+        dt_rank + 2 N)`` gradient; by blocks it would be three, each writing a ``(..., D)`` array, and their sum (on
+        an H200 at B=32, H=128, L=2048: 2.36 ms of device time per training step against 2.44, BENCHMARKS.md §7).
         """
         return jnp.split(self.x_proj(u), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
 
