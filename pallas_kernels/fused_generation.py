@@ -232,7 +232,11 @@ def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig
 
 def split_hoisted(param_sizes: list, num_warps: int) -> tuple[list, list]:
     """Indices of the parameter leaves kept in registers (the smallest, up to ``num_warps *
-    HOIST_PER_WARP`` numbers) and of those re-read every step."""
+    HOIST_PER_WARP`` numbers) and of those re-read every step.
+
+    Rules that re-read fewer numbers were measured on an H200 and lose overall (BENCHMARKS.md section 9): keeping
+    the leaves of largest total that fit made S5 LTI 15-20 % faster but S4D 1.7-2x slower (its 128 x 128 output
+    matrix held in registers) and RG-LRU and Mamba's split slower too."""
     hoisted, streamed, total = [], [], 0
     for i in sorted(range(len(param_sizes)), key=lambda i: (param_sizes[i], i)):
         total += param_sizes[i]
