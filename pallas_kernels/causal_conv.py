@@ -12,12 +12,12 @@ In XLA the convolution and its gradient are several passes over ``(batch, L, D)`
 pre-activation beside ``u``, and the backward reads and writes the sequence once per tap for the weights' gradients.
 The kernels make one pass each way:
 
-* :func:`forward_kernel`: grid ``(batch, cdiv(L, block_t), cdiv(D, block_d))`` (:data:`FORWARD_BLOCK_T` and the others beside it). A program loads its tile of ``x``
+* :func:`forward_kernel`: grid ``(batch, cdiv(L, BLOCK_T), cdiv(D, BLOCK_D))``. A program loads its tile of ``x``
   at the ``K`` shifts (the overlapping loads hit the cache), and stores ``u``: it reads ``x`` and writes ``u``.
 * :func:`backward_kernel`: the same grid. From ``du`` and ``x`` a program recomputes ``c`` at the ``K`` positions
   ``t .. t + K - 1`` that each ``x_t`` feeds (``2K - 1`` shifted loads of ``x``, ``K`` of ``du``), and stores
   ``dx_t = sum_j w[d, K - 1 - j] silu'(c_{t+j}) du_{t+j}``, with its tile's partial sums of the gradients of ``w``
-  and ``b``, reduced outside (``(batch, cdiv(L, block_t), K, D)``: a few numbers per tile).
+  and ``b``, reduced outside (``(batch, cdiv(L, BLOCK_T), K, D)``: a few numbers per tile).
 
 Both compute in float32 and take float32, bfloat16 or float16 ``x`` (any of those for ``w``, ``b``); ``u`` and
 ``dx`` are in ``x``'s dtype, the parameters' gradients in theirs.
@@ -29,7 +29,6 @@ Both compute in float32 and take float32, bfloat16 or float16 ``x`` (any of thos
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -42,13 +41,8 @@ from pallas_kernels.scan_common import ScanPolicy
 
 OP = "causal_conv_silu"
 
-#: time steps, channels and warps per program of the forward and of the backward kernel (``KernelConfig.num_warps``
-#: overrides the warps)
-FORWARD_BLOCK_T, FORWARD_BLOCK_D, FORWARD_WARPS = 32, 128, 4
-BACKWARD_BLOCK_T, BACKWARD_BLOCK_D, BACKWARD_WARPS = 32, 128, 4
-#: the backward in one kernel (each program recomputes ``c`` at the K positions each ``x_t`` feeds) or two (the
-#: gradient of ``c`` written once, then ``dx`` from it)
-BACKWARD_PASSES = 1
+#: time steps and channels per program, and warps per program (``KernelConfig.num_warps`` overrides them)
+BLOCK_T, BLOCK_D, WARPS = 32, 128, 4
 #: the largest kernel width the kernels take (they unroll over its taps)
 MAX_WIDTH = 8
 
@@ -75,40 +69,39 @@ def _silu_grad(c):
     return s * (1.0 + c * (1.0 - s))
 
 
-def _padded_shape(x, block_t: int, block_d: int) -> tuple:
+def _padded_shape(x) -> tuple:
     """``x``'s shape with L and D rounded up to whole tiles (the kernels' outputs; no copy when they divide)."""
     batch, length, dim = x.shape
-    return batch, -(-length // block_t) * block_t, -(-dim // block_d) * block_d
+    return batch, -(-length // BLOCK_T) * BLOCK_T, -(-dim // BLOCK_D) * BLOCK_D
 
 
 def _unpad(a, shape):
     return a if a.shape == tuple(shape) else a[:, :shape[1], :shape[2]]
 
 
-def _grid(x, block_t: int, block_d: int) -> tuple:
+def _grid(x):
     """``(batch, time blocks, channel blocks)``."""
     batch, length, dim = x.shape
-    return batch, -(-length // block_t), -(-dim // block_d)
+    return batch, -(-length // BLOCK_T), -(-dim // BLOCK_D)
 
 
 class _Tile:
-    """A program's tile of ``(block_t, block_d)`` steps and channels: loads of a ``(batch, L, D)`` sequence shifted
+    """A program's tile of ``(BLOCK_T, BLOCK_D)`` steps and channels: loads of a ``(batch, L, D)`` sequence shifted
     in time (gathers at clipped indices, masked: a shifted tile may start before the sequence or end after it, and
     interpret mode clamps an out-of-bounds slice instead of masking it), loads along the channels, and stores into
     an output padded to whole tiles (in bounds)."""
 
-    def __init__(self, pl, plgpu, length: int, dim: int, block_t: int, block_d: int):
+    def __init__(self, pl, plgpu, length: int, dim: int):
         self.pl, self.plgpu, self.length, self.dim = pl, plgpu, length, dim
-        self.block_t, self.block_d = block_t, block_d
         self.b, self.t_blk, d_blk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        self.t0, self.d0 = self.t_blk * block_t, d_blk * block_d
-        lanes = self.d0 + jnp.arange(block_d)
+        self.t0, self.d0 = self.t_blk * BLOCK_T, d_blk * BLOCK_D
+        lanes = self.d0 + jnp.arange(BLOCK_D)
         self.lanes_ok = lanes < dim
         self.lane_index = jnp.minimum(lanes, dim - 1)
 
     def load(self, ref, shift: int):
         """``ref[b, t + shift, d]`` over the tile, float32, 0 outside the sequence and the channels."""
-        t = self.t0 + shift + jnp.arange(self.block_t)
+        t = self.t0 + shift + jnp.arange(BLOCK_T)
         ok = ((t >= 0) & (t < self.length))[:, None] & self.lanes_ok[None, :]
         rows = jnp.broadcast_to(jnp.clip(t, 0, self.length - 1)[:, None], ok.shape)
         cols = jnp.broadcast_to(self.lane_index[None, :], ok.shape)
@@ -116,17 +109,17 @@ class _Tile:
 
     def store(self, ref, value):
         """``value`` into the tile of ``ref`` ``(batch, whole tiles of L, whole tiles of D)``."""
-        view = ref.at[self.b, self.pl.ds(self.t0, self.block_t), self.pl.ds(self.d0, self.block_d)]
+        view = ref.at[self.b, self.pl.ds(self.t0, BLOCK_T), self.pl.ds(self.d0, BLOCK_D)]
         self.plgpu.store(view, value.astype(ref.dtype))
 
     def channel(self, ref, *lead):
-        """``ref[*lead, d]`` over the tile's channels, float32 ``(block_d,)``, 0 past the last channel."""
+        """``ref[*lead, d]`` over the tile's channels, float32 ``(BLOCK_D,)``, 0 past the last channel."""
         lead = tuple(jnp.int32(i) if isinstance(i, int) else i for i in lead)  # a Python int is no load index
         return self.plgpu.load(ref.at[(*lead, self.lane_index)], mask=self.lanes_ok, other=0.0).astype(jnp.float32)
 
 
 def _taps(tile: _Tile, w_ref, K: int) -> list:
-    """The ``K`` taps ``w[:, k]`` over the tile's channels, each ``(1, block_d)``."""
+    """The ``K`` taps ``w[:, k]`` over the tile's channels, each ``(1, BLOCK_D)``."""
     return [tile.channel(w_ref, k)[None, :] for k in range(K)]
 
 
@@ -148,74 +141,50 @@ def forward_kernel(x, weight_t, bias, *, config: Optional[dispatch.KernelConfig]
     pl, plgpu = dispatch.pallas_modules()
     _, length, dim = x.shape
     K = weight_t.shape[0]
-    block_t, block_d, warps = FORWARD_BLOCK_T, FORWARD_BLOCK_D, FORWARD_WARPS
 
     def body(x_ref, w_ref, b_ref, u_ref):
-        tile = _Tile(pl, plgpu, length, dim, block_t, block_d)
+        tile = _Tile(pl, plgpu, length, dim)
         c = _pre_activation(tile, x_ref, _taps(tile, w_ref, K), tile.channel(b_ref)[None, :], 0, {})
         tile.store(u_ref, km.silu(c))
 
-    call = scan_common.pallas_call(body, jax.ShapeDtypeStruct(_padded_shape(x, block_t, block_d), x.dtype),
-                                   _grid(x, block_t, block_d), config, OP + "_fwd", warps)
+    call = scan_common.pallas_call(body, jax.ShapeDtypeStruct(_padded_shape(x), x.dtype), _grid(x), config,
+                                   OP + "_fwd", WARPS)
     return _unpad(call(x, weight_t, bias), x.shape)
 
 
 def backward_kernel(x, weight_t, bias, du, *, config: Optional[dispatch.KernelConfig] = None):
     """The gradients from ``du (batch, L, D)``: ``dx`` in ``x.dtype``, and float32 partial sums per program of the
-    taps' ``(batch, cdiv(L, block_t), K, D)`` and the bias's ``(batch, cdiv(L, block_t), D)`` gradients."""
+    taps' ``(batch, cdiv(L, BLOCK_T), K, D)`` and the bias's ``(batch, cdiv(L, BLOCK_T), D)`` gradients."""
     config = dispatch.resolve(config)
     pl, plgpu = dispatch.pallas_modules()
     batch, length, dim = x.shape
     K = weight_t.shape[0]
-    block_t, block_d, warps = BACKWARD_BLOCK_T, BACKWARD_BLOCK_D, BACKWARD_WARPS
-    grid = _grid(x, block_t, block_d)
+    _, t_blocks, _ = _grid(x)
     f32 = jnp.float32
 
-    padded = _padded_shape(x, block_t, block_d)
-
-    def parameter_partials(tile, dc, loaded, dw_ref, db_ref):
-        cols = pl.ds(tile.d0, block_d)
+    def body(x_ref, w_ref, b_ref, du_ref, dx_ref, dw_ref, db_ref):
+        tile = _Tile(pl, plgpu, length, dim)
+        taps = _taps(tile, w_ref, K)
+        bias_row = tile.channel(b_ref)[None, :]
+        loaded = {}
+        dc = []  # dc[j]: the gradient of c at t + j
+        for j in range(K):
+            c = _pre_activation(tile, x_ref, taps, bias_row, j, loaded)
+            dc.append(_silu_grad(c) * tile.load(du_ref, j))
+        dx = sum(taps[K - 1 - j] * dc[j] for j in range(K))
+        tile.store(dx_ref, dx)
+        cols = pl.ds(tile.d0, BLOCK_D)
         for k in range(K):  # this tile's share of dw[:, k] = sum_t dc_t x_{t-(K-1)+k}
-            partial = jnp.sum(dc * loaded[k - (K - 1)], axis=0)
+            partial = jnp.sum(dc[0] * loaded[k - (K - 1)], axis=0)
             plgpu.store(dw_ref.at[tile.b, tile.t_blk, jnp.int32(k), cols], partial)
-        plgpu.store(db_ref.at[tile.b, tile.t_blk, cols], jnp.sum(dc, axis=0))
+        plgpu.store(db_ref.at[tile.b, tile.t_blk, cols], jnp.sum(dc[0], axis=0))
 
-    partial_shapes = (jax.ShapeDtypeStruct((batch, grid[1], K, padded[2]), f32),
-                      jax.ShapeDtypeStruct((batch, grid[1], padded[2]), f32))
-    if BACKWARD_PASSES == 1:
-        def body(x_ref, w_ref, b_ref, du_ref, dx_ref, dw_ref, db_ref):
-            tile = _Tile(pl, plgpu, length, dim, block_t, block_d)
-            taps = _taps(tile, w_ref, K)
-            bias_row = tile.channel(b_ref)[None, :]
-            loaded = {}
-            dc = []  # dc[j]: the gradient of c at t + j
-            for j in range(K):
-                c = _pre_activation(tile, x_ref, taps, bias_row, j, loaded)
-                dc.append(_silu_grad(c) * tile.load(du_ref, j))
-            tile.store(dx_ref, sum(taps[K - 1 - j] * dc[j] for j in range(K)))
-            parameter_partials(tile, dc[0], loaded, dw_ref, db_ref)
-
-        call = scan_common.pallas_call(body, (jax.ShapeDtypeStruct(padded, x.dtype), *partial_shapes), grid, config,
-                                       OP + "_bwd", warps)
-        dx, dw, db = call(x, weight_t, bias, du)
-    else:
-        def dc_body(x_ref, w_ref, b_ref, du_ref, dc_ref, dw_ref, db_ref):
-            tile = _Tile(pl, plgpu, length, dim, block_t, block_d)
-            loaded = {}
-            c = _pre_activation(tile, x_ref, _taps(tile, w_ref, K), tile.channel(b_ref)[None, :], 0, loaded)
-            dc = _silu_grad(c) * tile.load(du_ref, 0)
-            tile.store(dc_ref, dc)
-            parameter_partials(tile, dc, loaded, dw_ref, db_ref)
-
-        def dx_body(dc_ref, w_ref, dx_ref):
-            tile = _Tile(pl, plgpu, length, dim, block_t, block_d)
-            taps = _taps(tile, w_ref, K)
-            tile.store(dx_ref, sum(taps[K - 1 - j] * tile.load(dc_ref, j) for j in range(K)))
-
-        dc, dw, db = scan_common.pallas_call(dc_body, (jax.ShapeDtypeStruct(padded, f32), *partial_shapes), grid,
-                                             config, OP + "_bwd_dc", warps)(x, weight_t, bias, du)
-        dx = scan_common.pallas_call(dx_body, jax.ShapeDtypeStruct(padded, x.dtype), grid, config, OP + "_bwd_dx",
-                                     warps)(dc, weight_t)
+    dim_padded = _padded_shape(x)[2]
+    out_shape = (jax.ShapeDtypeStruct(_padded_shape(x), x.dtype),
+                 jax.ShapeDtypeStruct((batch, t_blocks, K, dim_padded), f32),
+                 jax.ShapeDtypeStruct((batch, t_blocks, dim_padded), f32))
+    call = scan_common.pallas_call(body, out_shape, _grid(x), config, OP + "_bwd", WARPS)
+    dx, dw, db = call(x, weight_t, bias, du)
     return _unpad(dx, x.shape), dw[..., :dim], db[..., :dim]
 
 
@@ -255,9 +224,7 @@ def unsupported_reason(x, weight, bias=None) -> Optional[str]:
         return reason
     if weight.shape[1] > MAX_WIDTH:
         return f"a kernel width of {weight.shape[1]} > {MAX_WIDTH}"
-    padded = [math.prod(_padded_shape(x, t, d)) for t, d in ((FORWARD_BLOCK_T, FORWARD_BLOCK_D),
-                                                              (BACKWARD_BLOCK_T, BACKWARD_BLOCK_D))]
-    return scan_common.unsupported_size(*padded)
+    return scan_common.unsupported_size(x.size + x.shape[2] * (BLOCK_T + MAX_WIDTH))
 
 
 def choose(x, weight, bias=None, *, config: Optional[dispatch.KernelConfig] = None,
