@@ -54,7 +54,6 @@ from lrnnx_jax.core import discretization as disc
 from lrnnx_jax.core.base import LRNN, in_compute_dtype, compute_dtype, linear_blocks, lrnnx_entry, lrnnx_linear_entries, torch_linear
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE, chunked_scan
 from lrnnx_jax.core.validation import check_cache_size, check_chunk_size, check_positive_int
-from pallas_kernels import causal_conv as conv_kernels
 from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 from pallas_kernels import selective_scan as scan_kernels
@@ -326,14 +325,6 @@ class Mamba(LRNN):
         """``x (..., H)`` -> ``(x_in, z)``, each ``(..., D)`` (one contraction each: :func:`linear_blocks`)."""
         return linear_blocks(self.in_proj, x, (self.d_inner, self.d_inner))
 
-    def _conv_silu(self, x_in, conv_state):
-        """``silu`` of the causal conv of ``x_in (B, L, D)`` after ``conv_state`` (None: from the sequence's start):
-        the Pallas training kernels (:mod:`pallas_kernels.causal_conv`) where they take it under ``kernel_config``."""
-        weight, bias = self.conv_weight[...], self._conv_bias()
-        if conv_state is None and conv_kernels.choose(x_in, weight, bias, config=self.kernel_config):
-            return conv_kernels.kernel_conv(x_in, weight, bias, config=self.kernel_config)
-        return jax.nn.silu(conv.causal_conv1d(x_in, weight, bias, conv_state=conv_state))
-
     def _x_proj(self, u):
         """``(r (..., dt_rank), B_t (..., N), C_t (..., N))`` from the conv output ``u (..., D)``.
 
@@ -361,7 +352,7 @@ class Mamba(LRNN):
     def _forward(self, x, integration_timesteps, mask, lengths, return_cache, cache=None):
         x_in, z = self._split_in_proj(x)
         conv_state = None if cache is None else cache["conv_state"]
-        u = self._conv_silu(x_in, conv_state)
+        u = jax.nn.silu(conv.causal_conv1d(x_in, self.conv_weight[...], self._conv_bias(), conv_state=conv_state))
         inputs = self._ssm_inputs(u, z, integration_timesteps)
         if cache is None:
             h0 = jnp.zeros((x.shape[0], self.d_inner, self.d_state), x.dtype)
