@@ -402,8 +402,9 @@ def enable_compilation_cache(directory) -> pathlib.Path:
     process that captures the same program (model structure, batch size, configuration, device) loads it instead
     of compiling it. It applies to every jitted program of the process, a training step too (LRU's on an H200:
     11.7 s to compile in a first process, 0.2 s in the next). Every program is kept, however quick to compile
-    (JAX's own default keeps those over one second). Call it before the first compilation; it sets ``jax_compilation_cache_dir``,
-    ``jax_persistent_cache_min_compile_time_secs=0`` and ``jax_persistent_cache_min_entry_size_bytes=0``.
+    (JAX's own default keeps those over one second). Call it before the first compilation; it sets
+    ``jax_compilation_cache_dir``, ``jax_persistent_cache_min_compile_time_secs=0`` and
+    ``jax_persistent_cache_min_entry_size_bytes=0``.
 
     Args:
       directory: a path (created when missing).

@@ -87,8 +87,8 @@ POLICY = ScanPolicy(
              "S5 LTV at L=8..64 1.09-1.27x slower; S5 LTI and S4D, 23 more points "
              "(training_sweeps_s5_s4d_cublas_h200/): S5 at the point 1.62 / 1.47, L=64 0.66 / 0.41, H=32 1.04 / "
              "0.78, B=128 2.76 / 4.05; S4D at L=64 0.67 / 0.33, L=128 1.05 / 0.46: the kernels lose at short "
-             "sequences, small widths and small batches. Not faster at every point, and the kernels of LRU and S5 compile over the 10 s budget, so "
-             "'auto' keeps the XLA paths",
+             "sequences, small widths and small batches. Not faster at every point, and the kernels of LRU and S5 "
+             "compile over the 10 s budget, so 'auto' keeps the XLA paths",
 )
 
 
