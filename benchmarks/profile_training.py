@@ -156,6 +156,9 @@ def parse_args(argv: Optional[list[str]]):
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON of every kernel, per model")
     parser.add_argument("--hlo-dir", type=pathlib.Path, default=None,
                         help="write each step's compiled HLO (MODEL_PATH.hlo.txt) here, to find the fusions by name")
+    parser.add_argument("--set", type=training.kernel_constant, action="append", default=[],
+                        metavar="MODULE.NAME=VALUE", help="a kernel module's tiling constant for this run (repeatable), "
+                        "as benchmark_training's --set")
     args = parser.parse_args(argv)
     unknown = [name for name in args.models if name not in training.BY_NAME]
     if unknown:
@@ -171,16 +174,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args = parse_args(argv)
     point = dict(B=args.batch, H=args.dim, L=args.length)
     results = []
-    for name in args.models:
-        result = profile_model(training.BY_NAME[name], args.path, point, args)
-        print(format_profile(result, args.top), flush=True)
-        results.append(result)
+    with training.kernel_constants(args.set):
+        for name in args.models:
+            result = profile_model(training.BY_NAME[name], args.path, point, args)
+            print(format_profile(result, args.top), flush=True)
+            results.append(result)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         device = jax.devices()[0]
         environment = {"device": f"{device.platform}: {getattr(device, 'device_kind', str(device))}",
                        "jax": jax.__version__, "command": "python -m benchmarks.profile_training " + " ".join(argv),
-                       "config": {**point, "path": args.path, "d_state": args.d_state, "steps": args.steps}}
+                       "config": {**point, "path": args.path, "d_state": args.d_state, "steps": args.steps,
+                                  "constants": {f"{module}.{name}": value for module, name, value in args.set}}}
         args.out.write_text(json.dumps({"environment": environment, "results": results}, indent=1))
     return results
 
