@@ -6,10 +6,9 @@
 Each configuration ``KIND:TILE:WARPS:CHUNK[:LOAD]`` (``KIND`` ``fwd`` or ``bwd``; ``TILE`` the state elements per
 program, the module's ``FORWARD_TILE`` / ``BACKWARD_TILE``; ``WARPS`` the warps per program; ``CHUNK`` the steps per
 checkpoint; ``LOAD`` the kernel's steps per pipelined load, ``FORWARD_LOAD_STEPS`` / ``BACKWARD_LOAD_STEPS``, the
-module's when absent; ``bwd`` times the backward's pre-pass and kernel together, in the segments that
-``BACKWARD_PROGRAMS``, or ``--backward-programs``, gives) is jitted alone on the issue's shape (B=32, L=2048, D=256,
-N=16, float32, discretization ``mamba``, ``D`` and ``z`` given; random inputs, fixed seed), compiled (the seconds are
-reported: the Triton lowering is part of them) and timed: the median of ``--repeats`` calls after ``--warmup``. The defaults of
+module's when absent) is jitted alone on the issue's shape (B=32, L=2048, D=256, N=16, float32, discretization ``mamba``,
+``D`` and ``z`` given; random inputs, fixed seed), compiled (the seconds are reported: the Triton lowering is
+part of them) and timed: the median of ``--repeats`` calls after ``--warmup``. The defaults of
 ``selective_scan.py`` cite the rows of this benchmark. GPU only for meaningful numbers.
 """
 
@@ -75,21 +74,15 @@ def kernel_call(config: dict, inputs: dict, interpret: bool):
         return forward, (inputs, h0)
     y, h_last, checkpoints = forward(inputs, h0)
     dy = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, dtype=np.float32))
-
-    def backward(i, ckpt, dy, dh):  # the pre-pass and the kernel, in the module's segments (read when traced)
-        blocks = -(-dim // ss._blocks(dim, i["A"].shape[-1], ss.BACKWARD_TILE)[0])
-        segments = ss.backward_segments(batch, blocks, dy.shape[1] // (chunk * ss.load_group(chunk, config["load"])))
-        ends = ss.segment_adjoints(i["delta"], i["A"], i["C"], i["z"], None, None, dy, dh, segments=segments,
-                                   chunk=chunk, config=kernels)
-        return ss.backward_kernel(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], None, None, ckpt, dy,
-                                  ends, chunk=chunk, config=kernels)
-
-    return jax.jit(backward), (inputs, checkpoints, dy, jnp.zeros_like(h_last))
+    backward = jax.jit(lambda i, ckpt, dy, dh: ss.backward_kernel(
+        i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], None, None, ckpt, dy, dh, chunk=chunk,
+        config=kernels))
+    return backward, (inputs, checkpoints, dy, jnp.zeros_like(h_last))
 
 
 def measure(config: dict, inputs: dict, warmup: int, repeats: int, interpret: bool) -> dict:
     fn, args = kernel_call(config, inputs, interpret)
-    with tiling(config), overridden(ss, BACKWARD_PROGRAMS=config["programs"]):
+    with tiling(config):
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - start
@@ -109,13 +102,11 @@ def main(argv=None):
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--backward-programs", type=int, default=ss.BACKWARD_PROGRAMS,
-                        help="selective_scan.BACKWARD_PROGRAMS for the bwd rows (the module's by default)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat, interpret mode (CPU)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     try:
-        configs = [{**parse_config(c), "programs": args.backward_programs} for c in args.configs]
+        configs = [parse_config(c) for c in args.configs]
     except ValueError as error:
         parser.error(str(error))
     if args.quick:

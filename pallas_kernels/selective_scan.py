@@ -100,9 +100,6 @@ BACKWARD_LOAD_STEPS = 4
 #: holds ``chunk + 1`` such tiles), and warps per program (``KernelConfig.num_warps`` overrides both)
 FORWARD_TILE, FORWARD_WARPS = 256, 2
 BACKWARD_TILE, BACKWARD_WARPS = 128, 1
-#: the backward kernel splits the sequence into time segments, run in parallel after a pre-pass carries the adjoint
-#: across them (:func:`adjoint_transfer_kernel`), until it runs about this many programs (:func:`backward_segments`)
-BACKWARD_PROGRAMS = 4096
 #: the largest padded state size the kernels take
 MAX_BLOCK_N = 256
 
@@ -129,7 +126,10 @@ def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta
     ``(..., N)``, ``m`` None or a boolean ``(...)``: where False, ``A_bar = 1`` and ``x = 0``. With
     ``delta_softplus``, ``delta`` is the step before its softplus, applied here.
     """
-    A_bar, gamma = _discretize_step(discretization, A, delta, delta_A, delta_softplus)
+    if delta_softplus:
+        delta = km.softplus(delta)
+    step_A = None if delta_A is None else delta_A[..., None]
+    A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A)
     # gamma * u first: (..., D, 1) for "mamba" and "dirac", D multiplies instead of D x N, and the gradients of
     # delta and u share one sum over the states of g * B
     x = (gamma * u_t[..., None]) * B_t[..., None, :]
@@ -139,20 +139,6 @@ def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta
         A_bar = jnp.where(on, A_bar, 1.0)
         x = jnp.where(on, x, 0.0)
     return A_bar, x
-
-
-def decay(discretization: str, A, delta, delta_A, m=None, delta_softplus: bool = False):
-    """``A_bar (..., D, N)`` of one step alone (:func:`coefficients` without the input): 1 where ``m`` is False."""
-    A_bar, _ = _discretize_step(discretization, A, delta, delta_A, delta_softplus)
-    A_bar = jnp.broadcast_to(A_bar, delta.shape + A.shape[-1:])
-    return A_bar if m is None else jnp.where(m[..., None, None], A_bar, 1.0)
-
-
-def _discretize_step(discretization, A, delta, delta_A, delta_softplus):
-    if delta_softplus:
-        delta = km.softplus(delta)
-    step_A = None if delta_A is None else delta_A[..., None]
-    return km.discretize(discretization, A, delta[..., None], step_A)
 
 
 def readout(h, C_t, u_t, D=None, z_t=None):
@@ -254,9 +240,10 @@ def _program(pl, plgpu, ref, dim, N, block_d, block_n):
         return _load(plgpu, ref[name].at[(*lead, cols)], n_ok).astype(f32)
 
     def step_inputs(t):
-        """The per-step inputs of row ``b`` at time ``t`` that the kernel takes, float32 (None for the others)."""
-        s = {name: along_d(name, b, t) if name in ref else None for name in ("u", "delta", "z", "delta_A")}
-        s.update({name: along_n(name, b, t) if name in ref else None for name in ("B", "C")})
+        """The per-step inputs of row ``b`` at time ``t``, float32."""
+        s = dict(u=along_d("u", b, t), delta=along_d("delta", b, t), B=along_n("B", b, t), C=along_n("C", b, t))
+        s["z"] = along_d("z", b, t) if "z" in ref else None
+        s["delta_A"] = along_d("delta_A", b, t) if "delta_A" in ref else None
         s["m"] = ref["mask"][b, t] > 0 if "mask" in ref else None
         return s
 
@@ -318,117 +305,24 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
     return call(*arrays)
 
 
-def backward_segments(batch: int, blocks: int, num_loads: int) -> int:
-    """The time segments the backward kernel runs in parallel: the largest divisor of its ``num_loads`` loads that
-    keeps ``batch * blocks * segments`` programs within :data:`BACKWARD_PROGRAMS` (at least 1)."""
-    cap = max(1, BACKWARD_PROGRAMS // (batch * blocks))
-    return max(d for d in range(1, min(cap, num_loads) + 1) if num_loads % d == 0)
-
-
-def _segment_loads(length: int, chunk: int, group: int, segments: int) -> int:
-    """Loads per segment of a backward kernel (or its pre-pass) over ``length`` steps, checked."""
-    _check_loads("backward", length, chunk, group)
-    num_loads = length // (chunk * group)
-    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1 or num_loads % segments:
-        raise ValueError(f"the backward kernel's {num_loads} loads must split into whole segments, got "
-                         f"segments={segments!r}")
-    return num_loads // segments
-
-
-def _state_adjoint(s, dy_t, like):
-    """The adjoint of ``h_t`` that ``y_t``'s cotangent ``dy_t`` gives: ``readout`` is linear in ``h`` (and its skip
-    ``D u`` does not involve it), so its vjp at any ``h`` shaped ``like``."""
-    _, vjp = jax.vjp(lambda h: readout(h, s["C"], None, None, s["z"]), like)
-    return vjp(dy_t)[0]
-
-
-def adjoint_transfer_kernel(delta, A, C, z, delta_A, mask, dy, *, segments: int, discretization="mamba",
-                            chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None,
-                            delta_softplus: bool = False):
-    """The backward kernel's pre-pass: what each segment but the first does to the adjoint that crosses it.
-
-    Segment ``j`` (``1 <= j < segments``, all in parallel, steps in reverse) maps the adjoint ``g`` of the state at
-    its end to ``decay_j * g + adjoint_j`` at its start: ``decay_j`` the product of its steps' ``A_bar``,
-    ``adjoint_j`` the adjoint its own outputs pass back (its recurrence from ``g = 0``). Arguments as
-    :func:`backward_kernel`. Returns ``(decay, adjoint)``, each ``(segments - 1, batch, D, N)`` float32, row ``j - 1``
-    for segment ``j``.
-    """
-    config = dispatch.resolve(config)
-    pl, plgpu = dispatch.pallas_modules()
-    (batch, length, dim, N, _, block_d, block_n), names, arrays = _setup(
-        delta, A, chunk, BACKWARD_TILE, dict(delta=delta, A=A, C=C, dy=dy, z=z, delta_A=delta_A, mask=mask))
-    steps = chunk * load_group(chunk, BACKWARD_LOAD_STEPS)  # per load
-    loads = _segment_loads(length, chunk, steps // chunk, segments)
-    f32 = jnp.float32
-
-    def body(*refs):
-        ref = dict(zip(names, refs))
-        decay_ref, adjoint_ref = refs[len(names):]
-        b, _, d_ok, _, tile_ok, rows, cols, A_tile, _, step_inputs = _program(pl, plgpu, ref, dim, N, block_d, block_n)
-        segment = pl.program_id(2) + 1
-        first = segment * loads
-
-        def load(k):
-            ts = [(first + k) * steps + i for i in range(steps)]
-            return [(step_inputs(t), _load(plgpu, ref["dy"].at[b, t, rows], d_ok).astype(f32)) for t in ts]
-
-        def one_load(k, loaded, carry):
-            product, g = carry
-            for s, dy_t in reversed(loaded):
-                a = decay(discretization, A_tile, s["delta"], s["delta_A"], s["m"], delta_softplus)
-                g = _inside(tile_ok, a * (g + _state_adjoint(s, dy_t, g)))
-                product = a * product
-            return product, g
-
-        start = (jnp.ones((block_d, block_n), f32), jnp.zeros((block_d, block_n), f32))
-        product, g = scan_common.pipelined_chunks(loads, load, one_load, start, reverse=True)
-        plgpu.store(decay_ref.at[segment - 1, b, rows, cols], product, mask=tile_ok)
-        plgpu.store(adjoint_ref.at[segment - 1, b, rows, cols], g, mask=tile_ok)
-
-    out = jax.ShapeDtypeStruct((segments - 1, batch, dim, N), f32)
-    call = scan_common.pallas_call(body, (out, out), (batch, pl.cdiv(dim, block_d), segments - 1), config,
-                                   OP + "_bwd_transfer", BACKWARD_WARPS)
-    return call(*arrays)
-
-
-def segment_adjoints(delta, A, C, z, delta_A, mask, dy, dh_last, *, segments: int, discretization="mamba",
-                     chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None,
-                     delta_softplus: bool = False):
-    """``g_end (segments, batch, D, N)`` float32 of :func:`backward_kernel`: the adjoint of the state at the end of
-    each segment from the steps after it: ``dh_last`` for the last, then segment by segment backwards through
-    :func:`adjoint_transfer_kernel`'s maps."""
-    ends = [dh_last.astype(jnp.float32)]
-    if segments > 1:
-        decays, adjoints = adjoint_transfer_kernel(delta, A, C, z, delta_A, mask, dy, segments=segments,
-                                                   discretization=discretization, chunk=chunk, config=config,
-                                                   delta_softplus=delta_softplus)
-        for j in reversed(range(segments - 1)):  # across segment j + 1, to the end of segment j
-            ends.append(decays[j] * ends[-1] + adjoints[j])
-    return jnp.stack(ends[::-1])
-
-
-def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_end, *, discretization="mamba",
+def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last, *, discretization="mamba",
                     chunk: int = DEFAULT_CHUNK, config: Optional[dispatch.KernelConfig] = None,
                     delta_softplus: bool = False):
-    """The backward kernel: the gradients from the cotangents ``dy (batch, L, D)`` and the segments' ``g_end``.
+    """The backward kernel: the gradients from the cotangents ``dy (batch, L, D)`` and ``dh_last (batch, D, N)``.
 
-    The sequence splits into ``segments = g_end.shape[0]`` equal segments of whole loads, run in parallel (the grid's
-    third axis): ``g_end (segments, batch, D, N)`` float32 is the adjoint of the state at the end of each from the
-    steps after it (:func:`segment_adjoints`; one segment: ``dh_last[None]``, the cotangent of ``h_last``). ``L`` a
-    whole number of loads per segment (:func:`padded_length`); ``checkpoints`` from :func:`forward_kernel`. Returns a
-    dict: ``du``, ``ddelta`` (and ``dz``, ``ddelta_A`` when given) ``(batch, L, D)`` in their inputs' dtypes; the
-    float32 partial sums ``dB``, ``dC`` ``(blocks, batch, L, N)``, ``dA`` ``(segments, batch, D, N)``, ``dD``
-    ``(segments, batch, D)`` (when ``D`` is given); and ``g_start (segments, batch, D, N)`` float32, the adjoint of
-    the state before each segment (the first's: the gradient of ``h0``). :func:`kernel_scan` reduces the partial sums.
+    ``L`` a whole number of its loads (:func:`padded_length`); ``checkpoints`` from :func:`forward_kernel`. Returns a
+    dict: ``du``,
+    ``ddelta`` (and ``dz``, ``ddelta_A`` when given) ``(batch, L, D)`` in their inputs' dtypes; the float32
+    partial sums ``dB``, ``dC`` ``(blocks, batch, L, N)``, ``dA`` ``(batch, D, N)``, ``dD`` ``(batch, D)`` (when
+    ``D`` is given); and ``dh0`` ``(batch, D, N)`` float32. :func:`kernel_scan` reduces the partial sums.
     """
     config = dispatch.resolve(config)
     pl, plgpu = dispatch.pallas_modules()
-    (batch, length, dim, N, _, block_d, block_n), names, arrays = _setup(
-        u, A, chunk, BACKWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, ckpt=checkpoints, dy=dy, g_end=g_end,
+    (batch, length, dim, N, num_chunks, block_d, block_n), names, arrays = _setup(
+        u, A, chunk, BACKWARD_TILE, dict(u=u, delta=delta, A=A, B=B, C=C, ckpt=checkpoints, dy=dy, dh_last=dh_last,
                                          D=D, z=z, delta_A=delta_A, mask=mask))
     group = load_group(chunk, BACKWARD_LOAD_STEPS)
-    segments = g_end.shape[0]
-    loads = _segment_loads(length, chunk, group, segments)
+    _check_loads("backward", length, chunk, group)
     blocks = pl.cdiv(dim, block_d)
     f32 = jnp.float32
     seq = lambda a: jax.ShapeDtypeStruct((batch, length, dim), a.dtype)  # noqa: E731
@@ -438,9 +332,9 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_e
     if delta_A is not None:
         outs["ddelta_A"] = seq(delta_A)
     outs["dB"] = outs["dC"] = jax.ShapeDtypeStruct((blocks, batch, length, N), f32)
-    outs["dA"] = outs["g_start"] = jax.ShapeDtypeStruct((segments, batch, dim, N), f32)
+    outs["dA"] = outs["dh0"] = jax.ShapeDtypeStruct((batch, dim, N), f32)
     if D is not None:
-        outs["dD"] = jax.ShapeDtypeStruct((segments, batch, dim), f32)
+        outs["dD"] = jax.ShapeDtypeStruct((batch, dim), f32)
     out_names = list(outs)
 
     def body(*refs):
@@ -448,9 +342,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_e
         out = dict(zip(out_names, refs[len(names):]))
         b, blk, d_ok, n_ok, tile_ok, rows, cols, A_tile, D_vec, step_inputs = _program(
             pl, plgpu, ref, dim, N, block_d, block_n)
-        segment = pl.program_id(2)
-        first = segment * loads  # the segment's first load
-        g = _load(plgpu, ref["g_end"].at[segment, b, rows, cols], tile_ok).astype(f32)
+        g = _load(plgpu, ref["dh_last"].at[b, rows, cols], tile_ok).astype(f32)
         dA = jnp.zeros((block_d, block_n), f32)
         dD = jnp.zeros((block_d,), f32)
 
@@ -466,7 +358,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_e
                        if v is not None}
             _, read_vjp = jax.vjp(lambda p: readout(p["h"], p["C"], p["u"], p.get("D"), p.get("z")), read_in)
             (dread,) = read_vjp(dy_t)
-            g = _inside(tile_ok, g + dread["h"])  # the adjoint of h_t (dread["h"] is _state_adjoint's)
+            g = _inside(tile_ok, g + dread["h"])  # the adjoint of h_t
             (dcoef,) = coef_vjp((g * h_prev, g))
             return dread, dcoef, _inside(tile_ok, a * g)  # the adjoint of h_{t-1}
 
@@ -477,8 +369,8 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_e
                     [step_inputs(t) for t in steps],
                     [_load(plgpu, ref["dy"].at[b, t, rows], d_ok).astype(f32) for t in steps])
 
-        def load(k):  # the ``group`` chunks of the segment's load ``k``
-            return [load_chunk((first + k) * group + j) for j in range(group)]
+        def load(k):  # the ``group`` chunks of load ``k``
+            return [load_chunk(k * group + j) for j in range(group)]
 
         def one_chunk(c, chunk_inputs, carry):
             g, dA, dD = carry
@@ -508,17 +400,16 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_e
 
         def one_load(k, loaded, carry):
             for j in reversed(range(group)):  # the later chunk first
-                carry = one_chunk((first + k) * group + j, loaded[j], carry)
+                carry = one_chunk(k * group + j, loaded[j], carry)
             return carry
 
-        g, dA, dD = scan_common.pipelined_chunks(loads, load, one_load, (g, dA, dD), reverse=True)
-        plgpu.store(out["g_start"].at[segment, b, rows, cols], g, mask=tile_ok)
-        plgpu.store(out["dA"].at[segment, b, rows, cols], dA, mask=tile_ok)
+        g, dA, dD = scan_common.pipelined_chunks(num_chunks // group, load, one_load, (g, dA, dD), reverse=True)
+        plgpu.store(out["dh0"].at[b, rows, cols], g, mask=tile_ok)
+        plgpu.store(out["dA"].at[b, rows, cols], dA, mask=tile_ok)
         if "dD" in out:
-            plgpu.store(out["dD"].at[segment, b, rows], dD, mask=d_ok)
+            plgpu.store(out["dD"].at[b, rows], dD, mask=d_ok)
 
-    call = scan_common.pallas_call(body, tuple(outs.values()), (batch, blocks, segments), config, OP + "_bwd",
-                                   BACKWARD_WARPS)
+    call = scan_common.pallas_call(body, tuple(outs.values()), (batch, blocks), config, OP + "_bwd", BACKWARD_WARPS)
     return dict(zip(out_names, call(*arrays)))
 
 
@@ -547,21 +438,17 @@ def _scan_bwd(static, residuals, cotangents):
     dy, dh_last = cotangents
     length = dy.shape[1]
     dy = scan_common.pad_time(dy, u.shape[1] - length)
-    batch, padded, dim = u.shape
-    blocks = -(-dim // _blocks(dim, A.shape[-1], BACKWARD_TILE)[0])
-    segments = backward_segments(batch, blocks, padded // (chunk * load_group(chunk, BACKWARD_LOAD_STEPS)))
-    options = dict(discretization=discretization, chunk=chunk, config=config, delta_softplus=delta_softplus)
-    g_end = segment_adjoints(delta, A, C, z, delta_A, mask, dy, dh_last, segments=segments, **options)
-    grads = backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, g_end, **options)
+    grads = backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_last.astype(jnp.float32),
+                            discretization=discretization, chunk=chunk, config=config, delta_softplus=delta_softplus)
     cut = lambda a, like: a[:, :length].astype(like.dtype)  # noqa: E731
     return (
-        cut(grads["du"], u), cut(grads["ddelta"], delta), jnp.sum(grads["dA"], (0, 1)).astype(A.dtype),
+        cut(grads["du"], u), cut(grads["ddelta"], delta), jnp.sum(grads["dA"], 0).astype(A.dtype),
         cut(jnp.sum(grads["dB"], 0), B), cut(jnp.sum(grads["dC"], 0), C),
-        None if D is None else jnp.sum(grads["dD"], (0, 1)).astype(D.dtype),
+        None if D is None else jnp.sum(grads["dD"], 0).astype(D.dtype),
         None if z is None else cut(grads["dz"], z),
         None if delta_A is None else cut(grads["ddelta_A"], delta_A),
         None if mask is None else jnp.zeros(mask.shape[:1] + (length,), mask.dtype),
-        grads["g_start"][0].astype(h0.dtype),
+        grads["dh0"].astype(h0.dtype),
     )
 
 

@@ -154,51 +154,6 @@ def test_backward_loading_two_chunks_at_a_time(monkeypatch):
     _compare(_arrays(0), LENGTHS_MASK, "zoh", F32_TOL)
 
 
-def test_backward_segments_fill_the_programs():
-    """The largest divisor of the loads within BACKWARD_PROGRAMS programs: Mamba's training point (B=32, 32 blocks of
-    8 channels, 128 loads) in 4 segments; the tests' shapes (2 rows, 1 block, 3 loads) in 3."""
-    assert ss.BACKWARD_PROGRAMS == 4096
-    assert ss.backward_segments(32, 32, 128) == 4
-    assert ss.backward_segments(32, 32, 6) == 3  # 4 does not divide 6
-    assert ss.backward_segments(128, 32, 128) == 1
-    assert ss.backward_segments(BATCH, 1, 3) == 3
-
-
-@pytest.mark.parametrize("programs", [BATCH, 2 * BATCH])
-def test_backward_in_one_and_in_two_segments(monkeypatch, programs):
-    """The backward in one segment (no pre-pass) and in two (L = 16: four loads; the others run in three): the same
-    gradients, with event mode, lengths and h0."""
-    monkeypatch.setattr(ss, "BACKWARD_PROGRAMS", programs)
-    assert ss.backward_segments(BATCH, 1, 4) == programs // BATCH
-    mask = jnp.arange(16)[None, :] < jnp.asarray([16, 9])[:, None]
-    _compare(_arrays(6, length=16), mask, "mamba", F32_TOL)
-
-
-def test_segment_adjoints_carry_the_adjoint_across_segments():
-    """The pre-pass's maps, joined backwards from dh_last, equal the adjoint at each segment's end from a float64
-    NumPy recurrence ``g_{t-1} = A_bar_t (g_t + dy_t silu(z_t) C_t)`` ("zoh", event mode, a mask)."""
-    length, segments = 16, 4
-    a = {k: np.asarray(v, np.float64) for k, v in _arrays(7, length=length).items()}
-    mask = np.arange(length)[None, :] < np.asarray([16, 11])[:, None]
-    dy = np.random.default_rng(8).standard_normal((BATCH, length, DIM))
-    dh_last = np.random.default_rng(9).standard_normal((BATCH, DIM, N))
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    ends = ss.segment_adjoints(f32(a["delta"]), f32(a["A"]), f32(a["C"]), f32(a["z"]), f32(a["delta_A"]),
-                               f32(mask), f32(dy), f32(dh_last), segments=segments, discretization="zoh", chunk=CHUNK,
-                               config=ALWAYS)
-    chex.assert_shape(ends, (segments, BATCH, DIM, N))
-    chex.assert_type(ends, jnp.float32)
-    g, expected = dh_last, [None] * segments
-    for t in reversed(range(length)):
-        if (t + 1) % (length // segments) == 0:
-            expected[t // (length // segments)] = g
-        A_bar = np.exp(a["A"][None] * a["delta_A"][:, t, :, None])
-        A_bar = np.where(mask[:, t, None, None], A_bar, 1.0)
-        gate = a["z"][:, t] / (1 + np.exp(-a["z"][:, t]))
-        g = A_bar * (g + (dy[:, t] * gate)[:, :, None] * a["C"][:, t, None, :])
-    assert relative_error(ends, np.stack(expected)) < F32_TOL
-
-
 def test_kernels_refuse_a_length_that_is_not_whole_loads():
     a = _arrays(4, event=False)  # L = 12: three chunks of 4, not a whole number of loads of 8 steps
     with pytest.raises(ValueError, match="forward kernel takes L a multiple of 8 .* got L=12"):
@@ -307,8 +262,8 @@ def test_softplus_of_the_step_inside_the_kernels(discretization, event):
 @TRITON_DEPRECATION
 @pytest.mark.parametrize("discretization", ss.DISCRETIZATIONS)
 def test_kernels_lower_to_triton(lower_for_h100, discretization):
-    """The forward kernel, the backward's pre-pass and the backward kernel (bfloat16 sequences, event mode, a mask, a
-    ragged D = 40 and N = 5; the softplus of the step inside them for "mamba"; the backward in 3 segments)."""
+    """The forward and backward kernels (bfloat16 sequences, event mode, a mask, a ragged D = 40 and N = 5; the
+    softplus of the step inside them for "mamba")."""
     config = KernelConfig(use_kernels="always", interpret=False)
     bf = jnp.bfloat16
     seq = jnp.ones((2, 12, 40), bf)
@@ -320,4 +275,4 @@ def test_kernels_lower_to_triton(lower_for_h100, discretization):
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     lower_for_h100(jax.grad(loss, argnums=tuple(range(9))), seq, seq, -jnp.ones((40, 5)), jnp.ones((2, 12, 5), bf),
-                   jnp.ones((2, 12, 5), bf), jnp.ones((40,)), seq, seq, jnp.zeros((2, 40, 5)), kernels=3)
+                   jnp.ones((2, 12, 5), bf), jnp.ones((40,)), seq, seq, jnp.zeros((2, 40, 5)), kernels=2)
