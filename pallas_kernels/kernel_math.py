@@ -28,14 +28,13 @@ from pallas_kernels import complex_lib as cl
 DISCRETIZATIONS = ("zoh", "async", "bilinear", "dirac", "mamba", "no_discretization")
 
 
-def discretize(name: str, A, delta, delta_A=None, exp=cl.exp):
+def discretize(name: str, A, delta, delta_A=None):
     """``(A_bar, gamma)`` of ``h_t = A_bar h_{t-1} + gamma (B u_t)``.
 
     Args:
       name: one of :data:`DISCRETIZATIONS`.
       A: real array or ``Planes``; ``delta`` (and ``delta_A``, the A-step of event
         mode, ``delta`` when None) real arrays broadcastable against it.
-      exp: the exponential of ``A_bar``: ``cl.exp``, or :func:`fast_exp` for a real ``A``.
 
     Returns:
       ``A_bar`` like ``A``; ``gamma`` real or ``Planes`` (for ``"dirac"`` and
@@ -49,7 +48,7 @@ def discretize(name: str, A, delta, delta_A=None, exp=cl.exp):
         A_bar = cl.div(cl.add_real(half, 1.0), cl.add_real(cl.scale(half, -1.0), 1.0))
         gamma = cl.div(delta, cl.add_real(cl.scale(A, -0.5 * delta), 1.0))
         return A_bar, gamma
-    A_bar = exp(cl.scale(A, step_A))
+    A_bar = cl.exp(cl.scale(A, step_A))
     if name in ("zoh", "async"):
         return A_bar, cl.div(cl.expm1(cl.scale(A, delta)), A)
     if name == "mamba":
@@ -98,32 +97,17 @@ def project(v, W, axis: int, precision=None):
     return contract(v, W, axis, precision.projection if isinstance(precision, Precisions) else precision)
 
 
-#: ``log2(e)``
-LOG2E = 1.4426950408889634
+def softplus(x):
+    """``log(1 + e^x)``, returning ``x`` above 20 (as lrnnx's kernels)."""
+    return jnp.where(x <= 20.0, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))), x)
 
 
-def fast_exp(x):
-    """``e^x`` of a real array as ``2^(x log2(e))``.
-
-    On an NVIDIA GPU a Pallas kernel lowers ``jnp.exp`` to libdevice's ``expf``, a range reduction of about ten
-    instructions around the hardware's ``ex2.approx``; ``jnp.exp2`` lowers to ``ex2.approx`` alone, so this costs a
-    multiply and one special-function instruction. Its relative error is the rounding of ``x log2(e)``, about
-    ``|x| 2^-24``, plus ``ex2.approx``'s 2 ulp: below 1e-6 for ``|x| < 16`` (float64 arrays stay float64-accurate).
-    """
-    return jnp.exp2(x * LOG2E)
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def softplus(x, exp=jnp.exp):
-    """``log(1 + e^x)``, returning ``x`` above 20 (as lrnnx's kernels); ``exp``: ``jnp.exp`` or :func:`fast_exp`."""
-    return jnp.where(x <= 20.0, jnp.log1p(exp(jnp.minimum(x, 20.0))), x)
-
-
-def sigmoid(x, exp=jnp.exp):
-    return 1.0 / (1.0 + exp(-x))
-
-
-def silu(x, exp=jnp.exp):
-    return x * sigmoid(x, exp)
+def silu(x):
+    return x * sigmoid(x)
 
 
 def erf(x):

@@ -124,14 +124,12 @@ def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta
 
     ``A`` ``(D, N)`` (or a tile), ``delta``, ``delta_A`` (None: ``delta``), ``u_t`` ``(..., D)``, ``B_t``
     ``(..., N)``, ``m`` None or a boolean ``(...)``: where False, ``A_bar = 1`` and ``x = 0``. With
-    ``delta_softplus``, ``delta`` is the step before its softplus, applied here. Every exponential is
-    :func:`pallas_kernels.kernel_math.fast_exp` (a multiply and ``ex2.approx`` in the kernels, not libdevice's
-    ``expf``), in the kernels and in :func:`reference` alike.
+    ``delta_softplus``, ``delta`` is the step before its softplus, applied here.
     """
     if delta_softplus:
-        delta = km.softplus(delta, km.fast_exp)
+        delta = km.softplus(delta)
     step_A = None if delta_A is None else delta_A[..., None]
-    A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A, exp=km.fast_exp)
+    A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A)
     # gamma * u first: (..., D, 1) for "mamba" and "dirac", D multiplies instead of D x N, and the gradients of
     # delta and u share one sum over the states of g * B
     x = (gamma * u_t[..., None]) * B_t[..., None, :]
@@ -144,13 +142,12 @@ def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta
 
 
 def readout(h, C_t, u_t, D=None, z_t=None):
-    """``y_t = (sum_n h_t C_t + D u_t) * silu(z_t)``: ``h (..., D, N)`` -> ``(..., D)`` (``silu`` by
-    :func:`pallas_kernels.kernel_math.fast_exp`)."""
+    """``y_t = (sum_n h_t C_t + D u_t) * silu(z_t)``: ``h (..., D, N)`` -> ``(..., D)``."""
     y = jnp.sum(h * C_t[..., None, :], axis=-1)
     if D is not None:
         y = y + D * u_t
     if z_t is not None:
-        y = y * km.silu(z_t, km.fast_exp)
+        y = y * km.silu(z_t)
     return y
 
 

@@ -62,34 +62,6 @@ def test_softplus_and_silu():
     np.testing.assert_allclose(km.silu(x), jax.nn.silu(x), rtol=2e-6, atol=1e-12)
 
 
-def test_fast_exp_and_the_activations_on_it_match_float64():
-    """fast_exp = 2^(x log2 e): the rounding of the product adds about |x| 2^-24 relative (6e-7 at |x| = 10, 1e-6 at
-    16, with the exponential's own rounding); softplus, sigmoid and silu on it; float64 stays float64-accurate; and
-    the real discretization that the training-scan kernels take (A_bar of "mamba" and "zoh")."""
-    x = np.random.default_rng(3).uniform(-16.0, 16.0, 4096)
-    x32 = jnp.asarray(x, jnp.float32)
-    exact = np.exp(np.asarray(x32, np.float64))  # of the float32 input, as the kernels see it
-    assert _relative_each(km.fast_exp(x32), exact) < 1.2e-6
-    assert _relative_each(km.fast_exp(x32[np.abs(x) < 1]), exact[np.abs(x) < 1]) < 2.5e-7
-    x64 = np.asarray(x32, np.float64)
-    np.testing.assert_allclose(km.softplus(x32, km.fast_exp), np.log1p(np.exp(x64)), rtol=2e-6)
-    np.testing.assert_allclose(km.sigmoid(x32, km.fast_exp), 1 / (1 + np.exp(-x64)), rtol=2e-6)
-    np.testing.assert_allclose(km.silu(x32, km.fast_exp), x64 / (1 + np.exp(-x64)), rtol=2e-6, atol=1e-12)
-    with jax.enable_x64(True):
-        assert _relative_each(km.fast_exp(jnp.asarray(x)), np.exp(x)) < 1e-14
-    A, delta, delta_A = _inputs(False)
-    for name in ("mamba", "zoh"):
-        A_bar, _ = km.discretize(name, jnp.asarray(A, jnp.float32), jnp.asarray(delta, jnp.float32),
-                                 jnp.asarray(delta_A, jnp.float32), exp=km.fast_exp)
-        assert _relative_each(A_bar, np.exp(A * delta_A)) < 1e-6
-
-
-def _relative_each(got, expected):
-    """The largest elementwise relative error."""
-    expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(np.asarray(got, np.float64) - expected) / np.abs(expected)))
-
-
 def test_erf_sigmoid_and_gelu_match_float64():
     x = np.linspace(-9.0, 9.0, 1801)
     x32 = jnp.asarray(x, jnp.float32)
