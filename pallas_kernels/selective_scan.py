@@ -43,6 +43,9 @@ does, and stores the chunk's gradients. It writes ``du``, ``ddelta``, ``ddelta_A
 ``dD`` ``(batch, D, N)``, ``(batch, D)``, reduced outside; and ``dh0``. Memory: ``O(batch L D)`` plus
 the checkpoints (``batch (L/chunk) D N``) plus the partial ``dB``/``dC`` (``blocks batch L N``).
 
+On a GPU both kernels take their exponentials by ``ex2.approx.ftz`` (:func:`kernel_exp`), about 1e-6 relative
+from ``jnp.exp`` in the steps' range; the reference and interpret mode use ``jnp.exp``.
+
 Both kernels compute in float32 and take float32, bfloat16 or float16 sequences (``A``, ``D``, ``h0``
 in any of those; the state is float32). Gradients are returned in each input's dtype. The gradient
 of ``h0`` is computed (a prefill from a cache differentiates through it). ``mask`` gets a zero
@@ -119,17 +122,19 @@ POLICY = ScanPolicy(
 
 
 # ----------------------------------------------------------------------------- the step, once
-def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta_softplus: bool = False):
+def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta_softplus: bool = False,
+                 exp=jnp.exp):
     """``(A_bar, x)`` of ``h_t = A_bar h_{t-1} + x`` for one step, any leading axes ``(...)``.
 
     ``A`` ``(D, N)`` (or a tile), ``delta``, ``delta_A`` (None: ``delta``), ``u_t`` ``(..., D)``, ``B_t``
     ``(..., N)``, ``m`` None or a boolean ``(...)``: where False, ``A_bar = 1`` and ``x = 0``. With
-    ``delta_softplus``, ``delta`` is the step before its softplus, applied here.
+    ``delta_softplus``, ``delta`` is the step before its softplus, applied here. ``exp``: the exponential
+    (``jnp.exp``; the kernels on a GPU pass :func:`kernel_exp`'s).
     """
     if delta_softplus:
-        delta = km.softplus(delta)
+        delta = km.softplus(delta, exp)
     step_A = None if delta_A is None else delta_A[..., None]
-    A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A)
+    A_bar, gamma = km.discretize(discretization, A, delta[..., None], step_A, exp=exp)
     # gamma * u first: (..., D, 1) for "mamba" and "dirac", D multiplies instead of D x N, and the gradients of
     # delta and u share one sum over the states of g * B
     x = (gamma * u_t[..., None]) * B_t[..., None, :]
@@ -141,13 +146,14 @@ def coefficients(discretization: str, A, delta, delta_A, B_t, u_t, m=None, delta
     return A_bar, x
 
 
-def readout(h, C_t, u_t, D=None, z_t=None):
-    """``y_t = (sum_n h_t C_t + D u_t) * silu(z_t)``: ``h (..., D, N)`` -> ``(..., D)``."""
+def readout(h, C_t, u_t, D=None, z_t=None, exp=jnp.exp):
+    """``y_t = (sum_n h_t C_t + D u_t) * silu(z_t)``: ``h (..., D, N)`` -> ``(..., D)`` (``exp``: the exponential of
+    ``silu``, as :func:`coefficients`)."""
     y = jnp.sum(h * C_t[..., None, :], axis=-1)
     if D is not None:
         y = y + D * u_t
     if z_t is not None:
-        y = y * km.silu(z_t)
+        y = y * km.silu(z_t, exp)
     return y
 
 
@@ -179,6 +185,15 @@ def reference(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h0=Non
 
 
 # ----------------------------------------------------------------------------- the kernels
+def kernel_exp(config: dispatch.KernelConfig):
+    """The exponential of the kernels' steps: :func:`pallas_kernels.kernel_math.hardware_exp` (``ex2.approx.ftz``) on a
+    GPU, ``jnp.exp`` in interpret mode (which cannot run inline assembly). Measured on an H200 in Mamba's training
+    step (B=32, L=2048, D=256, N=16, float32; benchmarks/results/hardware_exp_h200/): forward kernel 0.415-0.417 ms
+    against 0.438 with libdevice's ``expf``, backward 1.021-1.028 against 1.076; ``jnp.exp2`` (non-``ftz``) instead
+    made the backward slower, 1.155 (fast_exp_h200/)."""
+    return jnp.exp if dispatch.interpret_mode(config) else km.hardware_exp
+
+
 def load_group(chunk: int, load_steps: int) -> int:
     """Chunks per pipelined load of a kernel that loads ``load_steps`` steps at a time (at least one chunk)."""
     return max(1, load_steps // chunk)
@@ -270,6 +285,7 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
     _check_loads("forward", length, chunk, group)
     steps = chunk * group  # per pipelined load
     f32 = jnp.float32
+    exp = kernel_exp(config)
 
     def body(*refs):
         ref = dict(zip(names, refs))
@@ -287,9 +303,9 @@ def forward_kernel(u, delta, A, B, C, D=None, z=None, delta_A=None, mask=None, h
                 if i % chunk == 0:
                     checkpoints.append(h)
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"],
-                                    delta_softplus)
+                                    delta_softplus, exp)
                 h = _inside(tile_ok, a * h + x)
-                ys.append(readout(h, s["C"], s["u"], D_vec, s["z"]))
+                ys.append(readout(h, s["C"], s["u"], D_vec, s["z"], exp))
             for j, checkpoint in enumerate(checkpoints):
                 plgpu.store(ckpt_ref.at[b, k * group + j, rows, cols], checkpoint, mask=tile_ok)
             for i, y in enumerate(ys):
@@ -325,6 +341,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
     _check_loads("backward", length, chunk, group)
     blocks = pl.cdiv(dim, block_d)
     f32 = jnp.float32
+    exp = kernel_exp(config)
     seq = lambda a: jax.ShapeDtypeStruct((batch, length, dim), a.dtype)  # noqa: E731
     outs = {"du": seq(u), "ddelta": seq(delta)}
     if z is not None:
@@ -352,11 +369,11 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
                                           ("B", s["B"]), ("u", s["u"])) if v is not None}
             (a, _), coef_vjp = jax.vjp(
                 lambda p: coefficients(discretization, p["A"], p["delta"], p.get("delta_A"), p["B"], p["u"], s["m"],
-                                       delta_softplus),
+                                       delta_softplus, exp),
                 coef_in)
             read_in = {k: v for k, v in (("h", h), ("C", s["C"]), ("u", s["u"]), ("D", D_vec), ("z", s["z"]))
                        if v is not None}
-            _, read_vjp = jax.vjp(lambda p: readout(p["h"], p["C"], p["u"], p.get("D"), p.get("z")), read_in)
+            _, read_vjp = jax.vjp(lambda p: readout(p["h"], p["C"], p["u"], p.get("D"), p.get("z"), exp), read_in)
             (dread,) = read_vjp(dy_t)
             g = _inside(tile_ok, g + dread["h"])  # the adjoint of h_t
             (dcoef,) = coef_vjp((g * h_prev, g))
@@ -378,7 +395,7 @@ def backward_kernel(u, delta, A, B, C, D, z, delta_A, mask, checkpoints, dy, dh_
             states = [h]
             for s in inputs:  # unrolled: the chunk's states stay in registers
                 a, x = coefficients(discretization, A_tile, s["delta"], s["delta_A"], s["B"], s["u"], s["m"],
-                                    delta_softplus)
+                                    delta_softplus, exp)
                 h = _inside(tile_ok, a * h + x)
                 states.append(h)
             grads = [None] * chunk

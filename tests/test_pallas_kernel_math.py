@@ -62,6 +62,37 @@ def test_softplus_and_silu():
     np.testing.assert_allclose(km.silu(x), jax.nn.silu(x), rtol=2e-6, atol=1e-12)
 
 
+def test_hardware_exp_is_two_to_the_x_log2e_and_its_derivative_reuses_it(monkeypatch):
+    """hardware_exp's wrapper on the CPU: the inline ex2.approx.ftz (GPU only; its accuracy is checked by the kernels'
+    tests on the GPU) stood in for by an exact 2^y, so that what is checked is the scaling by log2(e) and the custom
+    derivative, against float64; and the softplus and silu the kernels take on it."""
+
+    class ExactEx2:
+        @staticmethod
+        def elementwise_inline_asm(asm, args, constraints, pack, result_shape_dtypes):
+            assert asm == "ex2.approx.ftz.f32 $0, $1;" and constraints == "=r,r" and pack == 1
+            [y], [like] = args, result_shape_dtypes
+            assert like.shape == y.shape and like.dtype == jnp.float32
+            return [jnp.exp2(y)]
+
+    monkeypatch.setattr(km.dispatch, "pallas_modules", lambda: (None, ExactEx2))
+    x = np.random.default_rng(4).uniform(-12.0, 12.0, 2048)
+    x32 = jnp.asarray(x, jnp.float32)
+    exact = np.exp(np.asarray(x32, np.float64))
+    # the product x log2(e) rounds once, |x| 2^-24 relative in the result (7.2e-7 at |x| = 12); 2^-21 for exp2's own
+    # error (the stand-in's here, ex2.approx's 2^-22 on the GPU)
+    error = np.abs(np.asarray(km.hardware_exp(x32), np.float64) / exact - 1)
+    assert np.all(error <= np.abs(x) * 2.0**-24 + 2.0**-21) and np.max(error) > 1e-7  # the rounding is there
+    value, slope = jax.jvp(km.hardware_exp, (x32,), (jnp.ones_like(x32),))
+    np.testing.assert_array_equal(slope, value)  # the derivative is the result itself
+    grad = jax.grad(lambda v: jnp.sum(km.softplus(v, km.hardware_exp) * km.silu(v, km.hardware_exp)))(x32)
+    x64 = np.asarray(x32, np.float64)
+    sig = 1 / (1 + np.exp(-x64))
+    softplus, silu = np.log1p(np.exp(x64)), x64 * sig
+    expected = sig * silu + softplus * (sig + x64 * sig * (1 - sig))
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_erf_sigmoid_and_gelu_match_float64():
     x = np.linspace(-9.0, 9.0, 1801)
     x32 = jnp.asarray(x, jnp.float32)

@@ -263,7 +263,7 @@ def test_softplus_of_the_step_inside_the_kernels(discretization, event):
 @pytest.mark.parametrize("discretization", ss.DISCRETIZATIONS)
 def test_kernels_lower_to_triton(lower_for_h100, discretization):
     """The forward and backward kernels (bfloat16 sequences, event mode, a mask, a ragged D = 40 and N = 5; the
-    softplus of the step inside them for "mamba")."""
+    softplus of the step inside them for "mamba"), their exponentials by inline ex2.approx.ftz."""
     config = KernelConfig(use_kernels="always", interpret=False)
     bf = jnp.bfloat16
     seq = jnp.ones((2, 12, 40), bf)
@@ -274,5 +274,8 @@ def test_kernels_lower_to_triton(lower_for_h100, discretization):
                               config=config, delta_softplus=discretization == "mamba")
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
-    lower_for_h100(jax.grad(loss, argnums=tuple(range(9))), seq, seq, -jnp.ones((40, 5)), jnp.ones((2, 12, 5), bf),
-                   jnp.ones((2, 12, 5), bf), jnp.ones((40,)), seq, seq, jnp.zeros((2, 40, 5)), kernels=2)
+    text = lower_for_h100(jax.grad(loss, argnums=tuple(range(9))), seq, seq, -jnp.ones((40, 5)),
+                          jnp.ones((2, 12, 5), bf), jnp.ones((2, 12, 5), bf), jnp.ones((40,)), seq, seq,
+                          jnp.zeros((2, 40, 5)), kernels=2)
+    # the exponentials on the GPU's ex2.approx.ftz (kernel_exp), none on libdevice's expf
+    assert "ex2.approx.ftz.f32" in text and "__nv_expf" not in text
