@@ -86,7 +86,10 @@ POLICY = ScanPolicy(
              "kernels / XLA path, LRU at H=16 1.02 / 0.63 ms, B=16 1.13 / 0.92, L=8 0.39 / 0.32, B=128 2.82 / 4.04; "
              "S5 LTV at L=8..64 1.09-1.27x slower; S5 LTI and S4D, 23 more points "
              "(training_sweeps_s5_s4d_cublas_h200/): S5 at the point 1.62 / 1.47, L=64 0.66 / 0.41, H=32 1.04 / "
-             "0.78, B=128 2.76 / 4.05; S4D at L=64 0.67 / 0.33, L=128 1.05 / 0.46: the kernels lose at short "
+             "0.78, B=128 2.76 / 4.05; S4D at L=64 0.67 / 0.33, L=128 1.05 / 0.46; S4D's and S5 LTV's remaining "
+             "points (training_sweeps_s4d_s5ltv_cublas_h200/): S4D 2.1-7.1x slower at all 11 (L=1024 3.85 / 1.05, "
+             "B=128 25.6 / 3.63), S5 LTV at L=512 0.58 / 0.80, L=1024 0.83 / 1.16, H=256 1.48 / 1.70 but H=16 "
+             "1.01 / 0.55, B=8 0.73 / 0.65: the kernels lose at short "
              "sequences, small widths and small batches. Not faster at every point, and the kernels of LRU and S5 "
              "compile over the 10 s budget, so 'auto' keeps the XLA paths",
 )
