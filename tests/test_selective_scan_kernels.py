@@ -27,6 +27,7 @@ from jax.test_util import check_grads
 from conftest import relative_error
 from lrnnx_jax.models.ltv.mamba import Mamba
 from pallas_kernels import KernelConfig, dispatch
+from pallas_kernels import kernel_math as km
 from pallas_kernels import selective_scan as ss
 
 ALWAYS = KernelConfig(use_kernels="always")  # interpret mode on the CPU (dispatch.interpret_mode)
@@ -152,6 +153,14 @@ def test_backward_loading_two_chunks_at_a_time(monkeypatch):
     monkeypatch.setattr(ss, "BACKWARD_LOAD_STEPS", 2 * CHUNK)
     assert ss.load_group(CHUNK, ss.BACKWARD_LOAD_STEPS) == 2 and ss.padded_length(LENGTH, CHUNK) == 16
     _compare(_arrays(0), LENGTHS_MASK, "zoh", F32_TOL)
+
+
+def test_kernels_take_the_hardware_exponential_only_where_they_compile_for_the_gpu():
+    """kernel_exp: interpret mode (every CPU run of these tests) cannot run inline assembly, so it keeps jnp.exp; a
+    compiled kernel takes hardware_exp (its lowering: test_kernels_lower_to_triton)."""
+    assert ss.kernel_exp(KernelConfig(use_kernels="always", interpret=True)) is jnp.exp
+    assert ss.kernel_exp(KernelConfig(use_kernels="always", interpret=False)) is km.hardware_exp
+    assert ss.kernel_exp(ALWAYS) is (jnp.exp if dispatch.interpret_mode(ALWAYS) else km.hardware_exp)
 
 
 def test_kernels_refuse_a_length_that_is_not_whole_loads():
