@@ -115,6 +115,8 @@ def hardware_exp(x):
     lowers only for the GPU (interpret mode cannot run it; kernels take ``jnp.exp`` there). The derivative reuses the
     result.
     """
+    if x.dtype != jnp.float32:
+        raise TypeError(f"hardware_exp takes a float32 array (ex2.approx.ftz.f32), got {x.dtype}")
     _, plgpu = dispatch.pallas_modules()
     y = x * LOG2E
     [e] = plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[y], constraints="=r,r", pack=1,

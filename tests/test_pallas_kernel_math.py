@@ -91,6 +91,8 @@ def test_hardware_exp_is_two_to_the_x_log2e_and_its_derivative_reuses_it(monkeyp
     softplus, silu = np.log1p(np.exp(x64)), x64 * sig
     expected = sig * silu + softplus * (sig + x64 * sig * (1 - sig))
     np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="hardware_exp takes a float32 array .* got bfloat16"):
+        km.hardware_exp(x32.astype(jnp.bfloat16))
 
 
 def test_erf_sigmoid_and_gelu_match_float64():
