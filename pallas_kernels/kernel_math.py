@@ -2,8 +2,8 @@
 
 Everything here is elementwise ``jnp``, a reduction, or a ``dot_general``, takes real
 arrays or :class:`~pallas_kernels.complex_lib.Planes`, and lowers inside a Pallas
-(Triton) kernel body as well as in XLA. The model cells are written with these
-functions only, so one step function serves the XLA drivers and the kernels.
+(Triton) kernel body as well as in XLA (except :func:`hardware_exp`, which is GPU assembly). The model cells are
+written with these functions only, so one step function serves the XLA drivers and the kernels.
 
 * :func:`discretize`: the kernels' versions of ``lrnnx_jax.core.discretization``
   (which stays the single definition for the models' parallel paths; the two are
@@ -11,7 +11,9 @@ functions only, so one step function serves the XLA drivers and the kernels.
 * :func:`contract` and :func:`project`: a vector (or a block of rows) contracted with a parameter
   tile, for the SSM's own contractions and for the dense projections around it (:class:`Precisions`);
 * activations: :func:`softplus`, :func:`silu`, :func:`sigmoid`, :func:`gelu` (with a
-  rational :func:`erf`, since ``lax.erf`` has no Triton lowering).
+  rational :func:`erf`, since ``lax.erf`` has no Triton lowering);
+* :func:`hardware_exp`: ``e^x`` on the GPU's ``ex2.approx.ftz``, which a compiled kernel can pass as the ``exp`` of
+  :func:`discretize`, :func:`softplus`, :func:`sigmoid` and :func:`silu` (``jnp.exp`` by default).
 """
 
 from __future__ import annotations
