@@ -513,7 +513,7 @@ def environment(args, argv) -> dict:
                                                  "model_dims", "batch_sizes", "d_state", "warmup", "repeats",
                                                  "matmul_precision", "compiler_options", "check_precision", "rtol",
                                                  "hbm_bandwidth", "memory_fraction", "time_budget", "seed")},
-        "constants": {f"{module}.{name}": value for module, name, value in args.set},
+        "constants": constants_record(args.set),
         "loss": "jit(value_and_grad(sum(model(x)))) w.r.t. every nnx.Param and x, float32",
     }
 
@@ -619,6 +619,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with kernel_constants(args.set):
         return run(args, argv)
+
+
+def constants_record(settings: list) -> dict:
+    """``--set``'s overrides as the results file records them: ``{"MODULE.NAME": value}``."""
+    return {f"{module}.{name}": value for module, name, value in settings}
 
 
 @contextlib.contextmanager

@@ -185,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         environment = {"device": f"{device.platform}: {getattr(device, 'device_kind', str(device))}",
                        "jax": jax.__version__, "command": "python -m benchmarks.profile_training " + " ".join(argv),
                        "config": {**point, "path": args.path, "d_state": args.d_state, "steps": args.steps,
-                                  "constants": {f"{module}.{name}": value for module, name, value in args.set}}}
+                                  "constants": training.constants_record(args.set)}}
         args.out.write_text(json.dumps({"environment": environment, "results": results}, indent=1))
     return results
 
