@@ -99,12 +99,21 @@ class Split(NamedTuple):
       splits_x: whether each program's step reads only its slice of the step input ``x``
         (``x`` has the split channels as its features, e.g. S4 without an input layer); the
         drivers hand it that slice (a one-hot selection in the kernel). False: the whole ``x``.
+      exchange: how the kernel's programs exchange their partial sums (one of :data:`EXCHANGES`; see
+        :func:`pallas_kernels.fused_generation._exchange_collectives`): ``"barrier"``, an acquire-release
+        atomic counter per row group, or ``"tagged"``, words that carry the exchange's number (no fence or
+        atomic). Neither is faster for every cell: the cell declares the one measured faster for it.
     """
 
     channels: int
     params: dict
     state: dict
     splits_x: bool = False
+    exchange: str = "barrier"
+
+
+#: the values of ``Split.exchange``
+EXCHANGES = ("barrier", "tagged")
 
 
 class Collectives(NamedTuple):

@@ -21,18 +21,22 @@ step function runs unchanged on the padded tiles. It serves:
 :class:`~pallas_kernels.cells.Split` runs each batch row on ``P`` programs (grid ``(rows, P)``),
 each holding ``1/P`` of its channels' parameters and state on chip for the whole rollout. Where
 the step reduces over the channels (``comm.psum`` / ``comm.psum_scatter``), each program writes
-its partial sums to a double-buffered exchange array in global memory, the ``P`` programs of the
-row meet at a barrier (an acquire-release atomic counter per row, then a spin on it), and each
-reads the ``P`` partials back from L2 and adds them in the same order, so every program holds the
-same bits. A split cell that is also ``blockable`` gives each program a block of rows where one row
+its partial sums to a double-buffered exchange array in global memory, waits for the row's other
+programs, reads the ``P`` partials back from L2 and adds them in the same order, so every program
+holds the same bits. The wait is the cell's ``Split.exchange``: a barrier (an acquire-release atomic
+counter per row, then a spin on it), or tagged words (16 bits of a partial below the exchange's
+number, so that each word says itself that it is written: no fence or atomic); neither is faster
+for every cell, so each cell declares the one measured faster for it.
+
+A split cell that is also ``blockable`` gives each program a block of rows where one row
 per program would not be resident (:func:`split_block`, or ``KernelConfig.block_batch``): the ``P``
 programs of a block hold one slice of the channels for all its rows (tensor-core dots), so
 ``B / block x P`` programs share the parameters once per block instead of once per row. All programs
 must be resident at once: ``row groups x P`` is at most the GPU's SM count, which assumes the kernel
 has the GPU to itself (XLA runs one stream; a GPU shared with other processes through MPS could leave
 a row's programs waiting for one that cannot start).
-Interpret mode runs programs one after another (a barrier among several would never return), so
-there a split cell runs with ``P = 1`` through the same exchange code.
+Interpret mode runs programs one after another (a program waiting for another would never
+return), so there a split cell runs with ``P = 1`` through the same exchange code.
 
 Whatever does not fit on chip gets a reason from :func:`unsupported_reason`, and the
 caller keeps the XLA driver.
@@ -382,9 +386,21 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             {**one_program(groups["row"], 1), **one_program(groups["step"], 2)}, precision, parts)
     exchange_shapes = [shape for shapes in exchanges for shape in shapes]
 
+    if parts is not None and cell.split.exchange not in cells.EXCHANGES:
+        raise ValueError(f"Split.exchange={cell.split.exchange!r}: expected one of {cells.EXCHANGES}")
+    tagged = parts is not None and cell.split.exchange == "tagged"
+    # inputs that the kernel updates in place (their outputs follow ys and the state): a tagged split's exchange
+    # arrays (2 slots x row groups x programs x 2 halves, from zero words), or a barrier split's counters (one per
+    # row group, from zero)
+    initial = ([jnp.zeros((2, rows // block, parts, 2, *shape), jnp.int32) for shape in exchange_shapes] if tagged
+               else [] if parts is None else [jnp.zeros((rows // block,), jnp.int32)])
+    operands = [x0p, *(flat[g][i] for g, i in order)]
+    aliases = {len(operands) + i: 1 + n_state + i for i in range(len(initial))}
+    operands += initial
+
     def body(x0_ref, *refs):
         ref = dict(zip(order, refs[:len(order)]))
-        outputs = refs[len(order) + (parts is not None):]  # the counter's input ref is not used: its output is
+        outputs = refs[len(order) + len(initial):]  # (the refs of the updated inputs are not used: their outputs are)
         ys_ref, state_out = outputs[0], outputs[1:1 + n_state]
         program = pl.program_id(0)
         zero = 0 * program  # traced: the ragged output lanes are masked, not bounds-checked
@@ -399,8 +415,10 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
         if parts is not None:
             part = pl.program_id(1)
             where_state, ok = (sel, part), ok & (part == 0)  # every program of a row holds the same output
-            comm_of_step = _exchange_collectives(plgpu, pl, outputs[1 + n_state], outputs[2 + n_state:], exchanges,
-                                                 program, part, parts, zero, interpret)
+            updated = outputs[1 + n_state:]
+            counter, buffers = (None, updated) if tagged else (updated[0], updated[1:])
+            comm_of_step = _exchange_collectives(plgpu, pl, counter, buffers, exchanges, program, part, parts, zero,
+                                                 interpret, tagged)
 
         def param(i):
             return ref["params", i][part] if split_leaf[i] else ref["params", i][...]
@@ -441,15 +459,10 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     out_shape = [
         jax.ShapeDtypeStruct((num_steps, batch, H) if time_major else (batch, num_steps, H), jnp.float32),
         *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in flat["state"]),
+        *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in initial),
     ]
-    operands = [x0p, *(flat[g][i] for g, i in order)]
-    aliases = {}
-    if parts is not None:  # the barrier counters (one per row group, from zero) and the exchange arrays (2 slots)
-        aliases = {len(operands): len(out_shape)}
-        operands.append(jnp.zeros((rows // block,), jnp.int32))
-        out_shape += [jax.ShapeDtypeStruct((rows // block,), jnp.int32),
-                      *(jax.ShapeDtypeStruct((2, rows // block, parts, *shape), jnp.float32)
-                        for shape in exchange_shapes)]
+    if parts is not None and not tagged:  # a barrier split's exchange arrays (2 slots)
+        out_shape += [jax.ShapeDtypeStruct((2, rows // block, parts, *shape), jnp.float32) for shape in exchange_shapes]
     call = pl.pallas_call(
         body,
         out_shape=tuple(out_shape),
@@ -467,13 +480,61 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     return ys, jax.tree.unflatten(treedefs["state"], final)
 
 
-def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part, parts: int, zero, interpret: bool):
-    """``comm_of_step(t) -> Collectives`` of a split program (of row group ``row``: one row, or a block of rows):
-    each call writes its partial sums to its exchange arrays (slot ``n % 2`` for the ``n``-th exchange of the
-    rollout), meets the group's other programs at barrier ``n`` and adds their partials one program at a time, in
-    program order (volatile loads: strong loads, served by L2, never by the incoherent L1; one partial at a time
-    keeps a block's partials out of the registers). Two slots suffice: a program writes a slot again only after
-    barrier ``n + 1``, which every program reaches after reading slot ``n``."""
+#: an exchange word is 16 bits of a float32 partial (its high or its low half) below a 16-bit tag, the exchange's
+#: number (:func:`exchange_tag`): a reader knows a word is written when its tag is the one it expects
+TAG_SHIFT = 16
+HALF_MASK = (1 << TAG_SHIFT) - 1
+#: tags cycle through 1 .. TAG_PERIOD (never 0, the exchange arrays' initial words)
+TAG_PERIOD = 1 << 14
+
+
+def exchange_tag(number):
+    """The tag of the ``number``-th exchange of a rollout (int32, in ``1 .. TAG_PERIOD``). Slot ``number % 2`` last
+    held exchange ``number - 2``, whose tag differs."""
+    return (number & (TAG_PERIOD - 1)) + 1
+
+
+def tagged_words(value, tag):
+    """float32 ``value (...)`` -> int32 words ``(high, low)``, each 16 of its bits below ``tag``: every word is
+    written whole by one 32-bit store, so a reader that sees ``tag`` in a word sees its bits."""
+    bits = jax.lax.bitcast_convert_type(value, jnp.int32)
+    stamp = jax.lax.shift_left(tag, TAG_SHIFT)
+    return jax.lax.shift_right_logical(bits, TAG_SHIFT) | stamp, (bits & HALF_MASK) | stamp
+
+
+def word_tag(word):
+    """The tag of int32 exchange words."""
+    return jax.lax.shift_right_logical(word, TAG_SHIFT)
+
+
+def untagged_value(high, low):
+    """The inverse of :func:`tagged_words`: the float32 value, bit for bit."""
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(high, TAG_SHIFT) | (low & HALF_MASK), jnp.float32)
+
+
+def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part, parts: int, zero, interpret: bool,
+                          tagged: bool):
+    """``comm_of_step(t) -> Collectives`` of a split program (of row group ``row``: one row, or a block of rows).
+
+    The ``n``-th exchange of the rollout writes the program's partial sums to slot ``n % 2`` of its exchange arrays,
+    waits for the group's other programs, and reads the ``P`` partials back (volatile loads: strong, served by L2,
+    never by the incoherent L1) one program at a time (keeping a block's partials out of the registers), adding them
+    in program order, so that every program holds the same bits. The wait is the cell's ``Split.exchange``:
+
+    * ``"barrier"`` (``tagged`` False): the partials as float32, then barrier ``n``: a CTA barrier, an
+      acquire-release atomic add to the group's counter (``counter_ref``), a spin on it until all ``P`` programs
+      arrived, a CTA barrier;
+    * ``"tagged"``: the partials as tagged words (:func:`tagged_words`, tag :func:`exchange_tag` ``(n)``; no
+      fence, atomic or counter: each word says itself that it is written, the low-latency protocol of NCCL's LL
+      transport in 32-bit words). The reader spins until each program's last word carries the tag, then checks
+      that all their words do (else spins again), then loads them. Every load indexes from the result of the loop
+      before it (0), so that no compiler pass moves it above that loop: measured on an H200, loads after a loop
+      not tied to it read stale words; and with the words summed inside the checking loop, Triton crashed while
+      compiling the kernel for 16 programs.
+
+    Two slots suffice: a program writes slot ``n % 2`` again at exchange ``n + 2``, after every program of the group
+    has reached exchange ``n + 1``, which each does after reading slot ``n`` (the CTA barrier before a tagged
+    program's writes makes that hold for every one of its threads)."""
     per_call = []
     for shapes in exchanges:
         per_call.append(buffers[:len(shapes)])
@@ -498,24 +559,74 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
             number = t * len(exchanges) + k
             slot = number & 1  # (a remainder of weak-typed integers does not lower to Triton)
             leaves, treedef = jax.tree.flatten(tree)
-            for leaf, buffer in zip(leaves, per_call[k]):
-                buffer[slot, row, part] = leaf
-            barrier(number)
-            summed = []
-            for leaf, buffer in zip(leaves, per_call[k]):
+            indices = []  # the lanes of each leaf the program reads: all, or (psum_scatter) its own
+            for leaf in leaves:
                 lanes_index = ()
                 if scatter:
                     width = leaf.shape[-1] // parts
                     lanes_index = (*(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
-                total = plgpu.load(buffer.at[(slot, row, zero, *lanes_index)], volatile=True)
-                for other in range(1, parts):  # (traced indices: a Python int does not index a Triton ref)
-                    total = total + plgpu.load(buffer.at[(slot, row, zero + other, *lanes_index)], volatile=True)
+                indices.append(lanes_index)
+            # (traced indices throughout: a Python int does not index a Triton ref)
+            read = (_tagged_wait if tagged else _barrier_wait)(plgpu, pl, per_call[k], leaves, indices, barrier,
+                                                               number, slot, row, part, parts, zero, interpret)
+            summed = []
+            for buffer, lanes_index in zip(per_call[k], indices):
+                total = None
+                for other in range(parts):
+                    value = read(buffer, other, lanes_index)
+                    total = value if total is None else total + value
                 summed.append(total)
             return jax.tree.unflatten(treedef, summed)
 
         return Collectives(lambda tree: exchange(tree, False), lambda tree: exchange(tree, True))
 
     return comm_of_step
+
+
+def _barrier_wait(plgpu, pl, buffers, leaves, indices, barrier, number, slot, row, part, parts, zero, interpret):
+    """The ``"barrier"`` exchange (:func:`_exchange_collectives`): writes, waits; returns ``read(buffer, other,
+    lanes_index)``, program ``other``'s partial."""
+    for leaf, buffer in zip(leaves, buffers):
+        buffer[slot, row, part] = leaf
+    barrier(number)
+    return lambda buffer, other, lanes_index: plgpu.load(buffer.at[(slot, row, zero + other, *lanes_index)],
+                                                         volatile=True)
+
+
+def _tagged_wait(plgpu, pl, buffers, leaves, indices, barrier, number, slot, row, part, parts, zero, interpret):
+    """The ``"tagged"`` exchange (:func:`_exchange_collectives`): writes, waits; returns ``read(buffer, other,
+    lanes_index)``, program ``other``'s partial."""
+    tag = exchange_tag(number)
+    if not interpret:
+        plgpu.debug_barrier()  # every thread of the program has read slot n - 2
+    for leaf, buffer in zip(leaves, buffers):
+        for half, word in enumerate(tagged_words(leaf, tag)):
+            buffer[slot, row, part, zero + half] = word
+
+    def sentinels_unwritten(_):
+        """Whether a program's last word written (the low half of its last leaf's first number) lacks the tag: the
+        cheap wait, one word per program."""
+        first = (zero,) * leaves[-1].ndim
+        sentinels = plgpu.load(buffers[-1].at[(slot, row, pl.ds(zero, parts), zero + 1, *first)], volatile=True)
+        return jnp.max((word_tag(sentinels) != tag).astype(jnp.int32))
+
+    def words(buffer, other, half, lanes_index, base):
+        return plgpu.load(buffer.at[(slot, row, base + other, base + half, *lanes_index)], volatile=True)
+
+    def unwritten(_):
+        """Wait for the sentinels, then whether any word lacks the tag (one reduction per leaf shape)."""
+        base = jax.lax.while_loop(lambda count: count > 0, sentinels_unwritten, zero + 1)
+        stale = {}
+        for buffer, lanes_index in zip(buffers, indices):
+            for other in range(parts):
+                for half in (0, 1):
+                    wrong = word_tag(words(buffer, other, half, lanes_index, base)) != tag
+                    stale[wrong.shape] = wrong | stale[wrong.shape] if wrong.shape in stale else wrong
+        return sum((jnp.max(mask.astype(jnp.int32)) for mask in stale.values()), zero)
+
+    settled = jax.lax.while_loop(lambda count: count > 0, unwritten, zero + 1)
+    return lambda buffer, other, lanes_index: untagged_value(
+        *(words(buffer, other, half, lanes_index, settled) for half in (0, 1)))
 
 
 # ----------------------------------------------------------------------------- support

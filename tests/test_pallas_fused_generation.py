@@ -468,33 +468,89 @@ def test_split_plan(monkeypatch):
     assert s4d.split is None
 
 
-@TRITON_DEPRECATION
-@pytest.mark.parametrize("name", ["Mamba-zoh-event", "RGLRU-k2-bias", "S4-channels2"])
-def test_split_kernel_lowers_to_triton(lower_for_h100, name):
-    """Split over 2 programs per row: the atomic barrier, the spin loop, the exchange stores and volatile loads."""
+def _rollout_with_exchange(model, x0, taus, config, exchange):
+    """The fused rollout of ``model`` (a split cell) through ``run_cell``, its ``Split.exchange`` replaced."""
+    cell = model.cell()
+    cell = cell._replace(split=cell.split._replace(exchange=exchange))
+    step_inputs = {} if taus is None else model.cell_inputs(taus.shape, taus)
+    state = model.cell_state(model.allocate_inference_cache(x0.shape[0]))
+    return fg.run_cell(cell, state, x0, STEPS, {}, step_inputs, config=config)[0]
+
+
+def _split_case(name, block, seed):
+    """A split model and its inputs: ``BATCH`` rows, or 20 (a full block of 16 and a ragged one) for blocks."""
     model, event = _split_model(name)
-    x0, taus = _inputs(22, event=event)
-    x0 = jnp.tile(x0[:, :1], (1, model.d_model))
-    leaves, treedef = jax.tree.flatten(model)
-    config = dispatch.KernelConfig(interpret=False, split_programs=2)
-    text = lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS,
-                                                                    taus, config=config), leaves, x0, taus)
-    assert "atomic_rmw" in text
+    batch = BATCH if block == 1 else 20
+    rng = np.random.default_rng(seed)
+    x0 = jnp.asarray(rng.standard_normal((batch, model.d_model)), jnp.float32)
+    taus = None if event is None else jnp.asarray(rng.uniform(0.05, 1.5, (batch, STEPS)), jnp.float32)
+    return model, x0, taus
+
+
+def test_split_exchanges_are_declared_as_measured():
+    """S4 exchanges tagged words, Mamba and RG-LRU take the barrier (the H200 measurements of ``SPLIT_EXCHANGE``);
+    an unknown exchange is refused by name."""
+    declared = {name: _split_model(name)[0].cell().split.exchange for name in SPLIT}
+    assert declared == {"Mamba-bilinear-k3-bias": "barrier", "Mamba-zoh-event": "barrier", "RGLRU-k2-bias": "barrier",
+                        "S4-channels2": "tagged", "S4-gate-bottleneck": "tagged"}
+    model, x0, taus = _split_case("RGLRU-k2-bias", 1, 8)
+    with pytest.raises(ValueError, match="Split.exchange='atomic': expected one of"):
+        _rollout_with_exchange(model, x0, taus, dispatch.KernelConfig(use_kernels="always", split_programs=2), "atomic")
+
+
+@pytest.mark.parametrize("name,block", [("Mamba-zoh-event", 1), ("Mamba-bilinear-k3-bias", 16), ("RGLRU-k2-bias", 1),
+                                        ("S4-channels2", 1)])
+def test_split_exchanges_agree(name, block):
+    """Both exchanges of a split run (interpret mode: one program per row group, through each exchange's arrays)
+    equal the unfused ``generate``, and each other to float32 rounding (the words carry every bit, but XLA may fuse
+    the arithmetic around the two differently, e.g. into FMAs)."""
+    model, x0, taus = _split_case(name, block, 9)
+    config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=block)
+    barrier, tagged = (_rollout_with_exchange(model, x0, taus, config, exchange) for exchange in cells.EXCHANGES)
+    chex.assert_shape(tagged, (x0.shape[0], STEPS, model.d_model))
+    assert relative_error(tagged, barrier) < 1e-6
+    reference = _unfused(model, x0, STEPS, taus)
+    assert relative_error(tagged, reference) < TOL and relative_error(barrier, reference) < TOL
 
 
 @TRITON_DEPRECATION
-@pytest.mark.parametrize("name", ["Mamba-zoh-event", "RGLRU-k2-bias"])
-def test_split_block_kernel_lowers_to_triton(lower_for_h100, name):
-    """Split over 2 programs per block of 16 rows: the step's dots and 3-D state tiles, the block's exchanges."""
-    model, event = _split_model(name)
-    rng = np.random.default_rng(7)
-    x0 = jnp.asarray(rng.standard_normal((20, model.d_model)), jnp.float32)
-    taus = None if event is None else jnp.asarray(rng.uniform(0.05, 1.5, (20, STEPS)), jnp.float32)
+@pytest.mark.parametrize("name,block,exchange", [
+    ("Mamba-zoh-event", 1, "barrier"), ("Mamba-zoh-event", 1, "tagged"), ("RGLRU-k2-bias", 1, "barrier"),
+    ("RGLRU-k2-bias", 1, "tagged"), ("S4-channels2", 1, "tagged"), ("S4-channels2", 1, "barrier"),
+    ("Mamba-zoh-event", 16, "barrier"), ("Mamba-zoh-event", 16, "tagged"), ("RGLRU-k2-bias", 16, "tagged")])
+def test_split_kernel_lowers_to_triton(lower_for_h100, name, block, exchange):
+    """Split over 2 programs per row, or per block of 16 rows (the step's dots and 3-D state tiles), with each
+    exchange: the barrier's atomics, or the tagged words (their stores and volatile loads) and no atomic."""
+    model, x0, taus = _split_case(name, block, 22)
     leaves, treedef = jax.tree.flatten(model)
-    config = dispatch.KernelConfig(interpret=False, split_programs=2, block_batch=16)
-    text = lower_for_h100(lambda leaves, x0, taus: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, STEPS,
-                                                                    taus, config=config), leaves, x0, taus)
-    assert "atomic_rmw" in text
+    config = dispatch.KernelConfig(interpret=False, split_programs=2, block_batch=block)
+    text = lower_for_h100(lambda leaves, x0, taus: _rollout_with_exchange(jax.tree.unflatten(treedef, leaves), x0,
+                                                                          taus, config, exchange), leaves, x0, taus)
+    if exchange == "tagged":
+        assert "tagged_words" in text and "untagged_value" in text and "atomic_rmw" not in text
+    else:
+        assert "atomic_rmw" in text and "tagged_words" not in text
+
+
+def test_exchange_words_carry_every_bit_and_the_tag():
+    """``tagged_words`` / ``untagged_value``: every float32 bit pattern (random bits, signed zeros, infinities, NaN
+    payloads, subnormals) survives the two 16-bit halves exactly, each word carries the tag, and the tags of the
+    exchanges that share a slot (``n`` and ``n - 2``) differ and are never 0 (the arrays' initial words)."""
+    rng = np.random.default_rng(11)
+    bits = np.concatenate([rng.integers(-2**31, 2**31, 4096, dtype=np.int64).astype(np.int32),
+                           np.array([0, -2**31, 0x7F800000, -8388608, 0x7FC00001, 1, 0x007FFFFF], np.int32)])
+    value = jnp.asarray(bits.view(np.float32))
+    for number in (0, 1, 5, fg.TAG_PERIOD - 1, fg.TAG_PERIOD, 3 * fg.TAG_PERIOD + 7, 2**31 - 1):
+        tag = fg.exchange_tag(jnp.int32(number))
+        assert 1 <= int(tag) <= fg.TAG_PERIOD
+        high, low = fg.tagged_words(value, tag)
+        chex.assert_type([high, low], jnp.int32)
+        np.testing.assert_array_equal(fg.word_tag(high), int(tag))
+        np.testing.assert_array_equal(fg.word_tag(low), int(tag))
+        np.testing.assert_array_equal(np.asarray(fg.untagged_value(high, low)).view(np.int32), bits)
+        if number >= 2:
+            assert int(fg.exchange_tag(jnp.int32(number - 2))) != int(tag)
+    assert int(fg.word_tag(jnp.int32(0))) == 0
 
 
 # ----------------------------------------------------------------------------- fallbacks

@@ -75,6 +75,11 @@ COMBINATIONS = {
 NPLR_ARGS = ("B_clip",)
 DPLR_ARGS = ("real_random", "real_scale", "imag_random", "imag_scale", "B_init", "B_scale", "P_scale", "normalize")
 B_INITS = ("constant", "random", "alternating", "unit-cw", "unit-ccw", "legs", "hippo")
+#: how the programs of S4's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
+#: Measured on an H200 (H=128, d_state 64, 512 steps; µs per step, two alternating runs each,
+#: ``benchmarks/results/split_exchange_h200/device_call_6``): tagged words 3.13-3.17 / 3.04-3.13 / 3.74-3.81 at
+#: B = 1 / 8 / 32 against 3.18-3.30 / 3.56-3.65 / 5.02-5.25 with the counter barrier.
+SPLIT_EXCHANGE = "tagged"
 
 
 # ------------------------------------------------------------------ transforms
@@ -728,7 +733,8 @@ class S4Layer(LRNN):
         if gate != "full":
             axes[r"O\d+"] = 0
         along = {name: axis for name in params for pattern, axis in axes.items() if re.fullmatch(pattern, name)}
-        return Split(channels=self.d_inner, params=along, state={"h": 0}, splits_x=self.input_linear is None)
+        return Split(channels=self.d_inner, params=along, state={"h": 0}, splits_x=self.input_linear is None,
+                     exchange=SPLIT_EXCHANGE)
 
     def cell_state(self, cache):
         """``{"h": Planes (B, H', state_size)}`` of ``cache["lrnn_state"]``."""

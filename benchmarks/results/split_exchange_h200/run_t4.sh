@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Session 11, call 4: the tagged exchange, the loads after the poll indexed from its result:
+# determinism of the bias cases on both trees, the fused self-tests, and the split cells' µs per step.
+set -u
+export PYTHONUNBUFFERED=1
+R=$OUT/r; mkdir -p $R
+CASES="Mamba bilinear bias k3|RG-LRU k2 bias|Mamba B=1"
+
+export PYTHONPATH=$PWD
+timeout 120 python .gpu/diag.py "$CASES" 3 $R/diag_after.json > $R/diag_after.txt 2>&1; echo "== diag after"; grep -v Warning $R/diag_after.txt | tail -4
+if ! python -c "import json,sys; d=json.load(open('$R/diag_after.json')); sys.exit(0 if d and all(r['err']<1e-5 for c in d.values() for r in c['runs']) else 1)"; then
+  echo "diag failed: stop"; cd $OUT && tar czf results.tgz r; exit 0
+fi
+timeout 200 python -m pallas_kernels.gpu_fused_selftest --out $R/selftest_after.json > $R/selftest_after.txt 2>&1
+tail -2 $R/selftest_after.txt; grep -c PASS $R/selftest_after.txt; grep "FAIL\|ERROR\|rror" $R/selftest_after.txt | head -30
+timeout 150 python -m benchmarks.benchmark_fused_generation --models Mamba,RGLRU,S4 --batches 1 8 32 --no-loop --no-xla --repeats 10 --warmup 2 --no-plot --out $R/rows_after.json > $R/rows_after.txt 2>&1
+echo "== rows after"; grep "^| " $R/rows_after.txt | head -20; tail -3 $R/rows_after.txt
+timeout 100 python -m benchmarks.benchmark_fused_generation --models Mamba,RGLRU --batches 64 256 --no-loop --no-xla --repeats 10 --warmup 2 --no-plot --out $R/blocks_after.json > $R/blocks_after.txt 2>&1
+echo "== blocks after"; grep "^| " $R/blocks_after.txt | head -20
+cd $OUT && tar czf results.tgz r
