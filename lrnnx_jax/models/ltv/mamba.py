@@ -78,6 +78,13 @@ POLICY = KernelPolicy(
     xla_unroll=2,
 )
 
+#: how the programs of Mamba's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
+#: Measured on an H200 (H=128, d_state 16, 512 steps; µs per step, two alternating runs each,
+#: ``benchmarks/results/split_exchange_h200/device_call_6``): the counter barrier 7.84-8.01 / 9.74-9.84 / 8.99-9.81
+#: at B = 1 / 8 / 32 against 16.4-16.5 / 20.0 / 12.1-12.2 with tagged words; blocks of 16 rows 16.6-17.2 against
+#: 23.5-24.4 at B = 64 / 256.
+SPLIT_EXCHANGE = "barrier"
+
 
 def event_step(tau, dtA_bias):
     """The event-mode A-step ``tau * softplus(dtA_bias)``: ``tau (...)`` -> ``(..., D)``."""
@@ -205,7 +212,7 @@ def mamba_split(d_inner: int, d_conv: int) -> Split:
     along_first = ["Win_x", "Win_z", "Win_x_b", "Win_z_b", "conv_b", "Wdt_b", "A", "Dskip", "dtA", "Wout",
                    *(f"conv_w{k}" for k in range(d_conv))]
     return Split(d_inner, {**dict.fromkeys(along_first, 0), **dict.fromkeys(["Wx_r", "Wx_B", "Wx_C", "Wdt"], 1)},
-                 {"h": 0, **{f"conv{k}": 0 for k in range(d_conv)}})
+                 {"h": 0, **{f"conv{k}": 0 for k in range(d_conv)}}, exchange=SPLIT_EXCHANGE)
 
 
 #: one step function per discretization (stable identities)

@@ -56,6 +56,13 @@ POLICY = KernelPolicy(
               "captured in 1.93 instead of 4.18 s at B=256 but stepped in 17.1 instead of 12.8 us"),
 )
 
+#: how the programs of RG-LRU's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
+#: Measured on an H200 (H=128, 512 steps; µs per step, two alternating runs each,
+#: ``benchmarks/results/split_exchange_h200/device_call_6``): the counter barrier 5.26-5.71 / 4.94-5.08 / 5.23-5.37
+#: at B = 1 / 8 / 32 against 4.34-4.43 / 5.23-5.52 / 5.04-5.23 with tagged words (mixed); blocks of 16 rows
+#: 10.0-10.4 against 13.6-14.0 at B = 64 / 256.
+SPLIT_EXCHANGE = "barrier"
+
 
 #: RG-LRU's training-scan kernels were measured faster than its XLA scan: ``"auto"`` takes them on an NVIDIA GPU
 SCAN_POLICY = ScanPolicy(
@@ -133,7 +140,7 @@ def rglru_split(d_inner: int, d_conv: int) -> Split:
     split = {"Wg": 1, "Wi": 1, "Wr": 0, "Wig": 0, "Wout": 0,
              **dict.fromkeys(["Wg_b", "Wi_b", "conv_b", "Wr_b", "Wig_b", "a_log"], 0),
              **{f"conv_w{k}": 0 for k in range(d_conv)}}
-    return Split(d_inner, split, {"h": 0, **{f"conv{k}": 0 for k in range(d_conv)}})
+    return Split(d_inner, split, {"h": 0, **{f"conv{k}": 0 for k in range(d_conv)}}, exchange=SPLIT_EXCHANGE)
 
 
 
