@@ -539,17 +539,6 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
     for shapes in exchanges:
         per_call.append(buffers[:len(shapes)])
         buffers = buffers[len(shapes):]
-    one = zero + 1
-
-    def barrier(number):
-        if not interpret:
-            plgpu.debug_barrier()  # every thread's partial is written before the release below
-        arrived = plgpu.atomic_add(counter_ref, (row,), one) + 1  # acquire-release, GPU scope
-        target = (number + 1) * parts
-        jax.lax.while_loop(lambda seen: seen < target, lambda seen: plgpu.atomic_add(counter_ref, (row,), zero),
-                           arrived)
-        if not interpret:
-            plgpu.debug_barrier()
 
     def comm_of_step(t):
         calls = iter(range(len(exchanges)))
@@ -567,8 +556,12 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
                     lanes_index = (*(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
                 indices.append(lanes_index)
             # (traced indices throughout: a Python int does not index a Triton ref)
-            read = (_tagged_wait if tagged else _barrier_wait)(plgpu, pl, per_call[k], leaves, indices, barrier,
-                                                               number, slot, row, part, parts, zero, interpret)
+            if tagged:
+                read = _tagged_wait(plgpu, pl, per_call[k], leaves, indices, number, slot, row, part, parts, zero,
+                                    interpret)
+            else:
+                read = _barrier_wait(plgpu, counter_ref, per_call[k], leaves, number, slot, row, part, parts, zero,
+                                     interpret)
             summed = []
             for buffer, lanes_index in zip(per_call[k], indices):
                 total = None
@@ -583,17 +576,23 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
     return comm_of_step
 
 
-def _barrier_wait(plgpu, pl, buffers, leaves, indices, barrier, number, slot, row, part, parts, zero, interpret):
+def _barrier_wait(plgpu, counter_ref, buffers, leaves, number, slot, row, part, parts, zero, interpret):
     """The ``"barrier"`` exchange (:func:`_exchange_collectives`): writes, waits; returns ``read(buffer, other,
     lanes_index)``, program ``other``'s partial."""
     for leaf, buffer in zip(leaves, buffers):
         buffer[slot, row, part] = leaf
-    barrier(number)
+    if not interpret:
+        plgpu.debug_barrier()  # every thread's partial is written before the release below
+    arrived = plgpu.atomic_add(counter_ref, (row,), zero + 1) + 1  # acquire-release, GPU scope
+    target = (number + 1) * parts
+    jax.lax.while_loop(lambda seen: seen < target, lambda seen: plgpu.atomic_add(counter_ref, (row,), zero), arrived)
+    if not interpret:
+        plgpu.debug_barrier()
     return lambda buffer, other, lanes_index: plgpu.load(buffer.at[(slot, row, zero + other, *lanes_index)],
                                                          volatile=True)
 
 
-def _tagged_wait(plgpu, pl, buffers, leaves, indices, barrier, number, slot, row, part, parts, zero, interpret):
+def _tagged_wait(plgpu, pl, buffers, leaves, indices, number, slot, row, part, parts, zero, interpret):
     """The ``"tagged"`` exchange (:func:`_exchange_collectives`): writes, waits; returns ``read(buffer, other,
     lanes_index)``, program ``other``'s partial."""
     tag = exchange_tag(number)
