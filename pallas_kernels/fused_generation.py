@@ -528,9 +528,10 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
       fence, atomic or counter: each word says itself that it is written, the low-latency protocol of NCCL's LL
       transport in 32-bit words). The reader spins until each program's last word carries the tag, then checks
       that all their words do (else spins again), then loads them. Every load indexes from the result of the loop
-      before it (0), so that no compiler pass moves it above that loop: measured on an H200, loads after a loop
-      not tied to it read stale words; and with the words summed inside the checking loop, Triton crashed while
-      compiling the kernel for 16 programs.
+      before it (0): JAX drops a ``while`` loop whose results are unused and whose body has no effect (a volatile
+      load is none), so an untied wait vanished from the kernel (on an H200 the partials were then read before
+      they were written); the barrier's loop, which spins on atomics, stays. With the words summed inside the
+      checking loop instead of loaded again, Triton crashed while compiling the kernel for 16 programs.
 
     Two slots suffice: a program writes slot ``n % 2`` again at exchange ``n + 2``, after every program of the group
     has reached exchange ``n + 1``, which each does after reading slot ``n`` (the CTA barrier before a tagged

@@ -14,6 +14,7 @@ import warnings
 
 import chex
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -530,6 +531,78 @@ def test_split_kernel_lowers_to_triton(lower_for_h100, name, block, exchange):
         assert "tagged_words" in text and "untagged_value" in text and "atomic_rmw" not in text
     else:
         assert "atomic_rmw" in text and "tagged_words" not in text
+
+
+def untied_volatile_loads(jaxpr) -> list:
+    """The volatile loads of ``jaxpr`` (and, each on its own, of the jaxprs nested in it) that follow a ``while``
+    loop without atomics in the same jaxpr but do not index from a loop's results."""
+    untied, tied, after_plain_loop = [], set(), False
+    for eqn in jaxpr.eqns:
+        subs = list(jex.core.jaxprs_in_params(eqn.params))
+        for sub in subs:
+            untied += untied_volatile_loads(sub)
+        inputs = {v for v in eqn.invars if not isinstance(v, jex.core.Literal)}
+        if eqn.primitive.name == "while":
+            tied.update(eqn.outvars)
+            after_plain_loop |= not any(e.primitive.name == "atomic_rmw" for sub in subs for e in equations(sub))
+            continue
+        if eqn.primitive.name == "masked_load" and eqn.params["is_volatile"] and after_plain_loop and not inputs & tied:
+            untied.append(eqn)
+        if inputs & tied:
+            tied.update(eqn.outvars)
+    return untied
+
+
+def _kernel_jaxpr(fn, *args):
+    """The kernel body of the one ``pallas_call`` in ``fn``'s program."""
+    program = jax.make_jaxpr(fn)(*args)
+    kernels = [eqn.params["jaxpr"] for eqn in equations(program.jaxpr) if eqn.primitive.name == "pallas_call"]
+    assert len(kernels) == 1
+    return kernels[0]
+
+
+def _count(jaxpr, name: str) -> int:
+    return sum(eqn.primitive.name == name for eqn in equations(jaxpr))
+
+
+def test_a_wait_loop_is_kept_only_through_its_result():
+    """Why the tagged exchange's loads index from its wait loops' results: JAX drops a ``while`` loop whose results
+    are unused and whose body has no effect (a volatile load is none), so a spin on volatile loads disappears from
+    the kernel unless what follows uses its result; a spin on an atomic (the barrier) stays. On the H200 the
+    untied spin read the partials before they were written (BENCHMARKS.md section 9)."""
+    pl, plgpu = dispatch.pallas_modules()
+
+    def kernel_jaxpr(tie: bool, atomic: bool):
+        def kernel(flags_ref, words_ref, out_ref):
+            zero = 0 * pl.program_id(0)
+            spin = (lambda n: plgpu.atomic_add(flags_ref, (zero,), zero)) if atomic else (
+                lambda n: plgpu.load(flags_ref.at[zero], volatile=True))
+            settled = jax.lax.while_loop(lambda n: n < 1, spin, zero)
+            out_ref[...] = plgpu.load(words_ref.at[pl.ds(settled if tie else zero, 16)], volatile=True)
+
+        call = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), grid=(1,), interpret=False)
+        return _kernel_jaxpr(call, jnp.zeros((1,), jnp.int32), jnp.zeros((16,), jnp.float32))
+
+    assert _count(kernel_jaxpr(tie=False, atomic=False), "while") == 0  # the wait is gone
+    tied = kernel_jaxpr(tie=True, atomic=False)
+    assert _count(tied, "while") == 1 and untied_volatile_loads(tied) == []
+    assert _count(kernel_jaxpr(tie=False, atomic=True), "while") == 1
+
+
+@pytest.mark.parametrize("name,block,exchange", [("Mamba-zoh-event", 1, "tagged"), ("Mamba-zoh-event", 16, "tagged"),
+                                                 ("RGLRU-k2-bias", 1, "tagged"), ("S4-channels2", 1, "tagged"),
+                                                 ("Mamba-zoh-event", 1, "barrier"), ("S4-channels2", 1, "barrier")])
+def test_split_exchange_keeps_its_wait_loops(name, block, exchange):
+    """Every exchange of a split kernel keeps its wait loops (tagged: the sentinels' and the check's, after one CTA
+    barrier; barrier: the spin on the counter, between two CTA barriers), and every volatile load after a loop
+    indexes from a loop's result or follows a spin on atomics."""
+    model, x0, taus = _split_case(name, block, 23)
+    config = dispatch.KernelConfig(interpret=False, split_programs=2, block_batch=block)
+    kernel = _kernel_jaxpr(lambda x0: _rollout_with_exchange(model, x0, taus, config, exchange), x0)
+    loops, barriers = _count(kernel, "while"), _count(kernel, "debug_barrier_p")
+    assert barriers >= 1 and loops == (2 * barriers if exchange == "tagged" else barriers // 2)
+    assert _count(kernel, "atomic_rmw") == (0 if exchange == "tagged" else 2 * loops)
+    assert untied_volatile_loads(kernel) == []
 
 
 def test_exchange_words_carry_every_bit_and_the_tag():
