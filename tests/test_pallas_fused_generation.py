@@ -328,10 +328,14 @@ SPLIT = {
 }
 
 
+def pallas_calls(fn, *args) -> list:
+    """The ``pallas_call`` equations of ``fn``'s program (every nested jaxpr), in order."""
+    return [eqn for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr) if eqn.primitive.name == "pallas_call"]
+
+
 def pallas_grids(fn, *args) -> list:
-    """The grids of the ``pallas_call``s in ``fn``'s program (every nested jaxpr), in order."""
-    return [tuple(eqn.params["grid_mapping"].grid) for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr)
-            if eqn.primitive.name == "pallas_call"]
+    """The grids of the ``pallas_call``s in ``fn``'s program, in order."""
+    return [tuple(eqn.params["grid_mapping"].grid) for eqn in pallas_calls(fn, *args)]
 
 
 def _split_model(name, seed=0):
@@ -555,10 +559,8 @@ def untied_volatile_loads(jaxpr) -> list:
 
 def _kernel_jaxpr(fn, *args):
     """The kernel body of the one ``pallas_call`` in ``fn``'s program."""
-    program = jax.make_jaxpr(fn)(*args)
-    kernels = [eqn.params["jaxpr"] for eqn in equations(program.jaxpr) if eqn.primitive.name == "pallas_call"]
-    assert len(kernels) == 1
-    return kernels[0]
+    [call] = pallas_calls(fn, *args)
+    return call.params["jaxpr"]
 
 
 def _count(jaxpr, name: str) -> int:
