@@ -58,7 +58,8 @@ XLA_PRECISION = km.Precisions(state=jax.lax.Precision.HIGHEST, projection=None)
 
 @dataclasses.dataclass(frozen=True)
 class KernelPolicy:
-    """Where ``use_kernels="auto"`` runs a cell's kernels on an NVIDIA GPU: data each cell declares.
+    """Where ``use_kernels="auto"`` runs a cell's kernels on an NVIDIA GPU, and which parameters they hold in
+    registers: data each cell declares, with the measurements behind it.
 
     Attributes:
       rollout_max_batch: the fused rollout (``generate``) for batches up to this size;
@@ -71,12 +72,22 @@ class KernelPolicy:
         A cell whose step is long sets a smaller one: it compiles faster (the program
         holds about ``5 * unroll`` copies of the step) for the same speed; say so in
         ``evidence``.
+      hoist: which parameter leaves a fused kernel's program keeps in registers for the whole
+        rollout when they do not all fit (one of :data:`HOIST_RULES`; the others are re-read every
+        step; :func:`pallas_kernels.fused_generation.split_hoisted`): ``"smallest"`` first, or the
+        ``"largest"`` total that fits (the fewest numbers re-read). Neither is faster for every
+        cell; a cell that takes ``"largest"`` says why in ``evidence``.
     """
 
     rollout_max_batch: Optional[int] = None
     step_max_batch: Optional[int] = None
     evidence: str = ""
     xla_unroll: Optional[int] = None
+    hoist: str = "smallest"
+
+    def __post_init__(self):
+        if self.hoist not in HOIST_RULES:
+            raise ValueError(f"KernelPolicy.hoist={self.hoist!r}: expected one of {HOIST_RULES}")
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
         """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""
@@ -114,6 +125,9 @@ class Split(NamedTuple):
 
 #: the values of ``Split.exchange``
 EXCHANGES = ("barrier", "tagged")
+
+#: the values of ``KernelPolicy.hoist``
+HOIST_RULES = ("smallest", "largest")
 
 
 class Collectives(NamedTuple):

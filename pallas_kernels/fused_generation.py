@@ -202,6 +202,14 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
     return (max if block == 1 else min)(resident_parts), None
 
 
+#: a row split over at least this many programs reads the ``P`` partials of an exchange in one load and one
+#: reduction; over fewer, one program's partial at a time (:func:`_exchange_collectives`). Measured on an H200
+#: (512 steps, µs per step, one load / one at a time, the barrier exchange): Mamba (H=128, N=16) over 16 programs
+#: at B=1 5.04-5.16 / 8.01-8.37, at B=8 5.18-5.41 / 9.68-10.2; over 4 at B=32 10.7-11.1 / 8.95-9.67; RG-LRU over
+#: 8 at B=8 5.30-5.62 / 4.57-5.09 (``benchmarks/results/fused_one_load_s5_hoist_h200/``)
+ONE_LOAD_MIN_PARTS = 16
+
+
 def split_num_warps(parts: int) -> int:
     """Warps of each program of a row split over ``parts`` programs: 4 from 8 programs on, 8 below.
 
@@ -234,18 +242,34 @@ def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig
     return int(min(16, max(4, dispatch.next_power_of_two(-(-total // HOIST_PER_WARP)))))
 
 
-def split_hoisted(param_sizes: list, num_warps: int) -> tuple[list, list]:
-    """Indices of the parameter leaves kept in registers (the smallest, up to ``num_warps *
-    HOIST_PER_WARP`` numbers) and of those re-read every step.
+def split_hoisted(param_sizes: list, num_warps: int, rule: str = "smallest") -> tuple[list, list]:
+    """Indices of the parameter leaves kept in registers (up to ``num_warps * HOIST_PER_WARP`` numbers) and of
+    those re-read every step, by ``rule`` (``KernelPolicy.hoist``): ``"smallest"`` leaves first, or
+    ``"largest"``, the subset of largest total that fits (a 0/1 knapsack over the leaves' sizes: the fewest numbers
+    re-read), and of those the one of most leaves (the fewest re-read tiles).
 
-    Rules that re-read fewer numbers were measured on an H200 and lose overall (BENCHMARKS.md section 9): keeping
-    the leaves of largest total that fit made S5 LTI 15-20 % faster but S4D 1.7-2x slower (its 128 x 128 output
-    matrix held in registers) and RG-LRU and Mamba's split slower too."""
-    hoisted, streamed, total = [], [], 0
-    for i in sorted(range(len(param_sizes)), key=lambda i: (param_sizes[i], i)):
-        total += param_sizes[i]
-        (hoisted if total <= num_warps * HOIST_PER_WARP else streamed).append(i)
-    return sorted(hoisted), sorted(streamed)
+    Neither rule is faster for every cell (H200, BENCHMARKS.md section 9): the knapsack made S5 LTI 15-20 % faster
+    (its dense skip held, a plane of ``C`` re-read) but S4D 1.7-2x slower (its 128 x 128 output matrix held) and
+    RG-LRU and Mamba's split slower too, so ``"smallest"`` is the default and a cell declares ``"largest"``."""
+    if rule not in cells.HOIST_RULES:
+        raise ValueError(f"rule={rule!r}: expected one of {cells.HOIST_RULES}")
+    capacity = num_warps * HOIST_PER_WARP
+    if rule == "smallest":
+        hoisted, total = [], 0
+        for i in sorted(range(len(param_sizes)), key=lambda i: (param_sizes[i], i)):
+            total += param_sizes[i]
+            if total <= capacity:
+                hoisted.append(i)
+    else:
+        best = {0: ()}  # a reachable total -> the subset of most leaves found with that total
+        for i, size in enumerate(param_sizes):
+            for total, chosen in sorted(best.items(), reverse=True):
+                grown = total + size
+                if grown <= capacity and (grown not in best or len(best[grown]) < len(chosen) + 1):
+                    best[grown] = chosen + (i,)
+        hoisted = list(best[max(best)])
+    hoisted = sorted(hoisted)
+    return hoisted, [i for i in range(len(param_sizes)) if i not in hoisted]
 
 
 def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs=None, *,
@@ -371,7 +395,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
                                   for name, value in params.items()})
     param_sizes = [a[0].size if cut else a.size for a, cut in zip(flat["params"], split_leaf)]
     num_warps = _auto_num_warps(param_sizes, block, config, parts)
-    hoisted, streamed = split_hoisted(param_sizes, num_warps)
+    hoisted, streamed = split_hoisted(param_sizes, num_warps, cell.policy.hoist)
     x0p = _pad_rows(_pad(x0, 1), rows)
     n_state = len(flat["state"])
     exchanges = []
@@ -518,8 +542,10 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
 
     The ``n``-th exchange of the rollout writes the program's partial sums to slot ``n % 2`` of its exchange arrays,
     waits for the group's other programs, and reads the ``P`` partials back (volatile loads: strong, served by L2,
-    never by the incoherent L1) one program at a time (keeping a block's partials out of the registers), adding them
-    in program order, so that every program holds the same bits. The wait is the cell's ``Split.exchange``:
+    never by the incoherent L1): a row split over at least :data:`ONE_LOAD_MIN_PARTS` programs in one load and one
+    reduction, otherwise (and a block of rows, keeping its partials out of the registers) one program at a time,
+    added in program order. Every program reduces the same words in the same order, so all hold the same bits. The
+    wait is the cell's ``Split.exchange``:
 
     * ``"barrier"`` (``tagged`` False): the partials as float32, then barrier ``n``: a CTA barrier, an
       acquire-release atomic add to the group's counter (``counter_ref``), a spin on it until all ``P`` programs
@@ -557,14 +583,18 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
                     lanes_index = (*(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
                 indices.append(lanes_index)
             # (traced indices throughout: a Python int does not index a Triton ref)
+            at_once = parts >= ONE_LOAD_MIN_PARTS and all(leaf.ndim == 1 for leaf in leaves)
             if tagged:
                 read = _tagged_wait(plgpu, pl, per_call[k], leaves, indices, number, slot, row, part, parts, zero,
-                                    interpret)
+                                    interpret, at_once)
             else:
-                read = _barrier_wait(plgpu, counter_ref, per_call[k], leaves, number, slot, row, part, parts, zero,
+                read = _barrier_wait(plgpu, pl, counter_ref, per_call[k], leaves, number, slot, row, part, parts, zero,
                                      interpret)
             summed = []
             for buffer, lanes_index in zip(per_call[k], indices):
+                if at_once:
+                    summed.append(jnp.sum(read(buffer, None, lanes_index), axis=0))
+                    continue
                 total = None
                 for other in range(parts):
                     value = read(buffer, other, lanes_index)
@@ -577,9 +607,9 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
     return comm_of_step
 
 
-def _barrier_wait(plgpu, counter_ref, buffers, leaves, number, slot, row, part, parts, zero, interpret):
+def _barrier_wait(plgpu, pl, counter_ref, buffers, leaves, number, slot, row, part, parts, zero, interpret):
     """The ``"barrier"`` exchange (:func:`_exchange_collectives`): writes, waits; returns ``read(buffer, other,
-    lanes_index)``, program ``other``'s partial."""
+    lanes_index)``, program ``other``'s partial (``other`` None: all of them)."""
     for leaf, buffer in zip(leaves, buffers):
         buffer[slot, row, part] = leaf
     if not interpret:
@@ -589,13 +619,14 @@ def _barrier_wait(plgpu, counter_ref, buffers, leaves, number, slot, row, part, 
     jax.lax.while_loop(lambda seen: seen < target, lambda seen: plgpu.atomic_add(counter_ref, (row,), zero), arrived)
     if not interpret:
         plgpu.debug_barrier()
-    return lambda buffer, other, lanes_index: plgpu.load(buffer.at[(slot, row, zero + other, *lanes_index)],
-                                                         volatile=True)
+    return lambda buffer, other, lanes_index: plgpu.load(
+        buffer.at[(slot, row, _programs(pl, other, zero, parts), *lanes_index)], volatile=True)
 
 
-def _tagged_wait(plgpu, pl, buffers, leaves, indices, number, slot, row, part, parts, zero, interpret):
-    """The ``"tagged"`` exchange (:func:`_exchange_collectives`): writes, waits; returns ``read(buffer, other,
-    lanes_index)``, program ``other``'s partial."""
+def _tagged_wait(plgpu, pl, buffers, leaves, indices, number, slot, row, part, parts, zero, interpret, at_once):
+    """The ``"tagged"`` exchange (:func:`_exchange_collectives`): writes, waits (checking the words of all
+    programs in one load per leaf and half when ``at_once``, else one program's at a time); returns ``read(buffer,
+    other, lanes_index)``, program ``other``'s partial (``other`` None: all of them)."""
     tag = exchange_tag(number)
     if not interpret:
         plgpu.debug_barrier()  # every thread of the program has read slot n - 2
@@ -611,14 +642,15 @@ def _tagged_wait(plgpu, pl, buffers, leaves, indices, number, slot, row, part, p
         return jnp.max((word_tag(sentinels) != tag).astype(jnp.int32))
 
     def words(buffer, other, half, lanes_index, base):
-        return plgpu.load(buffer.at[(slot, row, base + other, base + half, *lanes_index)], volatile=True)
+        return plgpu.load(buffer.at[(slot, row, _programs(pl, other, base, parts), base + half, *lanes_index)],
+                          volatile=True)
 
     def unwritten(_):
         """Wait for the sentinels, then whether any word lacks the tag (one reduction per leaf shape)."""
         base = jax.lax.while_loop(lambda count: count > 0, sentinels_unwritten, zero + 1)
         stale = {}
         for buffer, lanes_index in zip(buffers, indices):
-            for other in range(parts):
+            for other in [None] if at_once else range(parts):
                 for half in (0, 1):
                     wrong = word_tag(words(buffer, other, half, lanes_index, base)) != tag
                     stale[wrong.shape] = wrong | stale[wrong.shape] if wrong.shape in stale else wrong
@@ -627,6 +659,11 @@ def _tagged_wait(plgpu, pl, buffers, leaves, indices, number, slot, row, part, p
     settled = jax.lax.while_loop(lambda count: count > 0, unwritten, zero + 1)
     return lambda buffer, other, lanes_index: untagged_value(
         *(words(buffer, other, half, lanes_index, settled) for half in (0, 1)))
+
+
+def _programs(pl, other, base, parts):
+    """The index of program ``other``'s partial in an exchange array, or (``other`` None) of all ``parts``."""
+    return pl.ds(base, parts) if other is None else base + other
 
 
 # ----------------------------------------------------------------------------- support

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import types
 import warnings
 
@@ -216,6 +217,29 @@ def test_block_path_equals_generate():
     assert relative_error(ys, _unfused(model, x0, 12, taus)) < TOL
 
 
+@pytest.mark.parametrize("rule", cells.HOIST_RULES)
+def test_fused_generate_with_leaves_re_read_by_each_rule(rule, monkeypatch):
+    """With room for few parameter numbers in registers, each hoisting rule holds some leaves and re-reads the
+    others every step (different ones under the two rules), and the rollout is unchanged (LTI S5 in event mode:
+    the dense skip, the planes of ``B`` and ``C``)."""
+    model, event = build("S5-async-event-row", seed=7)
+    monkeypatch.setattr(fg, "HOIST_PER_WARP", 128)  # 4 warps: 512 numbers, two 16s and one 256, or two 256s
+    monkeypatch.setattr(type(model), "kernel_policy", dataclasses.replace(model.kernel_policy, hoist=rule))
+    config = dispatch.KernelConfig(num_warps=4)
+    cell = fg.abstract_cell(model)
+    sizes = fg._padded_sizes(cell.params, {}, 1)
+    hoisted, streamed = fg.split_hoisted(sizes, 4, rule)
+    assert hoisted and streamed and hoisted != fg.split_hoisted(sizes, 4, "smallest" if rule == "largest"
+                                                               else "largest")[0]
+    chosen, split_hoisted = [], fg.split_hoisted
+    monkeypatch.setattr(fg, "split_hoisted", lambda *args: chosen.append(split_hoisted(*args)) or chosen[-1])
+    fg._rollout.clear_cache()  # (its key is the model's structure and the config, not the class's policy)
+    x0, taus = _inputs(8, event=event)
+    ys = fg.fused_generate(model, x0, STEPS, taus, config=config)
+    assert chosen == [(hoisted, streamed)]
+    assert relative_error(ys, _unfused(model, x0, STEPS, taus)) < TOL
+
+
 def test_parameters_are_arguments():
     """New parameter values reuse the compiled rollout (nothing is baked into the kernel)."""
     model, _ = build("LRU", seed=5)
@@ -417,22 +441,49 @@ def test_split_block_kernel_against_unfused_generate(name):
     assert relative_error(ys, _unfused(model, x0, STEPS, taus)) < TOL
 
 
-def test_hoisted_parameters_are_the_smallest_that_fit_the_registers():
-    """``split_hoisted``: the smallest leaves, up to ``num_warps * HOIST_PER_WARP`` numbers, stay in registers; the
-    rest is re-read every step. S5 LTI at H=128, N=64 (49 K numbers: 16 warps, the cap): its dense 128 x 128 skip
-    ``DT`` is the one leaf re-read."""
+def test_hoisted_parameters_by_each_rule():
+    """``split_hoisted``: up to ``num_warps * HOIST_PER_WARP`` numbers stay in registers, the rest is re-read every
+    step. ``"smallest"``: the smallest leaves first; ``"largest"``: the subset of largest total that fits, and of
+    those the one of most leaves (both checked against every subset of random sizes)."""
+    rng = np.random.default_rng(8)
+    for _ in range(200):
+        sizes = [int(s) for s in rng.choice([16, 64, 256, 1024, 2048, 4096, 8192], rng.integers(1, 9))]
+        warps = int(rng.choice([1, 2, 4]))
+        capacity = warps * fg.HOIST_PER_WARP
+        fitting = [subset for r in range(len(sizes) + 1) for subset in itertools.combinations(range(len(sizes)), r)
+                   if sum(sizes[i] for i in subset) <= capacity]
+        hoisted, streamed = fg.split_hoisted(sizes, warps, "largest")
+        assert sorted(hoisted + streamed) == list(range(len(sizes)))
+        best = max((sum(sizes[i] for i in subset), len(subset)) for subset in fitting)
+        assert (sum(sizes[i] for i in hoisted), len(hoisted)) == best
+        hoisted, streamed = fg.split_hoisted(sizes, warps, "smallest")
+        order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+        prefix = [i for k, i in enumerate(order) if sum(sizes[j] for j in order[:k + 1]) <= capacity]
+        assert hoisted == sorted(prefix) and sorted(hoisted + streamed) == list(range(len(sizes)))
+    assert fg.split_hoisted([fg.HOIST_PER_WARP + 1], 1) == ([], [0])
+    with pytest.raises(ValueError, match="rule='most'"):
+        fg.split_hoisted([1], 1, "most")
+    with pytest.raises(ValueError, match="KernelPolicy.hoist='most'"):
+        cells.KernelPolicy(hoist="most")
+
+
+def test_s5_lti_holds_its_dense_skip_in_registers():
+    """S5 LTI at H=128, N=64 (49 K numbers: 16 warps, the cap) declares ``hoist="largest"`` (measured faster on an
+    H200): it keeps its dense 128 x 128 skip ``DT`` and re-reads one plane of ``C`` and ``A_bar``, 8,320 numbers a
+    step; by the smallest first it would re-read ``DT``, 16,384. With 32 warps everything fits."""
     s5 = fg.abstract_cell(selftest.abstract_model("lti.S5", dict(d_model=128, d_state=64, discretization="zoh")))
-    leaves = jax.tree_util.tree_flatten_with_path(s5.params)[0]
-    names = [jax.tree_util.keystr(path) for path, _ in leaves]
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(s5.params)[0]]
     sizes = fg._padded_sizes(s5.params, {}, 1)
     assert sorted(zip(names, sizes)) == sorted([("['B'].re", 8192), ("['B'].im", 8192), ("['CT'].re", 8192),
                                                ("['CT'].im", 8192), ("['DT']", 16384), ("['a'].re", 64),
                                                ("['a'].im", 64)])
+    assert s5.policy.hoist == "largest"
     warps = fg._auto_num_warps(sizes, 1, dispatch.KernelConfig())
-    hoisted, streamed = fg.split_hoisted(sizes, warps)
-    assert warps == 16 and [names[i] for i in streamed] == ["['DT']"] and len(hoisted) == 6
-    assert fg.split_hoisted(sizes, 32) == (list(range(7)), [])
-    assert fg.split_hoisted([fg.HOIST_PER_WARP + 1], 1) == ([], [0])
+    hoisted, streamed = fg.split_hoisted(sizes, warps, s5.policy.hoist)
+    assert warps == 16 and "['DT']" in [names[i] for i in hoisted]
+    assert sum(sizes[i] for i in streamed) == 8320
+    assert [names[i] for i in fg.split_hoisted(sizes, warps, "smallest")[1]] == ["['DT']"]
+    assert fg.split_hoisted(sizes, 32, s5.policy.hoist) == (list(range(7)), [])
 
 
 def test_split_plan(monkeypatch):
@@ -503,12 +554,15 @@ def test_split_exchanges_are_declared_as_measured():
         _rollout_with_exchange(model, x0, taus, dispatch.KernelConfig(use_kernels="always", split_programs=2), "atomic")
 
 
-@pytest.mark.parametrize("name,block", [("Mamba-zoh-event", 1), ("Mamba-bilinear-k3-bias", 16), ("RGLRU-k2-bias", 1),
-                                        ("S4-channels2", 1)])
-def test_split_exchanges_agree(name, block):
-    """Both exchanges of a split run (interpret mode: one program per row group, through each exchange's arrays)
-    equal the unfused ``generate``, and each other to float32 rounding (the words carry every bit, but XLA may fuse
-    the arithmetic around the two differently, e.g. into FMAs)."""
+@pytest.mark.parametrize("name,block,one_load", [("Mamba-zoh-event", 1, False), ("Mamba-zoh-event", 1, True),
+                                                 ("Mamba-bilinear-k3-bias", 16, True), ("RGLRU-k2-bias", 1, False),
+                                                 ("S4-channels2", 1, False), ("S4-channels2", 1, True)])
+def test_split_exchanges_agree(name, block, one_load, monkeypatch):
+    """Both exchanges of a split run (interpret mode: one program per row group, through each exchange's arrays),
+    reading a row's partials in one load or one program's at a time (a block always the latter), equal the unfused
+    ``generate``, and each other to float32 rounding (the words carry every bit, but XLA may fuse the arithmetic
+    around the two differently, e.g. into FMAs)."""
+    monkeypatch.setattr(fg, "ONE_LOAD_MIN_PARTS", 2 if one_load else 4)
     model, x0, taus = _split_case(name, block, 9)
     config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=block)
     barrier, tagged = (_rollout_with_exchange(model, x0, taus, config, exchange) for exchange in cells.EXCHANGES)
@@ -519,13 +573,17 @@ def test_split_exchanges_agree(name, block):
 
 
 @TRITON_DEPRECATION
-@pytest.mark.parametrize("name,block,exchange", [
-    ("Mamba-zoh-event", 1, "barrier"), ("Mamba-zoh-event", 1, "tagged"), ("RGLRU-k2-bias", 1, "barrier"),
-    ("RGLRU-k2-bias", 1, "tagged"), ("S4-channels2", 1, "tagged"), ("S4-channels2", 1, "barrier"),
-    ("Mamba-zoh-event", 16, "barrier"), ("Mamba-zoh-event", 16, "tagged"), ("RGLRU-k2-bias", 16, "tagged")])
-def test_split_kernel_lowers_to_triton(lower_for_h100, name, block, exchange):
+@pytest.mark.parametrize("name,block,exchange,one_load", [
+    ("Mamba-zoh-event", 1, "barrier", False), ("Mamba-zoh-event", 1, "tagged", False),
+    ("Mamba-zoh-event", 1, "barrier", True), ("Mamba-zoh-event", 1, "tagged", True),
+    ("RGLRU-k2-bias", 1, "barrier", False), ("RGLRU-k2-bias", 1, "tagged", False), ("S4-channels2", 1, "tagged", False),
+    ("S4-channels2", 1, "barrier", False), ("Mamba-zoh-event", 16, "barrier", False),
+    ("Mamba-zoh-event", 16, "tagged", False), ("RGLRU-k2-bias", 16, "tagged", False)])
+def test_split_kernel_lowers_to_triton(lower_for_h100, name, block, exchange, one_load, monkeypatch):
     """Split over 2 programs per row, or per block of 16 rows (the step's dots and 3-D state tiles), with each
-    exchange: the barrier's atomics, or the tagged words (their stores and volatile loads) and no atomic."""
+    exchange: the barrier's atomics, or the tagged words (their stores and volatile loads) and no atomic; a row's
+    partials read one program's at a time, or all in one load."""
+    monkeypatch.setattr(fg, "ONE_LOAD_MIN_PARTS", 2 if one_load else 4)
     model, x0, taus = _split_case(name, block, 22)
     leaves, treedef = jax.tree.flatten(model)
     config = dispatch.KernelConfig(interpret=False, split_programs=2, block_batch=block)
@@ -605,6 +663,28 @@ def test_split_exchange_keeps_its_wait_loops(name, block, exchange):
     assert barriers >= 1 and loops == (2 * barriers if exchange == "tagged" else barriers // 2)
     assert _count(kernel, "atomic_rmw") == (0 if exchange == "tagged" else 2 * loops)
     assert untied_volatile_loads(kernel) == []
+
+
+@pytest.mark.parametrize("exchange", cells.EXCHANGES)
+def test_a_rows_partials_are_read_in_one_load_from_the_threshold(exchange, monkeypatch):
+    """From ``ONE_LOAD_MIN_PARTS`` programs on, a row's partials are loaded in one load per leaf (and half of a
+    tagged word; the tagged check loop too) instead of one per program: fewer volatile loads, each of ``P``
+    partials; a block of rows reads one program's at a time at any ``P``."""
+    model, x0, taus = _split_case("Mamba-zoh-event", 1, 24)
+    config = dispatch.KernelConfig(interpret=False, split_programs=2)
+
+    def volatile_loads(threshold, block=1):
+        monkeypatch.setattr(fg, "ONE_LOAD_MIN_PARTS", threshold)
+        xb = x0 if block == 1 else jnp.tile(x0, (6, 1))[:16]
+        tb = taus if block == 1 or taus is None else jnp.tile(taus, (6, 1))[:16]
+        kernel = _kernel_jaxpr(lambda x: _rollout_with_exchange(
+            model, x, tb, dataclasses.replace(config, block_batch=block), exchange), xb)
+        return [e for e in equations(kernel) if e.primitive.name == "masked_load" and e.params["is_volatile"]]
+
+    at_once, one_by_one = volatile_loads(2), volatile_loads(4)
+    assert 0 < len(at_once) < len(one_by_one)
+    assert any(e.outvars[0].aval.shape[0] == 2 for e in at_once)
+    assert len(volatile_loads(2, block=16)) == len(volatile_loads(4, block=16))
 
 
 def test_exchange_words_carry_every_bit_and_the_tag():

@@ -47,10 +47,13 @@ class S5(DiagonalSSM):
 
     supports_integration_timesteps = True
     kernel_policy = cells.KernelPolicy(
-        rollout_max_batch=256, step_max_batch=0,
+        rollout_max_batch=256, step_max_batch=0, hoist="largest",
         evidence="H200 (H=128, N=64): fused rollout 3.3 us/step against 11.5-11.9 for the XLA program at B=32 and 128, "
                  "269 against 33 on the block path at B=4096; one-step kernel against the XLA step 32.9 vs 12.8 us at "
-                 "B=1, 12.9 vs 18.7 at B=32, 339 vs 62 at B=4096 (not faster over the range)")
+                 "B=1, 12.9 vs 18.7 at B=32, 339 vs 62 at B=4096 (not faster over the range); hoist: the leaves of "
+                 "largest total in registers (the dense skip held, 8,320 numbers re-read a step instead of 16,384) "
+                 "2.56-2.82 / 2.67-2.82 us/step at B=1 / 32 against 3.45-3.49 / 3.34 for the smallest first, event "
+                 "mode 2.70-2.73 / 2.68-2.76 against 3.21-3.40 / 3.31-3.57")
 
     def __init__(
         self,
