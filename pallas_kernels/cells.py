@@ -77,6 +77,10 @@ class KernelPolicy:
         step; :func:`pallas_kernels.fused_generation.split_hoisted`): ``"smallest"`` first, or the
         ``"largest"`` total that fits (the fewest numbers re-read). Neither is faster for every
         cell; a cell that takes ``"largest"`` says why in ``evidence``.
+      split_block: rows per program of a split run whose rows, one per program, would not all be
+        resident: None, blocks of ``pallas_kernels.fused_generation.DEFAULT_BLOCK_BATCH`` rows
+        (tensor-core dots); a smaller power of two (multiply-adds, ``dispatch.MULTIPLY_ADD``) where
+        those blocks are resident, then the default. Say why in ``evidence``.
     """
 
     rollout_max_batch: Optional[int] = None
@@ -84,10 +88,15 @@ class KernelPolicy:
     evidence: str = ""
     xla_unroll: Optional[int] = None
     hoist: str = "smallest"
+    split_block: Optional[int] = None
 
     def __post_init__(self):
         if self.hoist not in HOIST_RULES:
             raise ValueError(f"KernelPolicy.hoist={self.hoist!r}: expected one of {HOIST_RULES}")
+        block = self.split_block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 2
+                                  or block & (block - 1)):
+            raise ValueError(f"KernelPolicy.split_block={block!r}: expected None or a power of two >= 2")
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
         """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""

@@ -62,11 +62,15 @@ class KernelConfig:
       block_elems: target number of state elements per program of
         ``selective_state_update`` (a power of two).
       block_batch: batch rows per program of ``simplified_state_update`` and of the fused
-        cell kernels: 1 (float32 multiply-adds, one row per program) or a power of two
-        >= 16 (tensor-core dots; cells that declare a block path); None: by the batch
+        cell kernels, a power of two: below 16 (one row, or a block of 2-8) the contractions
+        are float32 multiply-adds, from 16 on tensor-core dots (``DOT_MIN_ROWS``; for the
+        fused kernels, rows above 1 only for cells that declare a block path). A block of
+        multiply-adds holds its rows' products with each parameter tile: it pays off only
+        where a program's tiles are small (a split cell's slice; on an H200 LRU at B=256 took
+        3.2 us per step by rows, 39 in blocks of 4, 420 in blocks of 8); None: by the batch
         (one row per program up to 256 rows, blocks of 16 above; for a split cell, one row
-        per program while the row split is resident, blocks of 16 beyond:
-        ``fused_generation.split_block``).
+        per program while the row split is resident, blocks beyond, of 16 or of the cell's
+        ``KernelPolicy.split_block``: ``fused_generation.split_block``).
       precision: the dots of the block paths on the GPU: ``"highest"`` (3-pass TF32,
         float32 accuracy), ``"ieee"`` (float32 multiply-adds) or ``"fast"`` (1-pass TF32,
         about 1e-3 relative per product: an explicit opt-in). One-row paths always use
@@ -93,8 +97,8 @@ class KernelConfig:
         if self.num_warps is not None:
             _check_power_of_two("num_warps", self.num_warps, 1)
         _check_power_of_two("block_elems", self.block_elems, 1)
-        if self.block_batch is not None and (isinstance(self.block_batch, bool) or self.block_batch != 1):
-            _check_power_of_two("block_batch", self.block_batch, 16, "1 or ")
+        if self.block_batch is not None:
+            _check_power_of_two("block_batch", self.block_batch, 1)
         if self.split_programs is not None:
             _check_power_of_two("split_programs", self.split_programs, 1)
         if self.precision not in PRECISIONS:
@@ -298,6 +302,21 @@ GPU_PRECISION = {
 def dot_precision(config: KernelConfig):
     """The precision of a block path's dots: ``HIGHEST`` in interpret mode, else :data:`GPU_PRECISION`."""
     return jax.lax.Precision.HIGHEST if interpret_mode(config) else GPU_PRECISION[config.precision]
+
+
+#: the fewest rows of a kernel program's block that its contractions run as tensor-core dots (Triton's smallest
+#: dot tile); fewer rows (one, or a block of 2-8) contract by float32 multiply-adds and a reduction
+DOT_MIN_ROWS = 16
+
+#: the ``precision`` that makes ``kernel_math.contract`` contract a block of rows by float32 multiply-adds and a
+#: reduction, as it does one row, instead of a dot
+MULTIPLY_ADD = "multiply-add"
+
+
+def block_precision(config: KernelConfig, rows: int):
+    """The ``precision`` of the contractions of a kernel program holding ``rows`` rows: :data:`MULTIPLY_ADD`
+    below :data:`DOT_MIN_ROWS`, else :func:`dot_precision`."""
+    return MULTIPLY_ADD if rows < DOT_MIN_ROWS else dot_precision(config)
 
 
 def next_power_of_two(n: int) -> int:

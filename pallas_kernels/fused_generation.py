@@ -30,7 +30,8 @@ for every cell, so each cell declares the one measured faster for it.
 
 A split cell that is also ``blockable`` gives each program a block of rows where one row
 per program would not be resident (:func:`split_block`, or ``KernelConfig.block_batch``): the ``P``
-programs of a block hold one slice of the channels for all its rows (tensor-core dots), so
+programs of a block hold one slice of the channels for all its rows (tensor-core dots from
+``dispatch.DOT_MIN_ROWS`` rows on, float32 multiply-adds in a smaller block), so
 ``B / block x P`` programs share the parameters once per block instead of once per row. All programs
 must be resident at once: ``row groups x P`` is at most the GPU's SM count, which assumes the kernel
 has the GPU to itself (XLA runs one stream; a GPU shared with other processes through MPS could leave
@@ -163,7 +164,8 @@ def _fitting_programs(cell: Cell, config: dispatch.KernelConfig) -> tuple[list, 
 def split_block(cell: Cell, batch: int, config: dispatch.KernelConfig) -> int:
     """Rows per program of a split run of ``batch`` rows: ``KernelConfig.block_batch`` for a ``blockable`` cell;
     by default one row while ``batch`` rows of the fewest programs that fit are resident at once, and beyond
-    that (a ``blockable`` cell) blocks of :data:`DEFAULT_BLOCK_BATCH` rows.
+    that (a ``blockable`` cell) blocks of the cell's ``KernelPolicy.split_block`` rows while those are resident,
+    else of :data:`DEFAULT_BLOCK_BATCH` rows.
 
     Measured on an H200 (Mamba H=128, N=16, 512 steps, µs per step): one row per program 9.4-10.9 at B=32 (4
     programs), blocks of 16 rows 16.9-20.2 there with 4-16 programs; blocks of 32 rows 29-517
@@ -177,17 +179,24 @@ def _rows_per_program(cell: Cell, batch: int, config: dispatch.KernelConfig, fit
         return 1
     if config.block_batch is not None:
         return config.block_batch
-    return 1 if not fitting or batch * fitting[0] <= resident_programs() else DEFAULT_BLOCK_BATCH
+    resident = resident_programs()
+    if not fitting or batch * fitting[0] <= resident:
+        return 1
+    small = cell.policy.split_block
+    if small is not None and -(-batch // small) * fitting[0] <= resident:
+        return small
+    return DEFAULT_BLOCK_BATCH
 
 
 def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
     """``(P, None)``: the programs per row group (a row, or a block of :func:`split_block` rows) of a split run of
     ``cell``; ``(None, reason)`` when there is none. ``P`` is ``KernelConfig.split_programs``, or one of
-    :func:`_fitting_programs` such that ``groups x P`` programs are resident at once: for rows the most
-    (measured fastest, each program's share of the step shrinking with ``P``; H200, 512 steps, µs per step:
-    Mamba (H=128, N=16) at B=1 13.2 / 5.7 / 5.2 with P = 4 / 8 / 16, RG-LRU (H=128) at B=1 7.3 / 5.5 with
-    P = 4 / 8), for blocks of rows the fewest (Mamba, blocks of 16 rows, P = 4 / 8 / 16: 17.3 / 18.9 / 20.0 at
-    B=64, 17.8 / 18.1 / 20.4 at B=128, 16.9 / 17.6 / - at B=256)."""
+    :func:`_fitting_programs` such that ``groups x P`` programs are resident at once: for rows and blocks of
+    multiply-adds (fewer than ``dispatch.DOT_MIN_ROWS`` rows) the most (measured fastest, each program's share of
+    the step shrinking with ``P``; H200, 512 steps, µs per step: Mamba (H=128, N=16) at B=1 13.2 / 5.7 / 5.2 with
+    P = 4 / 8 / 16, RG-LRU (H=128) at B=1 7.3 / 5.5 with P = 4 / 8, in blocks of 8 rows at B=64 7.48 / 6.85), for
+    blocks of dot rows the fewest (Mamba, blocks of 16 rows, P = 4 / 8 / 16: 17.3 / 18.9 / 20.0 at B=64, 17.8 /
+    18.1 / 20.4 at B=128, 16.9 / 17.6 / - at B=256)."""
     fitting, reason = _fitting_programs(cell, config)
     if reason is not None:
         return None, reason
@@ -199,15 +208,24 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
         what = f"{batch} rows" if block == 1 else f"{groups} blocks of {block} rows"
         return None, (f"{what} x {min(fitting)} programs each: over the {resident} programs that can be "
                       f"resident at once (the programs of a row wait for each other every step)")
-    return (max if block == 1 else min)(resident_parts), None
+    return (max if block < dispatch.DOT_MIN_ROWS else min)(resident_parts), None
 
 
-#: a row split over at least this many programs reads the ``P`` partials of an exchange in one load and one
-#: reduction; over fewer, one program's partial at a time (:func:`_exchange_collectives`). Measured on an H200
+#: a row (or a block of fewer than ``dispatch.DOT_MIN_ROWS`` rows) split over at least this many programs reads the
+#: ``P`` partials of an exchange in one load and one reduction; over fewer, one program's partial at a time
+#: (:func:`one_load_exchange`). Measured on an H200
 #: (512 steps, µs per step, one load / one at a time, the barrier exchange): Mamba (H=128, N=16) over 16 programs
 #: at B=1 5.04-5.16 / 8.01-8.37, at B=8 5.18-5.41 / 9.68-10.2; over 4 at B=32 10.7-11.1 / 8.95-9.67; RG-LRU over
 #: 8 at B=8 5.30-5.62 / 4.57-5.09 (``benchmarks/results/fused_one_load_s5_hoist_h200/``)
 ONE_LOAD_MIN_PARTS = 16
+
+
+def one_load_exchange(parts: int, block: int) -> bool:
+    """Whether the programs of a split run over ``parts`` programs per group of ``block`` rows read an exchange's
+    ``P`` partials in one load and one reduction (from :data:`ONE_LOAD_MIN_PARTS` programs on, for a row or a block
+    of fewer than ``dispatch.DOT_MIN_ROWS`` rows), rather than one program's at a time (a block of dot rows: its
+    ``P x rows`` partials would crowd the registers)."""
+    return parts >= ONE_LOAD_MIN_PARTS and block < dispatch.DOT_MIN_ROWS
 
 
 def split_num_warps(parts: int) -> int:
@@ -365,7 +383,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
              else effective_block_batch(cell.blockable, batch, config))
     rows = -(-batch // block) * block
     interpret = dispatch.interpret_mode(config)
-    precision = dispatch.dot_precision(config)
+    precision = dispatch.block_precision(config, block)
     params = padded_params(cell, parts)
     pieces = set() if parts is None else set(cell.split.params)
     # a split run's state leaves: (B, P, *slice)
@@ -442,7 +460,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             updated = outputs[1 + n_state:]
             counter, buffers = (None, updated) if tagged else (updated[0], updated[1:])
             comm_of_step = _exchange_collectives(plgpu, pl, counter, buffers, exchanges, program, part, parts, zero,
-                                                 interpret, tagged)
+                                                 interpret, tagged, one_load_exchange(parts, block))
 
         def param(i):
             return ref["params", i][part] if split_leaf[i] else ref["params", i][...]
@@ -537,15 +555,14 @@ def untagged_value(high, low):
 
 
 def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part, parts: int, zero, interpret: bool,
-                          tagged: bool):
+                          tagged: bool, at_once: bool):
     """``comm_of_step(t) -> Collectives`` of a split program (of row group ``row``: one row, or a block of rows).
 
     The ``n``-th exchange of the rollout writes the program's partial sums to slot ``n % 2`` of its exchange arrays,
     waits for the group's other programs, and reads the ``P`` partials back (volatile loads: strong, served by L2,
-    never by the incoherent L1): a row split over at least :data:`ONE_LOAD_MIN_PARTS` programs in one load and one
-    reduction, otherwise (and a block of rows, keeping its partials out of the registers) one program at a time,
-    added in program order. Every program reduces the same words in the same order, so all hold the same bits. The
-    wait is the cell's ``Split.exchange``:
+    never by the incoherent L1): all at once, in one load and one reduction (``at_once``,
+    :func:`one_load_exchange`), or one program's at a time, added in program order. Every program reduces the same
+    words in the same order, so all hold the same bits. The wait is the cell's ``Split.exchange``:
 
     * ``"barrier"`` (``tagged`` False): the partials as float32, then barrier ``n``: a CTA barrier, an
       acquire-release atomic add to the group's counter (``counter_ref``), a spin on it until all ``P`` programs
@@ -583,7 +600,6 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
                     lanes_index = (*(slice(None),) * (leaf.ndim - 1), pl.ds(part * width, width))
                 indices.append(lanes_index)
             # (traced indices throughout: a Python int does not index a Triton ref)
-            at_once = parts >= ONE_LOAD_MIN_PARTS and all(leaf.ndim == 1 for leaf in leaves)
             if tagged:
                 read = _tagged_wait(plgpu, pl, per_call[k], leaves, indices, number, slot, row, part, parts, zero,
                                     interpret, at_once)

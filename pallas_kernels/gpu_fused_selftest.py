@@ -90,6 +90,20 @@ CASES = [
          batch=20, config=dispatch.KernelConfig(use_kernels="always", block_batch=16, split_programs=4)),
     Case("RG-LRU B=3 split 8", "ltv.RGLRU", dict(d_model=H), batch=3,
          config=dispatch.KernelConfig(use_kernels="always", split_programs=8)),
+    # blocks of fewer rows than a dot takes (multiply-adds), split: B=32 as 8 blocks of 4 x 16 programs (one load)
+    # and 16 blocks of 2 x 8 programs; B=64 as 8 blocks of 8 x 8; a ragged block of 8 in event mode; a block of 4
+    # unsplit
+    Case("Mamba B=32 block 4 split 16", "ltv.Mamba", dict(d_model=H, d_state=16),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=4, split_programs=16)),
+    Case("Mamba B=32 block 2 split 8", "ltv.Mamba", dict(d_model=H, d_state=16),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=2, split_programs=8)),
+    Case("Mamba zoh event/step B=20 block 8 split 8", "ltv.Mamba",
+         dict(d_model=H, d_state=16, discretization="zoh", dt_min=0.01, dt_max=0.3), batch=20, event="step",
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=8, split_programs=8)),
+    Case("RG-LRU B=64 block 8 split 8", "ltv.RGLRU", dict(d_model=H), batch=64,
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=8, split_programs=8)),
+    Case("S5 block 4, B=32", "lti.S5", dict(d_model=H, d_state=N, discretization="zoh"),
+         config=dispatch.KernelConfig(use_kernels="always", block_batch=4)),
     Case("S4D", "lti.S4D", dict(d_model=H, d_state=N, transposed=False)),
     Case("S4D bilinear c2 gate2 swap", "lti.S4D", dict(d_model=H, d_state=N, disc="bilinear", channels=2, gate=2,
                                                          swap_channels=True, transposed=False)),

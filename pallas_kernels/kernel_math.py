@@ -77,8 +77,10 @@ def contract(v, W, axis: int, precision=None):
     ``v`` is ``(K,)``, one row: multiply-adds and a reduction (exact float32, what a
     one-row kernel program runs); or ``(R, K)``, a block of rows (the batch in the XLA
     drivers, a block of rows in a kernel): a ``dot_general`` at ``precision`` (a
-    :class:`Precisions` gives its ``state``). The result is ``W``'s shape without ``axis``,
-    after ``R`` for a block. With a 2-D ``W`` this is ``v @ W.T`` for ``axis=1`` and ``v @ W``
+    :class:`Precisions` gives its ``state``), or with ``precision``
+    :data:`~pallas_kernels.dispatch.MULTIPLY_ADD` multiply-adds over an ``(R, *W.shape)`` tile and a
+    reduction (a kernel's block of fewer rows than a dot takes). The result is ``W``'s shape without
+    ``axis``, after ``R`` for a block. With a 2-D ``W`` this is ``v @ W.T`` for ``axis=1`` and ``v @ W``
     for ``axis=0``.
     """
     if isinstance(precision, Precisions):
@@ -86,11 +88,12 @@ def contract(v, W, axis: int, precision=None):
     if v.dtype != W.dtype:
         common = jnp.promote_types(v.dtype, W.dtype)
         v, W = v.astype(common), W.astype(common)
-    if v.ndim == 1:
+    if v.ndim == 1 or (isinstance(precision, str) and precision == dispatch.MULTIPLY_ADD):
         # expand_dims, not reshape: in a Triton kernel a reshape is a tt.reshape, which may move the
         # vector through shared memory; expanded unit axes are free
-        other_axes = tuple(d for d in range(W.ndim) if d != axis % W.ndim)
-        return jnp.sum(W * jnp.expand_dims(v, other_axes), axis=axis)
+        rows, axis = v.ndim - 1, axis % W.ndim
+        other_axes = tuple(rows + d for d in range(W.ndim) if d != axis)
+        return jnp.sum(W * jnp.expand_dims(v, other_axes), axis=rows + axis)
     return jax.lax.dot_general(v, W, (((v.ndim - 1,), (axis,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
 

@@ -104,7 +104,7 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     Grid ``(cdiv(batch, BLOCK_B),)``: each program takes ``BLOCK_B`` rows, computes
     ``B x`` and ``C state`` over chunks of :data:`CHUNK` lanes, and writes its state rows
     back in place. One row per program (``BLOCK_B = 1``, the default up to
-    ``ROW_PATH_MAX_BATCH`` rows) uses float32 multiply-adds; blocks of rows use
+    ``ROW_PATH_MAX_BATCH`` rows) and blocks of 2-8 rows use float32 multiply-adds; blocks of 16 rows or more use
     tensor-core dots at :func:`pallas_kernels.dispatch.dot_precision` (``config.precision``:
     3-pass TF32 by default, float32 accuracy, ~2e-7 relative on an H100 and 4-15x faster there
     than IEEE float32 FMA dots; ``HIGHEST`` in interpret mode).
@@ -135,13 +135,12 @@ def kernel(state: cl.Planes, x, A, B, C, delta=None, D=None, *, integration_time
     row_wise_A = A.ndim == 2
     kappa = 2.0 if conj_sym else 1.0
     f32 = jnp.float32
-    precision = dispatch.dot_precision(config)
+    precision = dispatch.block_precision(config, block_b)
 
     def dot(a, b):  # a (m, k) . b (n, k) -> (m, n), float32 accumulation
         if block_b == 1:  # one row: float32 multiply-adds and a reduction (no tensor-core tile of one row)
             return jnp.sum(b * a, axis=1)[None, :]
-        return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                                   preferred_element_type=f32)
+        return km.contract(a, b, 1, precision)  # a block: a dot, or multiply-adds below DOT_MIN_ROWS
 
     def body(*refs):
         ref = dict(zip(names, refs))

@@ -39,8 +39,9 @@ def _restore_default():
     ("block_elems", 0),
     ("block_elems", 48),
     ("block_elems", 64.0),
-    ("block_batch", 8),
+    ("block_batch", 3),
     ("block_batch", 0),
+    ("block_batch", True),
     ("precision", "tf32"),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):

@@ -206,14 +206,16 @@ def test_fused_generate_equals_generate(name):
     assert relative_error(ys, ref) < TOL
 
 
-def test_block_path_equals_generate():
-    """Blocks of 16 rows with dots (HIGHEST in interpret mode); 20 rows leave a masked partial block.
+@pytest.mark.parametrize("block", [16, 4])
+def test_block_path_equals_generate(block):
+    """Blocks of 16 rows with dots (HIGHEST in interpret mode), or of 4 with multiply-adds; 20 rows leave a masked
+    partial block of 16.
 
     LTI S5 in event mode: the full skip matrix and the per-step ``A_bar`` streamed into a block.
     """
     model, _ = build("S5-async-event-row", seed=3)
     x0, taus = _inputs(4, batch=20, steps=12, event="step")
-    ys = fg.fused_generate(model, x0, 12, taus, config=dispatch.KernelConfig(block_batch=16))
+    ys = fg.fused_generate(model, x0, 12, taus, config=dispatch.KernelConfig(block_batch=block))
     assert relative_error(ys, _unfused(model, x0, 12, taus)) < TOL
 
 
@@ -420,22 +422,24 @@ def test_split_kernel_against_unfused_generate(name):
         assert relative_error(got_cache[key], want_cache[key]) < TOL, key
 
 
-@pytest.mark.parametrize("name", ["Mamba-bilinear-k3-bias", "Mamba-zoh-event", "RGLRU-k2-bias"])
-def test_split_block_kernel_against_unfused_generate(name):
-    """A split cell with a block of rows per program (``block_batch=16``; 20 rows: a full block and a ragged one)
-    against the unfused ``generate``: the step on a block (tensor-core dots at 3-pass precision on a GPU), the
-    block's exchange arrays and barrier."""
+@pytest.mark.parametrize("name,block", [("Mamba-bilinear-k3-bias", 16), ("Mamba-zoh-event", 16),
+                                        ("RGLRU-k2-bias", 16), ("Mamba-zoh-event", 8), ("RGLRU-k2-bias", 4)])
+def test_split_block_kernel_against_unfused_generate(name, block):
+    """A split cell with a block of rows per program (``block_batch`` 16: the step's tensor-core dots at 3-pass
+    precision on a GPU; 4 or 8: multiply-adds; 20 rows: full blocks and a ragged one) against the unfused
+    ``generate``: the step on a block, the block's exchange arrays and barrier."""
     model, event = _split_model(name, seed=1)
     batch = 20
     rng = np.random.default_rng(6)
     x0 = jnp.asarray(rng.standard_normal((batch, model.d_model)), jnp.float32)
     taus = None if event is None else jnp.asarray(rng.uniform(0.05, 1.5, (batch, STEPS)), jnp.float32)
-    config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=16)
+    config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=block)
     cell = model.cell()
-    assert cell.blockable and fg.split_block(cell, batch, config) == 16 and fg.run_parts(cell, batch, config) == 1
-    # one program per block and part: 2 blocks x 1 part (P = 1 in interpret mode); a program per row would leave
-    # programs outside the rows, waiting at barriers for programs that can never be resident on a GPU
-    assert pallas_grids(lambda x0: fg.fused_generate(model, x0, STEPS, taus, config=config), x0) == [(2, 1)]
+    assert cell.blockable and fg.split_block(cell, batch, config) == block and fg.run_parts(cell, batch, config) == 1
+    # one program per block and part (P = 1 in interpret mode); a program per row would leave programs outside
+    # the rows, waiting at barriers for programs that can never be resident on a GPU
+    assert pallas_grids(lambda x0: fg.fused_generate(model, x0, STEPS, taus, config=config), x0) == [
+        (-(-batch // block), 1)]
     ys = fg.fused_generate(model, x0, STEPS, taus, config=config)
     chex.assert_shape(ys, (batch, STEPS, model.d_model))
     assert relative_error(ys, _unfused(model, x0, STEPS, taus)) < TOL
@@ -522,6 +526,17 @@ def test_split_plan(monkeypatch):
     assert [fg.split_plan(s4, b, auto) for b in (1, 32)] == [(8, None), (4, None)] and s4.split.splits_x
     s4d = fg.abstract_cell(selftest.abstract_model("lti.S4D", dict(d_model=128, d_state=64, transposed=False)))
     assert s4d.split is None
+    # RG-LRU (H=128: 4 or 8 programs) declares blocks of 8 rows (multiply-adds): rows up to B=33, then blocks of 8
+    # over the most programs that are resident (8 up to 16 blocks, then 4), up to 33 blocks x 4 = 132 programs at
+    # B=264; beyond, blocks of 16 (dots) over the fewest
+    rglru = fg.abstract_cell(selftest.abstract_model("ltv.RGLRU", dict(d_model=128)))
+    assert rglru.policy.split_block == 8 and mamba.policy.split_block is None
+    assert [fg.split_block(rglru, b, auto) for b in (32, 33, 34, 64, 128, 264, 265, 512)] == [1, 1, 8, 8, 8, 8, 16, 16]
+    assert [fg.split_plan(rglru, b, auto)[0] for b in (32, 64, 128, 136, 264, 512)] == [4, 8, 8, 4, 4, 4]
+    assert dataclasses.replace(rglru.policy, split_block=None).split_block is None
+    for bad in (1, 3, 6, True, 8.0):
+        with pytest.raises(ValueError, match=f"KernelPolicy.split_block={bad!r}: expected None or a power of two"):
+            dataclasses.replace(rglru.policy, split_block=bad)
 
 
 def _rollout_with_exchange(model, x0, taus, config, exchange):
@@ -555,14 +570,15 @@ def test_split_exchanges_are_declared_as_measured():
 
 
 @pytest.mark.parametrize("name,block,one_load", [("Mamba-zoh-event", 1, False), ("Mamba-zoh-event", 1, True),
-                                                 ("Mamba-bilinear-k3-bias", 16, True), ("RGLRU-k2-bias", 1, False),
+                                                 ("Mamba-bilinear-k3-bias", 16, False), ("Mamba-zoh-event", 4, True),
+                                                 ("RGLRU-k2-bias", 1, False), ("RGLRU-k2-bias", 4, False),
                                                  ("S4-channels2", 1, False), ("S4-channels2", 1, True)])
 def test_split_exchanges_agree(name, block, one_load, monkeypatch):
     """Both exchanges of a split run (interpret mode: one program per row group, through each exchange's arrays),
     reading a row's partials in one load or one program's at a time (a block always the latter), equal the unfused
     ``generate``, and each other to float32 rounding (the words carry every bit, but XLA may fuse the arithmetic
     around the two differently, e.g. into FMAs)."""
-    monkeypatch.setattr(fg, "ONE_LOAD_MIN_PARTS", 2 if one_load else 4)
+    monkeypatch.setattr(fg, "ONE_LOAD_MIN_PARTS", 1 if one_load else 2)  # (interpret mode: one program a group)
     model, x0, taus = _split_case(name, block, 9)
     config = dispatch.KernelConfig(use_kernels="always", split_programs=2, block_batch=block)
     barrier, tagged = (_rollout_with_exchange(model, x0, taus, config, exchange) for exchange in cells.EXCHANGES)
@@ -578,7 +594,8 @@ def test_split_exchanges_agree(name, block, one_load, monkeypatch):
     ("Mamba-zoh-event", 1, "barrier", True), ("Mamba-zoh-event", 1, "tagged", True),
     ("RGLRU-k2-bias", 1, "barrier", False), ("RGLRU-k2-bias", 1, "tagged", False), ("S4-channels2", 1, "tagged", False),
     ("S4-channels2", 1, "barrier", False), ("Mamba-zoh-event", 16, "barrier", False),
-    ("Mamba-zoh-event", 16, "tagged", False), ("RGLRU-k2-bias", 16, "tagged", False)])
+    ("Mamba-zoh-event", 16, "tagged", False), ("RGLRU-k2-bias", 16, "tagged", False),
+    ("Mamba-zoh-event", 4, "barrier", True), ("RGLRU-k2-bias", 8, "tagged", True)])
 def test_split_kernel_lowers_to_triton(lower_for_h100, name, block, exchange, one_load, monkeypatch):
     """Split over 2 programs per row, or per block of 16 rows (the step's dots and 3-D state tiles), with each
     exchange: the barrier's atomics, or the tagged words (their stores and volatile loads) and no atomic; a row's
@@ -593,6 +610,8 @@ def test_split_kernel_lowers_to_triton(lower_for_h100, name, block, exchange, on
         assert "tagged_words" in text and "untagged_value" in text and "atomic_rmw" not in text
     else:
         assert "atomic_rmw" in text and "tagged_words" not in text
+    kernel = _kernel_jaxpr(lambda x0: _rollout_with_exchange(model, x0, taus, config, exchange), x0)
+    assert (_count(kernel, "dot_general") > 0) == (block >= dispatch.DOT_MIN_ROWS)  # fewer rows: multiply-adds
 
 
 def untied_volatile_loads(jaxpr) -> list:

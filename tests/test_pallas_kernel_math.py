@@ -7,6 +7,7 @@ run in float32 on realistic steps, real and complex, with and without event mode
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from scipy.special import erf as erf64
 
 from lrnnx_jax.core import discretization as disc
 from pallas_kernels import complex_lib as cl
+from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 
 
@@ -120,6 +122,13 @@ def test_contract_one_row_and_a_block_match_float64(axis):
         row = km.contract(jnp.asarray(rows[r], jnp.float32), W32, axis)
         assert row.shape == block.shape[1:]
         assert _relative(row, expected[r]) < 2e-6
+    # a kernel's block of fewer rows than a dot takes: multiply-adds over (R, *W.shape) and a reduction, no dot
+    multiply_add = lambda v: km.contract(v, W32, axis, dispatch.MULTIPLY_ADD)  # noqa: E731
+    small = multiply_add(jnp.asarray(rows, jnp.float32))
+    chex.assert_shape(small, block.shape)
+    chex.assert_type(small, jnp.float32)
+    assert _relative(small, expected) < 2e-6
+    assert "dot_general" not in str(jax.make_jaxpr(multiply_add)(jnp.asarray(rows, jnp.float32)))
     with jax.enable_x64(True):  # mixed dtypes promote: float64 rows with float32 parameters
         wide = km.contract(jnp.asarray(rows), W32, axis, jax.lax.Precision.HIGHEST)
         assert wide.dtype == jnp.float64

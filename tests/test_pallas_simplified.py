@@ -92,9 +92,11 @@ KERNEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("name,block_batch", [(name, 1) for name in KERNEL_CASES] + [("bilinear-event-slots-chunks", 16)])
+@pytest.mark.parametrize("name,block_batch", [(name, 1) for name in KERNEL_CASES] + [
+    ("bilinear-event-slots-chunks", 16), ("bilinear-event-slots-chunks", 4)])
 def test_kernel_matches_reference(name, block_batch):
-    """Every case on the one-row path (the default at these batches); one on blocks of 16 rows (dots)."""
+    """Every case on the one-row path (the default at these batches); one on blocks of 16 rows (dots) and of 4
+    (multiply-adds)."""
     kw = cases.simplified_case(np.random.default_rng(1), **KERNEL_CASES[name])
     out, state = simplified_state_update(**kw, config=dataclasses.replace(KERNEL, block_batch=block_batch))
     chex.assert_type(out, kw["x"].dtype)
@@ -150,8 +152,8 @@ def test_every_discretization_has_a_reference_case():
 @pytest.mark.parametrize("precision,algorithm", [("highest", "TF32_TF32_F32_X3"), ("ieee", "F32_F32_F32"),
                                                  ("fast", "TF32_TF32_F32")])
 def test_block_dots_follow_the_configured_precision(precision, algorithm):
-    """Blocks of rows use ``dispatch.dot_precision(config)`` (traced for the GPU here, not run); one row
-    per program has no dots; interpret mode runs its dots at HIGHEST."""
+    """Blocks of 16 rows use ``dispatch.dot_precision(config)`` (traced for the GPU here, not run); one row
+    per program and blocks of fewer rows have no dots; interpret mode runs its dots at HIGHEST."""
     kw = cases.simplified_case(np.random.default_rng(4), batch=3, P=8, H_in=4)
 
     def precisions(**changes):
@@ -162,6 +164,7 @@ def test_block_dots_follow_the_configured_precision(precision, algorithm):
 
     assert precisions(interpret=False, block_batch=16, precision=precision) == {algorithm}
     assert precisions(interpret=False, block_batch=1, precision=precision) == set()
+    assert precisions(interpret=False, block_batch=8, precision=precision) == set()  # multiply-adds
     assert precisions(interpret=True, block_batch=16, precision=precision) == {"Precision.HIGHEST"}
 
 

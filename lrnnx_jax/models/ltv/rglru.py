@@ -53,7 +53,11 @@ POLICY = KernelPolicy(
               "above 528 rows no split is resident on 132 SMs, and unsplit the rollout took 675 us against 44.6 at "
               "B=4096. The one-step kernel against the XLA step (unsplit): 14.7 vs "
               "13.7 us at B=1, 19.0 vs 21.6 at B=32 (mixed: XLA kept). The XLA program keeps unroll 8: at 2 it "
-              "captured in 1.93 instead of 4.18 s at B=256 but stepped in 17.1 instead of 12.8 us"),
+              "captured in 1.93 instead of 4.18 s at B=256 but stepped in 17.1 instead of 12.8 us. split_block: "
+              "blocks of 8 rows (multiply-adds) over 8 programs 6.85 us at B=64 against 10.3 for blocks of 16 "
+              "(dots) over 4 (over 4 programs 7.48; blocks of 4 19.6, of 2 31.1-31.4 at B=32; rows over 4 programs "
+              "stay faster at B=32: 5.36-5.85 against 6.57-6.71)"),
+    split_block=8,
 )
 
 #: how the programs of RG-LRU's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
