@@ -216,7 +216,8 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
 #: (:func:`one_load_exchange`). Measured on an H200
 #: (512 steps, µs per step, one load / one at a time, the barrier exchange): Mamba (H=128, N=16) over 16 programs
 #: at B=1 5.04-5.16 / 8.01-8.37, at B=8 5.18-5.41 / 9.68-10.2; over 4 at B=32 10.7-11.1 / 8.95-9.67; RG-LRU over
-#: 8 at B=8 5.30-5.62 / 4.57-5.09 (``benchmarks/results/fused_one_load_s5_hoist_h200/``)
+#: 8 at B=8 5.30-5.62 / 4.57-5.09 (``benchmarks/results/fused_one_load_s5_hoist_h200/``). A block of 2-8 rows
+#: follows the rows' rule, not measured against one program's at a time.
 ONE_LOAD_MIN_PARTS = 16
 
 
