@@ -53,6 +53,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -291,7 +292,8 @@ def main(argv=None):
     parser.add_argument("--split-programs", type=int, nargs="+", default=[0],
                         help="fused variants of split cells: programs per row (0: auto)")
     parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
-    parser.add_argument("--out", default=None, help="write every number as JSON to this file")
+    parser.add_argument("--out", default=None, help="write every number as JSON to this file (after each model; "
+                        "\"complete\" is true once the run finished)")
     add_plot_and_anchor_arguments(parser, "fused_generation.png")
     args = parser.parse_args(argv)
     if args.quick:
@@ -311,6 +313,7 @@ def main(argv=None):
             except Exception as error:  # noqa: BLE001
                 new = [dict(model=spec.name, batch=batch, variant="", note=f"ERROR {type(error).__name__}: {error}"[:300])]
             rows += new
+            write_results(args.out, device, bandwidth, rows, anchors, complete=False)
             for row in new:
                 progress.write(f"  {row['model']} B={batch} {row.get('variant')}: fused {_fmt(row.get('fused_us'))} us, "
                                f"xla {_fmt(row.get('xla_us'))} us, loop {_fmt(row.get('loop_us'))} us {row.get('note', '')}")
@@ -321,12 +324,21 @@ def main(argv=None):
     print("\nPyTorch lrnnx (lrnnx_us):")
     print("\n".join(f"- {line}" for line in anchors.summary()))
     write_plot(args, "fused_generation.png", plot, rows)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__,
-                       "copy_bandwidth": bandwidth, "argv": sys.argv, "rows": rows, "anchors": anchors.to_json()},
-                      f, indent=1)
+    write_results(args.out, device, bandwidth, rows, anchors, complete=True)
     return 0
+
+
+def write_results(path, device, bandwidth: float, rows: list, anchors, complete: bool) -> None:
+    """``--out`` (None: nothing): every row so far as JSON, rewritten after each model (replacing the file whole),
+    so that a run stopped by a time limit keeps what it measured; ``complete`` says whether the run finished."""
+    if not path:
+        return
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        json.dump({"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__,
+                   "copy_bandwidth": bandwidth, "argv": sys.argv, "complete": complete, "rows": rows,
+                   "anchors": anchors.to_json()}, f, indent=1)
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":

@@ -136,3 +136,28 @@ def test_lm_decode_fills_lrnnx_for_stack_a_on_the_h200_only():
     assert benchmark_lm_decode.lrnnx_columns("a", 256, 100.0, h200) == {}
     for kind in ("cpu", "NVIDIA H100 80GB HBM3"):
         assert benchmark_lm_decode.lrnnx_columns("a", 32, 100.0, anchors.anchors(kind, benchmark="lm_decode")) == {}
+
+
+def test_fused_benchmark_writes_its_json_after_every_model(tmp_path, monkeypatch):
+    """``--out`` is rewritten after each model, so that a run stopped by the device's time limit keeps what it
+    measured (``complete`` false until the end)."""
+    out = tmp_path / "fused.json"
+    seen = []
+    measure = benchmark_fused_generation.bench_model
+
+    def bench_model(spec, batch, *args):
+        if seen:  # the first model's rows are on disk before the second runs
+            saved = json.loads(out.read_text())
+            assert saved["complete"] is False and [row["model"] for row in saved["rows"]] == seen
+        seen.append(spec.name)
+        return measure(spec, batch, *args)
+
+    monkeypatch.setattr(benchmark_fused_generation, "bench_model", bench_model)
+    monkeypatch.setattr(benchmark_fused_generation, "copy_bandwidth", lambda: 1e12)
+    assert benchmark_fused_generation.main(["--models", "LRU,ltv.S5", "--batches", "2", "--steps", "3", "--repeats", "1",
+                                            "--warmup", "0", "--no-loop", "--no-xla", "--no-plot", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert seen == ["LRU", "ltv.S5"] and saved["complete"] is True
+    assert [(row["model"], row["batch"]) for row in saved["rows"]] == [("LRU", 2), ("ltv.S5", 2)]
+    assert all(row["fused_us"] > 0 for row in saved["rows"])
+    assert not (tmp_path / "fused.json.partial").exists()
