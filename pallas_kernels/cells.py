@@ -48,6 +48,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import dispatch
 from pallas_kernels import kernel_math as km
 
 #: the dots of the XLA drivers (the batch as a block): the SSM's contractions at float32 accuracy on every
@@ -93,10 +94,8 @@ class KernelPolicy:
     def __post_init__(self):
         if self.hoist not in HOIST_RULES:
             raise ValueError(f"KernelPolicy.hoist={self.hoist!r}: expected one of {HOIST_RULES}")
-        block = self.split_block
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 2
-                                  or block & (block - 1)):
-            raise ValueError(f"KernelPolicy.split_block={block!r}: expected None or a power of two >= 2")
+        if self.split_block is not None:
+            dispatch.check_power_of_two("KernelPolicy.split_block", self.split_block, 2, "None or ")
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
         """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""

@@ -95,17 +95,19 @@ class KernelConfig:
         if self.interpret not in (None, True, False):
             raise ValueError(f"interpret must be None, True or False, got {self.interpret!r}")
         if self.num_warps is not None:
-            _check_power_of_two("num_warps", self.num_warps, 1)
-        _check_power_of_two("block_elems", self.block_elems, 1)
+            check_power_of_two("num_warps", self.num_warps, 1)
+        check_power_of_two("block_elems", self.block_elems, 1)
         if self.block_batch is not None:
-            _check_power_of_two("block_batch", self.block_batch, 1)
+            check_power_of_two("block_batch", self.block_batch, 1)
         if self.split_programs is not None:
-            _check_power_of_two("split_programs", self.split_programs, 1)
+            check_power_of_two("split_programs", self.split_programs, 1)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
-def _check_power_of_two(name, value, minimum, also=""):
+def check_power_of_two(name, value, minimum, also=""):
+    """A ``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) power of two ``>= minimum``
+    (``also``: the other values the message lists, e.g. ``"None or "``)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value & (value - 1):
         raise ValueError(f"{name} must be {also}a power of two >= {minimum}, got {value!r}")
 
