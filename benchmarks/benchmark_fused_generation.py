@@ -24,6 +24,13 @@ so. ``--block-batch``, ``--num-warps`` and
 ``--precision`` add fused variants (tuning). Prints a Markdown table; ``--out`` writes
 every number as JSON.
 
+``--fixed-cost`` also times every fused variant and the XLA program over half the steps, and
+splits each rollout's time into what one more step costs and what a call costs whatever its
+steps (the line through the two medians, :func:`step_and_call_us`): ``fused_step_us`` and
+``fused_call_us``, ``xla_step_us`` and ``xla_call_us``. ``fused_us`` (the whole call over the
+steps) is what the issue's table compares; the split says how much of it a longer rollout
+would amortise.
+
 PyTorch lrnnx's numbers come from a results file (``--anchors PATH``, default
 ``benchmarks/results/lrnnx_anchors.json``: CUDA-graph replay on an H100 at B=32, H=128,
 512 steps) and fill ``lrnnx_us`` only where this run's device kind names the anchor's
@@ -146,6 +153,25 @@ def loop_runner(model, x0, tau, steps: int):
     return run, time.perf_counter() - start
 
 
+def step_and_call_us(seconds: float, half_seconds: float, steps: int) -> tuple[float, float]:
+    """``(µs per step, µs per call)`` of the line through a rollout's median time over ``steps`` steps and over
+    ``steps // 2``: what each further step costs, and what every call costs besides its steps."""
+    half = steps // 2
+    step = (seconds - half_seconds) / (steps - half)
+    return 1e6 * step, 1e6 * (seconds - steps * step)
+
+
+def timed_per_step(make_run, steps: int, args, prefix: str) -> dict:
+    """``{prefix}_us`` (the median call over ``steps`` steps, per step) of ``make_run(steps)``'s rollout, and with
+    ``--fixed-cost`` ``{prefix}_step_us`` and ``{prefix}_call_us`` (:func:`step_and_call_us`)."""
+    seconds = median_seconds(make_run(steps), args.warmup, args.repeats)
+    row = {f"{prefix}_us": 1e6 * seconds / steps}
+    if args.fixed_cost:
+        half_seconds = median_seconds(make_run(steps // 2), args.warmup, args.repeats)
+        row[f"{prefix}_step_us"], row[f"{prefix}_call_us"] = step_and_call_us(seconds, half_seconds, steps)
+    return row
+
+
 def hbm_bytes(model, batch: int, steps: int, event: bool, config: dispatch.KernelConfig) -> int:
     """Bytes the fused rollout must move through HBM: outputs, state in/out, parameters per program.
 
@@ -190,30 +216,36 @@ def bench_model(spec: BenchModel, batch: int, args, bandwidth: float, anchors: a
     rows = []
     reason = fg.model_unsupported_reason(model, batch, spec.event)
     slower = None if reason is not None else model.cell().policy.slower_reason("rollout", batch)
-    xla_us = loop_us = None
+    xla = dict(xla_us=None)
+    loop_us = None
     # the XLA program and step (use_kernels="never"), whatever generate would dispatch to
     if not args.no_xla:
-        run, _ = xla_runner(model, x0, tau, steps)
-        xla_us = 1e6 * median_seconds(run, args.warmup, args.repeats) / steps
+        xla = timed_per_step(lambda n: xla_runner(model, x0, tau, n)[0], steps, args, "xla")
     if not args.no_loop and batch in args.loop_batches:
         run, _ = loop_runner(model, x0, tau, steps)
         loop_us = 1e6 * median_seconds(run, 1, max(1, args.repeats // 4)) / steps
+    base.update(xla, loop_us=loop_us)
     if reason is not None:
-        return [dict(base, variant="fallback", fused_us=None, xla_us=xla_us, loop_us=loop_us, note=reason)]
+        return [dict(base, variant="fallback", fused_us=None, note=reason)]
     cell = model.cell()
     for config in fused_configs(args, cell.blockable, cell.split is not None):
+        compile_s = []
+
+        def make_run(n, config=config):
+            run, seconds = fused_runner(model, x0, tau, n, config)
+            compile_s.append(seconds)
+            return run
+
         try:
-            run, compile_s = fused_runner(model, x0, tau, steps, config)
-            seconds = median_seconds(run, args.warmup, args.repeats)
+            fused = timed_per_step(make_run, steps, args, "fused")
         except Exception as error:  # noqa: BLE001 - report the variant and continue
-            rows.append(dict(base, variant=_variant(config), fused_us=None, xla_us=xla_us, loop_us=loop_us,
+            rows.append(dict(base, variant=_variant(config), fused_us=None,
                              note=f"ERROR {type(error).__name__}: {error}"[:300]))
             continue
-        fused_us = 1e6 * seconds / steps
         moved = hbm_bytes(model, batch, steps, spec.event, config)
-        rows.append(dict(base, variant=_variant(config), fused_us=fused_us, xla_us=xla_us, loop_us=loop_us,
-                         speedup_xla=None if xla_us is None else xla_us / fused_us,
-                         hbm_fraction=moved / seconds / bandwidth, compile_s=compile_s,
+        rows.append(dict(base, variant=_variant(config), **fused,
+                         speedup_xla=None if xla["xla_us"] is None else xla["xla_us"] / fused["fused_us"],
+                         hbm_fraction=moved / (1e-6 * fused["fused_us"] * steps) / bandwidth, compile_s=compile_s[0],
                          note="" if slower is None else f"auto keeps XLA: {slower}"))
     return rows
 
@@ -235,6 +267,8 @@ def _fmt(value, digits=3):
 
 def markdown(rows: list[dict]) -> str:
     columns = ["model", "batch", "variant", "fused_us", "xla_us", "loop_us", "speedup_xla", "lrnnx_us", "hbm_fraction", "note"]
+    split = [c for c in ("fused_step_us", "fused_call_us", "xla_step_us", "xla_call_us") if any(c in row for row in rows)]
+    columns[5:5] = split
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
@@ -291,11 +325,15 @@ def main(argv=None):
                         help="fused variants: dot precision of the block path")
     parser.add_argument("--split-programs", type=int, nargs="+", default=[0],
                         help="fused variants of split cells: programs per row (0: auto)")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="also time half the steps: each rollout's cost per step and per call (fused and XLA)")
     parser.add_argument("--quick", action="store_true", help="B=32 and 4096 only, 5 repeats")
     parser.add_argument("--out", default=None, help="write every number as JSON to this file (after each model; "
                         "\"complete\" is true once the run finished)")
     add_plot_and_anchor_arguments(parser, "fused_generation.png")
     args = parser.parse_args(argv)
+    if args.fixed_cost and args.steps < 2:
+        parser.error(f"--fixed-cost times half the steps as well: it needs --steps of at least 2, got {args.steps}")
     if args.quick:
         args.batches, args.repeats, args.warmup = [32, 4096], 5, 1
     models = MODELS if args.models is None else [m for m in MODELS if m.name in args.models.split(",")]

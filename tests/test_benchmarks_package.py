@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import anchors, benchmark_fused_generation, benchmark_lm_decode
@@ -161,3 +162,48 @@ def test_fused_benchmark_writes_its_json_after_every_model(tmp_path, monkeypatch
     assert [(row["model"], row["batch"]) for row in saved["rows"]] == [("LRU", 2), ("ltv.S5", 2)]
     assert all(row["fused_us"] > 0 for row in saved["rows"])
     assert not (tmp_path / "fused.json.partial").exists()
+
+
+def test_step_and_call_us_is_the_line_through_the_two_rollouts():
+    rng = np.random.default_rng(11)
+    per_step, per_call = rng.uniform(1e-6, 1e-5), rng.uniform(1e-5, 1e-3)
+    step_us, call_us = benchmark_fused_generation.step_and_call_us(per_call + 512 * per_step, per_call + 256 * per_step,
+                                                                   512)
+    assert step_us == pytest.approx(1e6 * per_step, rel=1e-9) and call_us == pytest.approx(1e6 * per_call, rel=1e-9)
+    step_us, call_us = benchmark_fused_generation.step_and_call_us(per_call + 7 * per_step, per_call + 3 * per_step, 7)
+    assert step_us == pytest.approx(1e6 * per_step, rel=1e-9) and call_us == pytest.approx(1e6 * per_call, rel=1e-9)
+
+
+def test_fused_benchmark_fixed_cost_times_half_the_steps_for_both_paths(monkeypatch, capsys):
+    """``--fixed-cost``: every fused variant and the XLA program are also timed over ``steps // 2`` steps, and the
+    two medians give the cost per step and per call."""
+    built, seconds = [], iter([0.009, 0.005, 0.006, 0.004])  # XLA over 8 then 4 steps, then the fused rollout
+
+    def runner(kind):
+        def make(model, x0, tau, steps, *config):
+            built.append((kind, steps))
+            return (lambda: None), 0.1
+        return make
+
+    monkeypatch.setattr(benchmark_fused_generation, "xla_runner", runner("xla"))
+    monkeypatch.setattr(benchmark_fused_generation, "fused_runner", runner("fused"))
+    monkeypatch.setattr(benchmark_fused_generation, "median_seconds", lambda run, warmup, repeats: next(seconds))
+    monkeypatch.setattr(benchmark_fused_generation, "copy_bandwidth", lambda: 1e12)
+    rows = []
+    monkeypatch.setattr(benchmark_fused_generation, "write_results",
+                        lambda path, device, bandwidth, new, anchors, complete: rows.extend(new) if complete else None)
+    assert benchmark_fused_generation.main(["--models", "LRU", "--batches", "2", "--steps", "8", "--no-loop",
+                                            "--no-plot", "--fixed-cost"]) == 0
+    assert built == [("xla", 8), ("xla", 4), ("fused", 8), ("fused", 4)]
+    [row] = rows
+    assert row["xla_us"] == pytest.approx(1e6 * 0.009 / 8) and row["fused_us"] == pytest.approx(1e6 * 0.006 / 8)
+    assert row["xla_step_us"] == pytest.approx(1e3) and row["xla_call_us"] == pytest.approx(1e3)
+    assert row["fused_step_us"] == pytest.approx(5e2) and row["fused_call_us"] == pytest.approx(2e3)
+    assert row["compile_s"] == 0.1
+    assert "fused_step_us | fused_call_us | xla_step_us | xla_call_us" in capsys.readouterr().out
+
+
+def test_fused_benchmark_fixed_cost_needs_two_steps(capsys):
+    with pytest.raises(SystemExit):
+        benchmark_fused_generation.main(["--models", "LRU", "--steps", "1", "--fixed-cost", "--no-plot"])
+    assert "--fixed-cost times half the steps as well: it needs --steps of at least 2, got 1" in capsys.readouterr().err
