@@ -29,9 +29,10 @@ flagged. The ``kernels`` and ``auto`` gradients are compared with the ``xla`` pa
 ``max_rel_err_vs_xla`` is the largest ``max|ours - xla| / max|xla|`` over the gradients' leaves, flagged above
 ``--rtol`` (default 1e-5). The loss is not one of them: it is a sum of ``B * L * H`` outputs that can cancel (S7 at
 H=64: 7.54 from 4.2 M terms), so its relative difference measures the cancellation, not the paths;
-``loss_abs_diff_vs_xla`` reports its absolute difference. The compared values come from programs traced again under ``--check-precision`` (default
-``highest``: float32 dots, so that on a GPU the comparison measures the kernels and not TF32 rounding; ``same``,
-or the ``--matmul-precision`` of the timed programs: their own results, no second compilation).
+``loss_abs_diff_vs_xla`` reports its absolute difference. The compared values come from programs traced again
+under ``--check-precision`` (default ``highest``: float32 dots, so that on a GPU the comparison measures the kernels
+and not TF32 rounding; ``same``, or the ``--matmul-precision`` of the timed programs: their own results, no second
+compilation).
 
 **Sweeps** (``--sweeps``; lrnnx's values, one axis at a time around lrnnx's benchmark point B=32, H=128, L=2048,
 d_state 64, Mamba's 16; lrnnx's ``run_all`` ran its width and batch sweeps at L=512: ``--point-length 512``):
