@@ -187,6 +187,32 @@ def test_a_model_in_training_mode_gets_a_clear_error():
     assert relative_error(generate(model, x0, 3, graph_cache=graph), step_loop(model, x0, 3)) < 1e-5
 
 
+def test_the_mode_is_checked_once_per_structure_not_at_every_call(monkeypatch):
+    """A module's mode is static (in its treedef): a model of the captured structure is in eval mode, so ``generate``
+    with a graph walks no modules (the walk took 260 µs a call for Mamba on the host); it does when the structure
+    changed, to say that the model is in training mode."""
+    entry = next(e for e in ZOO if e.name.startswith("S4D"))
+    model = entry.build(seed=29, dropout=0.5)
+    model.eval()
+    eval_structure = jax.tree.structure(model)
+    model.train()
+    assert jax.tree.structure(model) != eval_structure  # the assumption: the mode is part of the structure
+    model.eval()
+    assert jax.tree.structure(model) == eval_structure
+    graph = capture_graph(model, 2, config=SMALL)
+    x0, _ = inputs(2, seed=29)
+    reference = step_loop(model, x0, 3)
+    walks = []
+    walk = type(model).dropout_active
+    monkeypatch.setattr(type(model), "dropout_active", lambda self: walks.append(1) or walk(self))
+    ys = generate(model, x0, 3, graph_cache=graph)
+    assert walks == [] and relative_error(ys, reference) < 1e-5
+    model.train()
+    with pytest.raises(ValueError, match=r"training mode.*call model\.eval\(\)"):
+        generate(model, x0, 3, graph_cache=graph)
+    assert walks == [1]
+
+
 def test_generate_without_graph_compiles_once_per_structure_and_batch():
     model = LRU_ENTRY.build(seed=2)
     x0, _ = inputs(2, seed=6)
