@@ -31,7 +31,6 @@ Padding at and after a row's length never changes the result. Dropout is active 
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -43,7 +42,7 @@ from flax import nnx
 from lrnnx_jax.architectures.embedding import TokenEmbedding, check_ids
 from lrnnx_jax.architectures.language_model import MIXERS, make_norm, mixer_factory
 from lrnnx_jax.core import validation
-from lrnnx_jax.core.base import LRNN, compute_dtype, dropout_active, torch_linear
+from lrnnx_jax.core.base import LRNN, compute_dtype, drawn_random_state, torch_linear
 
 #: final pooling modes (sequence -> vector)
 POOLINGS = ("last", "mean", "max")
@@ -385,8 +384,7 @@ class Classifier(nnx.Module):
             integration_timesteps = integration_timesteps.astype(compute_dtype(dtype))
         if jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(compute_dtype(x.dtype))
-        graphdef, state = nnx.split(self)
-        out, rng_state = _jit_forward(graphdef, state, x, lengths, integration_timesteps)
+        out, rng_state = _jit_forward(self, x, lengths, integration_timesteps)
         if rng_state is not None:
             nnx.update(self, rng_state)
         return out
@@ -401,10 +399,9 @@ class Classifier(nnx.Module):
         return validation.check_sequence(x, self.embedding_dim, layout="(B, L) token ids or (B, L, embedding_dim)")
 
 
-# One compiled program per (structure, shapes); inside a user's jit / grad it is inlined. Random state is
-# returned (and written back) only when active dropout drew from it.
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _jit_forward(graphdef, state, x, lengths, integration_timesteps):
-    model = nnx.merge(graphdef, state)
-    out = model.forward_logits(x, lengths, integration_timesteps)
-    return out, (nnx.state(model, nnx.RngState) if dropout_active(model) else None)
+# One compiled program per (structure, shapes), the model passed as the pytree it is (lrnnx_jax.core.base explains
+# why); inside a user's jit / grad it is inlined. Random state is returned (and written back) only when active dropout
+# drew from it.
+@jax.jit
+def _jit_forward(model, x, lengths, integration_timesteps):
+    return model.forward_logits(x, lengths, integration_timesteps), drawn_random_state(model)

@@ -319,10 +319,8 @@ class LRNNLMHeadModel(nnx.Module):
         if cache is not None:
             self._check_cache(cache, batch, needed=length)
         max_seqlen = 0 if max_seqlen is None else validation.check_positive_int(max_seqlen, "max_seqlen")
-        graphdef, state = nnx.split(self)
         lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-        logits, cache = _jit_forward(graphdef, state, input_ids, lengths, cache, bool(return_cache or cache is not None),
-                                     max_seqlen)
+        logits, cache = _jit_forward(self, input_ids, lengths, cache, bool(return_cache or cache is not None), max_seqlen)
         return (logits, cache) if return_cache else logits
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> dict:
@@ -349,8 +347,7 @@ class LRNNLMHeadModel(nnx.Module):
         self._require_decodable("step")
         ids = self._check_ids(ids, 1, "ids", "(B,)")
         self._check_cache(cache, ids.shape[0], needed=1)
-        graphdef, state = nnx.split(self)
-        return _jit_step(graphdef, state, ids, cache, dispatch.resolve(kernel_config))
+        return _jit_step(self, ids, cache, dispatch.resolve(kernel_config))
 
     def verify_step(self, ids, cache: dict, num_accepted=None, *, kernel_config=None):
         """Speculative verification of ``ids (B, T)`` drafted tokens: ``-> (logits (B, T, padded_vocab), new cache)``.
@@ -371,8 +368,7 @@ class LRNNLMHeadModel(nnx.Module):
         if num_accepted is None:
             num_accepted = jnp.zeros((batch,), jnp.int32)
         validation.check_lengths(num_accepted, batch, num_tokens, name="num_accepted")
-        graphdef, state = nnx.split(self)
-        return _jit_verify(graphdef, state, ids, cache, jnp.asarray(num_accepted, jnp.int32), dispatch.resolve(kernel_config))
+        return _jit_verify(self, ids, cache, jnp.asarray(num_accepted, jnp.int32), dispatch.resolve(kernel_config))
 
     # ================================================================ checks
     def _require_decodable(self, what: str):
@@ -508,18 +504,18 @@ def _flat_params(model) -> dict[str, np.ndarray]:
             for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-# One cached program per (model structure, shapes); parameters are arguments.
-@functools.partial(jax.jit, static_argnames=("graphdef", "keep_cache", "max_seqlen"))
-def _jit_forward(graphdef, state, input_ids, lengths, cache, keep_cache, max_seqlen):
-    model = nnx.merge(graphdef, state)
+# One cached program per (model structure, shapes), the model passed as the pytree it is (lrnnx_jax.core.base
+# explains why); parameters are arguments.
+@functools.partial(jax.jit, static_argnames=("keep_cache", "max_seqlen"))
+def _jit_forward(model, input_ids, lengths, cache, keep_cache, max_seqlen):
     return model.forward_logits(input_ids, lengths, cache, keep_cache, max_seqlen)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _jit_step(graphdef, state, ids, cache, config):
-    return nnx.merge(graphdef, state).step_logits(ids, cache, config)
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_step(model, ids, cache, config):
+    return model.step_logits(ids, cache, config)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _jit_verify(graphdef, state, ids, cache, num_accepted, config):
-    return nnx.merge(graphdef, state).verify_logits(ids, cache, num_accepted, config)
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_verify(model, ids, cache, num_accepted, config):
+    return model.verify_logits(ids, cache, num_accepted, config)

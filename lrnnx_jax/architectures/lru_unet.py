@@ -35,7 +35,6 @@ resampling math; the modules only own the parameters.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Any, Mapping, Optional, Sequence
@@ -47,7 +46,7 @@ from flax import nnx
 
 from lrnnx_jax.architectures.language_model import MIXERS, mixer_factory
 from lrnnx_jax.core import validation
-from lrnnx_jax.core.base import compute_dtype, dropout_active
+from lrnnx_jax.core.base import compute_dtype, drawn_random_state
 
 
 # ================================================================ pure functions (channels last: (B, T, C))
@@ -230,8 +229,7 @@ class LRUUnet(nnx.Module):
         float64 for float64 inputs). ``lengths (B,)`` integers in ``[0, T]``: ragged rows (module docstring)."""
         x = _check_signal(x, self.in_channels)
         mask = validation.check_lengths(lengths, x.shape[0], x.shape[2])
-        graphdef, state = nnx.split(self)
-        y, rng_state = _jit_forward(graphdef, state, x.astype(compute_dtype(x.dtype)), mask)
+        y, rng_state = _jit_forward(self, x.astype(compute_dtype(x.dtype)), mask)
         if rng_state is not None:
             nnx.update(self, rng_state)
         return y.astype(x.dtype)
@@ -285,10 +283,9 @@ def _mixer_maker(mixer: str, mixer_kwargs, d_state):
     return make
 
 
-# One cached program per (model structure, shapes); parameters are arguments. Random state is returned (and written
-# back) only when a mixer's active dropout drew from it.
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _jit_forward(graphdef, state, x, mask):
-    model = nnx.merge(graphdef, state)
-    y = model.forward(x, mask)
-    return y, (nnx.state(model, nnx.RngState) if dropout_active(model) else None)
+# One cached program per (model structure, shapes), the model passed as the pytree it is (lrnnx_jax.core.base
+# explains why); parameters are arguments. Random state is returned (and written back) only when a mixer's active
+# dropout drew from it.
+@jax.jit
+def _jit_forward(model, x, mask):
+    return model.forward(x, mask), drawn_random_state(model)

@@ -1,0 +1,116 @@
+"""Microseconds per eager call of the public per-token APIs, where the host's own work is most of the cost.
+
+    python -m benchmarks.benchmark_host_overhead [--models LRU,Mamba,S4,LM] [--repeats 300] [--out result.json]
+
+At B=1 and these small sizes a call's device work is a few microseconds on a GPU, so what an eager call costs is
+mostly the host: argument checks, flattening the model, the dispatch. For each model (H=128, d_state 64, Mamba 16;
+``LM``: the language model of four Mamba layers, d_model 64, vocabulary 256) it times, as medians of ``--repeats``
+calls after ``--warmup`` (each result waited for):
+
+* ``step``: ``model.step(x_t, cache)`` (the language model: ``model.step(ids, cache)``);
+* ``multi_step``: ``model.multi_step(x, cache)`` of 4 tokens;
+* ``forward``: ``model(x)`` of 16 tokens;
+* ``generate``: ``generate(model, x, 1, graph_cache=capture_graph(model, 1))``, one step from a captured program;
+* ``dispatch``: the floor, a jitted identity of the model's parameter leaves and the input (one dispatch, no work).
+
+Run it against another tree to compare two versions of the library on the same machine: the library comes from
+``sys.path`` (``PYTHONPATH=/path/to/other/tree``), this script from here. Needs only jax, flax and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import lrnnx_jax
+from benchmarks.timing import median_seconds
+from lrnnx_jax import generation
+from lrnnx_jax.architectures.language_model import LRNNLMHeadModel
+from lrnnx_jax.convert import model_class
+
+H, N = 128, 64
+LAYERS = {
+    "LRU": ("lti.LRU", dict(d_model=H, d_state=N)),
+    "Mamba": ("ltv.Mamba", dict(d_model=H, d_state=16)),
+    "S4": ("lti.S4", dict(d_model=H, d_state=N, transposed=False)),
+}
+CALLS = ("step", "multi_step", "forward", "generate", "dispatch")
+
+
+def build(name: str):
+    if name == "LM":
+        return LRNNLMHeadModel(d_model=64, d_state=16, n_layer=4, vocab_size=256, mixer_types=["Mamba"] * 4,
+                               rngs=nnx.Rngs(0))
+    lrnnx_name, kwargs = LAYERS[name]
+    return model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(0))
+
+
+def calls(name: str, model) -> dict:
+    """``{call: zero-argument function}`` of the APIs the model has (the language model has no ``multi_step``,
+    ``forward`` of floats or ``generate`` of vectors)."""
+    rng = np.random.default_rng(0)
+    leaves = jax.tree.leaves(model)
+    identity = jax.jit(lambda leaves, x: (leaves, x))
+    cache = model.allocate_inference_cache(1)
+    if name == "LM":
+        ids = jnp.asarray(rng.integers(0, 256, (1,)), jnp.int32)
+        return {"step": lambda: model.step(ids, cache), "forward": lambda: model(ids[:, None].repeat(16, axis=1)),
+                "dispatch": lambda: identity(leaves, ids)}
+    x = jnp.asarray(0.1 * rng.standard_normal((1, 16, model.d_model)), jnp.float32)
+    graph = generation.capture_graph(model, 1)
+    return {"step": lambda: model.step(x[:, 0], cache), "multi_step": lambda: model.multi_step(x[:, :4], cache),
+            "forward": lambda: model(x), "generate": lambda: generation.generate(model, x[:, 0], 1, graph_cache=graph),
+            "dispatch": lambda: identity(leaves, x[:, 0])}
+
+
+def measure(names, warmup: int, repeats: int) -> list[dict]:
+    rows = []
+    for name in names:
+        model = build(name)
+        model.eval()
+        for call, run in calls(name, model).items():
+            rows.append(dict(model=name, call=call, us=1e6 * median_seconds(run, warmup, repeats)))
+            print(f"{name} {call}: {rows[-1]['us']:.0f} us", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    table = {(r["model"], r["call"]): r["us"] for r in rows}
+    lines = ["| model | " + " | ".join(CALLS) + " |", "|---|" + "---|" * len(CALLS)]
+    for name in names:
+        cells = [f"{table[name, c]:.0f}" if (name, c) in table else "-" for c in CALLS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="LRU,Mamba,S4,LM", help="comma-separated, of LRU, Mamba, S4, LM")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--out", default=None, help="write every number as JSON to this file")
+    args = parser.parse_args(argv)
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in (*LAYERS, "LM")]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; expected names of {[*LAYERS, 'LM']}")
+    device = jax.devices()[0]
+    print(f"device: {getattr(device, 'device_kind', device)}, jax {jax.__version__}, library {lrnnx_jax.__file__}")
+    rows = measure(names, args.warmup, args.repeats)
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(getattr(device, "device_kind", device)), "jax": jax.__version__,
+                       "library": lrnnx_jax.__file__, "argv": sys.argv, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
