@@ -159,8 +159,7 @@ def check_forward_and_step(entry, model, mesh, x, tau, result):
     assert y_many.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 3), y_many.sharding
     result["forward_rel"] = rel(y_many, y_one)
     assert result["forward_rel"] < 1e-6, result
-    graphdef, state = nnx.split(model)
-    text = base._jit_forward.lower(graphdef, state, sharded(x), sharded(tau), None, None, None, False).compile().as_text()
+    text = base._jit_forward.lower(model, sharded(x), sharded(tau), None, None, None, False).compile().as_text()
     no_activation_collectives(text, n, f"{entry.name} forward", none_at_all=True)
 
     cache = model.allocate_inference_cache(BATCH)
@@ -171,7 +170,7 @@ def check_forward_and_step(entry, model, mesh, x, tau, result):
     result["step_rel"] = max(rel(y_t_many, y_t_one), tree_rel(cache_many, cache_one))
     assert result["step_rel"] < 1e-6, result
     assert all(leaf.sharding.is_equivalent_to(parallel.batch_sharding(mesh), leaf.ndim) for leaf in jax.tree.leaves(cache_many))
-    text = base._jit_step.lower(graphdef, state, sharded(x[:, 0]), parallel.shard_batch(cache, mesh), sharded(tau_t),
+    text = base._jit_step.lower(model, sharded(x[:, 0]), parallel.shard_batch(cache, mesh), sharded(tau_t),
                                 KernelConfig()).compile().as_text()
     no_activation_collectives(text, n, f"{entry.name} step", none_at_all=True)
 
@@ -376,8 +375,7 @@ def check_kernel_refusal(mesh) -> dict:
     with warnings.catch_warnings(record=True) as caught, parallel.data_parallel(mesh):
         warnings.simplefilter("always")
         y, _ = model.step(parallel.shard_batch(x, mesh), cache, kernel_config=KERNELS)
-        graphdef, state = nnx.split(model)
-        jaxpr = base._jit_step.trace(graphdef, state, parallel.shard_batch(x, mesh), cache, None, KERNELS).jaxpr
+        jaxpr = base._jit_step.trace(model, parallel.shard_batch(x, mesh), cache, None, KERNELS).jaxpr
         assert not caught, [str(w.message) for w in caught]
         rows = mesh.size + 1  # not a multiple of the devices
         odd, _ = model.step(x[:rows], model.allocate_inference_cache(rows), kernel_config=KERNELS)
