@@ -146,12 +146,11 @@ def is_split(array, spec) -> bool:
 def check_program(lm, mesh, prompt, lengths) -> dict:
     """The compiled generation program: what crosses devices (see the module docstring)."""
     n = mesh.size
-    graphdef, state = nnx.split(lm)
     prompt_size, out_size = bucket(PROMPT), bucket(NEW)
     padded = np.zeros((BATCH, prompt_size), np.int32)
     padded[:, :PROMPT] = prompt
     text = decode_program.lower(
-        graphdef, state, None, None, padded, lengths, np.int32(NEW), np.float32(1), np.int32(1), np.float32(1),
+        lm, None, padded, lengths, np.int32(NEW), np.float32(1), np.int32(1), np.float32(1),
         np.int32(-1), jax.random.key(0), out_size=out_size, sampler=Sampler(True, False, False), num_drafts=0,
         ngram_size=1, return_logits=False, config=dispatch.resolve(None)).compile().as_text()
     found = parallel.collectives(text)

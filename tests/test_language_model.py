@@ -260,3 +260,32 @@ def test_bad_input_is_refused_clearly():
         noncausal.allocate_inference_cache(1, 4)
     with pytest.raises(ValueError, match=r"d_conv must be an integer >= 0, got -1"):
         MHA(8, 2, d_conv=-1, rngs=nnx.Rngs(0))
+
+
+def test_decoding_refuses_active_dropout_and_checks_each_structure_once(monkeypatch):
+    """A layer in training mode with active dropout cannot decode. The check walks the layers once per model
+    structure (the mode is part of the treedef), so a decodable model's later calls walk nothing."""
+    from lrnnx_jax.models.lti import S4
+
+    model = build(["S4", "attn"], mixer_kwargs={"S4": {**MIXER_KWARGS["S4"], "dropout": 0.5},
+                                                "attn": MIXER_KWARGS["attn"]})
+    rng = np.random.default_rng(41)
+    ids = random_ids(rng, 2)
+    cache = model.allocate_inference_cache(2, 4)
+    model.train()
+    with pytest.raises(ValueError, match=r"step: layer S4 is in training mode with active dropout; call model\.eval\(\)"):
+        model.step(ids, cache)
+    model.eval()
+    walks = []
+    walk = S4.dropout_active
+    monkeypatch.setattr(S4, "dropout_active", lambda self: walks.append(1) or walk(self))
+    first, _ = model.step(ids, cache)  # the check walks, and so does the first trace of the step
+    walked = len(walks)
+    assert walked >= 1
+    again, _ = model.step(ids, cache)
+    assert len(walks) == walked  # the same structure again: no walk
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    model.train()
+    with pytest.raises(ValueError, match="training mode with active dropout"):
+        model.step(ids, cache)
+    assert len(walks) == walked + 1  # a new structure: checked again, and refused

@@ -372,12 +372,21 @@ class LRNNLMHeadModel(nnx.Module):
 
     # ================================================================ checks
     def _require_decodable(self, what: str):
+        """``ValueError`` naming ``what`` unless every layer can decode (attention causal, no active dropout). Checked
+        once per model structure: both are static (in the treedef), and walking every layer's modules at each call
+        cost milliseconds a token for deep models."""
+        structure = jax.tree.structure(self)
+        if structure in _DECODABLE_STRUCTURES:
+            return
         for block in self.layers:
             if block.is_attention:
                 block.mixer.require_causal(what)
             elif block.mixer.dropout_active():
                 raise ValueError(f"{what}: layer {type(block.mixer).__name__} is in training mode with active dropout; "
                                  "call model.eval() first")
+        _DECODABLE_STRUCTURES[structure] = None
+        while len(_DECODABLE_STRUCTURES) > 64:
+            del _DECODABLE_STRUCTURES[next(iter(_DECODABLE_STRUCTURES))]
 
     def _check_ids(self, ids, ndim: int, name: str, layout: str):
         ids = jnp.asarray(ids) if not isinstance(ids, jax.Array) else ids
@@ -502,6 +511,10 @@ def _check_room(index: int, kv: dict, needed: int):
 def _flat_params(model) -> dict[str, np.ndarray]:
     return {".".join(map(str, path)): np.asarray(variable.get_value())
             for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+#: the structures (treedefs) found decodable by ``LRNNLMHeadModel._require_decodable``, oldest first
+_DECODABLE_STRUCTURES: dict = {}
 
 
 # One cached program per (model structure, shapes), the model passed as the pytree it is (lrnnx_jax.core.base
