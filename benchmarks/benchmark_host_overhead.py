@@ -1,16 +1,18 @@
 """Microseconds per eager call of the public per-token APIs, where the host's own work is most of the cost.
 
-    python -m benchmarks.benchmark_host_overhead [--models LRU,Mamba,S4,LM] [--repeats 300] [--out result.json]
+    python -m benchmarks.benchmark_host_overhead [--models LRU,Mamba,S4,LM] [--lm-layers 4] [--repeats 300]
+        [--out result.json]
 
 At B=1 and these small sizes a call's device work is a few microseconds on a GPU, so what an eager call costs is
 mostly the host: argument checks, flattening the model, the dispatch. For each model (H=128, d_state 64, Mamba 16;
-``LM``: the language model of four Mamba layers, d_model 64, vocabulary 256) it times, as medians of ``--repeats``
-calls after ``--warmup`` (each result waited for):
+``LM``: the language model of ``--lm-layers`` Mamba layers, d_model 64, d_intermediate 128, vocabulary 256) it
+times, as medians of ``--repeats`` calls after ``--warmup`` (each result waited for):
 
 * ``step``: ``model.step(x_t, cache)`` (the language model: ``model.step(ids, cache)``);
 * ``multi_step``: ``model.multi_step(x, cache)`` of 4 tokens;
 * ``forward``: ``model(x)`` of 16 tokens;
-* ``generate``: ``generate(model, x, 1, graph_cache=capture_graph(model, 1))``, one step from a captured program;
+* ``generate``: ``generate(model, x, 1, graph_cache=capture_graph(model, 1))``, one step from a captured program
+  (the language model: ``generate_tokens(model, prompt, 1)`` of a 4-token prompt, its whole decoding program);
 * ``dispatch``: the floor, one dispatch of a jitted function that takes the model's parameter leaves and the input
   and returns the input (no work).
 
@@ -34,6 +36,7 @@ from benchmarks.timing import median_seconds
 from lrnnx_jax import generation
 from lrnnx_jax.architectures.language_model import LRNNLMHeadModel
 from lrnnx_jax.convert import model_class
+from lrnnx_jax.decoding import generate_tokens
 
 H, N = 128, 64
 LAYERS = {
@@ -44,17 +47,16 @@ LAYERS = {
 CALLS = ("step", "multi_step", "forward", "generate", "dispatch")
 
 
-def build(name: str):
+def build(name: str, lm_layers: int = 4):
     if name == "LM":
-        return LRNNLMHeadModel(d_model=64, d_state=16, n_layer=4, vocab_size=256, mixer_types=["Mamba"] * 4,
-                               rngs=nnx.Rngs(0))
+        return LRNNLMHeadModel(d_model=64, d_state=16, n_layer=lm_layers, vocab_size=256,
+                               mixer_types=["Mamba"] * lm_layers, d_intermediate=128, rngs=nnx.Rngs(0))
     lrnnx_name, kwargs = LAYERS[name]
     return model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(0))
 
 
 def calls(name: str, model) -> dict:
-    """``{call: zero-argument function}`` of the APIs the model has (the language model has no ``multi_step``,
-    ``forward`` of floats or ``generate`` of vectors)."""
+    """``{call: zero-argument function}`` of the APIs the model has (the language model has no ``multi_step``)."""
     rng = np.random.default_rng(0)
     leaves = jax.tree.leaves(model)
     identity = jax.jit(lambda leaves, x: x)
@@ -62,8 +64,9 @@ def calls(name: str, model) -> dict:
     if name == "LM":
         ids = jnp.asarray(rng.integers(0, 256, (1,)), jnp.int32)
         sequence = jnp.asarray(rng.integers(0, 256, (1, 16)), jnp.int32)
+        prompt = np.asarray(sequence[:, :4])
         return {"step": lambda: model.step(ids, cache), "forward": lambda: model(sequence),
-                "dispatch": lambda: identity(leaves, ids)}
+                "generate": lambda: generate_tokens(model, prompt, 1), "dispatch": lambda: identity(leaves, ids)}
     x = jnp.asarray(0.1 * rng.standard_normal((1, 16, model.d_model)), jnp.float32)
     x_t, x_4 = x[:, 0], x[:, :4]  # sliced here: a slice in the timed call would be a dispatch of its own
     graph = generation.capture_graph(model, 1)
@@ -72,10 +75,10 @@ def calls(name: str, model) -> dict:
             "dispatch": lambda: identity(leaves, x_t)}
 
 
-def measure(names, warmup: int, repeats: int) -> list[dict]:
+def measure(names, warmup: int, repeats: int, lm_layers: int = 4) -> list[dict]:
     rows = []
     for name in names:
-        model = build(name)
+        model = build(name, lm_layers)
         model.eval()
         for call, run in calls(name, model).items():
             rows.append(dict(model=name, call=call, us=1e6 * median_seconds(run, warmup, repeats)))
@@ -96,6 +99,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="LRU,Mamba,S4,LM", help="comma-separated, of LRU, Mamba, S4, LM")
+    parser.add_argument("--lm-layers", type=int, default=4, help="Mamba layers of the language model")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--out", default=None, help="write every number as JSON to this file")
@@ -106,7 +110,7 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--models: unknown {unknown}; expected names of {[*LAYERS, 'LM']}")
     device = jax.devices()[0]
     print(f"device: {getattr(device, 'device_kind', device)}, jax {jax.__version__}, library {lrnnx_jax.__file__}")
-    rows = measure(names, args.warmup, args.repeats)
+    rows = measure(names, args.warmup, args.repeats, args.lm_layers)
     print(markdown(rows))
     if args.out:
         with open(args.out, "w") as f:
