@@ -200,7 +200,10 @@ def _decode_program(target, draft, prompt, prompt_lengths, max_new, temperature,
                     out_size: int, sampler: Sampler, num_drafts: int, ngram_size: int, return_logits: bool, config):
     """The whole generation (see :func:`generate_tokens`) as one traced function. The models (``draft`` None
     without a draft model) come in as the pytrees they are: ``jax.jit`` flattens them, where ``nnx.split`` walked
-    their graphs (11 ms a call for 24 layers on the CPU)."""
+    their graphs (11 ms a call for 24 layers on the CPU). Tracing checks that both can decode, once per structure."""
+    target._require_decodable("generate_tokens")
+    if draft is not None:
+        draft._require_decodable("generate_tokens (draft model)")
     batch, prompt_size = prompt.shape
     speculative = num_drafts > 0
     width = num_drafts + 1  # tokens per verify call
@@ -355,7 +358,6 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
 
     if not isinstance(model, LRNNLMHeadModel):
         raise TypeError(f"model must be an LRNNLMHeadModel, got {type(model).__name__}")
-    model._require_decodable("generate_tokens")
     sharding = parallel.batch_sharding_of(prompt_ids)  # a batch over devices: each device decodes its rows
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -393,7 +395,6 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
         if draft is not None:
             if not isinstance(draft, LRNNLMHeadModel) or draft.padded_vocab_size != model.padded_vocab_size:
                 raise ValueError("speculative.draft_model must be an LRNNLMHeadModel with the target's (padded) vocabulary")
-            draft._require_decodable("generate_tokens (draft model)")
 
     prompt_size, out_size = bucket(length), bucket(max_new_tokens)
     padded = np.zeros((batch, prompt_size), np.int32)

@@ -314,8 +314,6 @@ class LRNNLMHeadModel(nnx.Module):
         input_ids = self._check_ids(input_ids, 2, "input_ids", "(B, L)")
         batch, length = input_ids.shape
         validation.check_lengths(lengths, batch, length)
-        if cache is not None or return_cache:
-            self._require_decodable("a cache")
         if cache is not None:
             self._check_cache(cache, batch, needed=length)
         max_seqlen = 0 if max_seqlen is None else validation.check_positive_int(max_seqlen, "max_seqlen")
@@ -344,7 +342,6 @@ class LRNNLMHeadModel(nnx.Module):
 
     def step(self, ids, cache: dict, *, kernel_config=None):
         """One token per row through the whole model: ``ids (B,)`` int -> ``(logits (B, padded_vocab), new cache)``."""
-        self._require_decodable("step")
         ids = self._check_ids(ids, 1, "ids", "(B,)")
         self._check_cache(cache, ids.shape[0], needed=1)
         return _jit_step(self, ids, cache, dispatch.resolve(kernel_config))
@@ -357,7 +354,6 @@ class LRNNLMHeadModel(nnx.Module):
         the previous call's tokens were accepted (None: 0). ``logits[:, t]`` follow the committed state and
         tokens ``0..t``; nothing of this call is committed until the next call accepts it.
         """
-        self._require_decodable("verify_step")
         ids = self._check_ids(ids, 2, "ids", "(B, T)")
         batch, num_tokens = ids.shape
         if not self._is_verify_cache(cache):
@@ -372,21 +368,17 @@ class LRNNLMHeadModel(nnx.Module):
 
     # ================================================================ checks
     def _require_decodable(self, what: str):
-        """``ValueError`` naming ``what`` unless every layer can decode (attention causal, no active dropout). Checked
-        once per model structure: both are static (in the treedef), and walking every layer's modules at each call
-        cost milliseconds a token for deep models."""
-        structure = jax.tree.structure(self)
-        if structure in _DECODABLE_STRUCTURES:
-            return
+        """``ValueError`` naming ``what`` unless every layer can decode (attention causal, no active dropout).
+
+        The jitted programs that decode call it while they are traced: both properties are static, part of the
+        treedef that keys their cache, so it runs once per model structure, not at every call (walking every layer's
+        modules cost milliseconds a token for deep models)."""
         for block in self.layers:
             if block.is_attention:
                 block.mixer.require_causal(what)
             elif block.mixer.dropout_active():
                 raise ValueError(f"{what}: layer {type(block.mixer).__name__} is in training mode with active dropout; "
                                  "call model.eval() first")
-        _DECODABLE_STRUCTURES[structure] = None
-        while len(_DECODABLE_STRUCTURES) > 64:
-            del _DECODABLE_STRUCTURES[next(iter(_DECODABLE_STRUCTURES))]
 
     def _check_ids(self, ids, ndim: int, name: str, layout: str):
         ids = jnp.asarray(ids) if not isinstance(ids, jax.Array) else ids
@@ -513,22 +505,22 @@ def _flat_params(model) -> dict[str, np.ndarray]:
             for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-#: the structures (treedefs) found decodable by ``LRNNLMHeadModel._require_decodable``, oldest first
-_DECODABLE_STRUCTURES: dict = {}
-
-
 # One cached program per (model structure, shapes), the model passed as the pytree it is (lrnnx_jax.core.base
-# explains why); parameters are arguments.
+# explains why); parameters are arguments. Those that decode check, when traced, that the model can.
 @functools.partial(jax.jit, static_argnames=("keep_cache", "max_seqlen"))
 def _jit_forward(model, input_ids, lengths, cache, keep_cache, max_seqlen):
+    if keep_cache:
+        model._require_decodable("a cache")
     return model.forward_logits(input_ids, lengths, cache, keep_cache, max_seqlen)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_step(model, ids, cache, config):
+    model._require_decodable("step")
     return model.step_logits(ids, cache, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_verify(model, ids, cache, num_accepted, config):
+    model._require_decodable("verify_step")
     return model.verify_logits(ids, cache, num_accepted, config)
