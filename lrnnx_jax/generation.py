@@ -32,9 +32,10 @@ new weights. Each generation starts from the zero state of ``allocate_inference_
 
 Compilation: :func:`capture_graph` compiles the program ahead of time. Besides it,
 ``generate`` slices the program's fixed-size output buffers to ``(B, num_steps, H)``
-(:func:`assemble`): on the CPU with NumPy (no compilation); on an accelerator an array
-of a new shape needs an XLA program, so each distinct ``num_steps`` compiles one small
-slicing program once (a repeated ``num_steps`` compiles nothing). The kernel configuration (``kernel_config=``, a
+(:func:`assemble`) unless ``num_steps`` is ``chunk_size``: on the CPU with NumPy (no
+compilation); on an accelerator an array of a new shape needs an XLA program, so each
+distinct ``num_steps`` compiles one small slicing program once (a repeated ``num_steps``
+compiles nothing). The kernel configuration (``kernel_config=``, a
 ``pallas_kernels.KernelConfig``; the default when None) is part of every program's key.
 """
 
@@ -178,7 +179,7 @@ def xla_program(spec: ProgramSpec) -> Callable:
     * ``x (B, H)``: the input of the first step; ``cache``: the state before it;
     * ``taus (B, chunk_size)``: per-step ``integration_timesteps`` (event mode) or None;
     * ``num_valid``: int32 scalar in ``[1, chunk_size]``, the steps to run;
-    * ``ys (chunk_size, B, H)``: the outputs, time-major; rows ``>= num_valid`` are zeros;
+    * ``ys (B, chunk_size, H)``: the outputs; steps ``>= num_valid`` are zeros;
     * ``x_next (B, H)``, ``cache``: the last output and the state after exactly ``num_valid`` steps.
     """
     chunk, unroll, block = spec.config.chunk_size, spec.config.unroll, spec.config.block
@@ -217,7 +218,7 @@ def xla_program(spec: ProgramSpec) -> Callable:
 
             start, x, state, ys = jax.lax.cond(num_valid & size != 0, part, lambda c: c, (start, x, state, ys))
             size //= 2
-        return ys, x, model.cell_cache(state, cache)
+        return jnp.moveaxis(ys, 0, 1), x, model.cell_cache(state, cache)
 
     return generation_program
 
@@ -226,8 +227,23 @@ DEFAULT_CONFIG = GenerationConfig()
 
 
 def build_program(spec: ProgramSpec) -> Callable:
-    """The dispatch point: the pure function that :func:`capture_graph` compiles for ``spec``."""
-    return fused_generation.fused_program(spec) if spec.fused else xla_program(spec)
+    """The dispatch point: the pure function that :func:`capture_graph` compiles for ``spec``.
+
+    Returns ``(leaves, x, cache, taus, num_valid) -> (ys (B, chunk_size, H), x_next, cache, all_finite)``: the
+    program of :func:`xla_program` or :func:`pallas_kernels.fused_generation.fused_program` (the steps from
+    ``num_valid`` on hold unspecified values), and whether each row's first ``num_valid`` outputs are finite
+    (``(B,)`` bool, per row so that a sharded batch needs no collective; read by :func:`watch_finite` without
+    waiting for it).
+    """
+    program = fused_generation.fused_program(spec) if spec.fused else xla_program(spec)
+
+    @functools.wraps(program)  # its name, in compilation logs
+    def checked_program(leaves, x, cache, taus, num_valid):
+        ys, x_next, cache = program(leaves, x, cache, taus, num_valid)
+        run = (jnp.arange(ys.shape[1]) < num_valid)[None, :, None]
+        return ys, x_next, cache, jnp.all(jnp.isfinite(ys) | ~run, axis=(1, 2))
+
+    return checked_program
 
 
 @functools.lru_cache(maxsize=256)
@@ -241,23 +257,60 @@ def _fused_of_structure(treedef, leaf_types: tuple, batch_size: int, dtype, even
 
 
 def assemble(blocks, num_steps: int, sharding=None):
-    """Time-major ``(chunk_size, B, H)`` blocks -> ``(B, num_steps, H)``, placed with the batch ``sharding`` (None:
-    one device).
+    """Batch-major ``(B, chunk_size, H)`` blocks -> ``(B, num_steps, H)``, placed with the batch ``sharding``
+    (None: one device).
 
-    An array of a new shape needs a new XLA program, so on an accelerator each distinct
-    ``num_steps`` compiles one small slicing program once. On the CPU, whose device memory
+    One whole block is returned as it is. Otherwise an array of a new shape needs a new XLA program, so on an
+    accelerator each distinct ``num_steps`` compiles one small slicing program once. On the CPU, whose device memory
     is host memory, the blocks are sliced by NumPy and put back: no compilation at all.
     """
-    if all(device.platform == "cpu" for block in blocks for device in block.devices()):
-        ys = np.concatenate([np.asarray(block) for block in blocks], axis=0)[:num_steps]
-        report_nonfinite(np.all(np.isfinite(ys)))
+    if len(blocks) == 1 and blocks[0].shape[1] == num_steps:
+        ys = blocks[0]
+    elif all(device.platform == "cpu" for block in blocks for device in block.devices()):
+        ys = np.concatenate([np.asarray(block) for block in blocks], axis=1)[:, :num_steps]
         place = next(iter(blocks[0].devices())) if sharding is None else sharding
-        return jax.device_put(np.ascontiguousarray(np.moveaxis(ys, 0, 1)), place)
-    ys = _assemble(tuple(blocks), num_steps)
+        return jax.device_put(ys, place)
+    else:
+        ys = _assemble(tuple(blocks), num_steps)
     return ys if sharding is None else jax.device_put(ys, sharding)  # a no-op where XLA kept the rows in place
 
 
+#: the finiteness flags of generations whose values the host has not read yet (:func:`watch_finite`)
+_PENDING_FINITE = collections.deque()
 _NONFINITE_REPORTED = []
+
+
+def watch_finite(flags) -> None:
+    """Warn (once per process) if a generation's outputs were not finite, without waiting for them.
+
+    ``flags`` are the ``(B,)`` device bool arrays of one generation's program calls. They are read when they are ready:
+    here if they already are (on the CPU: here, waiting for them), else by a later ``generate`` or at the
+    interpreter's exit. A host callback inside the program would instead hold the host until the
+    kernels before it finished, and cost 300-600 µs per call on an H200 (BENCHMARKS.md §10).
+    """
+    if _NONFINITE_REPORTED:
+        return
+    for flag in flags:
+        flag.copy_to_host_async()
+    _register_exit_check()
+    _PENDING_FINITE.extend(flags)
+    report_ready_flags(wait=all(device.platform == "cpu" for flag in flags for device in flag.devices()))
+
+
+def report_ready_flags(wait: bool = False) -> None:
+    """Read the watched flags that are ready (``wait``: all of them) and warn if one is false."""
+    while _PENDING_FINITE and (wait or _PENDING_FINITE[0].is_ready()):
+        report_nonfinite(np.all(np.asarray(_PENDING_FINITE.popleft())))
+    if _NONFINITE_REPORTED:
+        _PENDING_FINITE.clear()
+
+
+@functools.cache
+def _register_exit_check() -> None:
+    """The flags still unread at exit are read then (registered after jax's own exit handlers, so run before them)."""
+    import atexit
+
+    atexit.register(report_ready_flags, wait=True)
 
 
 def report_nonfinite(all_finite) -> None:
@@ -267,7 +320,7 @@ def report_nonfinite(all_finite) -> None:
         _NONFINITE_REPORTED.append(True)
         warnings.warn("generate produced non-finite values (inf or NaN): the closed loop of this model, fed its own "
                       "outputs, diverges (common for untrained models; scale the seed input down or check the model's "
-                      "stability). This warning is shown once.", RuntimeWarning, stacklevel=2)
+                      "stability). This warning is shown once.", RuntimeWarning, stacklevel=6)
 
 
 #: the slicing program is a copy: XLA's optimisation passes only cost compile time (on an H200, 5 new step
@@ -278,10 +331,8 @@ SLICING_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disab
 
 @functools.partial(jax.jit, static_argnames="num_steps", compiler_options=SLICING_COMPILER_OPTIONS)
 def _assemble(blocks, num_steps: int):
-    ys = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
-    ys = ys[:num_steps]
-    jax.debug.callback(report_nonfinite, jnp.all(jnp.isfinite(ys)))  # on the host when it runs: no sync here
-    return jnp.moveaxis(ys, 0, 1)
+    ys = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+    return ys[:, :num_steps]
 
 
 class CompiledGenerator:
@@ -313,6 +364,7 @@ class CompiledGenerator:
         cache_types = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=rows), cache_types)
         # allocate_inference_cache returns zeros; building them from NumPy compiles nothing
         self._initial_cache = jax.tree.map(lambda t: jax.device_put(np.zeros(t.shape, t.dtype), t.sharding), cache_types)
+        self._counts = {}  # steps -> the device's int32 num_valid (:meth:`_num_valid`)
         chunk = spec.config.chunk_size
         taus_type = None
         if spec.event_mode:
@@ -347,16 +399,26 @@ class CompiledGenerator:
         else:  # a per-step schedule, padded with ones (valid values, whose steps are dropped)
             taus = np.pad(taus, ((0, 0), (0, -num_steps % chunk)), constant_values=1)
             tau_chunks = [jax.device_put(taus[:, start : start + chunk], rows) for start in starts]
-        num_valid = [np.int32(min(chunk, num_steps - start)) for start in starts]
+        num_valid = [self._num_valid(min(chunk, num_steps - start)) for start in starts]
         if rows is not None:  # the program's placement: parameters on every device, the rows split (no-ops when so)
             leaves = jax.device_put(leaves, parallel.replicated(rows.mesh))
             x = jax.device_put(x, rows)
-            num_valid = [jax.device_put(n, parallel.replicated(rows.mesh)) for n in num_valid]
-        cache, blocks = self._initial_cache, []
+        cache, blocks, flags = self._initial_cache, [], []
         for n, tau_chunk in zip(num_valid, tau_chunks):
-            ys, x, cache = self.compiled(leaves, x, cache, tau_chunk, n)
+            ys, x, cache, all_finite = self.compiled(leaves, x, cache, tau_chunk, n)
             blocks.append(ys)
-        return assemble(blocks, num_steps, rows)
+            flags.append(all_finite)
+        ys = assemble(blocks, num_steps, rows)
+        watch_finite(flags)
+        return ys
+
+    def _num_valid(self, steps: int):
+        """The program's ``num_valid`` argument for ``steps``, put on the device once: a host scalar would be copied
+        to the device at every call, and the program would wait for that copy (about 150 µs on an H200)."""
+        if steps not in self._counts:
+            place = None if self.sharding is None else parallel.replicated(self.sharding.mesh)
+            self._counts[steps] = jax.device_put(np.int32(steps), place)
+        return self._counts[steps]
 
 
 def _leaf_types(leaves) -> tuple:

@@ -292,7 +292,7 @@ def split_hoisted(param_sizes: list, num_warps: int, rule: str = "smallest") -> 
 
 
 def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs=None, *,
-             config: dispatch.KernelConfig, xs=None, time_major: bool = False, num_valid=None):
+             config: dispatch.KernelConfig, xs=None, num_valid=None):
     """Run ``num_steps`` steps of ``cell`` in one ``pallas_call``.
 
     Args:
@@ -305,7 +305,6 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
       config: the :class:`~pallas_kernels.dispatch.KernelConfig`.
       xs: given inputs ``(B, T, H)`` (teacher forcing: the multi-token step); None: closed
         loop, each output is the next input and ``x0`` the first.
-      time_major: outputs ``(T, B, H)`` instead of ``(B, T, H)``.
       num_valid: optional int32 scalar <= T: only that many steps run (the rest of
         the output is unspecified) and the state is the one after them.
 
@@ -317,10 +316,10 @@ def run_cell(cell: Cell, state, x0, num_steps: int, row_inputs=None, step_inputs
 
     def rows_here(params, state, x0, row_inputs, step_inputs, xs, num_valid):
         return _run_rows(cell._replace(params=params), state, x0, num_steps, row_inputs, step_inputs, config=config,
-                         xs=xs, time_major=time_major, num_valid=num_valid)
+                         xs=xs, num_valid=num_valid)
 
     return dispatch.per_shard(rows_here, (cell.params, state, x0, row_inputs, step_inputs, xs, num_valid),
-                              (None, 0, 0, 0, 0, 0, None), (1 if time_major else 0, 0))
+                              (None, 0, 0, 0, 0, 0, None), (0, 0))
 
 
 def split_plan(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tuple[Optional[int], Optional[str]]:
@@ -374,7 +373,7 @@ def _exchanges(cell: Cell, params, state, x, inputs, precision, parts: int) -> l
 
 
 def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *, config: dispatch.KernelConfig, xs,
-              time_major: bool, num_valid):
+              num_valid):
     """:func:`run_cell` on the rows of one device."""
     pl, plgpu = dispatch.pallas_modules()
     batch, H = x0.shape
@@ -490,8 +489,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             y, new_state = cell.step(jax.tree.unflatten(treedefs["params"], p),
                                      jax.tree.unflatten(treedefs["state"], state), step_input(x),
                                      {**inputs, **per_step}, precision, **options)
-            where = (t, sel) if time_major else (sel, t)
-            plgpu.store(ys_ref.at[(*where, pl.ds(zero, Hp))], y, mask=ok)
+            plgpu.store(ys_ref.at[sel, t, pl.ds(zero, Hp)], y, mask=ok)
             return y, jax.tree.leaves(new_state)
 
         count = ref["count", 0][0] if num_valid is not None else num_steps
@@ -500,7 +498,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
             state_out[i][where_state] = state[i]
 
     out_shape = [
-        jax.ShapeDtypeStruct((num_steps, batch, H) if time_major else (batch, num_steps, H), jnp.float32),
+        jax.ShapeDtypeStruct((batch, num_steps, H), jnp.float32),
         *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in flat["state"]),
         *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in initial),
     ]
@@ -836,15 +834,15 @@ def fused_program(spec) -> Callable:
     ``spec`` is a ``lrnnx_jax.generation.ProgramSpec`` (``treedef``, ``chunk_size`` and
     ``kernels`` are read); the program has the interface of
     ``lrnnx_jax.generation.xla_program``: ``(leaves, x, cache, taus, num_valid) ->
-    (ys (chunk_size, B, H), x_next, cache)``, with ``taus (B, chunk_size)`` or None.
+    (ys (B, chunk_size, H), x_next, cache)``, with ``taus (B, chunk_size)`` or None.
     It runs ``num_valid`` steps from ``cache`` and returns the state after them.
     """
     chunk = spec.chunk_size
 
     def fused_generation_program(leaves, x, cache, taus, num_valid):
         model = jax.tree.unflatten(spec.treedef, leaves)
-        ys, cache = model_rollout(model, x, cache, taus, chunk, spec.kernels, num_valid=num_valid, time_major=True)
-        x_next = jax.lax.dynamic_index_in_dim(ys, num_valid - 1, axis=0, keepdims=False)
+        ys, cache = model_rollout(model, x, cache, taus, chunk, spec.kernels, num_valid=num_valid)
+        x_next = jax.lax.dynamic_index_in_dim(ys, num_valid - 1, axis=1, keepdims=False)
         return ys, x_next, cache
 
     return fused_generation_program

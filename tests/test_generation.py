@@ -162,10 +162,11 @@ def test_the_program_runs_exactly_num_valid_steps(entry):
         x, c = model.step(x, reference[-1], integration_timesteps=None if tau is None else tau[:, t])
         reference.append(c)
     for num_valid in range(1, 12):
-        ys, x_next, final = graph.compiled(leaves, jnp.asarray(x0), cache, taus, np.int32(num_valid))
-        chex.assert_shape(ys, (11, 2, H))
-        assert np.all(np.asarray(ys[num_valid:]) == 0)
-        np.testing.assert_allclose(np.asarray(x_next), np.asarray(ys[num_valid - 1]))
+        ys, x_next, final, all_finite = graph.compiled(leaves, jnp.asarray(x0), cache, taus, np.int32(num_valid))
+        chex.assert_shape(ys, (2, 11, H))
+        chex.assert_shape(all_finite, (2,))
+        assert np.all(np.asarray(ys[:, num_valid:]) == 0) and np.all(np.asarray(all_finite))
+        np.testing.assert_allclose(np.asarray(x_next), np.asarray(ys[:, num_valid - 1]))
         for key, value in reference[num_valid].items():
             assert relative_error(final[key], value) < 1e-5, (num_valid, key)
 
@@ -452,3 +453,51 @@ def test_generate_warns_once_when_the_closed_loop_diverges(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(model, x0, 64)  # shown once
+
+
+@pytest.mark.parametrize("kernels", [NEVER, KernelConfig(use_kernels="always")], ids=["xla", "fused"])
+def test_the_finiteness_flag_is_per_row_and_covers_only_the_steps_run(kernels):
+    """The program's ``(B,)`` flag: a zero row of a gain-10 loop stays finite while a random row overflows; over
+    3 steps both are finite, whatever the fused program leaves in the steps it did not run."""
+    model = LRU_ENTRY.build(seed=5)
+    model.D.set_value(jnp.full_like(model.D.get_value(), 10.0))
+    graph = capture_graph(model, batch_size=2, config=GenerationConfig(chunk_size=64), kernel_config=kernels)
+    assert graph.spec.fused == (kernels is not NEVER)
+    x0 = np.zeros((2, H), np.float32)
+    x0[1] = np.random.default_rng(5).standard_normal(H)
+    leaves, cache = jax.tree.leaves(model), model.allocate_inference_cache(2)
+    ys, _, _, all_finite = graph.compiled(leaves, jnp.asarray(x0), cache, None, np.int32(64))
+    chex.assert_type(all_finite, bool)
+    np.testing.assert_array_equal(all_finite, [True, False])
+    np.testing.assert_array_equal(all_finite, np.all(np.isfinite(np.asarray(ys)), axis=(1, 2)))
+    ys, _, _, all_finite = graph.compiled(leaves, jnp.asarray(x0), cache, None, np.int32(3))
+    assert np.all(np.isfinite(np.asarray(ys[:, :3])))
+    np.testing.assert_array_equal(all_finite, [True, True])
+
+
+class _NotReadyFlag:
+    """A device flag whose computation has not finished (``is_ready`` False) and that reads as one failing row."""
+
+    def is_ready(self):
+        return False
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array([True, False])
+
+
+def test_flags_not_ready_are_read_later_or_at_exit(monkeypatch):
+    """On an accelerator ``generate`` does not wait for its flags: those not ready stay pending until a later call
+    finds them ready, or until the exit check waits for them."""
+    monkeypatch.setattr(generation, "_NONFINITE_REPORTED", [])
+    monkeypatch.setattr(generation, "_PENDING_FINITE", generation.collections.deque())
+    generation._PENDING_FINITE.append(jnp.asarray([True, True]))
+    generation._PENDING_FINITE.append(_NotReadyFlag())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generation.report_ready_flags()  # the finite, ready flag is read; the other stays
+    assert len(generation._PENDING_FINITE) == 1
+    with pytest.warns(RuntimeWarning, match="generate produced non-finite values"):
+        generation.report_ready_flags(wait=True)
+    assert not generation._PENDING_FINITE
+    generation.watch_finite([jnp.asarray([False])])  # already reported: nothing is kept
+    assert not generation._PENDING_FINITE

@@ -132,7 +132,7 @@ def _toy_reference(params, h, x0, g, steps, xs=None):
 
 @pytest.mark.parametrize("block_batch,batch", [(1, 3), (16, 20)])
 def test_run_cell_drives_any_cell(block_batch, batch):
-    """Closed loop and given inputs, one row or blocks of 16 rows (a masked partial block), num_valid, time-major."""
+    """Closed loop and given inputs, one row or blocks of 16 rows (a masked partial block), num_valid."""
     rng = np.random.default_rng(30)
     cell, params = _toy(rng)
     h0 = jnp.asarray(rng.standard_normal((batch, 3)), jnp.float32)
@@ -148,10 +148,10 @@ def test_run_cell_drives_any_cell(block_batch, batch):
     ys, state = fg.run_cell(cell, {"h": h0}, x0, 6, {"g": g}, config=config, xs=xs)
     ref, h_ref = _toy_reference(params, h0, x0, g, 6, xs=xs)
     assert relative_error(ys, ref) < TOL and relative_error(state["h"], h_ref) < TOL
-    ys, state = fg.run_cell(cell, {"h": h0}, x0, 9, {"g": g}, config=config, time_major=True, num_valid=jnp.int32(4))
+    ys, state = fg.run_cell(cell, {"h": h0}, x0, 9, {"g": g}, config=config, num_valid=jnp.int32(4))
     ref, h_ref = _toy_reference(params, h0, x0, g, 4)
-    chex.assert_shape(ys, (9, batch, 5))
-    assert relative_error(jnp.moveaxis(ys[:4], 0, 1), ref) < TOL and relative_error(state["h"], h_ref) < TOL
+    chex.assert_shape(ys, (batch, 9, 5))
+    assert relative_error(ys[:, :4], ref) < TOL and relative_error(state["h"], h_ref) < TOL
 
 
 def test_run_cell_per_step_inputs_and_the_xla_drivers():
@@ -288,8 +288,8 @@ def test_fused_program_cache_after_num_valid_steps(name):
         return (y, c), y
 
     (_, ref_cache), ref_ys = jax.lax.scan(step, (x0, cache), None, length=5)  # the XLA driver off-GPU
-    chex.assert_shape(ys, (8, BATCH, H))
-    assert relative_error(ys[:5], ref_ys) < TOL
+    chex.assert_shape(ys, (BATCH, 8, H))
+    assert relative_error(ys[:, :5], jnp.moveaxis(ref_ys, 0, 1)) < TOL
     assert relative_error(x_next, ref_ys[4]) < TOL
     chex.assert_trees_all_equal_shapes_and_dtypes(new_cache, cache)
     for key in cache:
