@@ -1,7 +1,7 @@
 """Seconds to ``capture_graph`` in a fresh process: without a compilation cache, then cold and warm with one.
 
     python -m benchmarks.benchmark_capture [--models Mamba,RGLRU,S7,S4,LRU] [--batches 1 32] [--out results.json]
-        [--unroll U] [--compiler-options '{"xla_gpu_autotune_level": 0}'] [--steps 512] [--no-cache-runs]
+        [--unroll U] [--compiler-options '{"xla_gpu_autotune_level": 0}'] [--steps 512 [--repeats 10]] [--no-cache-runs]
 
 For every model of :data:`benchmarks.benchmark_fused_generation.MODELS` named and every batch size, three child
 processes each build the model and time ``lrnnx_jax.generation.capture_graph(model, B)`` (wall clock: tracing,
@@ -13,7 +13,7 @@ lowering and compiling, with the Pallas kernels where ``"auto"`` takes them, as 
 
 Each child also reports which program it captured (``fused`` or the XLA program) and the process's start-up (the
 import of JAX and the library, not counted). With ``--steps`` the first child also times the captured program:
-``generate`` of that many steps from a random input, the median of 10 after 2 warm-ups, as µs per step (the cost
+``generate`` of that many steps from a random input, the median of ``--repeats`` (10) after 2 warm-ups, as µs per step (the cost
 side of a faster-compiling configuration). ``--unroll`` and ``--compiler-options`` set the
 ``GenerationConfig`` captured (its ``unroll`` and XLA ``compiler_options``; the library's defaults when absent);
 ``--no-cache-runs`` skips the cold and warm children. Prints a Markdown table; ``--out`` writes every number as
@@ -62,7 +62,7 @@ def child(spec: dict) -> dict:
 
         x0, tau = make_inputs(spec["batch"], model.d_model, bench.event, seed=0)
         run = lambda: generation.generate(model, x0, spec["steps"], graph_cache=graph, integration_timesteps=tau)  # noqa: E731
-        result["us_per_step"] = 1e6 * median_seconds(run, 2, 10) / spec["steps"]
+        result["us_per_step"] = 1e6 * median_seconds(run, 2, spec.get("repeats", 10)) / spec["steps"]
     return result
 
 
@@ -84,7 +84,7 @@ def measure(model: str, batch: int, timeout: float, options: Optional[dict] = No
     spec = {"model": model, "batch": batch, **(options or {})}
     row = {"model": model, "batch": batch, **{k: v for k, v in spec.items() if k not in ("model", "batch")}}
     children = [("no_cache", spec | {"cache": None})]
-    timed_once = {k: v for k, v in spec.items() if k != "steps"}
+    timed_once = {k: v for k, v in spec.items() if k not in ("steps", "repeats")}
     with tempfile.TemporaryDirectory(prefix="lrnnx_jax_cache_") as cache:
         if cache_runs:
             children += [("cold", timed_once | {"cache": cache}), ("warm", timed_once | {"cache": cache})]
@@ -121,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--compiler-options", type=json.loads, default=None,
                         help="GenerationConfig.compiler_options as JSON (default: the library's)")
     parser.add_argument("--steps", type=int, default=0, help="also time generate of this many steps (µs per step)")
+    parser.add_argument("--repeats", type=int, default=10, help="calls of generate timed with --steps (the median)")
     parser.add_argument("--no-cache-runs", action="store_true", help="only the child without a compilation cache")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -137,9 +138,11 @@ def main(argv=None):
         parser.error(f"--batches must be positive, got {args.batches}")
     if args.compiler_options is not None and not isinstance(args.compiler_options, dict):
         parser.error(f"--compiler-options must be a JSON object, got {args.compiler_options!r}")
-    if args.steps < 0 or (args.unroll is not None and args.unroll < 1):
-        parser.error(f"--steps must be >= 0 and --unroll >= 1, got {args.steps} and {args.unroll}")
-    options = {"unroll": args.unroll, "compiler_options": args.compiler_options, "steps": args.steps}
+    if args.steps < 0 or args.repeats < 1 or (args.unroll is not None and args.unroll < 1):
+        parser.error(f"--steps must be >= 0, --repeats >= 1 and --unroll >= 1, got {args.steps}, {args.repeats} and "
+                     f"{args.unroll}")
+    options = {"unroll": args.unroll, "compiler_options": args.compiler_options, "steps": args.steps,
+               "repeats": args.repeats}
     rows = []
     for name in names:
         for batch in args.batches:

@@ -34,8 +34,14 @@ def test_unknown_model_is_refused():
         benchmark_capture.main(["--models", "NoSuchModel"])
 
 
+def test_non_positive_repeats_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmark_capture.main(["--models", "LRU", "--steps", "4", "--repeats", "0"])
+    assert "--repeats >= 1" in capsys.readouterr().err
+
+
 def test_capture_with_options_also_times_the_steps():
-    options = {"unroll": 2, "compiler_options": {"xla_backend_optimization_level": 0}, "steps": 4}
+    options = {"unroll": 2, "compiler_options": {"xla_backend_optimization_level": 0}, "steps": 4, "repeats": 3}
     row = benchmark_capture.measure("LRU", 2, timeout=180, options=options, cache_runs=False)
     assert {k: v for k, v in row.items() if k.endswith("_error")} == {}
     assert "cold_s" not in row and "warm_s" not in row

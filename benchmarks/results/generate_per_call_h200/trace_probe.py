@@ -29,8 +29,20 @@ def build(name, batch):
     return model, x0
 
 
+def lm_scenarios(layers: int):
+    from benchmarks.benchmark_host_overhead import build as build_layer
+    from lrnnx_jax.decoding import generate_tokens
+    model = build_layer("LM", layers)
+    prompt = np.random.default_rng(0).integers(0, 256, (1, 4)).astype(np.int32)
+    yield f"LM{layers}_generate_tokens1", lambda: generate_tokens(model, prompt, 1)
+    yield f"LM{layers}_generate_tokens32", lambda: generate_tokens(model, prompt, 32)
+
+
 def scenarios(names, batch):
     for name in names:
+        if name.startswith("LM"):
+            yield from lm_scenarios(int(name[2:]))
+            continue
         model, x0 = build(name, batch)
         graph = generation.capture_graph(model, batch)
         yield f"{name}_B{batch}_generate512", lambda m=model, x=x0, g=graph: generation.generate(m, x, 512, graph_cache=g)
