@@ -90,7 +90,10 @@ POLICY = ScanPolicy(
              "points (training_sweeps_s4d_s5ltv_cublas_h200/): S4D 2.1-7.1x slower at all 11 (L=1024 3.85 / 1.05, "
              "B=128 25.6 / 3.63), S5 LTV at L=512 0.58 / 0.80, L=1024 0.83 / 1.16, H=256 1.48 / 1.70 but H=16 "
              "1.01 / 0.55, B=8 0.73 / 0.65: the kernels lose at short "
-             "sequences, small widths and small batches. Not faster at every point, and the kernels of LRU and S5 "
+             "sequences, small widths and small batches. S7's sweeps (training_sweeps_rest_session13_h200/, "
+             "training_s7_sweeps_session14_h200/; kernels / XLA path): 1-11 % faster at 13 of 15 points (L=1024 "
+             "8.95 / 9.27, B=128 63.2 / 65.2, H=256 54.5 / 54.9), slower at L=32 0.82 / 0.74 and L=256 3.02 / 2.80. "
+             "Not faster at every point, and the kernels of LRU and S5 "
              "compile over the 10 s budget, so 'auto' keeps the XLA paths",
 )
 
