@@ -319,6 +319,13 @@ _PROGRAM_STATICS = ("out_size", "sampler", "num_drafts", "ngram_size", "return_l
 decode_program = jax.jit(_decode_program, static_argnames=_PROGRAM_STATICS)
 
 
+@functools.cache
+def _greedy_key():
+    """The key greedy decoding passes (it draws nothing), made once: ``jax.random.key`` is a dispatch of its own,
+    130 µs a call on an H200's host (BENCHMARKS.md §10)."""
+    return jax.random.key(0)
+
+
 def bucket(n: int, minimum: int = 8) -> int:
     """The power-of-two bucket of a length (at least ``minimum``)."""
     return max(minimum, dispatch.next_power_of_two(n))
@@ -386,7 +393,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     if not greedy and key is None:
         raise ValueError("key is required when temperature > 0 (sampling); pass jax.random.key(seed)")
     if key is None:
-        key = jax.random.key(0)
+        key = _greedy_key()
     num_drafts, ngram, draft = 0, 1, None
     if speculative is not None:
         if not isinstance(speculative, Speculative):
