@@ -24,6 +24,7 @@ def main():
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--tag", required=True)
     p.add_argument("--scale", type=float, default=0.01, help="the random first input's scale (1: may diverge)")
+    p.add_argument("--compiler-options", type=json.loads, default=None, help="GenerationConfig.compiler_options")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rows = []
@@ -34,8 +35,9 @@ def main():
             model.eval()
             x0, _ = make_inputs(batch, model.d_model, False)
             x0 = args.scale * x0  # 0.01: a bounded closed loop (no inf/NaN) for most models
-            graph = generation.capture_graph(model, batch)
-            row = dict(tag=args.tag, scale=args.scale, model=name, batch=batch, fused_program=bool(graph.spec.fused))
+            graph = generation.capture_graph(model, batch, config=generation.GenerationConfig(
+                compiler_options=args.compiler_options))
+            row = dict(tag=args.tag, scale=args.scale, compiler_options=args.compiler_options, model=name, batch=batch, fused_program=bool(graph.spec.fused))
             for steps in (512, 1):
                 run = lambda s=steps: generation.generate(model, x0, s, graph_cache=graph)  # noqa: E731
                 row[f"generate{steps}_us"] = 1e6 * median_seconds(run, 5, args.repeats)
