@@ -124,6 +124,12 @@ def test_models_that_cannot_be_split_say_why(mesh):
     s4d.train()
     with pytest.raises(ValueError, match="S4D has active dropout.*model.eval()"):
         sequence_parallel(s4d, x_of(8), mesh)
+    s4d.eval()  # the check runs when the program is traced, once per structure: the mode is part of it
+    x = x_of(8)
+    np.testing.assert_allclose(sequence_parallel(s4d, x, mesh), s4d(x), rtol=1e-5, atol=1e-6)
+    s4d.train()
+    with pytest.raises(ValueError, match="S4D has active dropout.*model.eval()"):
+        sequence_parallel(s4d, x_of(8), mesh)
 
     class Undeclared(LRU):
         cache_carry = {}

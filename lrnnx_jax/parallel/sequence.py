@@ -46,7 +46,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lrnnx_jax.core import validation
@@ -98,9 +97,6 @@ def sequence_parallel(model: LRNN, x, *, mesh: Mesh, axis: str, integration_time
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     _check_axis(mesh, axis)
-    if model.dropout_active():
-        raise ValueError(f"{type(model).__name__} has active dropout: sequence_parallel runs each position more than "
-                         f"once and needs the same function every time; call model.eval() (or use dropout rate 0)")
     x = validation.check_sequence(x, model.d_model)
     batch, length, _ = x.shape
     num_shards = mesh.shape[axis]
@@ -113,9 +109,8 @@ def sequence_parallel(model: LRNN, x, *, mesh: Mesh, axis: str, integration_time
         raise ValueError(f"{type(model).__name__}'s cache keeps the last {window} tokens (a causal conv's history), "
                          f"which must come from one neighbouring device: each device needs at least {window} "
                          f"positions, got L={length} over {num_shards} devices ({length // num_shards} each)")
-    graphdef, state = nnx.split(model)
-    y, cache = _jit_sequence_parallel(graphdef, state, x.astype(compute_dtype(x.dtype)), tau, lengths, mesh=mesh,
-                                      axis=axis, return_cache=bool(return_cache))
+    y, cache = _jit_sequence_parallel(model, x.astype(compute_dtype(x.dtype)), tau, lengths, mesh=mesh, axis=axis,
+                                      return_cache=bool(return_cache))
     y = y.astype(x.dtype)
     return (y, cache) if return_cache else y
 
@@ -130,21 +125,25 @@ def length_collectives(hlo_text: str, length: int, num_shards: int) -> list[Coll
 
 # ====================================================================== inside the program
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "axis", "return_cache"))
-def _jit_sequence_parallel(graphdef, state, x, tau, lengths, *, mesh, axis, return_cache):
-    body = functools.partial(_shard_forward, graphdef, axis=axis, num_shards=mesh.shape[axis],
-                             return_cache=return_cache)
+@functools.partial(jax.jit, static_argnames=("mesh", "axis", "return_cache"))
+def _jit_sequence_parallel(model, x, tau, lengths, *, mesh, axis, return_cache):
+    """The program, traced once per model structure (the model comes in as the pytree it is; its dropout mode is
+    part of that structure, so the check below runs once per structure, not at every call)."""
+    if model.dropout_active():
+        raise ValueError(f"{type(model).__name__} has active dropout: sequence_parallel runs each position more than "
+                         f"once and needs the same function every time; call model.eval() (or use dropout rate 0)")
+    body = functools.partial(_shard_forward, axis=axis, num_shards=mesh.shape[axis], return_cache=return_cache)
     split = PartitionSpec(None, axis)
     run = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(), split, split, PartitionSpec()),
                         out_specs=(split, PartitionSpec()))
-    return run(state, x, tau, lengths)
+    return run(model, x, tau, lengths)
 
 
-def _shard_forward(graphdef, state, x, tau, lengths, *, axis: str, num_shards: int, return_cache: bool):
+def _shard_forward(model, x, tau, lengths, *, axis: str, num_shards: int, return_cache: bool):
     """One device's part: ``x (B, L/n, H)`` -> ``(y (B, L/n, H), final cache summed over the devices or None)``."""
     # parameters marked varying on entry: their gradient is then summed over the devices once, parameter-shaped (an
     # invariant value first broadcast against the activations would be summed at that size)
-    model = nnx.merge(graphdef, _varying(state, axis))
+    model = _varying(model, axis)
     batch, length, _ = x.shape
     shard = jax.lax.axis_index(axis)
     local = None if lengths is None else jnp.clip(lengths - shard * length, 0, length)
