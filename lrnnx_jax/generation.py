@@ -75,7 +75,7 @@ class GenerationConfig:
 
     Args:
       chunk_size: steps per program call; the program's output buffer is
-        ``(chunk_size, B, H)``, and ``generate`` makes ``ceil(num_steps / chunk_size)`` calls.
+        ``(B, chunk_size, H)``, and ``generate`` makes ``ceil(num_steps / chunk_size)`` calls.
       block_size: steps per iteration of the program's dynamic loop (a power of two), a
         ``lax.scan`` with a static trip count inside; the remainder of a call runs as scans
         of the powers of two below it. A dynamic trip count costs a device-to-host round
