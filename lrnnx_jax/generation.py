@@ -601,7 +601,9 @@ def generate(
 
     A model fed its own outputs is a closed loop: an untrained or unstable one can diverge to inf or NaN (a
     random layer's gain above one grows geometrically; S7's input-dependent terms grow faster). ``generate``
-    warns once per process when its output is not finite.
+    warns once per process when its output is not finite: on the CPU before it returns; on an accelerator, whose
+    outputs it does not wait for, when the check's result is ready (at the latest in a later ``generate``, or at
+    exit; :func:`watch_finite`).
 
     Args:
       model: any lrnnx_jax model.
