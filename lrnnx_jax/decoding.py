@@ -24,6 +24,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lrnnx_jax import parallel
 from lrnnx_jax.core import validation
@@ -60,6 +61,88 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / max(self.drafted, 1)
+
+
+class Structure:
+    """A model's pytree structure as static data of a pytree node: its hash computed once, equality by identity
+    first (a captured model's program lookup compares in O(1); two captures of one structure, by their treedefs,
+    share their programs)."""
+
+    __slots__ = ("treedef", "_hash")
+
+    def __init__(self, treedef):
+        self.treedef, self._hash = treedef, hash(treedef)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Structure) and self._hash == other._hash
+                                 and self.treedef == other.treedef)
+
+
+@jax.tree_util.register_pytree_node_class
+class ModelLeaves:
+    """A model as ``jax.jit`` receives it from a :class:`CapturedModel`: its leaves, with its structure as static
+    data (:func:`as_model` rebuilds the module inside the traced program)."""
+
+    def __init__(self, structure: Structure, leaves: list):
+        self.structure, self.leaves = structure, leaves
+
+    def tree_flatten(self):
+        return self.leaves, self.structure
+
+    @classmethod
+    def tree_unflatten(cls, structure, leaves):
+        return cls(structure, list(leaves))
+
+
+def as_model(model):
+    """The module of a :class:`ModelLeaves` (inside a traced program), or ``model`` as it is."""
+    return jax.tree.unflatten(model.structure.treedef, model.leaves) if isinstance(model, ModelLeaves) else model
+
+
+class CapturedModel:
+    """A language model whose module tree is walked once, at capture, instead of at every :func:`generate_tokens`.
+
+    ``jax.jit`` flattens an nnx module tree at every call: flax walks every attribute of every module, about 130
+    per Mamba layer (BENCHMARKS.md §10: 4.6 ms of host time per call for 24 layers on an H200's host). A captured
+    model keeps the tree's structure and its ``nnx.Variable`` objects, and each call reads their current values
+    (50 µs for 24 layers on the development CPU), as flax's ``nnx.cached_partial`` does. Pass it wherever
+    :func:`generate_tokens` takes a model (also as ``Speculative.draft_model``).
+
+    It sees every change of a Variable's value: optimizer updates, ``nnx.update``, ``variable.value = ...``. It does
+    not see structural changes (a submodule or a Variable replaced, ``model.train()`` / ``model.eval()``, any other
+    attribute set): capture the model again after those. ``model`` is the captured module.
+    """
+
+    def __init__(self, model):
+        from lrnnx_jax.architectures import LRNNLMHeadModel
+
+        if not isinstance(model, LRNNLMHeadModel):
+            raise TypeError(f"model must be an LRNNLMHeadModel, got {type(model).__name__}")
+        model._require_decodable("CapturedModel")
+        leaves, treedef = jax.tree.flatten(model)
+        variables = jax.tree.leaves(model, is_leaf=lambda node: isinstance(node, nnx.Variable))
+        if len(variables) != len(leaves) or not all(
+                isinstance(v, nnx.Variable) and v.get_raw_value() is leaf for v, leaf in zip(variables, leaves)):
+            raise ValueError(f"{type(model).__name__} holds arrays outside nnx.Variable objects (or Variables of more "
+                             "than one array), which a capture cannot read; pass the model itself")
+        self.model, self.structure, self._variables = model, Structure(treedef), variables
+
+    def leaves(self) -> ModelLeaves:
+        """The current values of the captured Variables (in the order of ``jax.tree.leaves(model)``) with the
+        structure: what the decoding program receives."""
+        return ModelLeaves(self.structure, [v.get_raw_value() for v in self._variables])
+
+    def __repr__(self):
+        return f"CapturedModel({type(self.model).__name__}, {len(self._variables)} variables)"
+
+
+def _module_and_argument(model) -> tuple:
+    """``(the module, what the program receives)``: a model as it is (``jax.jit`` flattens it), a
+    :class:`CapturedModel` as its :class:`ModelLeaves`."""
+    return (model.model, model.leaves()) if isinstance(model, CapturedModel) else (model, model)
 
 
 # ====================================================================== sampling math
@@ -169,16 +252,16 @@ def prompt_lookup_drafts(context, length, num_drafts: int, ngram_size: int):
 # ====================================================================== the program
 
 
-def _placed_on(model, mesh):
-    """``model`` with a copy of its parameters on every device of ``mesh`` (a new pytree; the caller's model stays
-    where it is), or as it is when it is split over ``mesh`` (model parallelism: a data x model mesh, the batch split
-    over its data axis)."""
+def _placed_on(model, argument, mesh):
+    """The program's ``argument`` for ``model`` (the model or its :class:`ModelLeaves`) with a copy of its parameters
+    on every device of ``mesh`` (a new pytree; the caller's model stays where it is), or as it is when the model is
+    split over ``mesh`` (model parallelism: a data x model mesh, the batch split over its data axis)."""
     if model.model_parallel is None:
-        return jax.device_put(model, parallel.replicated(mesh))
+        return jax.device_put(argument, parallel.replicated(mesh))
     if model.model_parallel.mesh != mesh:
         raise ValueError(f"the prompt is split over {mesh}, the model over {model.model_parallel.mesh}: split both over "
                          "one mesh (a data axis for the batch, a model axis for the parameters)")
-    return model
+    return argument
 
 
 def _kv_free(cache, model):
@@ -200,7 +283,9 @@ def _decode_program(target, draft, prompt, prompt_lengths, max_new, temperature,
                     out_size: int, sampler: Sampler, num_drafts: int, ngram_size: int, return_logits: bool, config):
     """The whole generation (see :func:`generate_tokens`) as one traced function. The models (``draft`` None
     without a draft model) come in as the pytrees they are: ``jax.jit`` flattens them, where ``nnx.split`` walked
-    their graphs (11 ms a call for 24 layers on the CPU). Tracing checks that both can decode, once per structure."""
+    their graphs (11 ms a call for 24 layers on the CPU), or as a :class:`CapturedModel`'s :class:`ModelLeaves`.
+    Tracing checks that both can decode, once per structure."""
+    target, draft = as_model(target), as_model(draft)
     target._require_decodable("generate_tokens")
     if draft is not None:
         draft._require_decodable("generate_tokens (draft model)")
@@ -339,7 +424,8 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
 
     Args:
       model: an :class:`~lrnnx_jax.architectures.LRNNLMHeadModel` (attention layers must be causal); split over a
-        mesh by ``lrnnx_jax.parallel.shard_model``, the program runs over that mesh (model parallelism).
+        mesh by ``lrnnx_jax.parallel.shard_model``, the program runs over that mesh (model parallelism). Or a
+        :class:`CapturedModel` of one, whose module tree is not walked again at each call.
       prompt_ids: ``(B, P)`` integer token ids. Sharded over devices along the batch
         (``lrnnx_jax.parallel.shard_batch``), each device decodes its rows and the tokens keep the sharding (for a
         split model: over another axis of the model's mesh).
@@ -363,8 +449,9 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     """
     from lrnnx_jax.architectures import LRNNLMHeadModel
 
-    if not isinstance(model, LRNNLMHeadModel):
-        raise TypeError(f"model must be an LRNNLMHeadModel, got {type(model).__name__}")
+    if not isinstance(model, (LRNNLMHeadModel, CapturedModel)):
+        raise TypeError(f"model must be an LRNNLMHeadModel or a CapturedModel, got {type(model).__name__}")
+    model, target = _module_and_argument(model)
     sharding = parallel.batch_sharding_of(prompt_ids)  # a batch over devices: each device decodes its rows
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -394,14 +481,16 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
         raise ValueError("key is required when temperature > 0 (sampling); pass jax.random.key(seed)")
     if key is None:
         key = _greedy_key()
-    num_drafts, ngram, draft = 0, 1, None
+    num_drafts, ngram, draft, drafting = 0, 1, None, None  # drafting: the draft model as the program receives it
     if speculative is not None:
         if not isinstance(speculative, Speculative):
             raise TypeError(f"speculative must be a lrnnx_jax.generation.Speculative, got {type(speculative).__name__}")
         num_drafts, ngram, draft = speculative.num_draft_tokens, speculative.ngram_size, speculative.draft_model
         if draft is not None:
+            draft, drafting = _module_and_argument(draft)
             if not isinstance(draft, LRNNLMHeadModel) or draft.padded_vocab_size != model.padded_vocab_size:
-                raise ValueError("speculative.draft_model must be an LRNNLMHeadModel with the target's (padded) vocabulary")
+                raise ValueError("speculative.draft_model must be an LRNNLMHeadModel (or a CapturedModel of one) with "
+                                 "the target's (padded) vocabulary")
 
     prompt_size, out_size = bucket(length), bucket(max_new_tokens)
     padded = np.zeros((batch, prompt_size), np.int32)
@@ -413,10 +502,12 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     if sharding is not None:  # the rows split as the prompt was, everything else on every device (no-ops when so)
         rows, lengths = parallel.shard_batch((rows, lengths), sharding.mesh, sharding.spec[0])
         scalars = parallel.replicate(scalars, sharding.mesh)
-        model, draft = (None if lm is None else _placed_on(lm, sharding.mesh) for lm in (model, draft))
+        target = _placed_on(model, target, sharding.mesh)
+        if draft is not None:
+            drafting = _placed_on(draft, drafting, sharding.mesh)
     with parallel.mesh_context(sharding):
         out, out_logits, stats = decode_program(
-            model, draft, rows, lengths, *scalars, out_size=out_size, sampler=sampler,
+            target, drafting, rows, lengths, *scalars, out_size=out_size, sampler=sampler,
             num_drafts=num_drafts, ngram_size=ngram, return_logits=bool(return_logits),
             config=dispatch.resolve(kernel_config))
     # the tokens are small: sliced on the host and put back (jnp.asarray of a new shape would compile a program)

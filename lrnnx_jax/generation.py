@@ -671,4 +671,4 @@ def generate(
 
 
 # Token generation for the language model (lrnnx_jax.decoding), under the generation namespace users import.
-from lrnnx_jax.decoding import GenerationStats, Speculative, generate_tokens  # noqa: E402
+from lrnnx_jax.decoding import CapturedModel, GenerationStats, Speculative, generate_tokens  # noqa: E402

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lrnnx_jax import parallel  # noqa: E402
 from lrnnx_jax.architectures import LRNNLMHeadModel  # noqa: E402
-from lrnnx_jax.decoding import Sampler, bucket, decode_program, generate_tokens  # noqa: E402
+from lrnnx_jax.decoding import CapturedModel, Sampler, bucket, decode_program, generate_tokens  # noqa: E402
 from pallas_kernels import KernelConfig, dispatch  # noqa: E402
 
 #: the batch, and sizes no parameter's leading dimension equals (a collective of a batch-first array is an
@@ -193,6 +193,8 @@ def check_generation(mixer_types, n, program: bool) -> dict:
     result = {"entry": "+".join(mixer_types), "devices": n, **check_parameters(lm, reference, mesh)}
     many, many_logits = generate_tokens(lm, prompt, NEW, prompt_lengths=lengths, return_logits=True)
     assert np.array_equal(np.asarray(many), np.asarray(one)), (np.asarray(many), np.asarray(one))
+    captured = generate_tokens(CapturedModel(lm), prompt, NEW, prompt_lengths=lengths)  # the split parameters, read
+    assert np.array_equal(np.asarray(captured), np.asarray(one)), (np.asarray(captured), np.asarray(one))
     result["logits_rel"] = rel(many_logits, one_logits)
     assert result["logits_rel"] < LOGITS_RTOL, result
     if program:

@@ -53,7 +53,7 @@ from flax import nnx  # noqa: E402
 
 from lrnnx_jax import generation, parallel  # noqa: E402
 from lrnnx_jax.core import base  # noqa: E402
-from lrnnx_jax.generation import capture_graph, generate, generate_tokens  # noqa: E402
+from lrnnx_jax.generation import CapturedModel, capture_graph, generate, generate_tokens  # noqa: E402
 from pallas_kernels import KernelConfig  # noqa: E402
 from zoo import ZOO  # noqa: E402
 
@@ -188,7 +188,10 @@ def check_language_model(mesh) -> dict:
     many = generate_tokens(model, parallel.shard_batch(prompt, mesh), 7, prompt_lengths=lengths)
     assert many.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 2), many.sharding
     assert np.array_equal(np.asarray(many), np.asarray(one))
-    return {"entry": "generate_tokens Mamba+attn", "devices": mesh.size}
+    captured = generate_tokens(CapturedModel(model), parallel.shard_batch(prompt, mesh), 7, prompt_lengths=lengths)
+    assert captured.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 2), captured.sharding
+    assert np.array_equal(np.asarray(captured), np.asarray(one))
+    return {"entry": "generate_tokens Mamba+attn", "devices": mesh.size}  # also a CapturedModel of it
 
 
 #: the kernels forced: off the GPU they run in Pallas interpret mode, so the CPU runs their own code

@@ -192,6 +192,48 @@ def test_one_program_per_bucket():
     assert compiled.count("_decode_program") == 1
 
 
+def test_a_captured_model_decodes_as_the_model_and_sees_parameter_updates():
+    """A CapturedModel gives the model's tokens (greedy, sampled, speculative with a captured draft), captures of one
+    structure share their programs, and it reads the Variables' values at every call: an in-place update of every
+    parameter is seen."""
+    model = build(["Mamba", "attn"], seed=21)
+    prompt = prompts(21, batch=2, length=5)
+    captured = decoding.CapturedModel(model)
+    assert captured.model is model and "variables" in repr(captured)
+    greedy = np.asarray(generate_tokens(model, prompt, 7))
+    np.testing.assert_array_equal(np.asarray(generate_tokens(captured, prompt, 7)), greedy)
+    with compile_log() as compiled:  # another capture of the same structure: the first capture's program serves it
+        np.testing.assert_array_equal(np.asarray(generate_tokens(decoding.CapturedModel(model), prompt, 7)), greedy)
+    assert compiled == []
+    sampled = generate_tokens(captured, prompt, 7, temperature=0.8, key=jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(sampled),
+                                  np.asarray(generate_tokens(model, prompt, 7, temperature=0.8, key=jax.random.key(4))))
+    draft = build(["Mamba2"], seed=22)
+    speculative = Speculative(num_draft_tokens=2, draft_model=decoding.CapturedModel(draft))
+    np.testing.assert_array_equal(np.asarray(generate_tokens(captured, prompt, 7, speculative=speculative)),
+                                  np.asarray(generate_tokens(model, prompt, 7)))
+    # an in-place update of every parameter (what an optimizer step does): the capture reads the new values
+    before = np.asarray(generate_tokens(captured, prompt, 7, return_logits=True)[1])
+    rng = np.random.default_rng(23)
+    for variable in jax.tree.leaves(model, is_leaf=lambda node: isinstance(node, nnx.Param)):
+        if isinstance(variable, nnx.Param):
+            value = variable.get_value()
+            variable.set_value(value + 0.1 * jnp.asarray(rng.standard_normal(value.shape), value.dtype))
+    after = generate_tokens(captured, prompt, 7, return_logits=True)
+    np.testing.assert_array_equal(np.asarray(after[0]), np.asarray(generate_tokens(model, prompt, 7)))
+    np.testing.assert_allclose(after[1], generate_tokens(model, prompt, 7, return_logits=True)[1], rtol=1e-6, atol=1e-6)
+    assert relative_error(after[1], before) > 1e-2
+
+
+def test_a_captured_model_is_refused_clearly():
+    with pytest.raises(TypeError, match="model must be an LRNNLMHeadModel, got int"):
+        decoding.CapturedModel(3)
+    model = build(["Mamba", "attn"], seed=24)
+    with pytest.raises(ValueError, match="speculative.draft_model must be an LRNNLMHeadModel \\(or a CapturedModel"):
+        generate_tokens(decoding.CapturedModel(model), prompts(24), 4,
+                        speculative=Speculative(draft_model=decoding.CapturedModel(build(["Mamba"], vocab_size=VOCAB + 40))))
+
+
 def test_bad_arguments_are_refused_clearly():
     model = build(["LRU", "attn"])
     prompt = prompts(12)
@@ -207,7 +249,7 @@ def test_bad_arguments_are_refused_clearly():
         generate_tokens(model, prompt, 4, temperature=1.0, top_p=1.5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
         generate_tokens(model, prompt, 0)
-    with pytest.raises(ValueError, match="draft_model must be an LRNNLMHeadModel with the target's"):
+    with pytest.raises(ValueError, match=r"draft_model must be an LRNNLMHeadModel \(or a CapturedModel of one\) with the target.s"):
         generate_tokens(model, prompt, 4, speculative=Speculative(2, draft_model=build(["LRU"], vocab_size=100)))
     noncausal = build(["LRU", "attn"], mixer_kwargs={"attn": dict(num_heads=2)})
     with pytest.raises(ValueError, match="causal=False"):
