@@ -13,6 +13,8 @@ times, as medians of ``--repeats`` calls after ``--warmup`` (each result waited 
 * ``forward``: ``model(x)`` of 16 tokens;
 * ``generate``: ``generate(model, x, 1, graph_cache=capture_graph(model, 1))``, one step from a captured program
   (the language model: ``generate_tokens(model, prompt, 1)`` of a 4-token prompt, its whole decoding program);
+* ``captured`` (the language model, where the library has ``decoding.CapturedModel``): ``generate_tokens`` of the
+  same prompt through a ``CapturedModel`` of it, made once (its module tree is not walked at each call);
 * ``dispatch``: the floor, one dispatch of a jitted function that takes the model's parameter leaves and the input
   and returns the input (no work).
 
@@ -33,7 +35,7 @@ from flax import nnx
 
 import lrnnx_jax
 from benchmarks.timing import median_seconds
-from lrnnx_jax import generation
+from lrnnx_jax import decoding, generation
 from lrnnx_jax.architectures.language_model import LRNNLMHeadModel
 from lrnnx_jax.convert import model_class
 from lrnnx_jax.decoding import generate_tokens
@@ -44,7 +46,7 @@ LAYERS = {
     "Mamba": ("ltv.Mamba", dict(d_model=H, d_state=16)),
     "S4": ("lti.S4", dict(d_model=H, d_state=N, transposed=False)),
 }
-CALLS = ("step", "multi_step", "forward", "generate", "dispatch")
+CALLS = ("step", "multi_step", "forward", "generate", "captured", "dispatch")
 
 
 def build(name: str, lm_layers: int = 4):
@@ -65,8 +67,12 @@ def calls(name: str, model) -> dict:
         ids = jnp.asarray(rng.integers(0, 256, (1,)), jnp.int32)
         sequence = jnp.asarray(rng.integers(0, 256, (1, 16)), jnp.int32)
         prompt = np.asarray(sequence[:, :4])
-        return {"step": lambda: model.step(ids, cache), "forward": lambda: model(sequence),
-                "generate": lambda: generate_tokens(model, prompt, 1), "dispatch": lambda: identity(leaves, ids)}
+        runs = {"step": lambda: model.step(ids, cache), "forward": lambda: model(sequence),
+                "generate": lambda: generate_tokens(model, prompt, 1)}
+        if hasattr(decoding, "CapturedModel"):  # (a library from before it has none)
+            captured = decoding.CapturedModel(model)
+            runs["captured"] = lambda: generate_tokens(captured, prompt, 1)
+        return {**runs, "dispatch": lambda: identity(leaves, ids)}
     x = jnp.asarray(0.1 * rng.standard_normal((1, 16, model.d_model)), jnp.float32)
     x_t, x_4 = x[:, 0], x[:, :4]  # sliced here: a slice in the timed call would be a dispatch of its own
     graph = generation.capture_graph(model, 1)
