@@ -201,13 +201,14 @@ def xla_program(spec: ProgramSpec) -> Callable:
         def run(size, start, x_t, state, ys):
             tau_block = None if taus is None else jax.lax.dynamic_slice_in_dim(taus, start, size)
             (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=size, unroll=min(unroll, size))
-            return x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, start, axis=0)
+            # each block written batch-major where it goes (no transpose of the whole buffer afterwards)
+            return x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, jnp.moveaxis(y_block, 0, 1), start, axis=1)
 
         def whole_block(carry):
             i, x_t, state, ys = carry
             return (i + 1, *run(block, i * block, x_t, state, ys))
 
-        ys = jnp.zeros((chunk, *x.shape), dtype)
+        ys = jnp.zeros((batch, chunk, x.shape[1]), dtype)
         state = model.cell_state(cache)
         _, x, state, ys = jax.lax.while_loop(lambda c: c[0] < num_valid // block, whole_block, (0, x, state, ys))
         start, size = num_valid // block * block, block // 2
@@ -218,7 +219,7 @@ def xla_program(spec: ProgramSpec) -> Callable:
 
             start, x, state, ys = jax.lax.cond(num_valid & size != 0, part, lambda c: c, (start, x, state, ys))
             size //= 2
-        return jnp.moveaxis(ys, 0, 1), x, model.cell_cache(state, cache)
+        return ys, x, model.cell_cache(state, cache)
 
     return generation_program
 
@@ -266,13 +267,18 @@ def assemble(blocks, num_steps: int, sharding=None):
     """
     if len(blocks) == 1 and blocks[0].shape[1] == num_steps:
         ys = blocks[0]
-    elif all(device.platform == "cpu" for block in blocks for device in block.devices()):
+    elif _on_cpu(blocks):
         ys = np.concatenate([np.asarray(block) for block in blocks], axis=1)[:, :num_steps]
         place = next(iter(blocks[0].devices())) if sharding is None else sharding
         return jax.device_put(ys, place)
     else:
         ys = _assemble(tuple(blocks), num_steps)
     return ys if sharding is None else jax.device_put(ys, sharding)  # a no-op where XLA kept the rows in place
+
+
+def _on_cpu(arrays) -> bool:
+    """Whether every device of every array is a CPU (whose device memory is host memory)."""
+    return all(device.platform == "cpu" for array in arrays for device in array.devices())
 
 
 #: the finiteness flags of generations whose values the host has not read yet (:func:`watch_finite`)
@@ -294,7 +300,7 @@ def watch_finite(flags) -> None:
         flag.copy_to_host_async()
     _register_exit_check()
     _PENDING_FINITE.extend(flags)
-    report_ready_flags(wait=all(device.platform == "cpu" for flag in flags for device in flag.devices()))
+    report_ready_flags(wait=_on_cpu(flags))
 
 
 def report_ready_flags(wait: bool = False) -> None:
