@@ -14,7 +14,8 @@ lowering and compiling, with the Pallas kernels where ``"auto"`` takes them, as 
 Each child also reports which program it captured (``fused`` or the XLA program) and the process's start-up (the
 import of JAX and the library, not counted). With ``--steps`` the first child also times the captured program:
 ``generate`` of that many steps from a random input, the median of ``--repeats`` (10) after 2 warm-ups, as µs per step (the cost
-side of a faster-compiling configuration). ``--unroll`` and ``--compiler-options`` set the
+side of a faster-compiling configuration), and the same through a ``CapturedModel`` of the model (``us_per_step_captured``,
+where the library has one: its module tree is not walked at each call). ``--unroll`` and ``--compiler-options`` set the
 ``GenerationConfig`` captured (its ``unroll`` and XLA ``compiler_options``; the library's defaults when absent);
 ``--no-cache-runs`` skips the cold and warm children. Prints a Markdown table; ``--out`` writes every number as
 JSON.
@@ -61,8 +62,16 @@ def child(spec: dict) -> dict:
         from benchmarks.timing import median_seconds
 
         x0, tau = make_inputs(spec["batch"], model.d_model, bench.event, seed=0)
-        run = lambda: generation.generate(model, x0, spec["steps"], graph_cache=graph, integration_timesteps=tau)  # noqa: E731
-        result["us_per_step"] = 1e6 * median_seconds(run, 2, spec.get("repeats", 10)) / spec["steps"]
+        from benchmarks.benchmark_host_overhead import captured_or_none
+
+        def us_per_step(model):
+            run = lambda: generation.generate(model, x0, spec["steps"], graph_cache=graph, integration_timesteps=tau)  # noqa: E731
+            return 1e6 * median_seconds(run, 2, spec.get("repeats", 10)) / spec["steps"]
+
+        result["us_per_step"] = us_per_step(model)
+        captured = captured_or_none(model)
+        if captured is not None:
+            result["us_per_step_captured"] = us_per_step(captured)
     return result
 
 
@@ -95,18 +104,19 @@ def measure(model: str, batch: int, timeout: float, options: Optional[dict] = No
             row[f"{name}_error"] = result["error"]
     plain = results["no_cache"]
     row["program"] = "fused" if plain.get("fused") else "xla"
-    for key in ("device", "startup_s", "config", "us_per_step"):
+    for key in ("device", "startup_s", "config", "us_per_step", "us_per_step_captured"):
         row[key] = plain.get(key)
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | B | program | no cache s | cache cold s | cache warm s | µs/step | config |",
-             "|---|---:|---|---:|---:|---:|---:|---|"]
+    lines = ["| model | B | program | no cache s | cache cold s | cache warm s | µs/step | µs/step, captured | config |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['program']} | {fmt(r.get('no_cache_s'))} | "
                      f"{fmt(r.get('cold_s'))} | {fmt(r.get('warm_s'))} | {fmt(r.get('us_per_step'))} | "
+                     f"{fmt(r.get('us_per_step_captured'))} | "
                      f"{r.get('config') or '-'} |")
     return "\n".join(lines)
 

@@ -13,8 +13,9 @@ times, as medians of ``--repeats`` calls after ``--warmup`` (each result waited 
 * ``forward``: ``model(x)`` of 16 tokens;
 * ``generate``: ``generate(model, x, 1, graph_cache=capture_graph(model, 1))``, one step from a captured program
   (the language model: ``generate_tokens(model, prompt, 1)`` of a 4-token prompt, its whole decoding program);
-* ``captured`` (the language model, where the library has ``decoding.CapturedModel``): ``generate_tokens`` of the
-  same prompt through a ``CapturedModel`` of it, made once (its module tree is not walked at each call);
+* ``captured`` (where the library has a ``decoding.CapturedModel`` of the model): ``generate`` (the language model:
+  ``generate_tokens``) as above through a ``CapturedModel`` of it, made once (its module tree is not walked at each
+  call);
 * ``dispatch``: the floor, one dispatch of a jitted function that takes the model's parameter leaves and the input
   and returns the input (no work).
 
@@ -57,6 +58,15 @@ def build(name: str, lm_layers: int = 4):
     return model_class(lrnnx_name)(**kwargs, rngs=nnx.Rngs(0))
 
 
+def captured_or_none(model):
+    """A ``decoding.CapturedModel`` of ``model``, or None where the library timed has none for it (a tree from
+    before it, or from before it took layer models)."""
+    try:
+        return decoding.CapturedModel(model)
+    except (AttributeError, TypeError):
+        return None
+
+
 def calls(name: str, model) -> dict:
     """``{call: zero-argument function}`` of the APIs the model has (the language model has no ``multi_step``)."""
     rng = np.random.default_rng(0)
@@ -67,18 +77,21 @@ def calls(name: str, model) -> dict:
         ids = jnp.asarray(rng.integers(0, 256, (1,)), jnp.int32)
         sequence = jnp.asarray(rng.integers(0, 256, (1, 16)), jnp.int32)
         prompt = np.asarray(sequence[:, :4])
-        runs = {"step": lambda: model.step(ids, cache), "forward": lambda: model(sequence),
-                "generate": lambda: generate_tokens(model, prompt, 1)}
-        if hasattr(decoding, "CapturedModel"):  # (a library from before it has none)
-            captured = decoding.CapturedModel(model)
-            runs["captured"] = lambda: generate_tokens(captured, prompt, 1)
-        return {**runs, "dispatch": lambda: identity(leaves, ids)}
-    x = jnp.asarray(0.1 * rng.standard_normal((1, 16, model.d_model)), jnp.float32)
-    x_t, x_4 = x[:, 0], x[:, :4]  # sliced here: a slice in the timed call would be a dispatch of its own
-    graph = generation.capture_graph(model, 1)
-    return {"step": lambda: model.step(x_t, cache), "multi_step": lambda: model.multi_step(x_4, cache),
-            "forward": lambda: model(x), "generate": lambda: generation.generate(model, x_t, 1, graph_cache=graph),
-            "dispatch": lambda: identity(leaves, x_t)}
+        decode = lambda model: generate_tokens(model, prompt, 1)  # noqa: E731
+        runs = {"step": lambda: model.step(ids, cache), "forward": lambda: model(sequence)}
+        x_t = ids
+    else:
+        x = jnp.asarray(0.1 * rng.standard_normal((1, 16, model.d_model)), jnp.float32)
+        x_t, x_4 = x[:, 0], x[:, :4]  # sliced here: a slice in the timed call would be a dispatch of its own
+        graph = generation.capture_graph(model, 1)
+        decode = lambda model: generation.generate(model, x_t, 1, graph_cache=graph)  # noqa: E731
+        runs = {"step": lambda: model.step(x_t, cache), "multi_step": lambda: model.multi_step(x_4, cache),
+                "forward": lambda: model(x)}
+    runs["generate"] = lambda: decode(model)
+    captured = captured_or_none(model)
+    if captured is not None:
+        runs["captured"] = lambda: decode(captured)
+    return {**runs, "dispatch": lambda: identity(leaves, x_t)}
 
 
 def measure(names, warmup: int, repeats: int, lm_layers: int = 4) -> list[dict]:

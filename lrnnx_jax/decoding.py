@@ -28,6 +28,7 @@ from flax import nnx
 
 from lrnnx_jax import parallel
 from lrnnx_jax.core import validation
+from lrnnx_jax.core.base import LRNN
 from pallas_kernels import dispatch
 
 
@@ -103,13 +104,16 @@ def as_model(model):
 
 
 class CapturedModel:
-    """A language model whose module tree is walked once, at capture, instead of at every :func:`generate_tokens`.
+    """A model whose module tree is walked once, at capture, instead of at every call of :func:`generate_tokens` (a
+    language model) or of :func:`lrnnx_jax.generation.generate` (a layer model, any :class:`~lrnnx_jax.core.base.LRNN`).
 
     ``jax.jit`` flattens an nnx module tree at every call: flax walks every attribute of every module, about 130
-    per Mamba layer (BENCHMARKS.md §10: 4.6 ms of host time per call for 24 layers on an H200's host). A captured
-    model keeps the tree's structure and its ``nnx.Variable`` objects, and each call reads their current values
-    (50 µs for 24 layers on the development CPU), as flax's ``nnx.cached_partial`` does. Pass it wherever
-    :func:`generate_tokens` takes a model (also as ``Speculative.draft_model``).
+    per Mamba layer (BENCHMARKS.md §10, on an H200's host: 4.6 ms of host time per call for 24 layers; one Mamba
+    layer's ``generate`` spent 224-286 µs in its Python, mostly in this flattening). A captured model keeps the tree's
+    structure and its ``nnx.Variable`` objects, and each call reads their current values (50 µs for 24 layers on the
+    development CPU), as flax's ``nnx.cached_partial`` does. Pass a captured language model wherever
+    :func:`generate_tokens` takes a model (also as ``Speculative.draft_model``), a captured layer wherever ``generate``
+    and ``capture_graph`` take one.
 
     It sees every change of a Variable's value: optimizer updates, ``nnx.update``, ``variable.value = ...``. It does
     not see structural changes (a submodule or a Variable replaced, ``model.train()`` / ``model.eval()``, any other
@@ -119,9 +123,11 @@ class CapturedModel:
     def __init__(self, model):
         from lrnnx_jax.architectures import LRNNLMHeadModel
 
-        if not isinstance(model, LRNNLMHeadModel):
-            raise TypeError(f"model must be an LRNNLMHeadModel, got {type(model).__name__}")
-        model._require_decodable("CapturedModel")
+        if isinstance(model, LRNNLMHeadModel):
+            model._require_decodable("CapturedModel")
+        elif not isinstance(model, LRNN):
+            raise TypeError(f"model must be an LRNNLMHeadModel or a layer model (an lrnnx_jax.core.base.LRNN), got "
+                            f"{type(model).__name__}")
         leaves, treedef = jax.tree.flatten(model)
         variables = jax.tree.leaves(model, is_leaf=lambda node: isinstance(node, nnx.Variable))
         if len(variables) != len(leaves) or not all(
@@ -130,10 +136,13 @@ class CapturedModel:
                              "than one array), which a capture cannot read; pass the model itself")
         self.model, self.structure, self._variables = model, Structure(treedef), variables
 
+    def values(self) -> list:
+        """The current values of the captured Variables, in the order of ``jax.tree.leaves(model)``."""
+        return [v.get_raw_value() for v in self._variables]
+
     def leaves(self) -> ModelLeaves:
-        """The current values of the captured Variables (in the order of ``jax.tree.leaves(model)``) with the
-        structure: what the decoding program receives."""
-        return ModelLeaves(self.structure, [v.get_raw_value() for v in self._variables])
+        """:meth:`values` with the structure: what the decoding program receives."""
+        return ModelLeaves(self.structure, self.values())
 
     def __repr__(self):
         return f"CapturedModel({type(self.model).__name__}, {len(self._variables)} variables)"
@@ -143,6 +152,15 @@ def _module_and_argument(model) -> tuple:
     """``(the module, what the program receives)``: a model as it is (``jax.jit`` flattens it), a
     :class:`CapturedModel` as its :class:`ModelLeaves`."""
     return (model.model, model.leaves()) if isinstance(model, CapturedModel) else (model, model)
+
+
+def flatten_model(model) -> tuple:
+    """``(the module, its leaves, its treedef)``, the leaves and treedef as ``jax.tree.flatten(module)`` gives them: a
+    model is flattened (which walks its module tree), a :class:`CapturedModel` gives its captured treedef and its
+    Variables' current values."""
+    if isinstance(model, CapturedModel):
+        return model.model, model.values(), model.structure.treedef
+    return (model, *jax.tree.flatten(model))
 
 
 # ====================================================================== sampling math
@@ -449,9 +467,13 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, *, prompt_lengths=No
     """
     from lrnnx_jax.architectures import LRNNLMHeadModel
 
-    if not isinstance(model, (LRNNLMHeadModel, CapturedModel)):
-        raise TypeError(f"model must be an LRNNLMHeadModel or a CapturedModel, got {type(model).__name__}")
-    model, target = _module_and_argument(model)
+    module, target = _module_and_argument(model)
+    if not isinstance(module, LRNNLMHeadModel):
+        got = type(model).__name__ if module is model else f"a CapturedModel of {type(module).__name__}"
+        raise TypeError(f"model must be an LRNNLMHeadModel or a CapturedModel of one, got {got}"
+                        + ("" if not isinstance(module, LRNN) else
+                           " (a layer model: lrnnx_jax.generation.generate runs it, fed its own outputs)"))
+    model = module
     sharding = parallel.batch_sharding_of(prompt_ids)  # a batch over devices: each device decodes its rows
     prompt = np.asarray(prompt_ids)
     if prompt.ndim != 2 or prompt.shape[1] == 0:

@@ -58,6 +58,7 @@ import numpy as np
 from lrnnx_jax import parallel
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import compute_dtype
+from lrnnx_jax.decoding import flatten_model
 from pallas_kernels import dispatch as kernel_dispatch
 from pallas_kernels import drivers
 from pallas_kernels import fused_generation
@@ -201,14 +202,13 @@ def xla_program(spec: ProgramSpec) -> Callable:
         def run(size, start, x_t, state, ys):
             tau_block = None if taus is None else jax.lax.dynamic_slice_in_dim(taus, start, size)
             (x_t, state), y_block = jax.lax.scan(one_step, (x_t, state), tau_block, length=size, unroll=min(unroll, size))
-            # each block written batch-major where it goes (no transpose of the whole buffer afterwards)
-            return x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, jnp.moveaxis(y_block, 0, 1), start, axis=1)
+            return x_t, state, jax.lax.dynamic_update_slice_in_dim(ys, y_block, start, axis=0)
 
         def whole_block(carry):
             i, x_t, state, ys = carry
             return (i + 1, *run(block, i * block, x_t, state, ys))
 
-        ys = jnp.zeros((batch, chunk, x.shape[1]), dtype)
+        ys = jnp.zeros((chunk, *x.shape), dtype)
         state = model.cell_state(cache)
         _, x, state, ys = jax.lax.while_loop(lambda c: c[0] < num_valid // block, whole_block, (0, x, state, ys))
         start, size = num_valid // block * block, block // 2
@@ -219,7 +219,9 @@ def xla_program(spec: ProgramSpec) -> Callable:
 
             start, x, state, ys = jax.lax.cond(num_valid & size != 0, part, lambda c: c, (start, x, state, ys))
             size //= 2
-        return ys, x, model.cell_cache(state, cache)
+        # time-major while it is written (measured on an H200: writing each block batch-major in place instead was
+        # not faster, 34.1 against 33.4-33.7 us per step for S5 at B=4096; benchmarks/results/session15_h200/call2)
+        return jnp.moveaxis(ys, 0, 1), x, model.cell_cache(state, cache)
 
     return generation_program
 
@@ -442,9 +444,10 @@ def _check_eval_mode(model):
             "call model.eval() before capture_graph or generate")
 
 
-def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config, sharding=None) -> tuple[list, ProgramSpec]:
-    """``(leaves, spec)`` of ``model``, flattened once; the fused program where the kernel configuration selects it."""
-    leaves, treedef = jax.tree.flatten(model)
+def _model_spec(model, leaves, treedef, batch_size, dtype, event_mode, max_seqlen, config, kernel_config,
+                sharding=None) -> ProgramSpec:
+    """The spec of the module ``model`` whose ``jax.tree.flatten`` is ``(leaves, treedef)`` (:func:`flatten_model`);
+    the fused program where the kernel configuration selects it."""
     leaf_types, dtype, event_mode = _leaf_types(leaves), jnp.dtype(dtype), bool(event_mode)
     kernels = kernel_dispatch.resolve(kernel_config)
     config = DEFAULT_CONFIG if config is None else config
@@ -453,10 +456,9 @@ def _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel
     config = config.resolved(fused_generation.abstract_cell(model).policy.xla_unroll or ACCELERATOR_UNROLL)
     fused = _fused_of_structure(treedef, leaf_types, batch_size, dtype, event_mode, kernels, kernel_dispatch.on_nvidia_gpu(),
                                 sharding)
-    spec = ProgramSpec(treedef=treedef, leaf_types=leaf_types, batch_size=batch_size, d_model=model.d_model, dtype=dtype,
-                       event_mode=event_mode, max_seqlen=max_seqlen, config=config, kernels=kernels, fused=fused,
-                       sharding=sharding)
-    return leaves, spec
+    return ProgramSpec(treedef=treedef, leaf_types=leaf_types, batch_size=batch_size, d_model=model.d_model,
+                       dtype=dtype, event_mode=event_mode, max_seqlen=max_seqlen, config=config, kernels=kernels,
+                       fused=fused, sharding=sharding)
 
 
 def _check_event_mode(model, event_mode: bool):
@@ -509,7 +511,7 @@ def capture_graph(
     """Compile the generation program of ``model`` ahead of time for one batch size.
 
     Args:
-      model: any lrnnx_jax model.
+      model: any lrnnx_jax model, or a :class:`CapturedModel` of one.
       batch_size: the batch size B it will serve.
       H: input width; defaults to ``model.d_model`` and must equal it when given.
       max_seqlen: passed to ``allocate_inference_cache``.
@@ -530,13 +532,14 @@ def capture_graph(
     """
     batch_size = validation.check_positive_int(batch_size, "batch_size")
     max_seqlen = validation.check_positive_int(max_seqlen, "max_seqlen")
+    model, leaves, treedef = flatten_model(model)
     if H is not None and H != model.d_model:
         raise ValueError(f"H={H} disagrees with the model's d_model={model.d_model}; pass H={model.d_model} or H=None")
     _check_event_mode(model, event_mode)
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     validation.check_float(np.zeros((), dtype), "dtype")
-    _, spec = _model_spec(model, batch_size, dtype, event_mode, max_seqlen, config, kernel_config,
-                          _check_sharding(sharding, batch_size))
+    spec = _model_spec(model, leaves, treedef, batch_size, dtype, event_mode, max_seqlen, config, kernel_config,
+                       _check_sharding(sharding, batch_size))
     return CompiledGenerator(spec)
 
 
@@ -612,7 +615,8 @@ def generate(
     exit; :func:`watch_finite`).
 
     Args:
-      model: any lrnnx_jax model.
+      model: any lrnnx_jax model, or a :class:`CapturedModel` of one: its module tree is then not walked at each call
+        (the capture's Variables are read: in-place updates of their values are seen, structural changes are not).
       x: ``(B, H)`` input of the first step. A batch sharded over devices (``lrnnx_jax.parallel.shard_batch``)
         runs each device's rows there, and the outputs keep its sharding; with a ``graph_cache``, ``x`` is placed
         with the sharding it was captured for.
@@ -631,6 +635,7 @@ def generate(
     """
     if graph_cache is not None and (config is not None or kernel_config is not None):
         raise ValueError("config and kernel_config apply only without graph_cache; the graph_cache already fixes them")
+    model, leaves, treedef = flatten_model(model)
     d_model = model.d_model if graph_cache is None else graph_cache.d_model
     x = validation.check_token(x, d_model, name="x")
     num_steps = validation.check_positive_int(num_steps, "num_steps")
@@ -640,8 +645,8 @@ def generate(
         dtype = jax.dtypes.canonicalize_dtype(x.dtype)
         event_mode = integration_timesteps is not None
         sharding = _check_sharding(parallel.batch_sharding_of(x), batch_size)
-        leaves, spec = _model_spec(model, batch_size, dtype, event_mode, 1, config, kernel_config, sharding)
-        graph_cache = _cached_generator(spec)
+        graph_cache = _cached_generator(_model_spec(model, leaves, treedef, batch_size, dtype, event_mode, 1, config,
+                                                    kernel_config, sharding))
     else:
         if batch_size != graph_cache.batch_size:
             raise ValueError(
@@ -662,7 +667,6 @@ def generate(
             raise ValueError(
                 f"x is sharded over {len(x.sharding.device_set)} devices but graph_cache was captured for one device; "
                 "re-capture with capture_graph(model, batch_size, sharding=lrnnx_jax.parallel.batch_sharding_of(x))")
-        leaves, treedef = jax.tree.flatten(model)
         if treedef != graph_cache.spec.treedef or _leaf_types(leaves) != graph_cache.spec.leaf_types:
             _check_eval_mode(model)  # a model put in training mode since the capture: say so
             raise ValueError(

@@ -16,6 +16,7 @@ from conftest import compile_log, relative_error
 from lrnnx_jax import decoding
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import GenerationStats, Speculative, generate_tokens
+from lrnnx_jax.models.lti.lru import LRU
 from test_language_model import STACKS, VOCAB, build
 
 
@@ -226,9 +227,17 @@ def test_a_captured_model_decodes_as_the_model_and_sees_parameter_updates():
 
 
 def test_a_captured_model_is_refused_clearly():
-    with pytest.raises(TypeError, match="model must be an LRNNLMHeadModel, got int"):
-        decoding.CapturedModel(3)
+    for bad in (3, nnx.Linear(2, 2, rngs=nnx.Rngs(0))):
+        refused = r"model must be an LRNNLMHeadModel or a layer model \(an lrnnx_jax.core.base.LRNN\), got "
+        with pytest.raises(TypeError, match=refused + type(bad).__name__):
+            decoding.CapturedModel(bad)
+    layer = decoding.CapturedModel(LRU(d_model=8, d_state=4, rngs=nnx.Rngs(0)))  # for generate, not generate_tokens
+    with pytest.raises(TypeError, match=r"model must be an LRNNLMHeadModel or a CapturedModel of one, got a "
+                                        r"CapturedModel of LRU \(a layer model: lrnnx_jax.generation.generate runs it"):
+        generate_tokens(layer, prompts(24), 4)
     model = build(["Mamba", "attn"], seed=24)
+    with pytest.raises(ValueError, match="speculative.draft_model must be an LRNNLMHeadModel \\(or a CapturedModel"):
+        generate_tokens(model, prompts(24), 4, speculative=Speculative(draft_model=layer))
     with pytest.raises(ValueError, match="speculative.draft_model must be an LRNNLMHeadModel \\(or a CapturedModel"):
         generate_tokens(decoding.CapturedModel(model), prompts(24), 4,
                         speculative=Speculative(draft_model=decoding.CapturedModel(build(["Mamba"], vocab_size=VOCAB + 40))))

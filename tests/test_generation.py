@@ -23,7 +23,7 @@ from flax import nnx
 
 from conftest import compile_log, relative_error
 from lrnnx_jax import generation
-from lrnnx_jax.generation import GenerationConfig, capture_graph, generate
+from lrnnx_jax.generation import CapturedModel, GenerationConfig, capture_graph, generate
 from pallas_kernels import KernelConfig
 from zoo import ZOO, H
 
@@ -110,6 +110,81 @@ def test_one_compilation_across_steps_seeds_and_parameters():
     with compile_log() as compiled:
         generate(model, inputs(2, seed=5)[0], 30, graph_cache=graph).block_until_ready()
     assert compiled == []
+
+
+CAPTURED_ENTRIES = [LRU_ENTRY] + [e for e in ZOO if e.name in ("Mamba", "Mamba-dirac-event")]
+
+
+@pytest.mark.parametrize("entry", CAPTURED_ENTRIES, ids=lambda e: e.name)
+def test_a_captured_model_generates_as_the_model_and_sees_parameter_updates(entry):
+    """``generate`` through a CapturedModel runs the program the model runs, with the same leaves: the same outputs
+    (with a graph and without one, in event mode too), and it compiles nothing the model's call did not. A graph
+    captured from the CapturedModel serves the model too. An in-place update of every parameter is seen."""
+    model = entry.build(seed=31)
+    captured = CapturedModel(model)
+    assert captured.model is model
+    num_steps = 7
+    x0, tau = inputs(3, seed=32, event=entry.event, num_steps=num_steps)
+    graph = capture_graph(captured, 3, event_mode=entry.event, config=SMALL, kernel_config=NEVER)  # serves both
+
+    def generated(**kwargs):
+        """The model's outputs, checked equal to the capture's (whose call compiles nothing)."""
+        ys = generate(model, x0, num_steps, integration_timesteps=tau, **kwargs)
+        with compile_log() as compiled:
+            through_capture = generate(captured, x0, num_steps, integration_timesteps=tau, **kwargs)
+        assert compiled == []
+        chex.assert_shape(through_capture, (3, num_steps, H))
+        chex.assert_type(through_capture, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(through_capture), np.asarray(ys))
+        return np.asarray(ys)
+
+    before = generated(graph_cache=graph)
+    assert np.all(np.isfinite(before)) and np.abs(before).max() > 1e-3
+    np.testing.assert_allclose(generated(config=SMALL, kernel_config=NEVER), before, rtol=1e-6, atol=1e-6)
+    # every parameter scaled in place by its own random factors (the Variables stay: the capture reads them)
+    rng = np.random.default_rng(33)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p * jnp.asarray(rng.uniform(0.5, 1.5, p.shape), p.dtype), params))
+    after = generated(graph_cache=graph)
+    assert relative_error(after, before) > 1e-2
+    np.testing.assert_allclose(generated(config=SMALL, kernel_config=NEVER), after, rtol=1e-6, atol=1e-6)
+
+
+def test_a_captured_model_does_not_see_structural_changes():
+    """A Variable replaced (not its value updated) is a structural change: the capture keeps reading the old one."""
+    model = LRU_ENTRY.build(seed=34)
+    captured = CapturedModel(model)
+    graph = capture_graph(model, 2, config=SMALL, kernel_config=NEVER)
+    x0, _ = inputs(2, seed=34)
+    before = np.asarray(generate(captured, x0, 5, graph_cache=graph))
+    model.D = nnx.Param(2.0 * model.D.get_value())
+    np.testing.assert_array_equal(np.asarray(generate(captured, x0, 5, graph_cache=graph)), before)
+    assert relative_error(generate(model, x0, 5, graph_cache=graph), before) > 1e-2
+    np.testing.assert_array_equal(np.asarray(generate(CapturedModel(model), x0, 5, graph_cache=graph)),
+                                  np.asarray(generate(model, x0, 5, graph_cache=graph)))
+
+
+def test_a_captured_model_of_another_structure_or_shapes_is_refused():
+    """The graph's structure is compared with the capture's, and its parameter shapes with the Variables' current
+    values at every call (an in-place update can assign a value of another shape)."""
+    model = LRU_ENTRY.build(seed=35)
+    graph = capture_graph(model, 2, config=SMALL, kernel_config=NEVER)
+    x0, _ = inputs(2, seed=35)
+    refused = r"graph_cache was captured for a model of another structure or parameter shapes than this {}; re-capture"
+    mamba = next(e for e in ZOO if e.name == "Mamba").build()
+    for other in (type(model)(d_model=H, d_state=7, rngs=nnx.Rngs(0)), mamba):  # other shapes; another structure
+        for argument in (other, CapturedModel(other)):
+            with pytest.raises(ValueError, match=refused.format(type(other).__name__)):
+                generate(argument, x0, 3, graph_cache=graph)
+    captured = CapturedModel(model)
+    expected = np.asarray(generate(model, x0, 3, graph_cache=graph))
+    np.testing.assert_array_equal(np.asarray(generate(captured, x0, 3, graph_cache=graph)), expected)
+    d = model.D.get_value()
+    model.D.set_value(jnp.zeros((H + 1,), d.dtype))  # another shape, in place: the treedef is unchanged
+    with pytest.raises(ValueError, match=refused.format("LRU")):
+        generate(captured, x0, 3, graph_cache=graph)
+    model.D.set_value(d)
+    np.testing.assert_array_equal(np.asarray(generate(captured, x0, 3, graph_cache=graph)), expected)
 
 
 def _backend_compile_seconds():
@@ -370,7 +445,8 @@ def test_unroll_default_follows_the_platform_and_the_cells_policy(monkeypatch):
     assert GenerationConfig().resolved().unroll == generation.ACCELERATOR_UNROLL == 8
     s7 = next(e for e in ZOO if e.name == "S7-J2").build()
     for model, unroll in ((s7, 2), (LRU_ENTRY.build(), 8)):  # S7's policy: a long step compiles faster at unroll 2
-        _, spec = generation._model_spec(model, 2, jnp.float32, False, 1, None, KernelConfig(use_kernels="never"))
+        spec = generation._model_spec(*generation.flatten_model(model), 2, jnp.float32, False, 1, None,
+                                      KernelConfig(use_kernels="never"))
         assert spec.config.unroll == unroll
 
 
