@@ -78,7 +78,9 @@ B_INITS = ("constant", "random", "alternating", "unit-cw", "unit-ccw", "legs", "
 #: how the programs of S4's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
 #: Measured on an H200 (H=128, d_state 64, 512 steps; µs per step, two alternating runs each,
 #: ``benchmarks/results/split_exchange_h200/device_call_6``): tagged words 3.13-3.17 / 3.04-3.13 / 3.74-3.81 at
-#: B = 1 / 8 / 32 against 3.18-3.30 / 3.56-3.65 / 5.02-5.25 with the counter barrier.
+#: B = 1 / 8 / 32 against 3.18-3.30 / 3.56-3.65 / 5.02-5.25 with the counter barrier. Again with the barrier spinning on
+#: volatile loads (``benchmarks/results/session15_h200/call3``): tagged 3.08, 3.38 / 3.38, 3.34 / 3.88, 4.11 against
+#: the barrier's 2.81, 2.83 / 3.76, 3.14 / 4.93, 5.00: the tagged words stay (faster at B=32, the issue's point).
 SPLIT_EXCHANGE = "tagged"
 
 

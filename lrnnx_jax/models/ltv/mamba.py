@@ -82,7 +82,9 @@ POLICY = KernelPolicy(
 #: Measured on an H200 (H=128, d_state 16, 512 steps; µs per step, two alternating runs each,
 #: ``benchmarks/results/split_exchange_h200/device_call_6``): the counter barrier 7.84-8.01 / 9.74-9.84 / 8.99-9.81
 #: at B = 1 / 8 / 32 against 16.4-16.5 / 20.0 / 12.1-12.2 with tagged words; blocks of 16 rows 16.6-17.2 against
-#: 23.5-24.4 at B = 64 / 256.
+#: 23.5-24.4 at B = 64 / 256. With the barrier spinning on volatile loads instead of atomics (session 15,
+#: ``benchmarks/results/session15_h200/call2``): 4.47-4.48 / 4.67-4.73 / 7.16-7.23 against 5.15-5.21 / 5.23-5.38 /
+#: 8.74-8.98 before.
 SPLIT_EXCHANGE = "barrier"
 
 

@@ -64,7 +64,9 @@ POLICY = KernelPolicy(
 #: Measured on an H200 (H=128, 512 steps; µs per step, two alternating runs each,
 #: ``benchmarks/results/split_exchange_h200/device_call_6``): the counter barrier 5.26-5.71 / 4.94-5.08 / 5.23-5.37
 #: at B = 1 / 8 / 32 against 4.34-4.43 / 5.23-5.52 / 5.04-5.23 with tagged words (mixed); blocks of 16 rows
-#: 10.0-10.4 against 13.6-14.0 at B = 64 / 256.
+#: 10.0-10.4 against 13.6-14.0 at B = 64 / 256. With the barrier spinning on volatile loads instead of atomics
+#: (session 15, ``benchmarks/results/session15_h200/call2``): 3.67-3.88 / 4.63-4.71 / 4.96-5.01 against 4.97-5.02 /
+#: 4.51-5.70 / 5.29-5.31 before.
 SPLIT_EXCHANGE = "barrier"
 
 
