@@ -217,7 +217,9 @@ def split_programs(cell: Cell, batch: int, config: dispatch.KernelConfig) -> tup
 #: (512 steps, µs per step, one load / one at a time, the barrier exchange): Mamba (H=128, N=16) over 16 programs
 #: at B=1 5.04-5.16 / 8.01-8.37, at B=8 5.18-5.41 / 9.68-10.2; over 4 at B=32 10.7-11.1 / 8.95-9.67; RG-LRU over
 #: 8 at B=8 5.30-5.62 / 4.57-5.09 (``benchmarks/results/fused_one_load_s5_hoist_h200/``). A block of 2-8 rows
-#: follows the rows' rule, not measured against one program's at a time.
+#: follows the rows' rule, not measured against one program's at a time. Again with the barrier spinning on loads
+#: (``benchmarks/results/session15_h200/call5``), one load from 4 programs on: Mamba over 4 at B=32 10.6-10.7 against
+#: 7.2-7.6, RG-LRU over 8 at B=1 4.7 against 3.8-4.1.
 ONE_LOAD_MIN_PARTS = 16
 
 
