@@ -33,7 +33,9 @@ DIAGONAL_POLICY = cells.KernelPolicy(
 def diagonal_step(p, s, x, inputs, precision):
     """The diagonal cell: ``h = A_bar h + B_bar x``, ``y = Re(C h) + skip(x)``.
 
-    ``p``: ``B`` ``(N, H)`` and ``CT`` (``C`` transposed) ``(N, H)``, real or ``Planes``;
+    ``p``: ``B`` ``(N, H)`` and ``CT`` (``C`` transposed) ``(N, H)``, real or ``Planes``; with
+    ``gamma`` ``(N,)`` ``Planes``, ``B`` is real and ``B_bar = gamma[:, None] * B`` (one real
+    contraction, then the per-state factor: :meth:`DiagonalSSM.factored_input`);
     ``a`` ``(N,)`` ``Planes`` unless ``inputs`` has a per-row (event-mode) ``a``; the skip
     ``D`` ``(H,)`` (``y += D x``) or ``DT`` ``(H, H)`` (``y += x @ D``). State ``{"h": Planes (N,)}``.
     """
@@ -42,6 +44,8 @@ def diagonal_step(p, s, x, inputs, precision):
     u = km.contract(x, cl.real(B), 1, precision)
     if cl.is_planes(B):
         u = cl.Planes(u, km.contract(x, B.im, 1, precision))
+    if "gamma" in p:
+        u = cl.mul(p["gamma"], u)
     h = cl.add(cl.mul(a, s["h"]), u)
     y = km.contract(h.re, cl.real(CT), 0, precision)
     if cl.is_planes(CT):
@@ -87,6 +91,12 @@ class DiagonalSSM(LRNN):
         """The skip as cell parameters: ``{"D": (H,)}`` (``D x``), ``{"DT": (H, H)}`` (``x @ D``) or ``{}``."""
         raise NotImplementedError
 
+    def factored_input(self, integration_timesteps, dtype) -> Optional[dict]:
+        """The cell's input matrix as ``{"B": (N, H) real, "gamma": Planes (N,)}``, ``B_bar = gamma[:, None] * B``,
+        for a model whose ``B_bar`` factors so with a real ``B`` (:func:`diagonal_step` then contracts one real
+        plane instead of two); None (the default): the cell takes ``B_bar`` itself."""
+        return None
+
     def state_shape(self) -> tuple[int, ...]:
         """Per-row shape of the cache's ``lrnn_state``; ``(d_state,)`` unless a model keeps another layout."""
         return (self.d_state,)
@@ -104,9 +114,12 @@ class DiagonalSSM(LRNN):
     def cell(self) -> cells.Cell:
         # unit timesteps give the time-invariant A_bar (and one that the async discretization accepts;
         # in event mode the per-token A_bar comes from cell_inputs)
-        A_bar, B_bar, C = self.discrete_system(jnp.ones(()) if self.supports_integration_timesteps else None)
+        unit = jnp.ones(()) if self.supports_integration_timesteps else None
+        A_bar, B_bar, C = self.discrete_system(unit)
         dtype = compute_dtype(jnp.real(B_bar).dtype)
-        params = {"a": cl.split(A_bar, dtype), "B": _planes_or_real(B_bar, dtype), "CT": _planes_or_real(C.T, dtype)}
+        params = {"a": cl.split(A_bar, dtype),
+                  **(self.factored_input(unit, dtype) or {"B": _planes_or_real(B_bar, dtype)}),
+                  "CT": _planes_or_real(C.T, dtype)}
         params.update({k: jnp.asarray(v, dtype) for k, v in self.skip_params().items()})
         return cells.Cell(diagonal_step, params, blockable=True, policy=self.kernel_policy)
 

@@ -28,6 +28,7 @@ from lrnnx_jax.core.base import lrnnx_entry
 from lrnnx_jax.models.diagonal import DiagonalSSM
 from lrnnx_jax.core.scan import DEFAULT_CHUNK_SIZE
 from pallas_kernels import cells, scan_common
+from pallas_kernels import complex_lib as cl
 
 
 class S5(DiagonalSSM):
@@ -93,20 +94,33 @@ class S5(DiagonalSSM):
         self.C = nnx.Param(jax.random.normal(k_c, (d_model, d_state, 2)) * math.sqrt(2 / d_state))
         self.D = nnx.Param(jax.random.normal(k_d, (d_model, d_model)) * math.sqrt(2 / d_model))
 
+    def _discretized(self, integration_timesteps=None):
+        """``(A_bar, gamma)`` of ``Lambda`` at the steps ``delta`` (times the timesteps)."""
+        A = self.A[...]
+        Lambda = -jax.nn.softplus(A[:, 0]) + 1j * A[:, 1]
+        delta = jnp.exp(self.log_dt[...])
+        tau = None if integration_timesteps is None else integration_timesteps[..., None]
+        return self.discretize(Lambda, delta, tau)
+
     def discrete_system(self, integration_timesteps=None):
         """``(A_bar, B_bar (N, H), C (H, N))``.
 
         ``A_bar`` is ``(N,)``, or ``(..., N)`` for timesteps of shape ``(...)``.
         """
-        A = self.A[...]
-        Lambda = -jax.nn.softplus(A[:, 0]) + 1j * A[:, 1]
-        delta = jnp.exp(self.log_dt[...])
-        tau = None if integration_timesteps is None else integration_timesteps[..., None]
-        A_bar, gamma = self.discretize(Lambda, delta, tau)
+        A_bar, gamma = self._discretized(integration_timesteps)
         B_bar = gamma[:, None] * self.B[...]
         C = self.C[...]
         kappa = 2.0 if self.conj_sym else 1.0
         return A_bar, B_bar, kappa * (C[..., 0] + 1j * C[..., 1])
+
+    def factored_input(self, integration_timesteps, dtype):
+        """``B_bar = gamma[:, None] * B`` with lrnnx's real ``B``: where ``gamma`` is complex (zoh, bilinear, async)
+        the cell contracts ``x`` with ``B`` once and multiplies by ``gamma`` (None where ``gamma`` is real: ``B_bar``
+        is then real itself)."""
+        gamma = self._discretized(integration_timesteps)[1]
+        if not jnp.iscomplexobj(gamma):
+            return None
+        return {"B": jnp.asarray(self.B[...], dtype), "gamma": cl.split(gamma, dtype)}
 
     def skip(self, x):
         return x @ self.D[...]
