@@ -54,7 +54,8 @@ class S5(DiagonalSSM):
                  "B=1, 12.9 vs 18.7 at B=32, 339 vs 62 at B=4096 (not faster over the range); hoist: the leaves of "
                  "largest total in registers (the dense skip held, 8,320 numbers re-read a step instead of 16,384) "
                  "2.56-2.82 / 2.67-2.82 us/step at B=1 / 32 against 3.45-3.49 / 3.34 for the smallest first, event "
-                 "mode 2.70-2.73 / 2.68-2.76 against 3.21-3.40 / 3.31-3.57")
+                 "mode 2.70-2.73 / 2.68-2.76 against 3.21-3.40 / 3.31-3.57; the input as the real B times gamma "
+                 "(factored_input) 2.48-2.57 / 2.65-2.66 against 2.81-3.11 / 2.94-3.03 with B_bar's two planes")
 
     def __init__(
         self,
