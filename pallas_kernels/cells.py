@@ -120,7 +120,7 @@ class Split(NamedTuple):
         drivers hand it that slice (a one-hot selection in the kernel). False: the whole ``x``.
       exchange: how the kernel's programs exchange their partial sums (one of :data:`EXCHANGES`; see
         :func:`pallas_kernels.fused_generation._exchange_collectives`): ``"barrier"``, an acquire-release
-        atomic counter per row group, or ``"tagged"``, words that carry the exchange's number (no fence or
+        atomic arrival at a counter per row group and a spin on loads of it, or ``"tagged"``, words that carry the exchange's number (no fence or
         atomic). Neither is faster for every cell: the cell declares the one measured faster for it.
     """
 

@@ -24,9 +24,9 @@ the step reduces over the channels (``comm.psum`` / ``comm.psum_scatter``), each
 its partial sums to a double-buffered exchange array in global memory, waits for the row's other
 programs, reads the ``P`` partials back from L2 and adds them in the same order, so every program
 holds the same bits. The wait is the cell's ``Split.exchange``: a barrier (an acquire-release atomic
-add to a counter per row, then a spin on volatile loads of it), or tagged words (16 bits of a partial below the exchange's
-number, so that each word says itself that it is written: no fence or atomic); neither is faster
-for every cell, so each cell declares the one measured faster for it.
+add to a counter per row, then a spin on volatile loads of it), or tagged words (16 bits of a
+partial below the exchange's number, so that each word says itself that it is written: no fence or
+atomic); neither is faster for every cell, so each cell declares the one measured faster for it.
 
 A split cell that is also ``blockable`` gives each program a block of rows where one row
 per program would not be resident (:func:`split_block`, or ``KernelConfig.block_batch``): the ``P``
