@@ -16,6 +16,7 @@ times, as medians of ``--repeats`` calls after ``--warmup`` (each result waited 
 * ``captured`` (where the library has a ``decoding.CapturedModel`` of the model): ``generate`` (the language model:
   ``generate_tokens``) as above through a ``CapturedModel`` of it, made once (its module tree is not walked at each
   call);
+* ``captured_step`` (the language model, where its capture has eager calls): ``step`` through the ``CapturedModel``;
 * ``dispatch``: the floor, one dispatch of a jitted function that takes the model's parameter leaves and the input
   and returns the input (no work).
 
@@ -47,7 +48,7 @@ LAYERS = {
     "Mamba": ("ltv.Mamba", dict(d_model=H, d_state=16)),
     "S4": ("lti.S4", dict(d_model=H, d_state=N, transposed=False)),
 }
-CALLS = ("step", "multi_step", "forward", "generate", "captured", "dispatch")
+CALLS = ("step", "multi_step", "forward", "generate", "captured", "captured_step", "dispatch")
 
 
 def build(name: str, lm_layers: int = 4):
@@ -91,6 +92,8 @@ def calls(name: str, model) -> dict:
     captured = captured_or_none(model)
     if captured is not None:
         runs["captured"] = lambda: decode(captured)
+        if name == "LM" and hasattr(captured, "step"):  # (a library from before has no eager calls on a capture)
+            runs["captured_step"] = lambda: captured.step(ids, cache)
     return {**runs, "dispatch": lambda: identity(leaves, x_t)}
 
 

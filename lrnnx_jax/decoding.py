@@ -29,6 +29,7 @@ from flax import nnx
 from lrnnx_jax import parallel
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import LRNN
+from lrnnx_jax.core.capture import ModelLeaves, Structure, as_model
 from pallas_kernels import dispatch
 
 
@@ -64,45 +65,6 @@ class GenerationStats:
         return self.accepted / max(self.drafted, 1)
 
 
-class Structure:
-    """A model's pytree structure as static data of a pytree node: its hash computed once, equality by identity
-    first (a captured model's program lookup compares in O(1); two captures of one structure, by their treedefs,
-    share their programs)."""
-
-    __slots__ = ("treedef", "_hash")
-
-    def __init__(self, treedef):
-        self.treedef, self._hash = treedef, hash(treedef)
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        return self is other or (isinstance(other, Structure) and self._hash == other._hash
-                                 and self.treedef == other.treedef)
-
-
-@jax.tree_util.register_pytree_node_class
-class ModelLeaves:
-    """A model as ``jax.jit`` receives it from a :class:`CapturedModel`: its leaves, with its structure as static
-    data (:func:`as_model` rebuilds the module inside the traced program)."""
-
-    def __init__(self, structure: Structure, leaves: list):
-        self.structure, self.leaves = structure, leaves
-
-    def tree_flatten(self):
-        return self.leaves, self.structure
-
-    @classmethod
-    def tree_unflatten(cls, structure, leaves):
-        return cls(structure, list(leaves))
-
-
-def as_model(model):
-    """The module of a :class:`ModelLeaves` (inside a traced program), or ``model`` as it is."""
-    return jax.tree.unflatten(model.structure.treedef, model.leaves) if isinstance(model, ModelLeaves) else model
-
-
 class CapturedModel:
     """A model whose module tree is walked once, at capture, instead of at every call of :func:`generate_tokens` (a
     language model) or of :func:`lrnnx_jax.generation.generate` (a layer model, any :class:`~lrnnx_jax.core.base.LRNN`).
@@ -113,7 +75,9 @@ class CapturedModel:
     structure and its ``nnx.Variable`` objects, and each call reads their current values (50 µs for 24 layers on the
     development CPU), as flax's ``nnx.cached_partial`` does. Pass a captured language model wherever
     :func:`generate_tokens` takes a model (also as ``Speculative.draft_model``), a captured layer wherever ``generate``
-    and ``capture_graph`` take one.
+    and ``capture_graph`` take one. A captured language model also runs the model's eager calls, for a decoding loop
+    of one's own: ``captured.step(ids, cache)``, ``captured.verify_step(...)`` and ``captured(input_ids, ...)`` (the
+    model's checks, then its programs with the captured leaves).
 
     It sees every change of a Variable's value: optimizer updates, ``nnx.update``, ``variable.value = ...``. It does
     not see structural changes (a submodule or a Variable replaced, ``model.train()`` / ``model.eval()``, any other
@@ -143,6 +107,28 @@ class CapturedModel:
     def leaves(self) -> ModelLeaves:
         """:meth:`values` with the structure: what the decoding program receives."""
         return ModelLeaves(self.structure, self.values())
+
+    # ---- a captured language model's eager calls: the module's checks, its program receiving the leaves
+    def __call__(self, input_ids, lengths=None, *, cache=None, return_cache: bool = False, max_seqlen=None):
+        """The language model's forward (``LRNNLMHeadModel.__call__``) without walking its module tree."""
+        return self._language_model("__call__")._forward_call(self.leaves(), input_ids, lengths, cache, return_cache,
+                                                               max_seqlen)
+
+    def step(self, ids, cache: dict, *, kernel_config=None):
+        """``LRNNLMHeadModel.step`` without walking the module tree: for a decoding loop of one's own."""
+        return self._language_model("step")._step_call(self.leaves(), ids, cache, kernel_config)
+
+    def verify_step(self, ids, cache: dict, num_accepted=None, *, kernel_config=None):
+        """``LRNNLMHeadModel.verify_step`` without walking the module tree."""
+        return self._language_model("verify_step")._verify_call(self.leaves(), ids, cache, num_accepted, kernel_config)
+
+    def _language_model(self, call: str):
+        from lrnnx_jax.architectures import LRNNLMHeadModel
+
+        if not isinstance(self.model, LRNNLMHeadModel):
+            raise TypeError(f"CapturedModel.{call} runs a captured language model (LRNNLMHeadModel); this captures a "
+                            f"{type(self.model).__name__}, whose eager calls take the layer itself")
+        return self.model
 
     def __repr__(self):
         return f"CapturedModel({type(self.model).__name__}, {len(self._variables)} variables)"

@@ -5,6 +5,8 @@ per bucket (compilations counted), and clear errors."""
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -226,12 +228,54 @@ def test_a_captured_model_decodes_as_the_model_and_sees_parameter_updates():
     assert relative_error(after[1], before) > 1e-2
 
 
+def test_a_captured_language_models_eager_calls_equal_the_models():
+    """``captured.step`` / ``verify_step`` / ``captured(ids)`` run the model's programs with the captured leaves: the
+    model's logits and caches exactly, the second call compiling nothing, an in-place parameter update seen, and the
+    model's own checks (bad ids, a cache of another batch) raised as the model raises them."""
+    model = build(["Mamba", "attn"], seed=25)
+    captured = decoding.CapturedModel(model)
+    rng = np.random.default_rng(25)
+    ids = jnp.asarray(rng.integers(0, VOCAB, (2, 6)), jnp.int32)
+
+    def both(call):
+        """``call`` of the model and of the capture: equal pytrees, returned as the model's."""
+        expected, got = call(model), call(captured)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return expected
+
+    logits, cache = both(lambda m: m(ids[:, :5], return_cache=True, max_seqlen=16))
+    assert np.all(np.isfinite(np.asarray(logits))) and np.abs(np.asarray(logits)).max() > 1e-3
+    step_logits, _ = both(lambda m: m.step(ids[:, 5], cache))
+    with compile_log() as compiled:
+        captured.step(ids[:, 5], cache)
+    assert compiled == []
+    verify_cache = model.to_verify_cache(cache, 2)
+    both(lambda m: m.verify_step(ids[:, 4:6], verify_cache))
+    # an in-place update of every parameter: the capture reads the new values
+    for variable in jax.tree.leaves(model, is_leaf=lambda node: isinstance(node, nnx.Param)):
+        if isinstance(variable, nnx.Param):
+            value = variable.get_value()
+            variable.set_value(value + 0.1 * jnp.asarray(rng.standard_normal(value.shape), value.dtype))
+    updated, _ = both(lambda m: m.step(ids[:, 5], cache))
+    assert relative_error(updated, step_logits) > 1e-2
+    for call in (lambda m: m.step(ids[:, :2], cache), lambda m: m.step(ids[:1, 5], cache)):
+        with pytest.raises(ValueError) as from_model:
+            call(model)
+        with pytest.raises(ValueError, match=re.escape(str(from_model.value))):
+            call(captured)
+
+
 def test_a_captured_model_is_refused_clearly():
     for bad in (3, nnx.Linear(2, 2, rngs=nnx.Rngs(0))):
         refused = r"model must be an LRNNLMHeadModel or a layer model \(an lrnnx_jax.core.base.LRNN\), got "
         with pytest.raises(TypeError, match=refused + type(bad).__name__):
             decoding.CapturedModel(bad)
     layer = decoding.CapturedModel(LRU(d_model=8, d_state=4, rngs=nnx.Rngs(0)))  # for generate, not generate_tokens
+    for call in (lambda: layer.step(jnp.zeros((1, 8)), {}), lambda: layer(jnp.zeros((1, 3, 8)))):
+        with pytest.raises(TypeError, match=r"runs a captured language model \(LRNNLMHeadModel\); this captures a LRU"):
+            call()
     with pytest.raises(TypeError, match=r"model must be an LRNNLMHeadModel or a CapturedModel of one, got a "
                                         r"CapturedModel of LRU \(a layer model: lrnnx_jax.generation.generate runs it"):
         generate_tokens(layer, prompts(24), 4)

@@ -43,6 +43,7 @@ from flax import nnx
 from lrnnx_jax.architectures.attention import MHA
 from lrnnx_jax.core import validation
 from lrnnx_jax.core.base import LRNN, LrnnxEntry, lrnnx_entry, lrnnx_linear_entries, torch_linear
+from lrnnx_jax.core.capture import as_model
 from pallas_kernels import dispatch
 
 #: mixer names -> (module, class or factory); "attn" is :class:`MHA`.
@@ -311,6 +312,11 @@ class LRNNLMHeadModel(nnx.Module):
         ``return_cache`` creates them (default L); pass it, or a cache from :meth:`allocate_inference_cache`, to
         decode afterwards.
         """
+        return self._forward_call(self, input_ids, lengths, cache, return_cache, max_seqlen)
+
+    def _forward_call(self, argument, input_ids, lengths, cache, return_cache, max_seqlen):
+        """:meth:`__call__`, its program receiving ``argument``: this model, or a capture's leaves of it
+        (``decoding.CapturedModel``; so are :meth:`_step_call` and :meth:`_verify_call`)."""
         input_ids = self._check_ids(input_ids, 2, "input_ids", "(B, L)")
         batch, length = input_ids.shape
         validation.check_lengths(lengths, batch, length)
@@ -318,7 +324,8 @@ class LRNNLMHeadModel(nnx.Module):
             self._check_cache(cache, batch, needed=length)
         max_seqlen = 0 if max_seqlen is None else validation.check_positive_int(max_seqlen, "max_seqlen")
         lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-        logits, cache = _jit_forward(self, input_ids, lengths, cache, bool(return_cache or cache is not None), max_seqlen)
+        logits, cache = _jit_forward(argument, input_ids, lengths, cache, bool(return_cache or cache is not None),
+                                     max_seqlen)
         return (logits, cache) if return_cache else logits
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 1, dtype=None) -> dict:
@@ -342,9 +349,12 @@ class LRNNLMHeadModel(nnx.Module):
 
     def step(self, ids, cache: dict, *, kernel_config=None):
         """One token per row through the whole model: ``ids (B,)`` int -> ``(logits (B, padded_vocab), new cache)``."""
+        return self._step_call(self, ids, cache, kernel_config)
+
+    def _step_call(self, argument, ids, cache, kernel_config):
         ids = self._check_ids(ids, 1, "ids", "(B,)")
         self._check_cache(cache, ids.shape[0], needed=1)
-        return _jit_step(self, ids, cache, dispatch.resolve(kernel_config))
+        return _jit_step(argument, ids, cache, dispatch.resolve(kernel_config))
 
     def verify_step(self, ids, cache: dict, num_accepted=None, *, kernel_config=None):
         """Speculative verification of ``ids (B, T)`` drafted tokens: ``-> (logits (B, T, padded_vocab), new cache)``.
@@ -354,6 +364,9 @@ class LRNNLMHeadModel(nnx.Module):
         the previous call's tokens were accepted (None: 0). ``logits[:, t]`` follow the committed state and
         tokens ``0..t``; nothing of this call is committed until the next call accepts it.
         """
+        return self._verify_call(self, ids, cache, num_accepted, kernel_config)
+
+    def _verify_call(self, argument, ids, cache, num_accepted, kernel_config):
         ids = self._check_ids(ids, 2, "ids", "(B, T)")
         batch, num_tokens = ids.shape
         if not self._is_verify_cache(cache):
@@ -364,7 +377,7 @@ class LRNNLMHeadModel(nnx.Module):
         if num_accepted is None:
             num_accepted = jnp.zeros((batch,), jnp.int32)
         validation.check_lengths(num_accepted, batch, num_tokens, name="num_accepted")
-        return _jit_verify(self, ids, cache, jnp.asarray(num_accepted, jnp.int32), dispatch.resolve(kernel_config))
+        return _jit_verify(argument, ids, cache, jnp.asarray(num_accepted, jnp.int32), dispatch.resolve(kernel_config))
 
     # ================================================================ checks
     def _require_decodable(self, what: str):
@@ -506,9 +519,11 @@ def _flat_params(model) -> dict[str, np.ndarray]:
 
 
 # One cached program per (model structure, shapes), the model passed as the pytree it is (lrnnx_jax.core.base
-# explains why); parameters are arguments. Those that decode check, when traced, that the model can.
+# explains why), or as a capture's leaves (lrnnx_jax.core.capture); parameters are arguments. Those that decode
+# check, when traced, that the model can.
 @functools.partial(jax.jit, static_argnames=("keep_cache", "max_seqlen"))
 def _jit_forward(model, input_ids, lengths, cache, keep_cache, max_seqlen):
+    model = as_model(model)
     if keep_cache:
         model._require_decodable("a cache")
     return model.forward_logits(input_ids, lengths, cache, keep_cache, max_seqlen)
@@ -516,11 +531,13 @@ def _jit_forward(model, input_ids, lengths, cache, keep_cache, max_seqlen):
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_step(model, ids, cache, config):
+    model = as_model(model)
     model._require_decodable("step")
     return model.step_logits(ids, cache, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_verify(model, ids, cache, num_accepted, config):
+    model = as_model(model)
     model._require_decodable("verify_step")
     return model.verify_logits(ids, cache, num_accepted, config)
