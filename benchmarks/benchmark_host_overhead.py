@@ -16,7 +16,7 @@ times, as medians of ``--repeats`` calls after ``--warmup`` (each result waited 
 * ``captured`` (where the library has a ``decoding.CapturedModel`` of the model): ``generate`` (the language model:
   ``generate_tokens``) as above through a ``CapturedModel`` of it, made once (its module tree is not walked at each
   call);
-* ``captured_step`` (the language model, where its capture has eager calls): ``step`` through the ``CapturedModel``;
+* ``captured_step`` (where the library's capture has eager calls): ``step`` through the ``CapturedModel``;
 * ``dispatch``: the floor, one dispatch of a jitted function that takes the model's parameter leaves and the input
   and returns the input (no work).
 
@@ -79,21 +79,23 @@ def calls(name: str, model) -> dict:
         sequence = jnp.asarray(rng.integers(0, 256, (1, 16)), jnp.int32)
         prompt = np.asarray(sequence[:, :4])
         decode = lambda model: generate_tokens(model, prompt, 1)  # noqa: E731
-        runs = {"step": lambda: model.step(ids, cache), "forward": lambda: model(sequence)}
+        step = lambda model: model.step(ids, cache)  # noqa: E731
+        runs = {"step": lambda: step(model), "forward": lambda: model(sequence)}
         x_t = ids
     else:
         x = jnp.asarray(0.1 * rng.standard_normal((1, 16, model.d_model)), jnp.float32)
         x_t, x_4 = x[:, 0], x[:, :4]  # sliced here: a slice in the timed call would be a dispatch of its own
         graph = generation.capture_graph(model, 1)
         decode = lambda model: generation.generate(model, x_t, 1, graph_cache=graph)  # noqa: E731
-        runs = {"step": lambda: model.step(x_t, cache), "multi_step": lambda: model.multi_step(x_4, cache),
+        step = lambda model: model.step(x_t, cache)  # noqa: E731
+        runs = {"step": lambda: step(model), "multi_step": lambda: model.multi_step(x_4, cache),
                 "forward": lambda: model(x)}
     runs["generate"] = lambda: decode(model)
     captured = captured_or_none(model)
     if captured is not None:
         runs["captured"] = lambda: decode(captured)
-        if name == "LM" and hasattr(captured, "step"):  # (a library from before has no eager calls on a capture)
-            runs["captured_step"] = lambda: captured.step(ids, cache)
+        if hasattr(captured, "step"):  # (a library from before has no eager calls on a capture)
+            runs["captured_step"] = lambda: step(captured)
     return {**runs, "dispatch": lambda: identity(leaves, x_t)}
 
 

@@ -75,9 +75,10 @@ class CapturedModel:
     structure and its ``nnx.Variable`` objects, and each call reads their current values (50 µs for 24 layers on the
     development CPU), as flax's ``nnx.cached_partial`` does. Pass a captured language model wherever
     :func:`generate_tokens` takes a model (also as ``Speculative.draft_model``), a captured layer wherever ``generate``
-    and ``capture_graph`` take one. A captured language model also runs the model's eager calls, for a decoding loop
-    of one's own: ``captured.step(ids, cache)``, ``captured.verify_step(...)`` and ``captured(input_ids, ...)`` (the
-    model's checks, then its programs with the captured leaves).
+    and ``capture_graph`` take one. A capture also runs the model's eager calls with the model's arguments, e.g. for a
+    decoding loop of one's own: ``captured.step(...)``, ``captured.verify_step(...)``, ``captured(...)`` (the
+    forward) and a layer's ``captured.multi_step(...)`` (the model's checks, then its programs with the captured
+    leaves).
 
     It sees every change of a Variable's value: optimizer updates, ``nnx.update``, ``variable.value = ...``. It does
     not see structural changes (a submodule or a Variable replaced, ``model.train()`` / ``model.eval()``, any other
@@ -108,27 +109,26 @@ class CapturedModel:
         """:meth:`values` with the structure: what the decoding program receives."""
         return ModelLeaves(self.structure, self.values())
 
-    # ---- a captured language model's eager calls: the module's checks, its program receiving the leaves
-    def __call__(self, input_ids, lengths=None, *, cache=None, return_cache: bool = False, max_seqlen=None):
-        """The language model's forward (``LRNNLMHeadModel.__call__``) without walking its module tree."""
-        return self._language_model("__call__")._forward_call(self.leaves(), input_ids, lengths, cache, return_cache,
-                                                               max_seqlen)
+    # ---- the model's eager calls, with its own arguments: its checks, then its programs with the captured leaves
+    def __call__(self, *args, **kwargs):
+        """The captured model's forward (its ``__call__``, the same arguments) without walking its module tree."""
+        return self.model._forward_call(self.leaves(), *args, **kwargs)
 
-    def step(self, ids, cache: dict, *, kernel_config=None):
-        """``LRNNLMHeadModel.step`` without walking the module tree: for a decoding loop of one's own."""
-        return self._language_model("step")._step_call(self.leaves(), ids, cache, kernel_config)
+    def step(self, *args, **kwargs):
+        """The captured model's ``step`` (the same arguments) without walking its module tree: for a decoding loop
+        of one's own."""
+        return self.model._step_call(self.leaves(), *args, **kwargs)
 
-    def verify_step(self, ids, cache: dict, num_accepted=None, *, kernel_config=None):
-        """``LRNNLMHeadModel.verify_step`` without walking the module tree."""
-        return self._language_model("verify_step")._verify_call(self.leaves(), ids, cache, num_accepted, kernel_config)
+    def multi_step(self, *args, **kwargs):
+        """The captured layer's ``multi_step`` (the same arguments) without walking its module tree."""
+        if not isinstance(self.model, LRNN):
+            raise TypeError(f"CapturedModel.multi_step runs a captured layer; a {type(self.model).__name__} has no "
+                            "multi_step (its verify_step runs several tokens)")
+        return self.model._multi_step_call(self.leaves(), *args, **kwargs)
 
-    def _language_model(self, call: str):
-        from lrnnx_jax.architectures import LRNNLMHeadModel
-
-        if not isinstance(self.model, LRNNLMHeadModel):
-            raise TypeError(f"CapturedModel.{call} runs a captured language model (LRNNLMHeadModel); this captures a "
-                            f"{type(self.model).__name__}, whose eager calls take the layer itself")
-        return self.model
+    def verify_step(self, *args, **kwargs):
+        """The captured model's ``verify_step`` (the same arguments) without walking its module tree."""
+        return self.model._verify_call(self.leaves(), *args, **kwargs)
 
     def __repr__(self):
         return f"CapturedModel({type(self.model).__name__}, {len(self._variables)} variables)"

@@ -8,6 +8,8 @@ transforms, and clear errors for bad input.
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -348,3 +350,53 @@ def test_verify_step_errors():
         model.verify_step(x, model.allocate_inference_cache(2))
     with pytest.raises(ValueError, match="num_tokens must be a positive integer"):
         model.allocate_verify_cache(2, 0)
+
+
+CAPTURED_CASES = [(e, transposed) for e in ZOO
+                  if e.name in ("LRU", "Mamba-dirac-event", "S4-legt-r2-c2-gate-bottleneck", "S4D-bilinear-lin-c2-gate2")
+                  for transposed in ((False, True) if "transposed" in e.kwargs else (False,))]
+
+
+@pytest.mark.parametrize("entry,transposed", CAPTURED_CASES,
+                         ids=[e.name + ("-transposed" if t else "") for e, t in CAPTURED_CASES])
+def test_a_captured_layers_eager_calls_equal_the_layers(entry, transposed):
+    """A ``decoding.CapturedModel`` of a layer runs its forward, ``step``, ``multi_step`` and ``verify_step`` with the
+    layer's arguments and checks and the captured leaves: the layer's outputs and caches exactly (the S4 blocks also
+    in their transposed layout, whose forward overrides the base's), an in-place parameter update seen."""
+    from lrnnx_jax.decoding import CapturedModel
+
+    model = entry.build(seed=41, **({"transposed": True} if transposed else {}))
+    captured = CapturedModel(model)
+    x, tau = make_inputs(entry, batch=2, length=5, seed=41)
+    sequence = np.swapaxes(x, 1, 2) if transposed else x
+    step_tau = None if tau is None else tau[:, :1]
+    cache = model.allocate_inference_cache(2)
+    verify_cache = model.allocate_verify_cache(2, 3)
+
+    def both(call):
+        expected, got = call(model), call(captured)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return expected
+
+    y = both(lambda m: m(sequence, tau, return_cache=True))[0]
+    assert np.abs(np.asarray(y)).max() > 1e-3
+    y_t = both(lambda m: m.step(x[:, 0], cache, step_tau))[0]
+    both(lambda m: m.multi_step(x[:, :3], cache, None if tau is None else tau[:, :3], return_states=True))
+    both(lambda m: m.verify_step(x[:, :3], verify_cache, None, None if tau is None else tau[:, :3]))
+    params = nnx.state(model, nnx.Param)
+    rng = np.random.default_rng(42)
+    nnx.update(model, jax.tree.map(lambda p: p * jnp.asarray(rng.uniform(0.5, 1.5, p.shape), p.dtype), params))
+    updated = both(lambda m: m.step(x[:, 0], cache, step_tau))[0]
+    assert relative_error(updated, y_t) > 1e-3
+    # a Variable replaced is a structural change: the capture keeps reading the one it captured (so it does read its
+    # own leaves, not the module)
+    model.D = nnx.Param(2.0 * model.D.get_value())
+    np.testing.assert_array_equal(np.asarray(captured.step(x[:, 0], cache, step_tau)[0]), np.asarray(updated))
+    assert relative_error(model.step(x[:, 0], cache, step_tau)[0], updated) > 1e-3
+    with pytest.raises(ValueError) as from_model:
+        model.step(x[:, :2], cache, step_tau)
+    with pytest.raises(ValueError, match=re.escape(str(from_model.value))):
+        captured.step(x[:, :2], cache, step_tau)
+

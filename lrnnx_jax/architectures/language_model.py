@@ -312,9 +312,11 @@ class LRNNLMHeadModel(nnx.Module):
         ``return_cache`` creates them (default L); pass it, or a cache from :meth:`allocate_inference_cache`, to
         decode afterwards.
         """
-        return self._forward_call(self, input_ids, lengths, cache, return_cache, max_seqlen)
+        return self._forward_call(self, input_ids, lengths, cache=cache, return_cache=return_cache,
+                                  max_seqlen=max_seqlen)
 
-    def _forward_call(self, argument, input_ids, lengths, cache, return_cache, max_seqlen):
+    def _forward_call(self, argument, input_ids, lengths=None, *, cache=None, return_cache: bool = False,
+                      max_seqlen: Optional[int] = None):
         """:meth:`__call__`, its program receiving ``argument``: this model, or a capture's leaves of it
         (``decoding.CapturedModel``; so are :meth:`_step_call` and :meth:`_verify_call`)."""
         input_ids = self._check_ids(input_ids, 2, "input_ids", "(B, L)")
@@ -349,9 +351,9 @@ class LRNNLMHeadModel(nnx.Module):
 
     def step(self, ids, cache: dict, *, kernel_config=None):
         """One token per row through the whole model: ``ids (B,)`` int -> ``(logits (B, padded_vocab), new cache)``."""
-        return self._step_call(self, ids, cache, kernel_config)
+        return self._step_call(self, ids, cache, kernel_config=kernel_config)
 
-    def _step_call(self, argument, ids, cache, kernel_config):
+    def _step_call(self, argument, ids, cache: dict, *, kernel_config=None):
         ids = self._check_ids(ids, 1, "ids", "(B,)")
         self._check_cache(cache, ids.shape[0], needed=1)
         return _jit_step(argument, ids, cache, dispatch.resolve(kernel_config))
@@ -364,9 +366,9 @@ class LRNNLMHeadModel(nnx.Module):
         the previous call's tokens were accepted (None: 0). ``logits[:, t]`` follow the committed state and
         tokens ``0..t``; nothing of this call is committed until the next call accepts it.
         """
-        return self._verify_call(self, ids, cache, num_accepted, kernel_config)
+        return self._verify_call(self, ids, cache, num_accepted, kernel_config=kernel_config)
 
-    def _verify_call(self, argument, ids, cache, num_accepted, kernel_config):
+    def _verify_call(self, argument, ids, cache: dict, num_accepted=None, *, kernel_config=None):
         ids = self._check_ids(ids, 2, "ids", "(B, T)")
         batch, num_tokens = ids.shape
         if not self._is_verify_cache(cache):

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from lrnnx_jax.core import validation
+from lrnnx_jax.core.capture import as_model
 from pallas_kernels import dispatch, drivers
 
 Cache = dict[str, Any]
@@ -105,6 +106,13 @@ class LRNN(nnx.Module):
     # ---------------------------------------------------------------- public API
     def __call__(self, x, integration_timesteps=None, lengths=None, *, cache: Optional[Cache] = None,
                  return_cache: bool = False):
+        return self._forward_call(self, x, integration_timesteps, lengths, cache=cache, return_cache=return_cache)
+
+    # Each public call is its ``_*_call`` with this model as ``argument``, what its program receives: a
+    # ``decoding.CapturedModel`` passes its captured leaves instead (``lrnnx_jax.core.capture``), and a subclass that
+    # changes a call overrides the ``_*_call``, so that both paths keep it.
+    def _forward_call(self, argument, x, integration_timesteps=None, lengths=None, *, cache: Optional[Cache] = None,
+                      return_cache: bool = False):
         x = validation.check_sequence(x, self.d_model)
         batch, length, _ = x.shape
         tau = self._check_timesteps(integration_timesteps, (batch, length))
@@ -112,7 +120,8 @@ class LRNN(nnx.Module):
         if cache is not None:
             expected = jax.eval_shape(lambda: self.allocate_inference_cache(batch))
             validation.check_cache(cache, expected, self.cache_batch_key)
-        y, cache, rng_state = _jit_forward(self, x.astype(compute_dtype(x.dtype)), tau, mask, lengths, cache, return_cache)
+        y, cache, rng_state = _jit_forward(argument, x.astype(compute_dtype(x.dtype)), tau, mask, lengths, cache,
+                                           return_cache)
         if rng_state is not None:
             nnx.update(self, rng_state)
         y = y.astype(x.dtype)
@@ -125,10 +134,13 @@ class LRNN(nnx.Module):
         fused kernel where ``kernel_config`` (a ``pallas_kernels.KernelConfig``; the default when None)
         and the cell's policy select it, else the XLA driver.
         """
+        return self._step_call(self, x_t, cache, integration_timesteps, kernel_config=kernel_config)
+
+    def _step_call(self, argument, x_t, cache: Cache, integration_timesteps=None, *, kernel_config=None):
         x_t = validation.check_token(x_t, self.d_model)
         validation.check_cache_batch(cache, x_t.shape[0], self.cache_batch_key)
         tau = self._check_timesteps(integration_timesteps, (x_t.shape[0],))
-        y_t, new_cache, rng_state = _jit_step(self, x_t.astype(compute_dtype(x_t.dtype)), cache, tau,
+        y_t, new_cache, rng_state = _jit_step(argument, x_t.astype(compute_dtype(x_t.dtype)), cache, tau,
                                               dispatch.resolve(kernel_config))
         if rng_state is not None:
             nnx.update(self, rng_state)
@@ -142,11 +154,16 @@ class LRNN(nnx.Module):
         the token axis after the batch, ``(B, T, ...)``): what speculative verification keeps
         to accept a prefix. ``integration_timesteps``: ``(B, T)`` (event mode).
         """
+        return self._multi_step_call(self, x, cache, integration_timesteps, return_states=return_states,
+                                     kernel_config=kernel_config)
+
+    def _multi_step_call(self, argument, x, cache: Cache, integration_timesteps=None, *, return_states: bool = False,
+                         kernel_config=None):
         x = validation.check_sequence(x, self.d_model)
         batch, length, _ = x.shape
         validation.check_cache_batch(cache, batch, self.cache_batch_key)
         tau = self._check_timesteps(integration_timesteps, (batch, length))
-        y, new_cache, states, rng_state = _jit_multi_step(self, x.astype(compute_dtype(x.dtype)), cache, tau,
+        y, new_cache, states, rng_state = _jit_multi_step(argument, x.astype(compute_dtype(x.dtype)), cache, tau,
                                                           bool(return_states), dispatch.resolve(kernel_config))
         if rng_state is not None:
             nnx.update(self, rng_state)
@@ -192,6 +209,10 @@ class LRNN(nnx.Module):
         Returns:
           ``(y (B, T, H), new_cache)``: ``y[:, t]`` is the output after the committed state and tokens ``0..t``.
         """
+        return self._verify_call(self, x_tokens, cache, num_accepted, integration_timesteps, kernel_config=kernel_config)
+
+    def _verify_call(self, argument, x_tokens, cache: Cache, num_accepted=None, integration_timesteps=None, *,
+                     kernel_config=None):
         x_tokens = validation.check_sequence(x_tokens, self.d_model, name="x_tokens")
         batch, length, _ = x_tokens.shape
         if not isinstance(cache, dict) or "checkpoint" not in cache or "old_x" not in cache:
@@ -205,7 +226,7 @@ class LRNN(nnx.Module):
         validation.check_lengths(num_accepted, batch, length, name="num_accepted")
         tau = self._check_timesteps(integration_timesteps, (batch, length))
         old_tau = cache.get("old_tau") if tau is not None else None
-        y, new_cache, rng_state = _jit_verify(self, x_tokens.astype(compute_dtype(x_tokens.dtype)), cache,
+        y, new_cache, rng_state = _jit_verify(argument, x_tokens.astype(compute_dtype(x_tokens.dtype)), cache,
                                               jnp.asarray(num_accepted, jnp.int32), tau, old_tau,
                                               dispatch.resolve(kernel_config))
         if rng_state is not None:
@@ -316,24 +337,28 @@ class LRNN(nnx.Module):
 # dropout drew from it, decided once per trace: otherwise None, and a call costs no write-back.
 @functools.partial(jax.jit, static_argnames=("return_cache",))
 def _jit_forward(model, x, integration_timesteps, mask, lengths, cache, return_cache):
+    model = as_model(model)
     y, cache = model.masked_forward(x, integration_timesteps, mask, lengths, return_cache, cache)
     return y, cache, drawn_random_state(model)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_step(model, x_t, cache, integration_timesteps, config):
+    model = as_model(model)
     y_t, cache = model._step(x_t, cache, integration_timesteps, config)
     return y_t, cache, drawn_random_state(model)
 
 
 @functools.partial(jax.jit, static_argnames=("return_states", "config"))
 def _jit_multi_step(model, x, cache, integration_timesteps, return_states, config):
+    model = as_model(model)
     y, cache, states = model._multi_step(x, cache, integration_timesteps, return_states, config)
     return y, cache, states, drawn_random_state(model)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_verify(model, x, cache, num_accepted, tau, old_tau, config):
+    model = as_model(model)
     y, new_cache = model.verify(x, cache, num_accepted, tau, old_tau, config)
     return y, new_cache, drawn_random_state(model)
 

@@ -610,15 +610,20 @@ class S4Layer(LRNN):
         Starts from ``cache`` (an inference cache, e.g. of an earlier chunk; None: the zero
         state). lrnnx returns ``(y, state)``; this returns ``y`` (or ``(y, cache)`` with ``return_cache``).
         """
+        return self._forward_call(self, x, integration_timesteps, lengths, cache=cache, return_cache=return_cache)
+
+    def _forward_call(self, argument, x, integration_timesteps=None, lengths=None, *, cache=None,
+                      return_cache: bool = False):
         if not self.transposed:
-            return super().__call__(x, integration_timesteps, lengths, cache=cache, return_cache=return_cache)
+            return super()._forward_call(argument, x, integration_timesteps, lengths, cache=cache,
+                                         return_cache=return_cache)
         x = x if hasattr(x, "shape") else jnp.asarray(x)
         if x.ndim != 3 or x.shape[1] != self.d_model:
             raise ValueError(
                 f"x must have shape (B, H, L) with H={self.d_model} (transposed=True), got shape {tuple(x.shape)}"
             )
-        out = super().__call__(jnp.swapaxes(x, 1, 2), integration_timesteps, lengths, cache=cache,
-                               return_cache=return_cache)
+        out = super()._forward_call(argument, jnp.swapaxes(x, 1, 2), integration_timesteps, lengths, cache=cache,
+                                    return_cache=return_cache)
         if return_cache:
             return jnp.swapaxes(out[0], 1, 2), out[1]
         return jnp.swapaxes(out, 1, 2)
