@@ -26,6 +26,7 @@ if shutil.which("nvidia-smi") is None:
          "--xla_cpu_multi_thread_eigen=false"]
     ).strip()
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +129,16 @@ def relative_error(ours, theirs) -> float:
     wide = np.complex128 if np.iscomplexobj(theirs) or np.iscomplexobj(ours) else np.float64
     theirs = np.asarray(theirs, wide)
     return float(np.max(np.abs(np.asarray(ours, wide) - theirs)) / np.max(np.abs(theirs)))
+
+
+def same_through_capture(model, captured, call):
+    """``call`` of ``model`` and of its ``decoding.CapturedModel`` ``captured``: equal pytrees (shapes, dtypes and
+    every value exactly, the same program with the same leaves), returned as the model's."""
+    expected, got = call(model), call(captured)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return expected
 
 
 

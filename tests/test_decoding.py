@@ -5,6 +5,7 @@ per bucket (compilations counted), and clear errors."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import chex
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import compile_log, relative_error
+from conftest import compile_log, relative_error, same_through_capture
 from lrnnx_jax import decoding
 from lrnnx_jax.architectures import LRNNLMHeadModel
 from lrnnx_jax.generation import GenerationStats, Speculative, generate_tokens
@@ -237,13 +238,7 @@ def test_a_captured_language_models_eager_calls_equal_the_models():
     rng = np.random.default_rng(25)
     ids = jnp.asarray(rng.integers(0, VOCAB, (2, 6)), jnp.int32)
 
-    def both(call):
-        """``call`` of the model and of the capture: equal pytrees, returned as the model's."""
-        expected, got = call(model), call(captured)
-        chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        return expected
+    both = functools.partial(same_through_capture, model, captured)
 
     logits, cache = both(lambda m: m(ids[:, :5], return_cache=True, max_seqlen=16))
     assert np.all(np.isfinite(np.asarray(logits))) and np.abs(np.asarray(logits)).max() > 1e-3
