@@ -568,7 +568,7 @@ def _exchange_collectives(plgpu, pl, counter_ref, buffers, exchanges, row, part,
     * ``"barrier"`` (``tagged`` False): the partials as float32, then barrier ``n``: a CTA barrier, an
       acquire-release atomic add to the group's counter (``counter_ref``), a spin on volatile loads of it until all
       ``P`` programs arrived, a CTA barrier. The spin loads instead of adding 0 atomically: on an H200 that made
-      Mamba's split 11-19 % faster per step and RG-LRU's at B=1 24 % (BENCHMARKS.md section 9);
+      Mamba's split 11-19 % faster per step and RG-LRU's at B=1 24 % (BENCHMARKS.md section 10, the fifteenth session);
     * ``"tagged"``: the partials as tagged words (:func:`tagged_words`, tag :func:`exchange_tag` ``(n)``; no
       fence, atomic or counter: each word says itself that it is written, the low-latency protocol of NCCL's LL
       transport in 32-bit words). The reader spins until each program's last word carries the tag, then checks
