@@ -135,17 +135,21 @@ def s7_step(params, state, u, inputs, precision):
     ``...`` is no axis (one row: a kernel program) or the rows of a block. The per-token
     ``B_t, C_t (..., H, N)`` are the contractions of ``x = W_in u`` with the 3-D blocks
     ``WB, WC (H (input), H (channel), N)`` of ``x_proj``. Returns ``(out (..., H), {"s": (..., N)})``.
+
+    Every contraction is with the weights of a projection (``in_proj``, ``x_proj``, ``gate_proj``), so a
+    block of rows runs all of them at the projection precision (:func:`pallas_kernels.kernel_math.project`),
+    as the forward does (:meth:`S7._contract`): JAX's default matmul precision in the XLA drivers.
     """
     p, s = params, state["s"]
     x = km.project(u, p["Win"], 0, precision)
     # B_t and C_t first: the order of the pre-cells kernel, measured faster on an H200 (it sets the
     # live ranges of the large per-token tiles in the kernel)
-    B_t = km.contract(x, p["WB"], 0, precision)
-    C_t = km.contract(x, p["WC"], 0, precision)
-    A_bar = s7_transition(km.contract(x, p["Wa"], 0, precision) + p["base"])
-    drive = jnp.sum(B_t * x[..., None], axis=-2) + km.contract(x, p["Wbeta"], 0, precision)
+    B_t = km.project(x, p["WB"], 0, precision)
+    C_t = km.project(x, p["WC"], 0, precision)
+    A_bar = s7_transition(km.project(x, p["Wa"], 0, precision) + p["base"])
+    drive = jnp.sum(B_t * x[..., None], axis=-2) + km.project(x, p["Wbeta"], 0, precision)
     h = (A_bar * s + drive).astype(s.dtype)
-    y = jnp.sum(C_t * h[..., None, :], axis=-1) + km.contract(x, p["Wd"], 0, precision) * x
+    y = jnp.sum(C_t * h[..., None, :], axis=-1) + km.project(x, p["Wd"], 0, precision) * x
     out = km.sigmoid(km.project(km.gelu(y), p["Wg"], 0, precision)) * y + u
     return out, {"s": h}
 
