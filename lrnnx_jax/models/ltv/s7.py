@@ -133,8 +133,10 @@ def s7_step(params, state, u, inputs, precision):
     """One S7 step (the cell of :meth:`S7.cell`): ``u (..., H)``, ``state["s"] (..., N)``.
 
     ``...`` is no axis (one row: a kernel program) or the rows of a block. The per-token
-    ``B_t, C_t (..., H, N)`` are the contractions of ``x = W_in u`` with the 3-D blocks
-    ``WB, WC (H (input), H (channel), N)`` of ``x_proj``. Returns ``(out (..., H), {"s": (..., N)})``.
+    ``B_t (..., N, H)`` and ``C_t (..., H, N)`` are the contractions of ``x = W_in u`` with the 3-D blocks
+    ``WB (H (input), N, H (channel))`` and ``WC (H (input), H (channel), N)`` of ``x_proj``: each is laid out so
+    that the sum it feeds (the drive over the channels, the readout over the states) runs along its last axis.
+    Returns ``(out (..., H), {"s": (..., N)})``.
 
     Every contraction is with the weights of a projection (``in_proj``, ``x_proj``, ``gate_proj``), so a
     block of rows runs all of them at the projection precision (:func:`pallas_kernels.kernel_math.project`),
@@ -147,7 +149,7 @@ def s7_step(params, state, u, inputs, precision):
     B_t = km.project(x, p["WB"], 0, precision)
     C_t = km.project(x, p["WC"], 0, precision)
     A_bar = s7_transition(km.project(x, p["Wa"], 0, precision) + p["base"])
-    drive = jnp.sum(B_t * x[..., None], axis=-2) + km.project(x, p["Wbeta"], 0, precision)
+    drive = jnp.sum(B_t * x[..., None, :], axis=-1) + km.project(x, p["Wbeta"], 0, precision)
     h = (A_bar * s + drive).astype(s.dtype)
     y = jnp.sum(C_t * h[..., None, :], axis=-1) + km.project(x, p["Wd"], 0, precision) * x
     out = km.sigmoid(km.project(km.gelu(y), p["Wg"], 0, precision)) * y + u
@@ -284,7 +286,7 @@ class S7(LRNN):
             "Win": in_compute_dtype(self.in_proj.kernel[...]),
             "Wa": W["a"],
             "base": in_compute_dtype(self.base_params[...]),
-            "WB": W["B"],
+            "WB": jnp.swapaxes(W["B"], 1, 2),
             "WC": W["C"],
             "Wd": W["d"],
             "Wbeta": W["beta"],
