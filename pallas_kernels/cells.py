@@ -82,6 +82,9 @@ class KernelPolicy:
         resident: None, blocks of ``pallas_kernels.fused_generation.DEFAULT_BLOCK_BATCH`` rows
         (tensor-core dots); a smaller power of two (multiply-adds, ``dispatch.MULTIPLY_ADD``) where
         those blocks are resident, then the default. Say why in ``evidence``.
+      split_row_warps: warps of each program of a split run that gives each program one row; None:
+        ``pallas_kernels.fused_generation.split_num_warps``'s rule (by the programs per row). Say why in
+        ``evidence``.
     """
 
     rollout_max_batch: Optional[int] = None
@@ -90,12 +93,15 @@ class KernelPolicy:
     xla_unroll: Optional[int] = None
     hoist: str = "smallest"
     split_block: Optional[int] = None
+    split_row_warps: Optional[int] = None
 
     def __post_init__(self):
         if self.hoist not in HOIST_RULES:
             raise ValueError(f"KernelPolicy.hoist={self.hoist!r}: expected one of {HOIST_RULES}")
         if self.split_block is not None:
             dispatch.check_power_of_two("KernelPolicy.split_block", self.split_block, 2, "None or ")
+        if self.split_row_warps is not None:
+            dispatch.check_power_of_two("KernelPolicy.split_row_warps", self.split_row_warps, 1, "None or ")
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
         """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""

@@ -250,12 +250,15 @@ def effective_block_batch(blockable: bool, batch: int, config: dispatch.KernelCo
     return 1 if batch <= MAX_ROWS_PATH_BATCH else DEFAULT_BLOCK_BATCH
 
 
-def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig, parts: Optional[int] = None) -> int:
-    """4 warps for a block of rows; for a split run :func:`split_num_warps`; for one row, enough warps to hold the
-    parameters in registers (<= 16)."""
+def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig, parts: Optional[int] = None,
+                    policy: cells.KernelPolicy = cells.KernelPolicy()) -> int:
+    """4 warps for a block of rows; for a split run the cell's ``policy.split_row_warps`` (one row per program),
+    else :func:`split_num_warps`; for one row, enough warps to hold the parameters in registers (<= 16)."""
     if config.num_warps is not None:
         return config.num_warps
     if parts is not None:
+        if block == 1 and policy.split_row_warps is not None:
+            return policy.split_row_warps
         return split_num_warps(parts)
     if block > 1:
         return 4
@@ -414,7 +417,7 @@ def _run_rows(cell: Cell, state, x0, num_steps: int, row_inputs, step_inputs, *,
     split_leaf = jax.tree.leaves({name: jax.tree.map(lambda _, cut=name in pieces: cut, value)
                                   for name, value in params.items()})
     param_sizes = [a[0].size if cut else a.size for a, cut in zip(flat["params"], split_leaf)]
-    num_warps = _auto_num_warps(param_sizes, block, config, parts)
+    num_warps = _auto_num_warps(param_sizes, block, config, parts, cell.policy)
     hoisted, streamed = split_hoisted(param_sizes, num_warps, cell.policy.hoist)
     x0p = _pad_rows(_pad(x0, 1), rows)
     n_state = len(flat["state"])

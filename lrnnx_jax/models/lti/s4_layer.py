@@ -81,6 +81,9 @@ B_INITS = ("constant", "random", "alternating", "unit-cw", "unit-ccw", "legs", "
 #: B = 1 / 8 / 32 against 3.18-3.30 / 3.56-3.65 / 5.02-5.25 with the counter barrier. Again with the barrier spinning on
 #: volatile loads (``benchmarks/results/session15_h200/call3``): tagged 3.08, 3.38 / 3.38, 3.34 / 3.88, 4.11 against
 #: the barrier's 2.81, 2.83 / 3.76, 3.14 / 4.93, 5.00: the tagged words stay (faster at B=32, the issue's point).
+#: Once more (``benchmarks/results/session16_h200/call2``), tagged 3.22, 3.32 / 3.49, 3.27 / 4.02, 4.04 against the
+#: barrier's 3.27, 3.28 / 3.05, 3.30 / 5.40, 4.83 (and 3.26, 3.11 against 3.03, 3.40 at B=16): no batch size at which
+#: the barrier is faster in every run.
 SPLIT_EXCHANGE = "tagged"
 
 

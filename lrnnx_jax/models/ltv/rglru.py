@@ -56,8 +56,13 @@ POLICY = KernelPolicy(
               "captured in 1.93 instead of 4.18 s at B=256 but stepped in 17.1 instead of 12.8 us. split_block: "
               "blocks of 8 rows (multiply-adds) over 8 programs 6.85 us at B=64 against 10.3 for blocks of 16 "
               "(dots) over 4 (over 4 programs 7.48; blocks of 4 19.6, of 2 31.1-31.4 at B=32; rows over 4 programs "
-              "stay faster at B=32: 5.36-5.85 against 6.57-6.71)"),
+              "stay faster at B=32: 5.36-5.85 against 6.57-6.71). split_row_warps: rows over 4 programs at B=32 "
+              "with 4 warps 4.50, 4.57, 4.58 us against 4.90, 5.16, 5.02 with 8 (three processes each; "
+              "benchmarks/results/session15_h200/call3, session16_h200/call2); over 8 programs 4 warps already "
+              "(4.9 against 5.7 with 8 at B=1); blocks keep the rule (at B=256, blocks of 8 rows over 4 programs: "
+              "6.84-6.96 with 8 warps against 14.5-14.6 with 4, session16_h200/call3)"),
     split_block=8,
+    split_row_warps=4,
 )
 
 #: how the programs of RG-LRU's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
