@@ -82,9 +82,9 @@ class KernelPolicy:
         resident: None, blocks of ``pallas_kernels.fused_generation.DEFAULT_BLOCK_BATCH`` rows
         (tensor-core dots); a smaller power of two (multiply-adds, ``dispatch.MULTIPLY_ADD``) where
         those blocks are resident, then the default. Say why in ``evidence``.
-      split_row_warps: warps of each program of a split run that gives each program one row; None:
-        ``pallas_kernels.fused_generation.split_num_warps``'s rule (by the programs per row). Say why in
-        ``evidence``.
+      split_row_warps: ``((P, warps), ...)``: the warps of each program of a split run over ``P`` programs per row
+        that gives each program one row; at a ``P`` it does not name (and for blocks of rows),
+        ``pallas_kernels.fused_generation.split_num_warps``'s rule. Say why in ``evidence``.
     """
 
     rollout_max_batch: Optional[int] = None
@@ -93,15 +93,24 @@ class KernelPolicy:
     xla_unroll: Optional[int] = None
     hoist: str = "smallest"
     split_block: Optional[int] = None
-    split_row_warps: Optional[int] = None
+    split_row_warps: tuple = ()
 
     def __post_init__(self):
         if self.hoist not in HOIST_RULES:
             raise ValueError(f"KernelPolicy.hoist={self.hoist!r}: expected one of {HOIST_RULES}")
         if self.split_block is not None:
             dispatch.check_power_of_two("KernelPolicy.split_block", self.split_block, 2, "None or ")
-        if self.split_row_warps is not None:
-            dispatch.check_power_of_two("KernelPolicy.split_row_warps", self.split_row_warps, 1, "None or ")
+        if not isinstance(self.split_row_warps, tuple) or not all(
+                isinstance(pair, tuple) and len(pair) == 2 for pair in self.split_row_warps):
+            raise ValueError(f"KernelPolicy.split_row_warps must be a tuple of (programs per row, warps) pairs, got "
+                             f"{self.split_row_warps!r}")
+        for parts, warps in self.split_row_warps:
+            dispatch.check_power_of_two("KernelPolicy.split_row_warps' programs per row", parts, 1)
+            dispatch.check_power_of_two("KernelPolicy.split_row_warps' warps", warps, 1)
+
+    def row_warps(self, parts: int) -> Optional[int]:
+        """The warps :attr:`split_row_warps` gives a program of a row split over ``parts`` programs (None: not named)."""
+        return dict(self.split_row_warps).get(parts)
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
         """None when ``"auto"`` takes the kernel of ``path`` (``"rollout"`` or ``"step"``) at ``batch``."""

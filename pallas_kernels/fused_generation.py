@@ -252,14 +252,13 @@ def effective_block_batch(blockable: bool, batch: int, config: dispatch.KernelCo
 
 def _auto_num_warps(param_sizes: list, block: int, config: dispatch.KernelConfig, parts: Optional[int] = None,
                     policy: cells.KernelPolicy = cells.KernelPolicy()) -> int:
-    """4 warps for a block of rows; for a split run the cell's ``policy.split_row_warps`` (one row per program),
+    """4 warps for a block of rows; for a split run the cell's ``policy.row_warps(parts)`` (one row per program),
     else :func:`split_num_warps`; for one row, enough warps to hold the parameters in registers (<= 16)."""
     if config.num_warps is not None:
         return config.num_warps
     if parts is not None:
-        if block == 1 and policy.split_row_warps is not None:
-            return policy.split_row_warps
-        return split_num_warps(parts)
+        declared = policy.row_warps(parts) if block == 1 else None
+        return split_num_warps(parts) if declared is None else declared
     if block > 1:
         return 4
     total = sum(param_sizes)

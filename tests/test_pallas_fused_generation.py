@@ -546,18 +546,21 @@ def test_split_plan(monkeypatch):
 @TRITON_DEPRECATION
 @pytest.mark.parametrize("name,kwargs,batch,grid,warps", [
     ("ltv.RGLRU", dict(d_model=128), 32, (32, 4), 4),  # rows over 4 programs: its split_row_warps
+    ("ltv.RGLRU", dict(d_model=128), 8, (8, 8), 2),  # rows over 8 programs: its split_row_warps
     ("ltv.RGLRU", dict(d_model=128), 256, (32, 4), 8),  # blocks of 8 rows over 4 programs: split_num_warps's rule
-    ("ltv.Mamba", dict(d_model=128, d_state=16), 32, (32, 4), 8),  # rows over 4 programs, no split_row_warps
+    ("ltv.Mamba", dict(d_model=128, d_state=16), 32, (32, 4), 8),  # rows over 4 programs: the rule
+    ("ltv.Mamba", dict(d_model=128, d_state=16), 8, (8, 16), 4),  # rows over 16 programs: the rule
 ])
 def test_split_programs_take_the_cells_warps(lower_for_h100, monkeypatch, name, kwargs, batch, grid, warps):
-    """The warps a split kernel is lowered with (an H200's 132 SMs): RG-LRU declares ``split_row_warps=4`` (measured
-    faster over 4 programs per row at B=32), which applies to one row per program only; Mamba keeps the rule."""
+    """The warps a split kernel is lowered with (an H200's 132 SMs): RG-LRU declares ``split_row_warps`` (4 warps
+    over 4 programs per row, 2 over 8: measured faster), which applies to one row per program only; Mamba keeps the
+    rule."""
     monkeypatch.setattr(fg, "resident_programs", lambda: 132)
     model = model_class(name)(**kwargs, rngs=nnx.Rngs(0))
     model.eval()
-    assert model.cell().policy.split_row_warps == (4 if name == "ltv.RGLRU" else None)
-    assert fg._auto_num_warps([1], 1, dispatch.KernelConfig(), 4, model.cell().policy) == (4 if name == "ltv.RGLRU"
-                                                                                         else 8)
+    policy = model.cell().policy
+    assert policy.split_row_warps == (((4, 4), (8, 2)) if name == "ltv.RGLRU" else ())
+    assert policy.row_warps(16) is None and fg._auto_num_warps([1], 16, dispatch.KernelConfig(), 4, policy) == 8
     leaves, treedef = jax.tree.flatten(model)
     config = dispatch.KernelConfig(interpret=False)
     text = lower_for_h100(lambda leaves, x0: fg.fused_generate(jax.tree.unflatten(treedef, leaves), x0, 4, None,
@@ -565,10 +568,18 @@ def test_split_programs_take_the_cells_warps(lower_for_h100, monkeypatch, name, 
                           leaves, jnp.zeros((batch, 128), jnp.float32))
     assert re.search(rf"grid_x = {grid[0]} : i32, grid_y = {grid[1]} : i32", text)
     assert re.findall(r"num_warps = (\d+) : i32", text) == [str(warps)]
-    for bad in (0, 3, True, 4.0):
-        with pytest.raises(ValueError, match=f"^KernelPolicy.split_row_warps must be None or a power of two >= 1, "
-                                             f"got {re.escape(repr(bad))}$"):
-            cells.KernelPolicy(split_row_warps=bad)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (4, " must be a tuple of (programs per row, warps) pairs, got 4"),
+    (((4,),), " must be a tuple of (programs per row, warps) pairs, got ((4,),)"),
+    (((3, 4),), "' programs per row must be a power of two >= 1, got 3"),
+    (((4, 0),), "' warps must be a power of two >= 1, got 0"),
+    (((4, True),), "' warps must be a power of two >= 1, got True"),
+])
+def test_split_row_warps_is_checked(bad, message):
+    with pytest.raises(ValueError, match=re.escape("KernelPolicy.split_row_warps" + message)):
+        cells.KernelPolicy(split_row_warps=bad)
 
 
 def _rollout_with_exchange(model, x0, taus, config, exchange):

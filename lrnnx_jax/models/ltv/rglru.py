@@ -56,13 +56,15 @@ POLICY = KernelPolicy(
               "captured in 1.93 instead of 4.18 s at B=256 but stepped in 17.1 instead of 12.8 us. split_block: "
               "blocks of 8 rows (multiply-adds) over 8 programs 6.85 us at B=64 against 10.3 for blocks of 16 "
               "(dots) over 4 (over 4 programs 7.48; blocks of 4 19.6, of 2 31.1-31.4 at B=32; rows over 4 programs "
-              "stay faster at B=32: 5.36-5.85 against 6.57-6.71). split_row_warps: rows over 4 programs at B=32 "
-              "with 4 warps 4.50, 4.57, 4.58 us against 4.90, 5.16, 5.02 with 8 (three processes each; "
-              "benchmarks/results/session15_h200/call3, session16_h200/call2); over 8 programs 4 warps already "
-              "(4.9 against 5.7 with 8 at B=1); blocks keep the rule (at B=256, blocks of 8 rows over 4 programs: "
-              "6.84-6.96 with 8 warps against 14.5-14.6 with 4, session16_h200/call3)"),
+              "stay faster at B=32: 5.36-5.85 against 6.57-6.71). split_row_warps: rows over 4 programs (B=17-33) "
+              "with 4 warps 4.50, 4.57, 4.58, 4.47, 4.58, 4.49, 4.85 us at B=32 against 4.90, 5.16, 5.02, 5.01, 5.08 "
+              "with 8 (the rule) and 8.51, 8.69 with 2; rows over 8 programs (B=2-16) with 2 warps 3.96, 3.92, 4.14, "
+              "4.30 at B=8 and 4.07, 3.98 at B=16 against 4.52, 4.57, 4.85, 4.85 and 4.82, 4.91 with 4 (the rule), "
+              "at B=1 the same (3.83-4.28 against 3.90-4.21) (benchmarks/results/session15_h200/call3, "
+              "session16_h200/call2, call4, call6, call7); blocks keep the rule (at B=256, blocks of 8 rows over 4 "
+              "programs: 6.84-6.96 with 8 warps against 14.5-14.6 with 4, session16_h200/call3)"),
     split_block=8,
-    split_row_warps=4,
+    split_row_warps=((4, 4), (8, 2)),
 )
 
 #: how the programs of RG-LRU's split rollout exchange their partial sums (``pallas_kernels.cells.Split.exchange``).
