@@ -109,7 +109,8 @@ class KernelPolicy:
             dispatch.check_power_of_two("KernelPolicy.split_row_warps' warps", warps, 1)
 
     def row_warps(self, parts: int) -> Optional[int]:
-        """The warps :attr:`split_row_warps` gives a program of a row split over ``parts`` programs (None: not named)."""
+        """The warps :attr:`split_row_warps` gives a program of a row split over ``parts`` programs (None: not
+        named)."""
         return dict(self.split_row_warps).get(parts)
 
     def slower_reason(self, path: str, batch: int) -> Optional[str]:
@@ -135,8 +136,9 @@ class Split(NamedTuple):
         drivers hand it that slice (a one-hot selection in the kernel). False: the whole ``x``.
       exchange: how the kernel's programs exchange their partial sums (one of :data:`EXCHANGES`; see
         :func:`pallas_kernels.fused_generation._exchange_collectives`): ``"barrier"``, an acquire-release
-        atomic arrival at a counter per row group and a spin on loads of it, or ``"tagged"``, words that carry the exchange's number (no fence or
-        atomic). Neither is faster for every cell: the cell declares the one measured faster for it.
+        atomic arrival at a counter per row group and a spin on loads of it, or ``"tagged"``, words that
+        carry the exchange's number (no fence or atomic). Neither is faster for every cell: the cell
+        declares the one measured faster for it.
     """
 
     channels: int
