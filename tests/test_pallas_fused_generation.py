@@ -475,22 +475,55 @@ def test_hoisted_parameters_by_each_rule():
 def test_s5_lti_holds_its_dense_skip_in_registers():
     """S5 LTI at H=128, N=64 (41 K numbers: 16 warps, the cap) contracts its real ``B`` once and scales by ``gamma``
     (``B_bar = gamma B``, :meth:`S5.factored_input`: 8,192 numbers fewer than ``B_bar``'s two planes) and declares
-    ``hoist="largest"`` (measured faster on an H200): it keeps its dense 128 x 128 skip ``DT``, ``B`` and both planes
-    of ``C`` in registers and re-reads only ``A_bar`` and ``gamma``, 256 numbers a step; by the smallest first it
-    would re-read ``DT``, 16,384. With 32 warps everything fits."""
+    ``hoist="largest"`` (measured faster on an H200): it keeps its dense 128 x 128 skip (folded with ``C B_bar`` into
+    ``direct``), ``B`` and both planes of ``C`` in registers and re-reads only ``A_bar`` and ``gamma``, 256 numbers a
+    step; by the smallest first it would re-read ``direct``, 16,384. With 32 warps everything fits."""
     s5 = fg.abstract_cell(selftest.abstract_model("lti.S5", dict(d_model=128, d_state=64, discretization="zoh")))
     names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(s5.params)[0]]
     sizes = fg._padded_sizes(s5.params, {}, 1)
     assert sorted(zip(names, sizes)) == sorted([("['B']", 8192), ("['CT'].re", 8192), ("['CT'].im", 8192),
-                                               ("['DT']", 16384), ("['a'].re", 64), ("['a'].im", 64),
+                                               ("['direct']", 16384), ("['a'].re", 64), ("['a'].im", 64),
                                                ("['gamma'].re", 64), ("['gamma'].im", 64)])
     assert s5.policy.hoist == "largest"
     warps = fg._auto_num_warps(sizes, 1, dispatch.KernelConfig())
     hoisted, streamed = fg.split_hoisted(sizes, warps, s5.policy.hoist)
-    assert warps == 16 and "['DT']" in [names[i] for i in hoisted]
+    assert warps == 16 and "['direct']" in [names[i] for i in hoisted]
     assert sorted(names[i] for i in streamed) == ["['a'].im", "['a'].re", "['gamma'].im", "['gamma'].re"]
-    assert [names[i] for i in fg.split_hoisted(sizes, warps, "smallest")[1]] == ["['DT']"]
+    assert [names[i] for i in fg.split_hoisted(sizes, warps, "smallest")[1]] == ["['direct']"]
     assert fg.split_hoisted(sizes, 32, s5.policy.hoist) == (list(range(8)), [])
+
+
+@pytest.mark.parametrize("name, kwargs, folded", [
+    ("lti.S5", dict(d_model=12, d_state=6, discretization="zoh"), True),
+    ("lti.S5", dict(d_model=12, d_state=6, discretization="bilinear", conj_sym=True), True),
+    ("lti.LRU", dict(d_model=12, d_state=6), False),
+    ("ltv.S5", dict(d_model=12, d_state=6), False),
+])
+def test_a_dense_skip_is_folded_into_the_direct_path(name, kwargs, folded):
+    """S5 LTI's dense skip ``x @ D`` takes ``Re(C B_bar)`` in (``direct``), and its cell reads the output from the
+    decayed previous state: one step of a block of rows and of one row (the kernels' form) equals the float64
+    recurrence ``h = A_bar h + B_bar x``, ``y = Re(C h) + skip(x)``. LRU and S5 LTV (diagonal skips) keep the plain
+    readout. Fresh random parameters, state and input; float32 steps, so 1e-5."""
+    model = model_class(name)(**kwargs, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(7)
+    nnx.update(model, jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
+                                   nnx.state(model, nnx.Param)))
+    cell = model.cell()
+    assert ("direct" in cell.params) is folded and ("DT" not in cell.params)
+    A_bar, B_bar, C = (np.asarray(m, np.complex128) for m in model.discrete_system(jnp.ones(())))
+    h0 = rng.standard_normal((3, kwargs["d_state"])) + 1j * rng.standard_normal((3, kwargs["d_state"]))
+    x = rng.standard_normal((3, kwargs["d_model"]))
+    h = A_bar * h0 + x @ B_bar.T
+    expected = (h @ C.T).real + np.asarray(model.skip(jnp.asarray(x, jnp.float32)), np.float64)
+    cache = {"lrnn_state": jnp.asarray(h0.reshape((3,) + model.state_shape()), jnp.complex64)}
+    y, state = cells.xla_step(cell, model.cell_state(cache), jnp.asarray(x, jnp.float32), {})
+    chex.assert_shape(y, (3, kwargs["d_model"]))
+    chex.assert_type(y, jnp.float32)
+    assert relative_error(y, expected) < 1e-5
+    assert relative_error(np.asarray(state["h"].re) + 1j * np.asarray(state["h"].im), h.reshape(3, -1)) < 1e-5
+    one_row = cell.step(cell.params, jax.tree.map(lambda leaf: leaf[0], model.cell_state(cache)),
+                        jnp.asarray(x[0], jnp.float32), {}, km.Precisions(jax.lax.Precision.HIGHEST, None))[0]
+    assert relative_error(one_row, expected[0]) < 1e-5
 
 
 def test_split_plan(monkeypatch):
