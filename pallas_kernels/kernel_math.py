@@ -88,14 +88,40 @@ def contract(v, W, axis: int, precision=None):
     if v.dtype != W.dtype:
         common = jnp.promote_types(v.dtype, W.dtype)
         v, W = v.astype(common), W.astype(common)
-    if v.ndim == 1 or (isinstance(precision, str) and precision == dispatch.MULTIPLY_ADD):
-        # expand_dims, not reshape: in a Triton kernel a reshape is a tt.reshape, which may move the
-        # vector through shared memory; expanded unit axes are free
-        rows, axis = v.ndim - 1, axis % W.ndim
-        other_axes = tuple(rows + d for d in range(W.ndim) if d != axis)
-        return jnp.sum(W * jnp.expand_dims(v, other_axes), axis=rows + axis)
+    if _by_multiply_adds(v, precision):
+        v, summed = _against_tile(v, W.ndim, axis)
+        return jnp.sum(W * v, axis=summed)
     return jax.lax.dot_general(v, W, (((v.ndim - 1,), (axis,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
+
+
+def contract_real_part(v: cl.Planes, W, axis: int, precision=None):
+    """``Re(v W)``: the complex ``v`` contracted with ``W`` (real or ``Planes``) along ``W``'s ``axis``, as
+    :func:`contract`. By multiply-adds (one row, or :data:`~pallas_kernels.dispatch.MULTIPLY_ADD`) ``v.re W.re - v.im
+    W.im`` is formed elementwise and summed once: one reduction, where a kernel's program would otherwise reduce (and
+    synchronize) once per plane."""
+    if not cl.is_planes(W):
+        return contract(v.re, W, axis, precision)
+    if not _by_multiply_adds(v.re, precision.state if isinstance(precision, Precisions) else precision):
+        return contract(v.re, W.re, axis, precision) - contract(v.im, W.im, axis, precision)
+    common = jnp.promote_types(v.re.dtype, W.re.dtype)
+    (re, summed), (im, _) = (_against_tile(part.astype(common), W.re.ndim, axis) for part in (v.re, v.im))
+    return jnp.sum(W.re.astype(common) * re - W.im.astype(common) * im, axis=summed)
+
+
+def _by_multiply_adds(v, precision) -> bool:
+    """Whether :func:`contract` takes ``v`` by multiply-adds and a reduction (one row, or
+    :data:`~pallas_kernels.dispatch.MULTIPLY_ADD`) rather than a ``dot_general``."""
+    return v.ndim == 1 or (isinstance(precision, str) and precision == dispatch.MULTIPLY_ADD)
+
+
+def _against_tile(v, tile_ndim: int, axis: int):
+    """``(v expanded to broadcast against a tile of tile_ndim axes, the axis to sum)`` for a contraction along the
+    tile's ``axis``. expand_dims, not reshape: in a Triton kernel a reshape is a tt.reshape, which may move the vector
+    through shared memory; expanded unit axes are free."""
+    rows, axis = v.ndim - 1, axis % tile_ndim
+    other_axes = tuple(rows + d for d in range(tile_ndim) if d != axis)
+    return jnp.expand_dims(v, other_axes), rows + axis
 
 
 def project(v, W, axis: int, precision=None):

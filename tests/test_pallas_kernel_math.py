@@ -134,6 +134,33 @@ def test_contract_one_row_and_a_block_match_float64(axis):
         assert wide.dtype == jnp.float64
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_contract_real_part_sums_both_planes_once_and_matches_float64(axis):
+    """``Re(v W)`` for complex rows ``v`` and a complex (``Planes``) or real ``W``: by multiply-adds (one row, a
+    kernel's small block) the two planes' products are summed in one reduction; a block of rows takes two dots. All
+    against float64, fresh random values."""
+    rng = np.random.default_rng(10 + axis)
+    W = rng.standard_normal((6, 9)) + 1j * rng.standard_normal((6, 9))
+    rows = rng.standard_normal((3, W.shape[axis])) + 1j * rng.standard_normal((3, W.shape[axis]))
+    expected = np.tensordot(rows, W, axes=([1], [axis])).real
+    planes = cl.split(jnp.asarray(W, jnp.complex64))
+    v = cl.split(jnp.asarray(rows, jnp.complex64))
+    block = km.contract_real_part(v, planes, axis, km.Precisions(jax.lax.Precision.HIGHEST, None))
+    chex.assert_shape(block, expected.shape)
+    chex.assert_type(block, jnp.float32)
+    assert _relative(block, expected) < 2e-6
+    for r in range(3):
+        row = km.contract_real_part(cl.Planes(v.re[r], v.im[r]), planes, axis)
+        chex.assert_shape(row, expected.shape[1:])
+        assert _relative(row, expected[r]) < 2e-6
+    multiply_add = lambda v: km.contract_real_part(v, planes, axis, dispatch.MULTIPLY_ADD)  # noqa: E731
+    assert _relative(multiply_add(v), expected) < 2e-6
+    jaxpr = str(jax.make_jaxpr(multiply_add)(v))
+    assert "dot_general" not in jaxpr and jaxpr.count("reduce_sum") == 1
+    real = km.contract_real_part(v, jnp.asarray(W.real, jnp.float32), axis, jax.lax.Precision.HIGHEST)
+    assert _relative(real, np.tensordot(rows.real, W.real, axes=([1], [axis]))) < 2e-6
+
+
 def test_unknown_name_raises():
     for name in ("euler", "rglru", "s7"):  # RG-LRU and S7 have their own cells, not discretization modes
         with pytest.raises(ValueError, match=f"unknown discretization '{name}'"):

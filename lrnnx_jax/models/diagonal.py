@@ -53,9 +53,7 @@ def diagonal_step(p, s, x, inputs, precision):
         u = cl.mul(p["gamma"], u)
     h = cl.add(decayed, u)
     read = decayed if "direct" in p else h
-    y = km.contract(read.re, cl.real(CT), 0, precision)
-    if cl.is_planes(CT):
-        y = y - km.contract(read.im, CT.im, 0, precision)
+    y = km.contract_real_part(read, CT, 0, precision)
     if "direct" in p:
         y = y + km.contract(x, p["direct"], 0, precision)
     if "D" in p:
