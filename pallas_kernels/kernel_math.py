@@ -100,9 +100,11 @@ def contract_real_part(v: cl.Planes, W, axis: int, precision=None):
     :func:`contract`. By multiply-adds (one row, or :data:`~pallas_kernels.dispatch.MULTIPLY_ADD`) ``v.re W.re - v.im
     W.im`` is formed elementwise and summed once: one reduction, where a kernel's program would otherwise reduce (and
     synchronize) once per plane."""
+    if isinstance(precision, Precisions):
+        precision = precision.state
     if not cl.is_planes(W):
         return contract(v.re, W, axis, precision)
-    if not _by_multiply_adds(v.re, precision.state if isinstance(precision, Precisions) else precision):
+    if not _by_multiply_adds(v.re, precision):
         return contract(v.re, W.re, axis, precision) - contract(v.im, W.im, axis, precision)
     common = jnp.promote_types(v.re.dtype, W.re.dtype)
     (re, summed), (im, _) = (_against_tile(part.astype(common), W.re.ndim, axis) for part in (v.re, v.im))

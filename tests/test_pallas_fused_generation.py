@@ -509,7 +509,7 @@ def test_a_dense_skip_is_folded_into_the_direct_path(name, kwargs, folded):
     nnx.update(model, jax.tree.map(lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
                                    nnx.state(model, nnx.Param)))
     cell = model.cell()
-    assert ("direct" in cell.params) is folded and ("DT" not in cell.params)
+    assert ("direct" in cell.params) is folded and ("D_full" not in cell.params)
     A_bar, B_bar, C = (np.asarray(m, np.complex128) for m in model.discrete_system(jnp.ones(())))
     h0 = rng.standard_normal((3, kwargs["d_state"])) + 1j * rng.standard_normal((3, kwargs["d_state"]))
     x = rng.standard_normal((3, kwargs["d_model"]))

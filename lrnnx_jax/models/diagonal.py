@@ -92,8 +92,8 @@ class DiagonalSSM(LRNN):
         raise NotImplementedError
 
     def skip_params(self) -> dict:
-        """The skip as cell parameters: ``{"D": (H,)}`` (``D x``), ``{"DT": (H, H)}`` (``x @ D``; :meth:`cell` folds it
-        with ``C B_bar`` into the cell's ``direct``) or ``{}``."""
+        """The skip as cell parameters: ``{"D": (H,)}`` (``D x``), ``{"D_full": (H, H)}`` (``x @ D``; :meth:`cell` folds
+        it with ``C B_bar`` into the cell's ``direct``) or ``{}``."""
         raise NotImplementedError
 
     def factored_input(self, integration_timesteps, dtype) -> Optional[dict]:
@@ -126,12 +126,12 @@ class DiagonalSSM(LRNN):
                   **(self.factored_input(unit, dtype) or {"B": _planes_or_real(B_bar, dtype)}),
                   "CT": _planes_or_real(C.T, dtype)}
         skip = self.skip_params()
-        if "DT" in skip:
+        if "D_full" in skip:
             # a dense skip takes Re(C B_bar) in at no cost per step, and the output no longer waits for the update:
             # S5 LTI's fused rollout at B=1 2.37-2.47 us/step against 2.67-2.68 (H200, H=128, N=64); with a diagonal
             # skip or none the dense fold made LRU, S5 LTV and Centaurus 1.9x slower, so they keep the plain readout
             fold = jnp.real(jnp.matmul(C, B_bar, precision=jax.lax.Precision.HIGHEST)).T
-            skip = {"direct": skip["DT"].T + fold}
+            skip = {"direct": skip["D_full"] + fold}
         params.update({k: jnp.asarray(v, dtype) for k, v in skip.items()})
         return cells.Cell(diagonal_step, params, blockable=True, policy=self.kernel_policy)
 

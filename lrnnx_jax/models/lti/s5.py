@@ -127,7 +127,7 @@ class S5(DiagonalSSM):
         return x @ self.D[...]
 
     def skip_params(self):
-        return {"DT": self.D[...].T}
+        return {"D_full": self.D[...]}
 
     def lrnnx_entries(self):
         return {name: lrnnx_entry(getattr(self, name)) for name in ("A", "B", "log_dt", "C", "D")}
