@@ -11,8 +11,10 @@ lowering and compiling, with the Pallas kernels where ``"auto"`` takes them, as 
 * ``cold_s``: ``lrnnx_jax.generation.enable_compilation_cache(dir)`` on an empty directory;
 * ``warm_s``: the same directory again, now holding the program.
 
-Each child also reports which program it captured (``fused`` or the XLA program) and the process's start-up (the
-import of JAX and the library, not counted). With ``--steps`` the first child also times the captured program:
+Each child also reports which program it captured (``fused`` or the XLA program), the process's start-up (the
+import of JAX and the library, not counted), and where the capture's seconds went: JAX's compile events during it
+(``compile_events_s``: ``jaxpr_trace``, ``jaxpr_to_mlir_module`` and ``backend_compile`` seconds, the last XLA's and
+Triton's compilation). With ``--steps`` the first child also times the captured program:
 ``generate`` of that many steps from a random input, the median of ``--repeats`` (10) after 2 warm-ups, as µs per step (the cost
 side of a faster-compiling configuration), and the same through a ``CapturedModel`` of the model (``us_per_step_captured``,
 where the library has one: its module tree is not walked at each call). ``--unroll`` and ``--compiler-options`` set the
@@ -32,11 +34,15 @@ import time
 from typing import Optional
 
 CHILD_MARKER = "CAPTURE_RESULT "
+#: the prefix of JAX's compile-duration events (``jax._src.dispatch``'s ``.../jaxpr_trace_duration`` and the others)
+COMPILE_EVENT_PREFIX = "/jax/core/compile/"
 
 
 def child(spec: dict) -> dict:
     """In a fresh process: build the model and time its capture (``spec``: model, batch, cache directory or None)."""
     start = time.perf_counter()
+    import collections
+
     import jax
     from flax import nnx
 
@@ -52,11 +58,19 @@ def child(spec: dict) -> dict:
     jax.block_until_ready(jax.tree.leaves(model))
     config = generation.GenerationConfig(unroll=spec.get("unroll"), compiler_options=spec.get("compiler_options"))
     startup = time.perf_counter() - start
+    events = collections.defaultdict(float)
+
+    def record(event: str, seconds: float, **_):
+        if event.startswith(COMPILE_EVENT_PREFIX) and event.endswith("_duration"):
+            events[event[len(COMPILE_EVENT_PREFIX):-len("_duration")]] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(record)
     start = time.perf_counter()
     graph = generation.capture_graph(model, spec["batch"], event_mode=bench.event, config=config)
     seconds = time.perf_counter() - start
     result = {"capture_s": seconds, "startup_s": startup, "fused": bool(graph.spec.fused),
-              "device": jax.devices()[0].device_kind, "config": repr(graph.spec.config)}
+              "device": jax.devices()[0].device_kind, "config": repr(graph.spec.config),
+              "compile_events_s": dict(events)}
     if spec.get("steps"):
         from benchmarks.benchmark_inference import make_inputs
         from benchmarks.timing import median_seconds
@@ -104,7 +118,7 @@ def measure(model: str, batch: int, timeout: float, options: Optional[dict] = No
             row[f"{name}_error"] = result["error"]
     plain = results["no_cache"]
     row["program"] = "fused" if plain.get("fused") else "xla"
-    for key in ("device", "startup_s", "config", "us_per_step", "us_per_step_captured"):
+    for key in ("device", "startup_s", "config", "compile_events_s", "us_per_step", "us_per_step_captured"):
         row[key] = plain.get(key)
     return row
 

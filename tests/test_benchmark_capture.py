@@ -21,6 +21,10 @@ def test_capture_in_fresh_processes():
     # the warm child loads the program the cold one wrote instead of compiling it (0.09 s against 0.42 s for LRU
     # on the 2-core CI machine): a wrong or absent cache directory would leave the two equal
     assert row["warm_s"] < 0.7 * row["cold_s"]
+    # where the capture's seconds went: tracing, lowering and XLA's compilation, within the capture's own time
+    events = row["compile_events_s"]
+    assert {"jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile"} <= set(events)
+    assert all(v > 0 for v in events.values()) and sum(events.values()) < row["no_cache_s"]
     assert "| LRU | 2 | xla |" in benchmark_capture.markdown([row])
 
 
